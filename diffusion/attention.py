@@ -1,0 +1,121 @@
+"""The UNet's spatial transformer: self-attention, cross-attention to the text, GEGLU feed-forward.
+
+Latent Diffusion (Rombach et al. 2022, sec. 3.3) conditions the UNet on text by inserting, after
+ResNet blocks, a transformer over the H*W pixels of the feature map whose cross-attention reads the
+CLIP token states. Attribute names follow diffusers' `Transformer2DModel` / `BasicTransformerBlock`
+/ `Attention`, so a diffusers `unet/` file loads into this module with no renaming at all.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head attention (Vaswani et al. 2017, eq. 1): softmax(Q K^T / sqrt(d)) V per head.
+
+    Self-attention when `context` is None, cross-attention to `context` (the text states) otherwise.
+    q/k/v carry no bias in SD v1; the output projection does. `to_out` is a list (projection,
+    dropout) because that is how the checkpoints name it: `to_out.0.weight`.
+    """
+
+    def __init__(self, *, query_dim: int, context_dim: int | None, heads: int, head_dim: int,
+                 dropout: float = 0.0):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        B, T, _ = x.shape
+        S = context.shape[1]
+        q = self.to_q(x).view(B, T, self.heads, -1).transpose(1, 2)        # (B, h, T, d)
+        k = self.to_k(context).view(B, S, self.heads, -1).transpose(1, 2)  # (B, h, S, d)
+        v = self.to_v(context).view(B, S, self.heads, -1).transpose(1, 2)  # (B, h, S, d)
+        out = F.scaled_dot_product_attention(q, k, v)                      # (B, h, T, d), scale 1/sqrt(d)
+        out = out.transpose(1, 2).reshape(B, T, -1)                        # (B, T, h*d)
+        return self.to_out[1](self.to_out[0](out))
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020, "GLU Variants Improve Transformer", eq. 5):
+    one projection makes both halves, the output is value * GELU(gate). Exact (erf) GELU."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU -> dropout -> linear, with the hidden width 4x the model width. Keys: `ff.net.{0,2}`."""
+
+    def __init__(self, *, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Dropout(dropout), nn.Linear(mult * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer block: self-attention, cross-attention to the text, feed-forward,
+    each with a residual connection (LDM's `BasicTransformerBlock`)."""
+
+    def __init__(self, *, dim: int, heads: int, head_dim: int, context_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(query_dim=dim, context_dim=None, heads=heads, head_dim=head_dim, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(query_dim=dim, context_dim=context_dim, heads=heads, head_dim=head_dim,
+                               dropout=dropout)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim=dim, dropout=dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm, 1x1 conv in, transformer blocks over the H*W positions, 1x1 conv out, residual.
+
+    (diffusers calls this `Transformer2DModel`; SD v1 uses the 1x1-conv projections, SD v2 swapped
+    them for linear layers.) The GroupNorm's eps is 1e-6 whatever the UNet's `norm_eps` says: LDM
+    hard-codes it and diffusers follows.
+    """
+
+    NORM_EPS = 1e-6
+
+    def __init__(self, *, channels: int, heads: int, context_dim: int, norm_groups: int,
+                 depth: int = 1, dropout: float = 0.0):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"{channels} channels do not split into {heads} attention heads")
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=self.NORM_EPS)
+        self.proj_in = nn.Conv2d(channels, channels, kernel_size=1)
+        self.transformer_blocks = nn.ModuleList([
+            BasicTransformerBlock(dim=channels, heads=heads, head_dim=channels // heads,
+                                  context_dim=context_dim, dropout=dropout)
+            for _ in range(depth)])
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x))
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)   # (B, HW, C): one token per pixel
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)   # (B, C, H, W)
+        return x + self.proj_out(h)

@@ -1,0 +1,215 @@
+"""The Stable Diffusion v1 noise-prediction UNet (Rombach et al. 2022, "High-Resolution Image
+Synthesis with Latent Diffusion Models"; the UNet of Ho et al. 2020 with spatial transformers).
+
+Given noisy latents x_t, the timesteps t (one per batch item) and the CLIP text states c, it predicts
+the noise eps_theta(x_t, t, c) of DDPM eq. 14. Shape of the network (SD v1 numbers):
+
+    conv_in 4->320 at 64x64
+    down: 320 (64x64) -> 640 (32x32) -> 1280 (16x16) -> 1280 (8x8), 2 ResNets per level,
+          spatial transformers on the first three levels, stride-2 conv between levels
+    mid:  ResNet, transformer, ResNet at 8x8
+    up:   the mirror image, 3 ResNets per level, each eating one skip connection
+    conv_out 320->4
+
+Module attributes carry diffusers' key names, so a diffusers `unet/` folder loads by identity.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusion.unet_blocks import DownBlock, MidBlock, TimestepEmbedding, UpBlock, timestep_embedding
+
+CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
+CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
+
+# diffusers `unet/config.json` fields this implementation does not model, with the only value it
+# accepts (SD v1's). A config that sets one of them to anything else is refused by name, instead of
+# silently building a different network.
+FIXED_FIELDS = {
+    "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
+    "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
+    "num_attention_heads": None, "dual_cross_attention": False, "use_linear_projection": False,
+    "class_embed_type": None, "addition_embed_type": None, "addition_time_embed_dim": None,
+    "num_class_embeds": None, "upcast_attention": False, "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
+    "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
+    "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None, "attention_type": "default",
+    "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
+    "addition_embed_type_num_heads": 64,
+}
+
+
+def _normalise(value):
+    return tuple(_normalise(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def check_fixed_fields(config: dict, fixed: dict, *, source: str) -> dict:
+    """Return `config` minus metadata (`_class_name`, ...) and minus the `fixed` fields, raising
+    ValueError that names the first fixed field set to a value other than SD v1's."""
+    kept = {}
+    for key, value in config.items():
+        if key.startswith("_"):
+            continue
+        if key in fixed:
+            if _normalise(value) != _normalise(fixed[key]):
+                raise ValueError(f"{source}: {key}={value!r} is not supported (only SD v1's {fixed[key]!r})")
+            continue
+        kept[key] = value
+    return kept
+
+
+def config_from_dict(cls, config: dict, fixed: dict, *, source: str):
+    """Build dataclass `cls` from a diffusers config dict; unknown fields are errors that name them."""
+    kept = check_fixed_fields(config, fixed, source=source)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(kept) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown config field(s) {', '.join(unknown)}")
+    return cls(**{k: _normalise(v) for k, v in kept.items()})
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4                       # latent channels in
+    out_channels: int = 4                      # predicted noise channels out
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)  # width per resolution level
+    layers_per_block: int = 2                  # ResNets per level going down (up: one more)
+    down_block_types: tuple[str, ...] = (CROSS_DOWN, CROSS_DOWN, CROSS_DOWN, PLAIN_DOWN)
+    up_block_types: tuple[str, ...] = (PLAIN_UP, CROSS_UP, CROSS_UP, CROSS_UP)
+    # Despite its name, SD v1 (and diffusers, for backward compatibility) reads this as the NUMBER of
+    # attention heads, not their width: 8 heads at every level, so 40/80/160-wide heads. An int for
+    # all levels or one value per level.
+    attention_head_dim: int | tuple[int, ...] = 8
+    cross_attention_dim: int = 768             # width of the text states (CLIP ViT-L/14: 768)
+    norm_num_groups: int = 32                  # GroupNorm groups in every ResNet / transformer
+    norm_eps: float = 1e-5                     # GroupNorm eps of the ResNets and the output norm
+    flip_sin_to_cos: bool = True               # timestep embedding as [cos, sin]
+    freq_shift: float = 0                      # see `timestep_embedding`
+    sample_size: int = 64                      # latent size it was trained at (512 px / 8); informative
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        for name in ("down_block_types", "up_block_types"):
+            types = getattr(self, name)
+            allowed = (CROSS_DOWN, PLAIN_DOWN) if name == "down_block_types" else (CROSS_UP, PLAIN_UP)
+            if len(types) != n or any(t not in allowed for t in types):
+                raise ValueError(f"{name}={types!r}: need {n} entries out of {allowed}")
+        if not isinstance(self.attention_head_dim, int) and len(self.attention_head_dim) != n:
+            raise ValueError(f"attention_head_dim={self.attention_head_dim!r}: need one int or {n}")
+
+    @classmethod
+    def sd_v1(cls) -> "UNetConfig":
+        """runwayml/stable-diffusion-v1-5 and CompVis/stable-diffusion-v1-4 (`unet/config.json`)."""
+        return cls()
+
+    def heads(self, level: int) -> int:
+        h = self.attention_head_dim
+        return h if isinstance(h, int) else h[level]
+
+    @classmethod
+    def from_dict(cls, config: dict, *, source: str = "unet config") -> "UNetConfig":
+        return config_from_dict(cls, config, FIXED_FIELDS, source=source)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "UNetConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class UNet2DConditionModel(nn.Module):
+    def __init__(self, *, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        ch = config.block_out_channels
+        temb_dim = 4 * ch[0]
+        common = dict(temb_channels=temb_dim, context_dim=config.cross_attention_dim,
+                      groups=config.norm_num_groups, eps=config.norm_eps, dropout=config.dropout)
+        n = len(ch)
+
+        self.conv_in = nn.Conv2d(config.in_channels, ch[0], kernel_size=3, padding=1)
+        self.time_embedding = TimestepEmbedding(in_dim=ch[0], dim=temb_dim)
+
+        skip_channels = [ch[0]]  # widths of the skip connections in the order the down path makes them
+        self.down_blocks = nn.ModuleList()
+        for level in range(n):
+            last = level == n - 1
+            self.down_blocks.append(DownBlock(
+                in_channels=ch[max(level - 1, 0)], out_channels=ch[level], layers=config.layers_per_block,
+                cross_attention=config.down_block_types[level] == CROSS_DOWN, heads=config.heads(level),
+                downsample=not last, **common))
+            skip_channels += [ch[level]] * (config.layers_per_block + (0 if last else 1))
+
+        self.mid_block = MidBlock(channels=ch[-1], heads=config.heads(n - 1),
+                                  **{k: v for k, v in common.items()})
+
+        self.up_blocks = nn.ModuleList()
+        prev = ch[-1]
+        for i in range(n):
+            level = n - 1 - i  # up block i works at the resolution of down level n-1-i
+            skips = [skip_channels.pop() for _ in range(config.layers_per_block + 1)]
+            self.up_blocks.append(UpBlock(
+                in_channels=prev, out_channels=ch[level], skip_channels=skips,
+                cross_attention=config.up_block_types[i] == CROSS_UP, heads=config.heads(level),
+                upsample=level > 0, **common))
+            prev = ch[level]
+
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], config.out_channels, kernel_size=3, padding=1)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.mid_block.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
+            block.gradient_checkpointing = bool(on)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each ResNet / transformer in the backward pass instead of storing activations."""
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
+
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor,
+                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """sample (B, C, H, W) noisy latents, timesteps (B,) float or int, encoder_hidden_states
+        (B, T, D) text states -> predicted noise (B, C, H, W). H and W must be multiples of
+        2 ** (levels - 1)."""
+        B = sample.shape[0]
+        timesteps = torch.as_tensor(timesteps, device=sample.device)
+        if timesteps.ndim == 0 or timesteps.shape == (1,):
+            timesteps = timesteps.reshape(1).expand(B)  # one timestep for the whole batch
+        if timesteps.shape != (B,):
+            raise ValueError(f"timesteps of shape {tuple(timesteps.shape)} for a batch of {B}: expected ({B},)")
+
+        t_emb = timestep_embedding(timesteps, self.config.block_out_channels[0],
+                                   flip_sin_to_cos=self.config.flip_sin_to_cos,
+                                   freq_shift=self.config.freq_shift).to(sample.dtype)  # (B, 320)
+        temb = self.time_embedding(t_emb)                                                # (B, 1280)
+        context = encoder_hidden_states
+
+        x = self.conv_in(sample)                                                         # (B, 320, H, W)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, context)
+            skips += block_skips
+        x = self.mid_block(x, temb, context)                                             # (B, 1280, H/8, W/8)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[:-n - 1:-1], skips[:-n]  # the n latest skips, latest first
+            size = tuple(skips[-1].shape[-2:]) if skips else None
+            x = block(x, block_skips, temb, context, upsample_size=size)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))                              # (B, 4, H, W)
