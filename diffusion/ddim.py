@@ -1,0 +1,114 @@
+"""DDIM sampling (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models").
+
+Numerically equal to diffusers' `DDIMScheduler` under the same scheduler_config (tested per step
+against stored reference latents). Notation: alpha_bar_t is the paper's alpha_t (the cumulative
+product, `NoiseSchedule.alphas_cumprod`), t -> t_prev is one sampling step of a run with fewer steps
+than training had.
+
+    x_{t_prev} = sqrt(alpha_bar_prev) * x0_pred                                 "predicted x_0"
+               + sqrt(1 - alpha_bar_prev - sigma_t^2) * eps_pred                "direction pointing to x_t"
+               + sigma_t * z,  z ~ N(0, I)                                      "random noise"
+                                                                                       (DDIM eq. 12)
+    sigma_t = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_prev)
+                                                                                       (DDIM eq. 16)
+eta = 0 is the deterministic DDIM sampler; eta = 1 is DDPM's ancestral sampler on the same steps.
+
+Usage:
+    sampler = DDIMSampler.from_config(models.scheduler_config)
+    for t in sampler.set_timesteps(50):
+        x = sampler.step(unet(x, t), int(t), x, eta=0.0, generator=g)
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from diffusion.schedule import NoiseSchedule, ScheduleConfig, randn
+
+
+def predicted_x0_and_eps(model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor,
+                         prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn what the UNet predicts into the pair (x_0, eps) that the update needs.
+
+    All three follow from x_t = sqrt(a) x_0 + sqrt(1 - a) eps (DDPM eq. 4), a = alpha_bar_t:
+    - "epsilon": x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a)           (DDIM eq. 9, the "f_theta" of eq. 12)
+    - "v_prediction": v = sqrt(a) eps - sqrt(1 - a) x_0 (Salimans & Ho 2022), so
+          x_0 = sqrt(a) x_t - sqrt(1 - a) v,  eps = sqrt(a) v + sqrt(1 - a) x_t
+    - "sample": the UNet predicts x_0 directly.
+    """
+    beta_bar_t = 1 - alpha_bar_t
+    if prediction_type == "epsilon":
+        return (x_t - beta_bar_t ** 0.5 * model_output) / alpha_bar_t ** 0.5, model_output
+    if prediction_type == "v_prediction":
+        return (alpha_bar_t ** 0.5 * x_t - beta_bar_t ** 0.5 * model_output,
+                alpha_bar_t ** 0.5 * model_output + beta_bar_t ** 0.5 * x_t)
+    if prediction_type == "sample":
+        return model_output, (x_t - alpha_bar_t ** 0.5 * model_output) / beta_bar_t ** 0.5
+    raise ValueError(f"prediction_type {prediction_type!r} is not epsilon, v_prediction or sample")
+
+
+class DDIMSampler:
+    """Deterministic (eta = 0) or stochastic (eta > 0) DDIM steps over a shared `NoiseSchedule`."""
+
+    init_noise_sigma = 1.0  # the starting latents are plain N(0, I): DDIM needs no rescaling of x_T
+
+    def __init__(self, *, schedule: NoiseSchedule):
+        self.schedule = schedule
+        cfg = schedule.config
+        # diffusers' DDIMScheduler default for set_alpha_to_one is True; SD v1 sets it false.
+        self.set_alpha_to_one = True if cfg.set_alpha_to_one is None else cfg.set_alpha_to_one
+        self.num_steps: int | None = None
+        self.timesteps: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, scheduler_config: Mapping[str, Any] | ScheduleConfig) -> "DDIMSampler":
+        """From a diffusers scheduler_config dict (DDIMScheduler's or PNDMScheduler's) or a ScheduleConfig."""
+        cfg = scheduler_config if isinstance(scheduler_config, ScheduleConfig) \
+            else ScheduleConfig.from_dict(scheduler_config)
+        return cls(schedule=NoiseSchedule(config=cfg))
+
+    def set_timesteps(self, num_steps: int) -> torch.Tensor:
+        """Choose the `num_steps` timesteps of a run; returns them, descending, as a (num_steps,) int64 tensor."""
+        self.num_steps = num_steps
+        self.timesteps = torch.from_numpy(self.schedule.inference_timesteps(num_steps).copy())
+        return self.timesteps
+
+    def step(self, model_output: torch.Tensor, t: int, x_t: torch.Tensor, *, eta: float = 0.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """One step x_t -> x_{t_prev} (DDIM eq. 12). model_output, x_t: (B, C, h, w); t: this step's timestep.
+
+        With eta > 0 the noise z is drawn exactly as diffusers draws it: one `torch.randn` of
+        model_output's shape and dtype, from `generator` (on the generator's device), after nothing
+        else has been drawn in this step. With eta = 0 nothing is drawn.
+        """
+        if self.num_steps is None:
+            raise RuntimeError("DDIMSampler.step called before set_timesteps(num_steps)")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        cfg = self.schedule.config
+        t = int(t)
+        # The previous timestep is one stride of T // num_steps back, for every spacing (as diffusers does).
+        prev_t = t - self.schedule.num_train_timesteps // self.num_steps
+        alpha_bar_t = self.schedule.alphas_cumprod[t]
+        alpha_bar_prev = self.schedule.alpha_bar_prev(prev_t, set_alpha_to_one=self.set_alpha_to_one)
+
+        # "predicted x_0" (eq. 12, first bracket; eq. 9) and the noise estimate eps_theta(x_t)
+        x0_pred, eps_pred = predicted_x0_and_eps(model_output, x_t, alpha_bar_t, cfg.prediction_type)
+        if cfg.clip_sample:  # off for SD v1; pixel-space models clamp x_0 to the data range
+            x0_pred = x0_pred.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+
+        # sigma_t(eta), DDIM eq. 16: eta * sqrt((1 - a_prev)/(1 - a_t)) * sqrt(1 - a_t/a_prev)
+        variance = ((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * (1 - alpha_bar_t / alpha_bar_prev)
+        sigma_t = eta * variance ** 0.5
+
+        # "direction pointing to x_t" (eq. 12, second term)
+        direction = (1 - alpha_bar_prev - sigma_t ** 2) ** 0.5 * eps_pred
+        # eq. 12 without its random term
+        x_prev = alpha_bar_prev ** 0.5 * x0_pred + direction
+        if eta > 0:
+            # "random noise" sigma_t * z (eq. 12, third term)
+            z = randn(tuple(model_output.shape), generator=generator, device=model_output.device,
+                      dtype=model_output.dtype)
+            x_prev = x_prev + sigma_t * z
+        return x_prev
