@@ -1,0 +1,276 @@
+"""Loading and saving ViT checkpoints by key mapping.
+
+Three public layouts name the same tensors differently. Each mapping below is the whole story for its
+layout: one row per tensor family, `{i}` a block index and `{w}` weight/bias. The table is read in both
+directions, so the export to transformers' layout is the same data run backwards.
+
+Our model keeps q, k and v in one fused `attn.qkv` projection (as timm and the original JAX code do);
+transformers stores three separate Linear layers. `fuse_qkv`/`split_qkv` concatenate or split them
+along the output dimension, in the order q, k, v.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from common.state_dict import CheckpointError, check_keys, load_strict, read_safetensors
+from vit.model import ViTConfig, ViTForImageClassification, default_labels
+from vit.preprocess import PreprocessConfig
+
+# (our name, transformers' ViTForImageClassification name). google's in21k `ViTModel` files carry the
+# same names without the `vit.` prefix and with a `pooler` we do not use (the head reads [CLS] directly).
+TRANSFORMERS_KEYS = [
+    ("cls_token", "vit.embeddings.cls_token"),
+    ("pos_embed", "vit.embeddings.position_embeddings"),
+    ("patch_embed.{w}", "vit.embeddings.patch_embeddings.projection.{w}"),
+    ("blocks.{i}.norm1.{w}", "vit.encoder.layer.{i}.layernorm_before.{w}"),
+    ("blocks.{i}.attn.q.{w}", "vit.encoder.layer.{i}.attention.attention.query.{w}"),
+    ("blocks.{i}.attn.k.{w}", "vit.encoder.layer.{i}.attention.attention.key.{w}"),
+    ("blocks.{i}.attn.v.{w}", "vit.encoder.layer.{i}.attention.attention.value.{w}"),
+    ("blocks.{i}.attn.proj.{w}", "vit.encoder.layer.{i}.attention.output.dense.{w}"),
+    ("blocks.{i}.norm2.{w}", "vit.encoder.layer.{i}.layernorm_after.{w}"),
+    ("blocks.{i}.mlp.fc1.{w}", "vit.encoder.layer.{i}.intermediate.dense.{w}"),
+    ("blocks.{i}.mlp.fc2.{w}", "vit.encoder.layer.{i}.output.dense.{w}"),
+    ("norm.{w}", "vit.layernorm.{w}"),
+    ("head.{w}", "classifier.{w}"),
+]
+TRANSFORMERS_IGNORED = r"vit\.pooler\.dense\.(weight|bias)"  # ViTModel's tanh pooler: unused
+
+# (our name, timm's VisionTransformer name): identical but for the patch projection.
+TIMM_KEYS = [
+    ("cls_token", "cls_token"),
+    ("pos_embed", "pos_embed"),
+    ("patch_embed.{w}", "patch_embed.proj.{w}"),
+    ("blocks.{i}.{part}.{w}", "blocks.{i}.{part}.{w}"),  # norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2
+    ("norm.{w}", "norm.{w}"),
+    ("head.{w}", "head.{w}"),
+]
+
+_FIELDS = {"i": r"(?P<i>\d+)", "w": r"(?P<w>weight|bias)", "part": r"(?P<part>norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"}
+
+
+def _pattern(template: str) -> re.Pattern:
+    regex = re.escape(template)
+    for name, group in _FIELDS.items():
+        regex = regex.replace(re.escape("{" + name + "}"), group)
+    return re.compile(regex)
+
+
+def rename(state_dict: dict, table: list[tuple[str, str]], *, reverse: bool = False) -> dict:
+    """Rename checkpoint keys to ours (or, with reverse=True, ours to the checkpoint's) by the table.
+
+    Keys that no row matches keep their name, so the strict load reports them as unexpected.
+    """
+    rows = [(_pattern(src), dst) for dst, src in ((b, a) if reverse else (a, b) for a, b in table)]
+    out = {}
+    for key, value in state_dict.items():
+        new = next((dst.format(**m.groupdict()) for pattern, dst in rows if (m := pattern.fullmatch(key))), key)
+        if new in out:
+            raise CheckpointError(f"two checkpoint tensors map onto {new!r} (the second is {key!r})")
+        out[new] = value
+    return out
+
+
+_QKV = re.compile(r"(blocks\.\d+\.attn)\.([qkv])\.(weight|bias)")
+
+
+def fuse_qkv(sd: dict) -> dict:
+    """blocks.N.attn.{q,k,v}.{w} -> blocks.N.attn.qkv.{w}: concatenated along the output rows."""
+    out, groups = {}, {}
+    for key, value in sd.items():
+        m = _QKV.fullmatch(key)
+        if m:
+            groups.setdefault((m[1], m[3]), {})[m[2]] = value
+        else:
+            out[key] = value
+    for (prefix, w), parts in groups.items():
+        missing = [f"{prefix}.{n}.{w}" for n in "qkv" if n not in parts]
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {', '.join(missing)} (transformers' query/key/value)")
+        out[f"{prefix}.qkv.{w}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def split_qkv(sd: dict) -> dict:
+    """The inverse of `fuse_qkv`, for exporting to transformers' layout."""
+    out = {}
+    for key, value in sd.items():
+        m = re.fullmatch(r"(blocks\.\d+\.attn)\.qkv\.(weight|bias)", key)
+        if m:
+            for name, part in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{m[1]}.{name}.{m[2]}"] = part.contiguous()
+        else:
+            out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedViT:
+    model: ViTForImageClassification
+    preprocess: PreprocessConfig
+    layout: str          # "transformers", "transformers-vitmodel" or "timm"
+    source: str          # the weights file
+    new_head: bool       # True when the classification head was freshly initialised
+
+
+def detect_layout(sd: dict, *, source: str) -> str:
+    if "vit.embeddings.cls_token" in sd:
+        return "transformers"
+    if "embeddings.cls_token" in sd:
+        return "transformers-vitmodel"
+    if "cls_token" in sd and any(k.startswith("blocks.") for k in sd):
+        return "timm"
+    sample = ", ".join(sorted(sd)[:5])
+    raise CheckpointError(f"{source}: not a ViT checkpoint (no [CLS] token in the transformers or timm "
+                          f"layout; first keys: {sample})")
+
+
+def to_our_names(sd: dict, layout: str) -> dict:
+    if layout == "timm":
+        return rename(sd, TIMM_KEYS)
+    if layout == "transformers-vitmodel":  # google's in21k ViTModel: the same names without "vit."
+        sd = {"vit." + k: v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if not re.fullmatch(TRANSFORMERS_IGNORED, k)}
+    return fuse_qkv(rename(sd, TRANSFORMERS_KEYS))
+
+
+def infer_config(sd: dict, layout: str) -> ViTConfig:
+    """Architecture from tensor shapes (our names), for a bare .safetensors with no config.json."""
+    D = sd["cls_token"].shape[-1]
+    P = sd["patch_embed.weight"].shape[-1]
+    grid = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
+    layers = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    heads = D // 64 if D % 64 == 0 else 1  # ViT convention: 64-wide heads
+    num_labels = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+    return ViTConfig(image_size=grid * P, patch_size=P, num_channels=sd["patch_embed.weight"].shape[1],
+                     hidden_size=D, num_layers=layers, num_heads=heads,
+                     mlp_size=sd["blocks.0.mlp.fc1.weight"].shape[0],
+                     layer_norm_eps=1e-6 if layout == "timm" else 1e-12,
+                     qkv_bias="blocks.0.attn.qkv.bias" in sd, labels=default_labels(num_labels))
+
+
+def _timm_config(d: dict, sd: dict) -> tuple[ViTConfig, PreprocessConfig | None]:
+    """timm's config.json holds the architecture name and pretrained_cfg; shapes give the rest."""
+    config = infer_config(sd, "timm")
+    args = d.get("model_args", {})  # written by timm when the model was built with non-default args
+    if "num_heads" in args:
+        config.num_heads = int(args["num_heads"])
+    labels = d.get("label_names") or config.labels
+    config.labels = list(labels)
+    pre = d.get("pretrained_cfg", {})
+    pp = None
+    if "mean" in pre and "std" in pre:
+        pp = PreprocessConfig(size=(config.image_size, config.image_size),
+                              image_mean=list(pre["mean"]), image_std=list(pre["std"]))
+    return config, pp
+
+
+def load_vit(path: str | Path, *, labels: list[str] | None = None) -> LoadedViT:
+    """Load a ViT classifier from a folder or a .safetensors file, strictly.
+
+    path: a transformers folder (config.json + model.safetensors [+ preprocessor_config.json]), a
+    timm folder or file, or a bare .safetensors (architecture from shapes). `labels`: when given and
+    different from the checkpoint's (or when the checkpoint has no head, like google's in21k ViTModel),
+    a new head of len(labels) outputs is initialised for fine-tuning.
+    """
+    path = Path(path)
+    if path.is_dir():
+        weights = path / "model.safetensors"
+        if not weights.exists():
+            others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+            raise CheckpointError(f"{path}: no model.safetensors in this folder"
+                                  + (f" (found {', '.join(others)})" if others else ""))
+        folder = path
+    else:
+        weights, folder = path, path.parent
+    sd = read_safetensors(weights)
+    source = str(weights)
+    layout = detect_layout(sd, source=source)
+    ours = to_our_names(sd, layout)
+    for key in ("cls_token", "patch_embed.weight", "pos_embed", "blocks.0.mlp.fc1.weight"):
+        if key not in ours:
+            raise CheckpointError(f"{source}: missing {key} (as named in our model); not a complete ViT")
+
+    config_path, pp_path = folder / "config.json", folder / "preprocessor_config.json"
+    preprocess = None
+    if config_path.exists():
+        d = json.loads(config_path.read_text())
+        source = f"{weights} with {config_path}"
+        if layout == "timm" or "architecture" in d:
+            config, preprocess = _timm_config(d, ours)
+        else:
+            config = ViTConfig.from_hf_dict(d)
+            if "head.weight" not in ours and "id2label" not in d:
+                config.labels = []
+    else:
+        config = infer_config(ours, layout)
+    if pp_path.exists():
+        preprocess = PreprocessConfig.from_json(pp_path)
+    if preprocess is None:
+        preprocess = PreprocessConfig(size=(config.image_size, config.image_size))
+
+    has_head = "head.weight" in ours
+    ckpt_labels = config.labels if has_head else None
+    new_head = labels is not None and list(labels) != ckpt_labels
+    if labels is not None:
+        config.labels = list(labels)
+    elif not has_head:
+        raise CheckpointError(f"{source}: this checkpoint has no classification head (a {layout} backbone); "
+                              "give the labels to fine-tune a new head (train_emotion.py does)")
+    if has_head and not new_head and ours["head.weight"].shape[0] != config.num_labels:
+        raise CheckpointError(f"{source}: head has {ours['head.weight'].shape[0]} outputs but the config "
+                              f"names {config.num_labels} labels")
+    if new_head:
+        ours = {k: v for k, v in ours.items() if not k.startswith("head.")}
+
+    model = ViTForImageClassification(config)
+    if new_head:
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("head.")}
+        check_keys(expected, {k: tuple(v.shape) for k, v in ours.items()}, source=source)
+        ours = {**ours, **{k: v for k, v in model.state_dict().items() if k.startswith("head.")}}
+    load_strict(model, ours, source=source)
+    return LoadedViT(model=model.eval(), preprocess=preprocess, layout=layout, source=str(weights),
+                     new_head=new_head)
+
+
+# ---------------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def transformers_state_dict(model: ViTForImageClassification) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' ViTForImageClassification names (q, k, v split again)."""
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    return rename(split_qkv(sd), TRANSFORMERS_KEYS, reverse=True)
+
+
+def save_pretrained(model: ViTForImageClassification, preprocess: PreprocessConfig, folder: str | Path) -> Path:
+    """Write a folder that transformers' `ViTForImageClassification.from_pretrained` loads unchanged."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = transformers_state_dict(model)
+    _atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    for name, content in (("config.json", model.config.to_hf_dict()),
+                          ("preprocessor_config.json", preprocess.to_hf_dict())):
+        text = json.dumps(content, indent=2) + "\n"
+        _atomic_write(folder / name, lambda p, t=text: Path(p).write_text(t))
+    return folder
