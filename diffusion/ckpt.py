@@ -1,0 +1,431 @@
+"""Reading PyTorch `.ckpt`/`.pt` checkpoints without ever running code from them.
+
+The problem. A `.ckpt` is a zip archive holding one pickle (`<name>/data.pkl`) plus the raw bytes of
+every tensor storage (`<name>/data/<key>`). A pickle is a program for a small stack machine: its
+GLOBAL opcode names any importable Python object (`os.system`, `builtins.exec`, ...) and its REDUCE
+opcode calls it with arguments from the stack. `torch.load(weights_only=False)` on a downloaded file
+therefore runs whatever the file says. `torch.load(weights_only=True)` is safe but refuses the
+Lightning checkpoints that Stable Diffusion v1 was published in, because they also pickle training
+state such as `pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint`.
+
+The choice. We read the zip ourselves and run the pickle through `pickle.Unpickler` with the two
+hooks through which a pickle reaches Python code replaced by our own:
+
+* `find_class(module, name)` looks the name up in `_ALLOWED` below, a table written in this file, and
+  returns *our* function for it (tensor rebuilding, OrderedDict, a numpy scalar, ...), or a fresh
+  inert placeholder class for the short list of known training-state classes (`INERT_CLASSES`). It
+  never imports anything. Every other name raises `UnsafeCheckpointError`, naming the global.
+* `persistent_load(pid)` turns torch's `('storage', <type>, key, location, numel)` records into
+  tensors read from the zip's `data/<key>` bytes.
+
+We did not build on `torch.load(weights_only=True)` plus `torch.serialization.add_safe_globals`:
+that would hand the unpickler the real Lightning classes (which must then be installed, and whose
+`__setstate__` is Lightning code), and the safety argument would live in torch internals that change
+between versions. Here the whole argument fits on one screen:
+
+Why nothing in the file is ever executed. The pickle machine calls Python code only
+ 1. through `find_class` (opcodes GLOBAL, STACK_GLOBAL, INST, OBJ and the extension codes EXT1/2/4),
+    answered from `_ALLOWED` or refused. CPython answers an extension code from a process-wide cache
+    without asking `find_class`, so a pickle containing EXT opcodes is refused before it is run
+    (`pickletools.genops` only parses);
+ 2. through `persistent_load`, which is ours and only reads bytes;
+ 3. by calling methods of objects already on its stack: `__setstate__` or `setattr` (BUILD), `append`
+    and `extend` (APPEND/APPENDS), `__setitem__` (SETITEM/SETITEMS), `add` (ADDITEMS), and `__hash__`
+    / `__eq__` of dict keys. The stack holds only pickle's own data (numbers, strings, bytes, tuples,
+    lists, dicts, sets) and what our table returned: tensors, OrderedDicts, numpy scalars, pure
+    (filesystem-free) paths, torch dtypes and our placeholders. None of their methods runs code the
+    file chooses. The callables in the table are frozen (`_Allowed` refuses attribute writes) and the
+    placeholder classes are made afresh for each file, so a BUILD cannot tamper with a later load.
+
+Not covered: the pre-1.6 non-zip torch format (refused with a clear error; `torch.load(path,
+weights_only=True)` reads such files safely when they hold only tensors), and resource exhaustion (a
+hostile pickle can still ask for a huge list; it cannot run code).
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import pickletools
+import struct
+import zipfile
+import zlib
+from collections import OrderedDict
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from common.state_dict import CheckpointError, read_safetensors
+
+PICKLE_CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+CONVERT_COMMAND = "python -m diffusion.convert IN.ckpt OUT.safetensors"
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The pickle asked for a global that is not on the allowlist. Nothing from the file was run."""
+
+
+# --- inert placeholders for known training-state classes ---------------------------------------------
+
+# Classes that Lightning-era checkpoints pickle next to the weights. They become placeholders that
+# keep their constructor arguments and pickled state as plain data and have no other behaviour.
+INERT_CLASSES = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",  # SD v1's own .ckpt files
+    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",  # the same, Lightning >= 2.0
+    "pytorch_lightning.utilities.parsing.AttributeDict",  # hyper_parameters (a dict subclass)
+    "lightning_fabric.utilities.data.AttributeDict",
+    "lightning.fabric.utilities.data.AttributeDict",
+    "omegaconf.dictconfig.DictConfig",  # configs saved by CompVis-style training code
+    "omegaconf.listconfig.ListConfig",
+    "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata",
+    "omegaconf.nodes.AnyNode",
+    "typing.Any",
+)
+
+
+class InertObject:
+    """Stand-in for a pickled object of an allowlisted class: holds its data, runs nothing.
+
+    `global_name` says which class the file named; `args`/`kwargs` are what the pickle passed to the
+    constructor, `state` what it passed to `__setstate__`, `items`/`list_items` what it stored with
+    SETITEMS/APPENDS (dict and list subclasses such as Lightning's AttributeDict).
+    """
+    global_name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "InertObject":
+        obj = object.__new__(cls)
+        obj.args, obj.kwargs, obj.state, obj.items, obj.list_items = args, kwargs, None, {}, []
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # REDUCE calls cls(*args); __new__ kept them
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items[key] = value
+
+    def append(self, value: Any) -> None:
+        self.list_items.append(value)
+
+    def extend(self, values: Iterable[Any]) -> None:
+        self.list_items.extend(values)
+
+    def __repr__(self) -> str:
+        return f"<inert {self.global_name}>"
+
+
+def _placeholder_class(global_name: str) -> type:
+    name = f"InertObject[{global_name}]"
+    return type(name, (InertObject,), {"global_name": global_name, "__qualname__": name})
+
+
+# --- the functions a pickle may call -------------------------------------------------------------
+
+class _Allowed:
+    """A callable named by the allowlist. Frozen: a BUILD opcode cannot set attributes on it."""
+    __slots__ = ("name", "fn")
+
+    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "fn", fn)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"{self.name} is read-only")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+class _StorageType:
+    """What `torch.FloatStorage` & co. resolve to: only the dtype of the bytes, no torch class."""
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        object.__setattr__(self, "dtype", dtype)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("read-only")
+
+
+STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
+                "uint8", "bool")
+
+
+def _is_int_tuple(value: Any) -> bool:
+    return isinstance(value, tuple) and all(type(v) is int for v in value)
+
+
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+                    backward_hooks: Any = None, metadata: Any = None) -> torch.Tensor:
+    """torch._utils._rebuild_tensor_v2: a strided view into a storage. Hooks are data, never attached."""
+    if not isinstance(storage, torch.Tensor) or type(storage_offset) is not int or not _is_int_tuple(size) \
+            or not _is_int_tuple(stride) or len(size) != len(stride):
+        raise pickle.UnpicklingError("malformed tensor record")
+    if any(s < 0 for s in size) or any(s < 0 for s in stride) or storage_offset < 0:
+        raise pickle.UnpicklingError("negative tensor size, stride or offset")
+    if 0 not in size:  # the last element must lie inside the storage
+        last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= storage.numel():
+            raise pickle.UnpicklingError(f"tensor of size {size} reaches past its storage ({storage.numel()})")
+    return torch.as_strided(storage, size, stride, storage_offset)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None,
+                       state: Any = None) -> torch.Tensor:
+    """torch._utils._rebuild_parameter(_with_state): we keep the plain tensor, never an nn.Parameter."""
+    if not isinstance(data, torch.Tensor):
+        raise pickle.UnpicklingError("parameter without tensor data")
+    return data
+
+
+def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    """Protocol-2 pickles spell `bytes` as `_codecs.encode(str, 'latin1')`; only that is allowed."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is allowed only as str.encode('latin1')")
+    return text.encode("latin1")
+
+
+class _NumpyDtypeSpec:
+    """What `numpy.dtype(...)` resolves to: the type name and, after BUILD, its byte order."""
+
+    def __init__(self, name: Any, align: Any = False, copy: Any = False) -> None:
+        if not isinstance(name, str):
+            raise pickle.UnpicklingError("numpy.dtype needs a type name")
+        self.name, self.byteorder = name, "="
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+            self.byteorder = state[1]
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> np.generic:
+    """numpy.core.multiarray.scalar: one number (Lightning stores metrics as numpy scalars)."""
+    if not isinstance(dtype, _NumpyDtypeSpec) or not isinstance(data, bytes):
+        raise pickle.UnpicklingError("malformed numpy scalar")
+    try:
+        np_dtype = np.dtype(dtype.name).newbyteorder(dtype.byteorder)
+    except TypeError as e:
+        raise pickle.UnpicklingError(f"unknown numpy dtype {dtype.name!r}") from e
+    if np_dtype.kind not in "biufc" or len(data) != np_dtype.itemsize:  # numbers only: no object dtype
+        raise pickle.UnpicklingError(f"numpy scalar of dtype {dtype.name!r} is not allowed")
+    return np.frombuffer(data, dtype=np_dtype)[0]
+
+
+def _pure_path(cls: type) -> Callable[..., Any]:
+    def make(*parts: Any) -> Any:  # PosixPath(*parts) would be harmless too, but a pure path provably is
+        if not all(isinstance(p, str) for p in parts):
+            raise pickle.UnpicklingError("path parts must be strings")
+        return cls(*parts)
+    return make
+
+
+def _only_data(kind: type) -> Callable[..., Any]:
+    def make(*args: Any) -> Any:  # the builtin constructors, applied to pickle's own data only
+        return kind(*args)
+    return make
+
+
+_ALLOWED: dict[str, Any] = {
+    "collections.OrderedDict": OrderedDict,  # immutable C type: BUILD cannot change it
+    "torch._utils._rebuild_tensor": _Allowed("torch._utils._rebuild_tensor", _rebuild_tensor),
+    "torch._utils._rebuild_tensor_v2": _Allowed("torch._utils._rebuild_tensor_v2", _rebuild_tensor),
+    "torch._utils._rebuild_parameter": _Allowed("torch._utils._rebuild_parameter", _rebuild_parameter),
+    "torch._utils._rebuild_parameter_with_state": _Allowed("torch._utils._rebuild_parameter_with_state",
+                                                           _rebuild_parameter),
+    "_codecs.encode": _Allowed("_codecs.encode", _codecs_encode),
+    "numpy.dtype": _Allowed("numpy.dtype", _NumpyDtypeSpec),
+    "numpy.core.multiarray.scalar": _Allowed("numpy.core.multiarray.scalar", _numpy_scalar),
+    "numpy._core.multiarray.scalar": _Allowed("numpy._core.multiarray.scalar", _numpy_scalar),
+    "pathlib.PosixPath": _Allowed("pathlib.PosixPath", _pure_path(PurePosixPath)),
+    "pathlib.WindowsPath": _Allowed("pathlib.WindowsPath", _pure_path(PureWindowsPath)),
+    "pathlib._local.PosixPath": _Allowed("pathlib._local.PosixPath", _pure_path(PurePosixPath)),
+    "pathlib._local.WindowsPath": _Allowed("pathlib._local.WindowsPath", _pure_path(PureWindowsPath)),
+    **{f"torch.{name}": _StorageType(dtype) for name, dtype in STORAGE_DTYPES.items()},
+    **{f"torch.{name}": getattr(torch, name) for name in TORCH_DTYPES},  # torch.dtype: no attributes
+    **{f"{module}.{kind.__name__}": _Allowed(f"builtins.{kind.__name__}", _only_data(kind))
+       for module in ("builtins", "__builtin__")
+       for kind in (int, float, complex, bool, str, bytes, bytearray, tuple, list, dict, set, frozenset)},
+}
+
+# Only used to word the error: a file naming one of these is trying to run code, not merely odd.
+_CODE_RUNNING = ("os.", "posix.", "nt.", "subprocess.", "sys.", "shutil.", "socket.", "importlib.",
+                 "runpy.", "pty.", "builtins.eval", "builtins.exec", "builtins.compile", "builtins.open",
+                 "builtins.__import__", "builtins.getattr", "builtins.setattr", "__builtin__.")
+
+
+def _refusal(path: Path, global_name: str) -> UnsafeCheckpointError:
+    if global_name.startswith(_CODE_RUNNING):
+        verdict = ("this is how a pickle runs code: the file is malicious or broken. Do not use it; "
+                   "get a .safetensors file from the publisher.")
+    else:
+        verdict = (f"if it is harmless training state (say a Lightning callback) and you trust the file, "
+                   f"`{CONVERT_COMMAND} --inert {global_name}` reads it as an inert placeholder "
+                   f"(still running nothing) and writes the tensors to safetensors; after that, use the "
+                   f".safetensors file.")
+    return UnsafeCheckpointError(
+        f"{path}: refused to unpickle the global {global_name!r}, which is not on the allowlist of "
+        f"tensor rebuilders, plain containers and inert training-state classes (diffusion/ckpt.py). "
+        f"Nothing from the file was run. Convert checkpoints to safetensors once; {verdict}")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, *, path: Path, storages: Callable[[str, _StorageType, int], torch.Tensor],
+                 inert: Iterable[str]) -> None:
+        super().__init__(io.BytesIO(data))
+        self._path, self._storages = path, storages
+        self._inert = set(INERT_CLASSES) | set(inert)
+        self._placeholders: dict[str, type] = {}  # fresh per file
+
+    def find_class(self, module: str, name: str) -> Any:
+        global_name = f"{module}.{name}"
+        if global_name in self._inert:
+            if global_name not in self._placeholders:
+                self._placeholders[global_name] = _placeholder_class(global_name)
+            return self._placeholders[global_name]
+        if global_name in _ALLOWED:
+            return _ALLOWED[global_name]
+        raise _refusal(self._path, global_name)
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and type(pid[4]) is int):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        return self._storages(pid[2], pid[1], pid[4])
+
+
+# --- the zip archive ----------------------------------------------------------------------------
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (version .. sizes), name length, extra length
+
+
+def _read_member(file: io.BufferedReader, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytearray:
+    """The bytes of one archive member, read straight into a writable buffer.
+
+    torch stores storages uncompressed, so we read them at their offset; a CRC of 0 means the writer
+    skipped it (torch's `compute_crc32=False`), otherwise it is checked.
+    """
+    if info.compress_type != zipfile.ZIP_STORED:
+        return bytearray(zf.read(info))
+    file.seek(info.header_offset)
+    signature, name_len, extra_len = _LOCAL_HEADER.unpack(file.read(_LOCAL_HEADER.size))
+    if signature != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+    file.seek(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
+    buf = bytearray(info.file_size)
+    if file.readinto(buf) != info.file_size:
+        raise zipfile.BadZipFile(f"{info.filename} is cut short")
+    if info.CRC != 0 and zlib.crc32(buf) != info.CRC:
+        raise zipfile.BadZipFile(f"{info.filename} fails its CRC check (corrupt file)")
+    return buf
+
+
+def _refuse_extension_opcodes(data: bytes) -> None:
+    for opcode, _, _ in pickletools.genops(data):  # parses, runs nothing
+        if opcode.name in ("EXT1", "EXT2", "EXT4"):
+            raise pickle.UnpicklingError("extension-registry opcodes (EXT1/2/4) are not allowed")
+
+
+def _unpickle_zip(path: Path, inert: Iterable[str]) -> Any:
+    with open(path, "rb") as file, zipfile.ZipFile(file) as zf:
+        infos = {info.filename: info for info in zf.infolist()}
+        pickles = [name for name in infos if name.count("/") == 1 and name.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            raise CheckpointError(f"{path}: a zip file, but not a PyTorch checkpoint (no <name>/data.pkl)")
+        prefix = pickles[0][: -len("data.pkl")]
+        big_endian = prefix + "byteorder" in infos and \
+            _read_member(file, zf, infos[prefix + "byteorder"]).decode() == "big"
+        raw_cache: dict[str, torch.Tensor] = {}
+
+        def storage(key: str, kind: _StorageType, numel: int) -> torch.Tensor:
+            name = f"{prefix}data/{key}"
+            if name not in infos:
+                raise pickle.UnpicklingError(f"storage {key!r} is missing from the archive")
+            if key not in raw_cache:
+                raw_cache[key] = torch.frombuffer(_read_member(file, zf, infos[name]), dtype=torch.uint8) \
+                    if infos[name].file_size else torch.empty(0, dtype=torch.uint8)
+            raw = raw_cache[key]
+            itemsize = kind.dtype.itemsize
+            if raw.numel() != numel * itemsize:
+                raise pickle.UnpicklingError(f"storage {key!r} holds {raw.numel()} bytes, its record "
+                                             f"says {numel} x {itemsize}")
+            if big_endian and itemsize > 1:  # reverse the bytes of each element
+                raw = raw.view(-1, itemsize).flip(1).reshape(-1)
+            return raw.view(kind.dtype)  # (numel,)
+
+        data = _read_member(file, zf, infos[pickles[0]])
+        _refuse_extension_opcodes(bytes(data))
+        return _RestrictedUnpickler(bytes(data), path=path, storages=storage, inert=inert).load()
+
+
+def _describe_non_zip(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80":
+        return ("a bare pickle: the pre-1.6 torch format (or a plain pickle), which this reader does not "
+                "support. If it holds only tensors, torch.load(path, weights_only=True) reads it safely")
+    if head[:2] == b"PK":
+        return "a zip archive without its central directory: the file is truncated or corrupt"
+    return "not a zip archive, so not a PyTorch checkpoint saved by torch >= 1.6; is it truncated?"
+
+
+def read_checkpoint_full(path: str | Path, *, inert: Iterable[str] = ()) -> Any:
+    """Everything a `.ckpt`/`.pt`/`.pth`/`.bin` file holds, as inert data (a `.safetensors`: its tensors).
+
+    `inert` adds "module.Name" globals to read as placeholders (see `INERT_CLASSES`) for this call.
+    Raises `UnsafeCheckpointError` for any other global, `CheckpointError` for unreadable files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix not in PICKLE_CHECKPOINT_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; expected .safetensors or "
+                              f"one of {', '.join(PICKLE_CHECKPOINT_SUFFIXES)}")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: cannot read it as a checkpoint: {_describe_non_zip(path)}")
+    try:
+        return _unpickle_zip(path, inert)
+    except CheckpointError:
+        raise
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError, AttributeError,
+            KeyError, IndexError, OverflowError, RuntimeError, UnicodeDecodeError, struct.error) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}); "
+                              f"is it truncated or corrupt?") from e
+
+
+def state_dict_of(tree: Any, *, source: str | Path) -> dict[str, torch.Tensor]:
+    """The model tensors in a checkpoint tree: Lightning's `state_dict` entry, or the tree itself."""
+    if isinstance(tree, dict) and "state_dict" in tree:
+        tensors = tree["state_dict"]
+        where = "its 'state_dict'"
+    else:
+        tensors, where = tree, "it"
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{source}: expected a dict of tensors, found {type(tensors).__name__}")
+    not_tensors = [str(k) for k, v in tensors.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if not_tensors:
+        listed = ", ".join(not_tensors[:10])
+        raise CheckpointError(f"{source}: {where} is not a plain dict of named tensors "
+                              f"({len(not_tensors)} other entries: {listed}); top-level keys: "
+                              f"{', '.join(map(str, list(tree)[:20])) if isinstance(tree, dict) else '-'}")
+    return dict(tensors)
+
+
+def read_checkpoint(path: str | Path, *, inert: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """All model tensors of a `.safetensors`, `.ckpt`, `.pt`, `.pth` or `.bin` file, keys as stored.
+
+    Lightning checkpoints give their `state_dict` (EMA copies `model_ema.*` included; dropping them is
+    the caller's choice). Tensors of a pickle file may be views sharing one storage, as saved.
+    """
+    return state_dict_of(read_checkpoint_full(path, inert=inert), source=path)

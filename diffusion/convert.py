@@ -1,0 +1,126 @@
+"""Convert a `.ckpt`/`.pt` checkpoint to `.safetensors` once, so no pickle is ever opened again.
+
+    python -m diffusion.convert IN.ckpt OUT.safetensors [--half] [--keep_ema] [--inert module.Name ...]
+
+The input is read by `diffusion.ckpt.read_checkpoint`, which runs nothing from the file (see there).
+Only the model tensors are written (Lightning's `state_dict`; optimizer states, callbacks and the
+like are left behind). Stable Diffusion's "full-ema" files carry a second copy of the UNet under
+`model_ema.*` (names without dots, plus `model_ema.decay` and `model_ema.num_updates`); it is
+dropped unless `--keep_ema`. `--half` stores every floating-point tensor as float16, halving the
+file; that includes the DDPM schedule buffers (`betas`, `alphas_cumprod`, ...), which our pipeline
+recomputes from its config instead of reading. The write is atomic: a temporary file in the same
+folder, fsync, then `os.replace`, so an interrupted run never leaves a half-written OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from common.state_dict import CheckpointError
+from diffusion.ckpt import read_checkpoint_full, state_dict_of
+
+EMA_PREFIX = "model_ema."
+
+
+def select_tensors(tensors: Mapping[str, torch.Tensor], *, half: bool, keep_ema: bool,
+                   source: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors to write: EMA copies dropped unless `keep_ema`, floats cast to fp16 if `half`.
+
+    Every returned tensor is contiguous and owns its memory (safetensors refuses shared storage).
+    Never modifies the caller's tensors.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.startswith(EMA_PREFIX) and not keep_ema:
+            continue
+        if half and value.is_floating_point() and value.dtype != torch.float16:
+            cast = value.to(torch.float16)
+            if bool(torch.isfinite(value).all()) and not bool(torch.isfinite(cast).all()):
+                raise CheckpointError(f"{source}: tensor {key!r} overflows float16 (|max| = "
+                                      f"{value.abs().max().item():.3g}); convert without --half")
+            value = cast
+        out[key] = value.contiguous()
+    return _own_memory(out)
+
+
+def _own_memory(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Clone tensors that share a storage with another tensor or view part of a larger one."""
+    users: dict[int, int] = {}
+    for value in tensors.values():
+        ptr = value.untyped_storage().data_ptr()
+        users[ptr] = users.get(ptr, 0) + 1
+    out = {}
+    for key, value in tensors.items():
+        storage = value.untyped_storage()
+        whole = value.storage_offset() == 0 and value.numel() * value.element_size() == storage.nbytes()
+        out[key] = value if users[storage.data_ptr()] == 1 and whole else value.clone()
+    return out
+
+
+def write_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: Path, *,
+                             metadata: Mapping[str, str]) -> None:
+    """save_file into a temporary file next to `path`, fsync it, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(dict(tensors), str(tmp), metadata=dict(metadata))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def convert(src: str | Path, dst: str | Path, *, half: bool = False, keep_ema: bool = False,
+            inert: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """Read `src` safely, write its model tensors to the safetensors file `dst`; returns what was written."""
+    src, dst = Path(src), Path(dst)
+    if dst.suffix != ".safetensors":
+        raise CheckpointError(f"{dst}: the output must end in .safetensors")
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: the output would overwrite the input")
+    if not dst.parent.is_dir():
+        raise CheckpointError(f"{dst}: folder {dst.parent} does not exist")
+    tree = read_checkpoint_full(src, inert=inert)
+    tensors = select_tensors(state_dict_of(tree, source=src), half=half, keep_ema=keep_ema, source=src)
+    metadata = {"format": "pt", "converted_from": src.name}
+    if isinstance(tree, dict):  # Lightning's bookkeeping, kept as text for the curious
+        for key in ("epoch", "global_step", "pytorch-lightning_version"):
+            if isinstance(tree.get(key), (int, str)):
+                metadata[key] = str(tree[key])
+    write_safetensors_atomic(tensors, dst, metadata=metadata)
+    return tensors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffusion.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", metavar="IN", help="a .ckpt/.pt/.pth/.bin (or .safetensors) checkpoint")
+    parser.add_argument("dst", metavar="OUT", help="the .safetensors file to write")
+    parser.add_argument("--half", action="store_true", help="store floating-point tensors as float16")
+    parser.add_argument("--keep_ema", action="store_true", help=f"keep the EMA copies ({EMA_PREFIX}*)")
+    parser.add_argument("--inert", action="append", default=[], metavar="module.Name",
+                        help="read this extra pickled class as an inert placeholder (runs nothing); repeatable")
+    args = parser.parse_args(argv)
+    try:
+        tensors = convert(args.src, args.dst, half=args.half, keep_ema=args.keep_ema, inert=args.inert)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    print(f"wrote {args.dst}: {len(tensors)} tensors, {size / 2**20:.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
