@@ -19,7 +19,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -59,6 +58,12 @@ SCHEDULER_CASES = [
 ]
 
 
+def public_config(scheduler) -> dict:
+    """The scheduler's config as its scheduler_config.json holds it (diffusers' own "_" keys dropped;
+    `_use_default_values` is a set, whose order would change every run)."""
+    return {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+
+
 def make_scheduler_fixtures() -> None:
     from diffusers import DDIMScheduler, PNDMScheduler
 
@@ -81,7 +86,7 @@ def make_scheduler_fixtures() -> None:
                 x = sched.step(model_output, t, x).prev_sample
             tensors[f"{name}.model_output.{i}"] = model_output
             tensors[f"{name}.x.{i}"] = x
-        cases.append(dict(name=name, sampler=sampler, scheduler_config=dict(sched.config), steps=steps,
+        cases.append(dict(name=name, sampler=sampler, scheduler_config=public_config(sched), steps=steps,
                           eta=eta, noise_seed=seed, timesteps=timesteps))
 
     # the forward process and the v target, on every beta schedule
@@ -95,7 +100,7 @@ def make_scheduler_fixtures() -> None:
         tensors[f"{beta_schedule}.alphas_cumprod"] = sched.alphas_cumprod
         tensors[f"{beta_schedule}.add_noise"] = sched.add_noise(x0, noise, t)
         tensors[f"{beta_schedule}.get_velocity"] = sched.get_velocity(x0, noise, t)
-        forward.append(dict(beta_schedule=beta_schedule, scheduler_config=dict(sched.config)))
+        forward.append(dict(beta_schedule=beta_schedule, scheduler_config=public_config(sched)))
     tensors["forward.x0"], tensors["forward.noise"], tensors["forward.t"] = x0, noise, t
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -104,7 +109,56 @@ def make_scheduler_fixtures() -> None:
     print(f"wrote {OUT / 'schedulers.safetensors'} ({len(tensors)} tensors), {OUT / 'schedulers.json'}")
 
 
+# Whole pipeline runs: (name, prompt or prompts, negative prompt, images per prompt, steps, eta,
+# guidance scale, height, width, seed, sampler). Sizes are tiny (the fixtures' VAE has few levels).
+PIPELINE_RUNS = [
+    ("ddim_cat_2x32x32", "a photo of a cat", None, 2, 4, 0.0, 7.5, 32, 32, 0, "ddim"),
+    ("ddim_astronaut_nocfg_64x48", "an astronaut riding a horse on the moon", None, 1, 5, 0.0, 1.0, 64, 48, 1,
+     "ddim"),
+    ("ddim_eta0.8_lighthouse_48x32", "a watercolor of a lighthouse", None, 2, 4, 0.8, 7.5, 48, 32, 2, "ddim"),
+    ("ddim_negative_fruit_32x48", "a bowl of fruit", "blurry, low quality", 1, 3, 0.0, 5.0, 32, 48, 3, "ddim"),
+    ("plms3_car_2x32x32", "a red car", None, 2, 3, 0.0, 7.5, 32, 32, 4, "plms"),
+    ("plms4_castle_nocfg_48x64", "a castle on a hill", None, 1, 4, 0.0, 1.0, 48, 64, 5, "plms"),
+    ("plms10_negative_forest_32x32", "a snowy forest", "people", 1, 10, 0.0, 7.5, 32, 32, 6, "plms"),
+    # two prompts in one call (one batch, one noise draw for all four images): for generate() itself
+    ("ddim_two_prompts_2x32x32", ["a cat", "a dog in the rain"], ["", "sunny"], 2, 3, 0.0, 7.5, 32, 32, 7,
+     "ddim"),
+]
+
+
+def make_pipeline_fixtures() -> None:
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    import diffusers
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(SD_FOLDER), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ddim = pipe.scheduler
+    plms = PNDMScheduler.from_config(ddim.config, skip_prk_steps=True)
+    out = OUT / "pipeline"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():
+        old.unlink()
+    for name, prompt, negative, n, steps, eta, scale, height, width, seed, sampler in PIPELINE_RUNS:
+        pipe.scheduler = ddim if sampler == "ddim" else plms
+        kwargs = dict(eta=eta) if sampler == "ddim" else {}
+        images = pipe(prompt, negative_prompt=negative, num_images_per_prompt=n, num_inference_steps=steps,
+                      guidance_scale=scale, height=height, width=width,
+                      generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs).images
+        files = []
+        for i, image in enumerate(images):
+            files.append(f"{name}_{i}.png")
+            image.save(out / files[-1])
+        params = dict(prompt=prompt, negative_prompt=negative, num_images_per_prompt=n, steps=steps, eta=eta,
+                      guidance_scale=scale, height=height, width=width, seed=seed, sampler=sampler,
+                      scheduler=type(pipe.scheduler).__name__, images=files,
+                      diffusers_version=diffusers.__version__)
+        (out / f"{name}.json").write_text(json.dumps(params, indent=1) + "\n")
+        print(f"{name}: {len(images)} images {images[0].size}")
+
+
 if __name__ == "__main__":
     make_scheduler_fixtures()
     if not SD_FOLDER.exists():
         sys.exit(f"{SD_FOLDER} does not exist yet (tools/make_reference_sd.py makes it): pipeline runs skipped")
+    make_pipeline_fixtures()
