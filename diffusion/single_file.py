@@ -1,0 +1,222 @@
+"""The original CompVis/LDM single-file layout (`v1-5-pruned-emaonly.safetensors`, `sd-v1-4.ckpt`):
+key mapping onto our (diffusers-named) modules, EMA selection, and architecture inferred from shapes.
+
+One file holds three models under three prefixes, plus LDM's DDPM schedule buffers:
+
+    model.diffusion_model.*        the UNet, in LDM's flat `input_blocks` / `output_blocks` lists
+    first_stage_model.*            the VAE; its mid-block attention stored as 1x1 convolutions
+    cond_stage_model.transformer.* the CLIP text model, in transformers' names (`text_model.*`)
+    model_ema.*                    (full checkpoints) EMA copies of the UNet, dots removed from names
+    betas, alphas_cumprod, ...     the training schedule: recognised and ignored (sampling recomputes it)
+
+LDM numbers the UNet's blocks in one flat list per direction; diffusers (and we) nest them by
+resolution level. For SD v1 (4 levels, 2 ResNets per level going down, 3 going up):
+
+    input_blocks.0.0                    conv_in
+    input_blocks.{1,2}.{0,1}            down_blocks.0.{resnets,attentions}.{0,1}
+    input_blocks.3.0.op                 down_blocks.0.downsamplers.0.conv
+    input_blocks.{4,5}, .6, .{7,8}, .9  the same for levels 1 and 2;  input_blocks.{10,11}.0: level 3
+    middle_block.{0,1,2}                mid_block.resnets.0, mid_block.attentions.0, mid_block.resnets.1
+    output_blocks.{0,1,2}.0             up_blocks.0.resnets.{0,1,2};  output_blocks.2.1.conv: its upsampler
+    output_blocks.{3,4,5}.{0,1}         up_blocks.1.{resnets,attentions}.{0,1,2}; output_blocks.5.2.conv: upsampler
+    ...                                 and so on to output_blocks.11
+    time_embed.{0,2}, out.{0,2}         time_embedding.linear_{1,2}, conv_norm_out / conv_out
+
+`unet_rules(config)` writes that table for any config; inside a block the names are fixed
+(`UNET_RESNET_RULES`; a spatial transformer's inner names are the same in both layouts).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from common.state_dict import CheckpointError, Rule
+from diffusion.unet import CROSS_DOWN, CROSS_UP, UNetConfig
+from diffusion.vae import VAEConfig
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+EMA_PREFIX = "model_ema."
+# LDM's DDPM registers these 12 schedule buffers; SD v1's sampling recomputes the schedule from
+# scheduler_config instead. model_ema.{decay,num_updates} are the EMA's own bookkeeping.
+IGNORED = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+           "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+           "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+           "posterior_mean_coef1", "posterior_mean_coef2", "model_ema.decay", "model_ema.num_updates"}
+
+# Inside an LDM ResBlock: (LDM name, diffusers name). in_layers/out_layers are nn.Sequentials whose
+# SiLU and dropout slots hold no weights, hence the gaps in the numbering.
+UNET_RESNET_RULES = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
+                     ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")]
+
+
+def unet_blocks(config: UNetConfig) -> list[tuple[str, str, bool]]:
+    """(LDM module prefix, our module prefix, is a ResNet) for every block, by walking LDM's flat lists."""
+    n, layers = len(config.block_out_channels), config.layers_per_block
+    table = [("time_embed.0", "time_embedding.linear_1", False), ("time_embed.2", "time_embedding.linear_2", False),
+             ("input_blocks.0.0", "conv_in", False), ("out.0", "conv_norm_out", False), ("out.2", "conv_out", False),
+             ("middle_block.0", "mid_block.resnets.0", True), ("middle_block.1", "mid_block.attentions.0", False),
+             ("middle_block.2", "mid_block.resnets.1", True)]
+    k = 1  # input_blocks.0 is conv_in
+    for level in range(n):
+        for j in range(layers):
+            table.append((f"input_blocks.{k}.0", f"down_blocks.{level}.resnets.{j}", True))
+            if config.down_block_types[level] == CROSS_DOWN:
+                table.append((f"input_blocks.{k}.1", f"down_blocks.{level}.attentions.{j}", False))
+            k += 1
+        if level < n - 1:
+            table.append((f"input_blocks.{k}.0.op", f"down_blocks.{level}.downsamplers.0.conv", False))
+            k += 1
+    k = 0
+    for i in range(n):
+        cross = config.up_block_types[i] == CROSS_UP
+        for j in range(layers + 1):
+            table.append((f"output_blocks.{k}.0", f"up_blocks.{i}.resnets.{j}", True))
+            if cross:
+                table.append((f"output_blocks.{k}.1", f"up_blocks.{i}.attentions.{j}", False))
+            k += 1
+        if i < n - 1:  # the upsampler sits in the level's last block, after the attention if any
+            table.append((f"output_blocks.{k - 1}.{2 if cross else 1}.conv", f"up_blocks.{i}.upsamplers.0.conv", False))
+    return table
+
+
+def unet_rules(config: UNetConfig) -> list[Rule]:
+    rules = []
+    for ldm, ours, is_resnet in unet_blocks(config):
+        src = re.escape(UNET_PREFIX + ldm)
+        if is_resnet:
+            rules += [(rf"{src}\.{re.escape(a)}\.(weight|bias)", rf"{ours}.{b}.\1") for a, b in UNET_RESNET_RULES]
+        else:
+            rules.append((rf"{src}\.(.+)", rf"{ours}.\1"))
+    return rules
+
+
+def vae_rules(config: VAEConfig) -> list[Rule]:
+    """LDM VAE names -> ours. The decoder's `up` list runs from the HIGHEST resolution (up.0 is the
+    last level applied), diffusers' `up_blocks` in the order applied, hence the reversal."""
+    n = len(config.block_out_channels)
+    p = re.escape(VAE_PREFIX)
+    rules = [
+        (rf"{p}(encoder|decoder)\.(conv_in|conv_out)\.(.+)", r"\1.\2.\3"),
+        (rf"{p}(encoder|decoder)\.norm_out\.(.+)", r"\1.conv_norm_out.\2"),
+        (rf"{p}(encoder|decoder)\.mid\.block_1\.(.+)", r"\1.mid_block.resnets.0.\2"),
+        (rf"{p}(encoder|decoder)\.mid\.block_2\.(.+)", r"\1.mid_block.resnets.1.\2"),
+        (rf"{p}(encoder|decoder)\.mid\.attn_1\.norm\.(.+)", r"\1.mid_block.attentions.0.group_norm.\2"),
+        (rf"{p}(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.(.+)", r"\1.mid_block.attentions.0.to_\2.\3"),
+        (rf"{p}(encoder|decoder)\.mid\.attn_1\.proj_out\.(.+)", r"\1.mid_block.attentions.0.to_out.0.\2"),
+        (rf"{p}encoder\.down\.(\d+)\.block\.(\d+)\.nin_shortcut\.(.+)", r"encoder.down_blocks.\1.resnets.\2.conv_shortcut.\3"),
+        (rf"{p}encoder\.down\.(\d+)\.block\.(\d+)\.(.+)", r"encoder.down_blocks.\1.resnets.\2.\3"),
+        (rf"{p}encoder\.down\.(\d+)\.downsample\.conv\.(.+)", r"encoder.down_blocks.\1.downsamplers.0.conv.\2"),
+        (rf"{p}(quant_conv|post_quant_conv)\.(.+)", r"\1.\2"),
+    ]
+    for i in range(n):
+        ldm = n - 1 - i
+        rules += [
+            (rf"{p}decoder\.up\.{ldm}\.block\.(\d+)\.nin_shortcut\.(.+)", rf"decoder.up_blocks.{i}.resnets.\1.conv_shortcut.\2"),
+            (rf"{p}decoder\.up\.{ldm}\.block\.(\d+)\.(.+)", rf"decoder.up_blocks.{i}.resnets.\1.\2"),
+            (rf"{p}decoder\.up\.{ldm}\.upsample\.conv\.(.+)", rf"decoder.up_blocks.{i}.upsamplers.0.conv.\1"),
+        ]
+    return rules
+
+
+# Old diffusers VAE folders (saved before diffusers 0.14) name the mid attention's projections
+# query/key/value/proj_attn; current ones to_q/to_k/to_v/to_out.0.
+DEPRECATED_VAE_ATTENTION_RULES: list[Rule] = [
+    (r"(.*mid_block\.attentions\.0)\.query\.(.+)", r"\1.to_q.\2"),
+    (r"(.*mid_block\.attentions\.0)\.key\.(.+)", r"\1.to_k.\2"),
+    (r"(.*mid_block\.attentions\.0)\.value\.(.+)", r"\1.to_v.\2"),
+    (r"(.*mid_block\.attentions\.0)\.proj_attn\.(.+)", r"\1.to_out.0.\2"),
+    (r"(.+)", r"\1"),
+]
+VAE_ATTENTION_LINEAR = re.compile(r".*mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight")
+
+
+def vae_attention_as_linear(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LDM keeps the VAE attention's q/k/v/out as 1x1 convolutions, (C, C, 1, 1): the same linear
+    maps as our (C, C) Linear weights, so drop the two unit dimensions."""
+    return {k: (v[:, :, 0, 0] if VAE_ATTENTION_LINEAR.fullmatch(k) and v.ndim == 4 and v.shape[2:] == (1, 1) else v)
+            for k, v in state_dict.items()}
+
+
+def ema_name(key: str) -> str:
+    """Where LDM's EMA keeps the copy of UNet tensor `key`: LitEma names its buffers after the
+    parameters of `model` with the dots removed (`model.diffusion_model.out.0.weight` ->
+    `model_ema.diffusion_modelout0weight`)."""
+    return EMA_PREFIX + key.removeprefix("model.").replace(".", "")
+
+
+def split_single_file(tensors: dict[str, torch.Tensor], *, use_ema: bool, source: str
+                      ) -> tuple[dict, dict, dict]:
+    """(unet, vae, text) tensors, still in LDM names with their prefixes. With `use_ema`, every UNet
+    tensor is replaced by its EMA copy (all must be present). Unrecognised keys are errors."""
+    unet = {k: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
+    vae = {k: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
+    text = {k: v for k, v in tensors.items() if k.startswith(TEXT_PREFIX)}
+    ema = {k for k in tensors if k.startswith(EMA_PREFIX) and k not in IGNORED}
+    unknown = sorted(set(tensors) - set(unet) - set(vae) - set(text) - ema - IGNORED)
+    if unknown:
+        shown = ", ".join(unknown[:20]) + (f", ... ({len(unknown) - 20} more)" if len(unknown) > 20 else "")
+        raise CheckpointError(f"{source}: unexpected {len(unknown)} tensors outside the UNet/VAE/text "
+                              f"encoder prefixes: {shown}")
+    for name, part in (("UNet (model.diffusion_model.*)", unet), ("VAE (first_stage_model.*)", vae),
+                       ("text encoder (cond_stage_model.transformer.*)", text)):
+        if not part:
+            raise CheckpointError(f"{source}: no {name} tensors; is this an SD v1 single-file checkpoint?")
+    if use_ema:
+        if not ema:
+            raise CheckpointError(f"{source}: --use_ema given but the file has no EMA weights (model_ema.*)")
+        missing = sorted(ema_name(k) for k in unet if ema_name(k) not in ema)
+        if missing:
+            raise CheckpointError(f"{source}: EMA copy missing for {len(missing)} UNet tensors: "
+                                  f"{', '.join(missing[:20])}")
+        unet = {k: tensors[ema_name(k)] for k in unet}
+    return unet, vae, text
+
+
+def _count(keys, pattern: str) -> set[int]:
+    return {int(m.group(1)) for k in keys if (m := re.fullmatch(pattern, k))}
+
+
+def infer_unet_config(unet: dict[str, torch.Tensor], *, source: str) -> UNetConfig:
+    """A UNetConfig from the tensor shapes of an LDM UNet. What shapes cannot tell takes SD v1's
+    value: 8 heads (SD v1's `num_heads: 8`), 32 GroupNorm groups, the timestep embedding."""
+    p = re.escape(UNET_PREFIX)
+    try:
+        conv_in = unet[UNET_PREFIX + "input_blocks.0.0.weight"]
+        conv_out = unet[UNET_PREFIX + "out.2.weight"]
+        downsamples = sorted(_count(unet, rf"{p}input_blocks\.(\d+)\.0\.op\.weight"))
+        n_levels = len(downsamples) + 1
+        n_input = max(_count(unet, rf"{p}input_blocks\.(\d+)\..+"))  # = n_levels * layers + n_levels - 1
+        layers = (n_input - (n_levels - 1)) // n_levels
+        channels, cross = [], []
+        for level in range(n_levels):
+            k = 1 + level * (layers + 1)  # the level's first input block
+            channels.append(unet[f"{UNET_PREFIX}input_blocks.{k}.0.out_layers.3.weight"].shape[0])
+            cross.append(f"{UNET_PREFIX}input_blocks.{k}.1.proj_in.weight" in unet)
+        up_cross = [f"{UNET_PREFIX}output_blocks.{i * (layers + 1)}.1.proj_in.weight" in unet for i in range(n_levels)]
+        context = unet[UNET_PREFIX + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    except KeyError as e:
+        raise CheckpointError(f"{source}: cannot infer the UNet architecture, no tensor {e.args[0]}") from None
+    return UNetConfig(in_channels=conv_in.shape[1], out_channels=conv_out.shape[0], block_out_channels=tuple(channels),
+                      layers_per_block=layers, cross_attention_dim=context,
+                      down_block_types=tuple(CROSS_DOWN if c else "DownBlock2D" for c in cross),
+                      up_block_types=tuple(CROSS_UP if c else "UpBlock2D" for c in up_cross))
+
+
+def infer_vae_config(vae: dict[str, torch.Tensor], *, source: str) -> VAEConfig:
+    """A VAEConfig from the tensor shapes of an LDM VAE (GroupNorm groups: SD v1's 32)."""
+    p = re.escape(VAE_PREFIX)
+    try:
+        n_levels = len(_count(vae, rf"{p}encoder\.down\.(\d+)\..+"))
+        layers = len(_count(vae, rf"{p}encoder\.down\.0\.block\.(\d+)\..+"))
+        channels = tuple(vae[f"{VAE_PREFIX}encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(n_levels))
+        return VAEConfig(in_channels=vae[VAE_PREFIX + "encoder.conv_in.weight"].shape[1],
+                         out_channels=vae[VAE_PREFIX + "decoder.conv_out.weight"].shape[0],
+                         block_out_channels=channels, layers_per_block=layers,
+                         latent_channels=vae[VAE_PREFIX + "post_quant_conv.weight"].shape[0],
+                         down_block_types=("DownEncoderBlock2D",) * n_levels,
+                         up_block_types=("UpDecoderBlock2D",) * n_levels)
+    except KeyError as e:
+        raise CheckpointError(f"{source}: cannot infer the VAE architecture, no tensor {e.args[0]}") from None

@@ -1,0 +1,168 @@
+"""Loading Stable Diffusion v1 from its two public layouts, strictly, by key mapping.
+
+    load_stable_diffusion("stable-diffusion-v1-5/")                    a diffusers folder
+    load_stable_diffusion("v1-5-pruned-emaonly.safetensors")           an original single file
+    load_stable_diffusion("sd-v1-4.ckpt", use_ema=True)                (read without unpickling code)
+    load_stable_diffusion("model.safetensors", config_dir="sd15/")     configs from sd15/{unet,vae,text_encoder}/
+
+A diffusers folder needs no renaming at all (our attributes carry diffusers' names), except old VAE
+folders' attention names; the single file goes through the rules in `diffusion/single_file.py`.
+Every model is loaded with `common.state_dict.load_strict`: a missing, unexpected or mis-shaped
+tensor stops the load with an error that names it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.state_dict import CheckpointError, load_strict, read_safetensors, rename_keys
+from diffusion import single_file as sf
+from diffusion.unet import UNet2DConditionModel, UNetConfig
+from diffusion.vae import AutoencoderKL, VAEConfig
+
+# SD v1's scheduler/scheduler_config.json (runwayml/stable-diffusion-v1-5), for single files, which
+# carry no scheduler config of their own (their schedule buffers say the same: scaled_linear).
+SD_V1_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False,
+    "prediction_type": "epsilon",
+}
+FOLDER_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                "text_encoder": "model.safetensors"}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
+
+@dataclass
+class StableDiffusionModels:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: torch.nn.Module   # clip.text_model.CLIPTextModel
+    tokenizer: object               # clip.tokenizer.CLIPTokenizer
+    scheduler_config: dict          # diffusers scheduler_config.json fields
+    source: str                     # the path loaded
+    layout: str                     # "diffusers" or "single_file"
+
+
+def load_stable_diffusion(path: str | Path, *, config_dir: str | Path | None = None,
+                          use_ema: bool = False) -> StableDiffusionModels:
+    """Every model of an SD v1 checkpoint, in eval mode, fp32, on the CPU."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint (a diffusers folder or a single .safetensors/.ckpt file)")
+    if path.is_dir():
+        if config_dir is not None:
+            raise ValueError(f"--config {config_dir}: only for single-file checkpoints; {path} is a folder "
+                             "with its own configs")
+        if use_ema:
+            raise ValueError(f"--use_ema: {path} is a diffusers folder, which holds one set of UNet weights")
+        models = _load_folder(path)
+    else:
+        models = _load_single_file(path, config_dir=None if config_dir is None else Path(config_dir), use_ema=use_ema)
+    for m in (models.unet, models.vae, models.text_encoder):
+        m.eval()
+    return models
+
+
+# ------------------------------------------------------------------------------ diffusers folder
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (expected in an SD v1 diffusers folder)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _weights_file(folder: Path, name: str) -> Path:
+    file = folder / name / FOLDER_FILES[name]
+    if not file.is_file():
+        others = sorted(p.name for p in (folder / name).glob("*")) if (folder / name).is_dir() else []
+        raise FileNotFoundError(f"{file}: missing (found in {folder / name}: {', '.join(others) or 'nothing'}); "
+                                "a .bin folder must be converted to safetensors first")
+    return file
+
+
+def load_unet_folder(folder: Path) -> UNet2DConditionModel:
+    unet = UNet2DConditionModel(config=UNetConfig.from_json(folder / "unet" / "config.json"))
+    file = _weights_file(folder, "unet")
+    load_strict(unet, read_safetensors(file), source=str(file))
+    return unet
+
+
+def load_vae_folder(folder: Path) -> AutoencoderKL:
+    vae = AutoencoderKL(config=VAEConfig.from_json(folder / "vae" / "config.json"))
+    file = _weights_file(folder, "vae")
+    tensors = rename_keys(read_safetensors(file), sf.DEPRECATED_VAE_ATTENTION_RULES)
+    load_strict(vae, sf.vae_attention_as_linear(tensors), source=str(file))
+    return vae
+
+
+def _load_folder(folder: Path) -> StableDiffusionModels:
+    from clip.tokenizer import CLIPTokenizer
+    from clip.weights import load_text_encoder
+
+    index = _read_json(folder / "model_index.json")
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if name not in index:
+            raise ValueError(f"{folder / 'model_index.json'}: no {name!r} entry; not an SD v1 pipeline folder")
+    _weights_file(folder, "text_encoder")
+    return StableDiffusionModels(
+        unet=load_unet_folder(folder), vae=load_vae_folder(folder),
+        text_encoder=load_text_encoder(folder / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        scheduler_config=_read_json(folder / "scheduler" / "scheduler_config.json"),
+        source=str(folder), layout="diffusers")
+
+
+# ------------------------------------------------------------------------------ original single file
+def read_single_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected a diffusers folder "
+                              f"or one of {', '.join(SINGLE_FILE_SUFFIXES)}")
+    try:
+        from diffusion.ckpt import read_checkpoint  # a restricted unpickler: never runs code from the file
+    except ImportError:
+        raise CheckpointError(f"{path}: .ckpt files are not supported yet; convert it to .safetensors") from None
+    return read_checkpoint(path)
+
+
+def load_unet_single_file(unet_tensors: dict, config: UNetConfig, *, source: str) -> UNet2DConditionModel:
+    unet = UNet2DConditionModel(config=config)
+    load_strict(unet, rename_keys(unet_tensors, sf.unet_rules(config)), source=f"{source} (UNet)")
+    return unet
+
+
+def load_vae_single_file(vae_tensors: dict, config: VAEConfig, *, source: str) -> AutoencoderKL:
+    vae = AutoencoderKL(config=config)
+    tensors = sf.vae_attention_as_linear(rename_keys(vae_tensors, sf.vae_rules(config)))
+    load_strict(vae, tensors, source=f"{source} (VAE)")
+    return vae
+
+
+def _load_single_file(path: Path, *, config_dir: Path | None, use_ema: bool) -> StableDiffusionModels:
+    from clip.text_model import CLIPTextConfig
+    from clip.tokenizer import CLIPTokenizer
+    from clip.weights import config_from_state_dict, load_text_encoder
+
+    source = str(path)
+    unet_t, vae_t, text_t = sf.split_single_file(read_single_file(path), use_ema=use_ema, source=source)
+    text_t = {k.removeprefix(sf.TEXT_PREFIX): v for k, v in text_t.items()}
+    if config_dir is not None:
+        unet_cfg = UNetConfig.from_json(config_dir / "unet" / "config.json")
+        vae_cfg = VAEConfig.from_json(config_dir / "vae" / "config.json")
+        text_cfg = CLIPTextConfig.from_json(config_dir / "text_encoder" / "config.json")
+    else:  # SD v1 conventions for what the shapes cannot say (8 UNet heads, 64-wide CLIP heads)
+        unet_cfg = sf.infer_unet_config(unet_t, source=source)
+        vae_cfg = sf.infer_vae_config(vae_t, source=source)
+        text_cfg = config_from_state_dict(text_t)
+    return StableDiffusionModels(
+        unet=load_unet_single_file(unet_t, unet_cfg, source=source),
+        vae=load_vae_single_file(vae_t, vae_cfg, source=source),
+        text_encoder=load_text_encoder(text_t, config=text_cfg, source=f"{source} (text encoder)"),
+        tokenizer=CLIPTokenizer.from_pretrained(None),
+        scheduler_config=dict(SD_V1_SCHEDULER_CONFIG), source=source, layout="single_file")
