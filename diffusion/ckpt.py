@@ -59,7 +59,6 @@ import torch
 from common.state_dict import CheckpointError, read_safetensors
 
 PICKLE_CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-CONVERT_COMMAND = "python -m diffusion.convert IN.ckpt OUT.safetensors"
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -264,18 +263,16 @@ _CODE_RUNNING = ("os.", "posix.", "nt.", "subprocess.", "sys.", "shutil.", "sock
 
 
 def _refusal(path: Path, global_name: str) -> UnsafeCheckpointError:
+    head = (f"{path}: refused to unpickle the global {global_name!r}: it is not on the allowlist of tensor "
+            f"rebuilders, plain containers and inert training-state classes (diffusion/ckpt.py). "
+            f"Nothing from the file was run. ")
     if global_name.startswith(_CODE_RUNNING):
-        verdict = ("this is how a pickle runs code: the file is malicious or broken. Do not use it; "
-                   "get a .safetensors file from the publisher.")
-    else:
-        verdict = (f"if it is harmless training state (say a Lightning callback) and you trust the file, "
-                   f"`{CONVERT_COMMAND} --inert {global_name}` reads it as an inert placeholder "
-                   f"(still running nothing) and writes the tensors to safetensors; after that, use the "
-                   f".safetensors file.")
+        return UnsafeCheckpointError(head + f"{global_name!r} is how a pickle runs code: the file is malicious "
+                                     "or corrupt; do not use it. Get a .safetensors file from the publisher.")
     return UnsafeCheckpointError(
-        f"{path}: refused to unpickle the global {global_name!r}, which is not on the allowlist of "
-        f"tensor rebuilders, plain containers and inert training-state classes (diffusion/ckpt.py). "
-        f"Nothing from the file was run. Convert checkpoints to safetensors once; {verdict}")
+        head + "If it is harmless training state (say a Lightning callback) and you trust the file, convert "
+        "the file once to safetensors, reading that class as an inert placeholder (still running nothing): "
+        f"`python -m diffusion.convert {path} OUT.safetensors --inert {global_name}`; then use OUT.safetensors.")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import struct
 import subprocess
 import sys
 import types
@@ -91,3 +92,251 @@ def test_big_endian_file_reads_the_same(tmp_path, monkeypatch):
 
     _rewrite_zip(SMALL_CKPT, tmp_path / "big.ckpt", to_big_endian)
     assert_same_tensors(read_checkpoint(tmp_path / "big.ckpt"), little)
+
+
+# --- malicious files --------------------------------------------------------------------------------
+
+def write_torch_zip(path: Path, data_pkl: bytes) -> Path:
+    """A .ckpt laid out as torch.save lays it out, around a hand-written pickle."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", data_pkl)
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/version", "3\n")
+    return path
+
+
+def call_global(module: str, name: str, *args) -> bytes:
+    """Pickle opcodes that push `module.name` (GLOBAL) and call it with `args` (REDUCE)."""
+    return b"c" + f"{module}\n{name}\n".encode() + pickle.dumps(args, protocol=2)[2:-1] + b"R"
+
+
+def lightning_like(payload: bytes) -> bytes:
+    """{'epoch': 1, 'state_dict': {}, 'callbacks': <payload>}: the payload where Lightning's state sits."""
+    return (b"\x80\x02}(" + pickle.dumps("epoch", 2)[2:-1] + b"K\x01" + pickle.dumps("state_dict", 2)[2:-1]
+            + b"}" + pickle.dumps("callbacks", 2)[2:-1] + payload + b"u.")
+
+
+class Tripwire:
+    """A class outside the allowlist whose unpickling (its __setstate__) creates a marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __setstate__(self, state):
+        Path(state["marker"]).touch()
+
+
+class SystemCall:
+    """Pickles as a call of os.system (named `posix.system` on Linux), the classic payload."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return os.system, (self.command,)
+
+
+def _os_system(marker: Path) -> tuple[bytes, str]:
+    return lightning_like(call_global("os", "system", f"touch {marker}")), "os.system"
+
+
+def _posix_system_by_torch_save(marker: Path) -> tuple[bytes, str]:
+    buf = io.BytesIO()
+    torch.save({"state_dict": {}, "callbacks": SystemCall(f"touch {marker}")}, buf)
+    with zipfile.ZipFile(buf) as z:
+        [name] = [n for n in z.namelist() if n.endswith("data.pkl")]
+        return z.read(name), "posix.system"
+
+
+def _exec(marker: Path) -> tuple[bytes, str]:
+    return lightning_like(call_global("builtins", "exec", f"open({str(marker)!r}, 'w').close()")), "builtins.exec"
+
+
+def _eval(marker: Path) -> tuple[bytes, str]:
+    return lightning_like(call_global("builtins", "eval", f"open({str(marker)!r}, 'w')")), "builtins.eval"
+
+
+def _subprocess(marker: Path) -> tuple[bytes, str]:
+    return lightning_like(call_global("subprocess", "call", ["touch", str(marker)])), "subprocess.call"
+
+
+def _class_outside_allowlist(marker: Path) -> tuple[bytes, str]:
+    return pickle.dumps({"state_dict": {}, "callbacks": Tripwire(str(marker))}, protocol=2), \
+        f"{Tripwire.__module__}.Tripwire"
+
+
+def _stack_global_protocol_4(marker: Path) -> tuple[bytes, str]:
+    return pickle.dumps({"callbacks": SystemCall(f"touch {marker}")}, protocol=4), "posix.system"
+
+
+def _inst_protocol_0(marker: Path) -> tuple[bytes, str]:
+    return b"(S'touch " + str(marker).encode() + b"'\nios\nsystem\n.", "os.system"
+
+
+PAYLOADS = [_os_system, _posix_system_by_torch_save, _exec, _eval, _subprocess, _class_outside_allowlist,
+            _stack_global_protocol_4, _inst_protocol_0]
+
+
+@pytest.mark.parametrize("make", PAYLOADS, ids=lambda f: f.__name__.strip("_"))
+def test_malicious_pickle_is_refused_and_runs_nothing(make, tmp_path):
+    marker = tmp_path / "marker"
+    data, global_name = make(marker)
+    path = write_torch_zip(tmp_path / "evil.ckpt", data)
+    for read in (read_checkpoint, read_checkpoint_full):
+        with pytest.raises(UnsafeCheckpointError) as err:
+            read(path)
+        message = str(err.value)
+        assert repr(global_name) in message and str(path) in message and "safetensors" in message
+        assert not marker.exists()
+    # The converter reads through the same door: it refuses too, and writes nothing.
+    assert convert_module.main([str(path), str(tmp_path / "out.safetensors")]) == 1
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("make", [_os_system, _exec, _class_outside_allowlist], ids=["os.system", "exec", "class"])
+def test_payloads_are_live_under_plain_torch_load(make, tmp_path):
+    """The control: the same files DO create the marker when unpickled without restriction."""
+    marker = tmp_path / "marker"
+    path = write_torch_zip(tmp_path / "evil.ckpt", make(marker)[0])
+    torch.load(path, weights_only=False)  # unsafe on purpose, on our own harmless payload
+    assert marker.exists()
+
+
+def test_refusal_names_the_global_and_the_way_out(tmp_path):
+    path = write_torch_zip(tmp_path / "odd.ckpt", lightning_like(call_global(
+        "pytorch_lightning.callbacks.early_stopping", "EarlyStopping")))
+    with pytest.raises(UnsafeCheckpointError, match="--inert pytorch_lightning.callbacks.early_stopping"):
+        read_checkpoint(path)
+    with pytest.raises(UnsafeCheckpointError, match="malicious"):
+        read_checkpoint(write_torch_zip(tmp_path / "evil.ckpt", _os_system(tmp_path / "m")[0]))
+
+
+def test_unknown_globals_are_never_imported(tmp_path):
+    """find_class is a table lookup: refusing `this.s` must not even import `this` (it prints on import)."""
+    assert "this" not in sys.modules
+    with pytest.raises(UnsafeCheckpointError, match="'this.s'"):
+        read_checkpoint(write_torch_zip(tmp_path / "a.ckpt", lightning_like(call_global("this", "s"))))
+    assert "this" not in sys.modules
+
+
+def test_extra_inert_class_reads_as_placeholder(tmp_path):
+    name = "pytorch_lightning.callbacks.early_stopping.EarlyStopping"
+    path = write_torch_zip(tmp_path / "es.ckpt", lightning_like(
+        call_global(*name.rsplit(".", 1), "val_loss") + pickle.dumps({"patience": 3}, 2)[2:-1] + b"b"))
+    callback = read_checkpoint_full(path, inert=[name])["callbacks"]
+    assert isinstance(callback, InertObject) and callback.global_name == name
+    assert callback.args == ("val_loss",) and callback.state == {"patience": 3}
+    assert read_checkpoint(path, inert=[name]) == {}
+
+
+def test_extension_opcodes_are_refused(tmp_path):
+    """EXT1/2/4 name globals through copyreg's registry, answered from a cache that skips find_class."""
+    with pytest.raises(CheckpointError, match="EXT1"):
+        read_checkpoint(write_torch_zip(tmp_path / "ext.ckpt", b"\x80\x02\x82\x01."))
+
+
+def test_allowed_callables_cannot_be_tampered_with(tmp_path):
+    """A BUILD on an allowlisted function (to change it for a later load) fails instead."""
+    data = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n" + pickle.dumps({"fn": "x"}, 2)[2:-1] + b"b."
+    with pytest.raises(CheckpointError):
+        read_checkpoint_full(write_torch_zip(tmp_path / "t.ckpt", data))
+    assert read_checkpoint(SMALL_CKPT)  # later loads unaffected
+
+
+# --- broken files ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, -1, 10], ids=["half", "99%", "last-byte-cut", "10-bytes"])
+def test_truncated_ckpt_gives_a_clear_error(keep, tmp_path):
+    data = SMALL_CKPT.read_bytes()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[: int(len(data) * keep)] if isinstance(keep, float) else data[:keep])
+    with pytest.raises(CheckpointError, match="truncated") as err:
+        read_checkpoint(cut)
+    assert str(cut) in str(err.value)
+
+
+def test_corrupt_storage_bytes_fail_the_crc(tmp_path):
+    data = bytearray(SMALL_CKPT.read_bytes())
+    with zipfile.ZipFile(SMALL_CKPT) as z:
+        info = z.getinfo("lightning_small/data/0")
+    name_len, extra_len = struct.unpack_from("<HH", data, info.header_offset + 26)  # local header's own
+    data[info.header_offset + 30 + name_len + extra_len + 1] ^= 0xFF  # one byte of the first storage
+    (tmp_path / "bad.ckpt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC"):
+        read_checkpoint(tmp_path / "bad.ckpt")
+
+
+def test_file_saved_without_crc_reads(tmp_path):
+    """torch.save can skip the CRCs (set_crc32_options(False)), writing 0; zipfile would reject that."""
+    tensors = read_safetensors(FIXTURES / "lightning_small.safetensors")
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"state_dict": tensors}, tmp_path / "nocrc.ckpt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert_same_tensors(read_checkpoint(tmp_path / "nocrc.ckpt"), tensors)
+
+
+def test_non_checkpoints_give_clear_errors(tmp_path):
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="notes.ckpt.*not a zip archive"):
+        read_checkpoint(tmp_path / "notes.ckpt")
+    with zipfile.ZipFile(tmp_path / "other.ckpt", "w") as z:
+        z.writestr("readme.txt", "hello")
+    with pytest.raises(CheckpointError, match="other.ckpt.*no <name>/data.pkl"):
+        read_checkpoint(tmp_path / "other.ckpt")
+    (tmp_path / "old.pt").write_bytes(pickle.dumps({"a": 1}, protocol=2))
+    with pytest.raises(CheckpointError, match="old.pt.*pre-1.6"):
+        read_checkpoint(tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="missing.ckpt: no such file"):
+        read_checkpoint(tmp_path / "missing.ckpt")
+    (tmp_path / "weights.h5").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="weights.h5: unknown checkpoint suffix"):
+        read_checkpoint(tmp_path / "weights.h5")
+    torch.save({"model": {"w": torch.ones(1)}, "step": 3}, tmp_path / "nested.pt")
+    with pytest.raises(CheckpointError, match="nested.pt.*not a plain dict of named tensors.*model"):
+        read_checkpoint(tmp_path / "nested.pt")
+
+
+def test_plain_torch_state_dict_file_reads(tmp_path):
+    """A .pt holding just a state dict (no Lightning wrapper) and a .safetensors both read."""
+    tensors = read_safetensors(FIXTURES / "lightning_small.safetensors")
+    torch.save(tensors, tmp_path / "plain.pt")
+    assert_same_tensors(read_checkpoint(tmp_path / "plain.pt"), tensors)
+    assert_same_tensors(read_checkpoint(FIXTURES / "lightning_small.safetensors"), tensors)
+
+
+# --- the converter ---------------------------------------------------------------------------------
+
+def test_convert_drops_ema_and_reads_back_equal(tmp_path):
+    out = tmp_path / "model.safetensors"
+    assert convert_module.main([str(SMALL_CKPT), str(out)]) == 0
+    original = read_checkpoint(SMALL_CKPT)
+    assert_same_tensors(read_safetensors(out), {k: v for k, v in original.items() if not k.startswith("model_ema.")})
+    assert safetensors_metadata(out)["global_step"] == "470000"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # no temporary file left
+
+
+def test_convert_half_and_keep_ema(tmp_path):
+    out = tmp_path / "half.safetensors"
+    assert convert_module.main([str(SMALL_CKPT), str(out), "--half", "--keep_ema"]) == 0
+    original = read_checkpoint(SMALL_CKPT)
+    want = {k: (v.half() if v.is_floating_point() else v) for k, v in original.items()}
+    assert_same_tensors(read_safetensors(out), want)
+    assert any(k.startswith("model_ema.") for k in want)
+
+
+def test_convert_refuses_fp16_overflow_and_bad_output(tmp_path):
+    torch.save({"state_dict": {"big": torch.tensor([1e6])}}, tmp_path / "big.ckpt")
+    assert convert_module.main([str(tmp_path / "big.ckpt"), str(tmp_path / "o.safetensors"), "--half"]) == 1
+    assert convert_module.main([str(SMALL_CKPT), str(tmp_path / "o.ckpt")]) == 1
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o.ckpt").exists()
+
+
+def test_convert_runs_as_a_module(tmp_path):
+    out = tmp_path / "m.safetensors"
+    run = subprocess.run([sys.executable, "-m", "diffusion.convert", str(SMALL_CKPT), str(out), "--half"],
+                         capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert run.returncode == 0, run.stderr
+    assert f"wrote {out}" in run.stdout and out.exists()
