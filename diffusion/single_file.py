@@ -179,6 +179,13 @@ def _count(keys, pattern: str) -> set[int]:
     return {int(m.group(1)) for k in keys if (m := re.fullmatch(pattern, k))}
 
 
+def _check_groups(channels, groups: int, *, source: str, model: str) -> None:
+    if any(c % groups for c in channels):
+        raise CheckpointError(f"{source}: {model} widths {tuple(channels)} do not split into SD v1's {groups} GroupNorm "
+                              "groups, and the group count cannot be read off the shapes: pass --config DIR with "
+                              f"this model's {model.lower()}/config.json")
+
+
 def infer_unet_config(unet: dict[str, torch.Tensor], *, source: str) -> UNetConfig:
     """A UNetConfig from the tensor shapes of an LDM UNet. What shapes cannot tell takes SD v1's
     value: 8 heads (SD v1's `num_heads: 8`), 32 GroupNorm groups, the timestep embedding."""
@@ -199,6 +206,7 @@ def infer_unet_config(unet: dict[str, torch.Tensor], *, source: str) -> UNetConf
         context = unet[UNET_PREFIX + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
     except KeyError as e:
         raise CheckpointError(f"{source}: cannot infer the UNet architecture, no tensor {e.args[0]}") from None
+    _check_groups(channels, UNetConfig.norm_num_groups, source=source, model="UNet")
     return UNetConfig(in_channels=conv_in.shape[1], out_channels=conv_out.shape[0], block_out_channels=tuple(channels),
                       layers_per_block=layers, cross_attention_dim=context,
                       down_block_types=tuple(CROSS_DOWN if c else "DownBlock2D" for c in cross),
@@ -212,6 +220,7 @@ def infer_vae_config(vae: dict[str, torch.Tensor], *, source: str) -> VAEConfig:
         n_levels = len(_count(vae, rf"{p}encoder\.down\.(\d+)\..+"))
         layers = len(_count(vae, rf"{p}encoder\.down\.0\.block\.(\d+)\..+"))
         channels = tuple(vae[f"{VAE_PREFIX}encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(n_levels))
+        _check_groups(channels, VAEConfig.norm_num_groups, source=source, model="VAE")
         return VAEConfig(in_channels=vae[VAE_PREFIX + "encoder.conv_in.weight"].shape[1],
                          out_channels=vae[VAE_PREFIX + "decoder.conv_out.weight"].shape[0],
                          block_out_channels=channels, layers_per_block=layers,

@@ -144,25 +144,38 @@ def load_vae_single_file(vae_tensors: dict, config: VAEConfig, *, source: str) -
     return vae
 
 
+def load_text_encoder_single_file(text_tensors: dict, config, *, source: str):
+    """The CLIP text model from the file's `cond_stage_model.transformer.*` tensors (clip/ maps them)."""
+    from clip.text_model import CLIPTextModel
+    from clip.weights import config_from_state_dict, text_encoder_state_dict
+
+    tensors = text_encoder_state_dict(text_tensors, source=source)
+    model = CLIPTextModel(config if config is not None else config_from_state_dict(tensors))
+    load_strict(model, tensors, source=source)
+    return model
+
+
 def _load_single_file(path: Path, *, config_dir: Path | None, use_ema: bool) -> StableDiffusionModels:
     from clip.text_model import CLIPTextConfig
     from clip.tokenizer import CLIPTokenizer
-    from clip.weights import config_from_state_dict, load_text_encoder
 
     source = str(path)
     unet_t, vae_t, text_t = sf.split_single_file(read_single_file(path), use_ema=use_ema, source=source)
-    text_t = {k.removeprefix(sf.TEXT_PREFIX): v for k, v in text_t.items()}
     if config_dir is not None:
+        for name in ("unet", "vae", "text_encoder"):
+            if not (config_dir / name / "config.json").is_file():
+                raise FileNotFoundError(f"--config {config_dir}: no {name}/config.json in it (the folder must hold "
+                                        "unet/, vae/ and text_encoder/ config.json files, as a diffusers folder does)")
         unet_cfg = UNetConfig.from_json(config_dir / "unet" / "config.json")
         vae_cfg = VAEConfig.from_json(config_dir / "vae" / "config.json")
         text_cfg = CLIPTextConfig.from_json(config_dir / "text_encoder" / "config.json")
     else:  # SD v1 conventions for what the shapes cannot say (8 UNet heads, 64-wide CLIP heads)
         unet_cfg = sf.infer_unet_config(unet_t, source=source)
         vae_cfg = sf.infer_vae_config(vae_t, source=source)
-        text_cfg = config_from_state_dict(text_t)
+        text_cfg = None  # inferred by clip/ from the shapes
     return StableDiffusionModels(
         unet=load_unet_single_file(unet_t, unet_cfg, source=source),
         vae=load_vae_single_file(vae_t, vae_cfg, source=source),
-        text_encoder=load_text_encoder(text_t, config=text_cfg, source=f"{source} (text encoder)"),
+        text_encoder=load_text_encoder_single_file(text_t, text_cfg, source=f"{source} (text encoder)"),
         tokenizer=CLIPTokenizer.from_pretrained(None),
         scheduler_config=dict(SD_V1_SCHEDULER_CONFIG), source=source, layout="single_file")
