@@ -124,30 +124,32 @@ def _placeholder_class(global_name: str) -> type:
 
 # --- the functions a pickle may call -------------------------------------------------------------
 
-class _Allowed:
-    """A callable named by the allowlist. Frozen: a BUILD opcode cannot set attributes on it."""
+class _Frozen:
+    """Base of what the table hands the pickle: no attribute writes, so a BUILD opcode cannot alter it."""
+    __slots__ = ()
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+
+class _Allowed(_Frozen):
+    """A function the allowlist lets the pickle call, under the global name it was asked for."""
     __slots__ = ("name", "fn")
 
     def __init__(self, name: str, fn: Callable[..., Any]) -> None:
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "fn", fn)
 
-    def __setattr__(self, key: str, value: Any) -> None:
-        raise AttributeError(f"{self.name} is read-only")
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
 
 
-class _StorageType:
+class _StorageType(_Frozen):
     """What `torch.FloatStorage` & co. resolve to: only the dtype of the bytes, no torch class."""
     __slots__ = ("dtype",)
 
     def __init__(self, dtype: torch.dtype) -> None:
         object.__setattr__(self, "dtype", dtype)
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        raise AttributeError("read-only")
 
 
 STORAGE_DTYPES = {
@@ -228,31 +230,24 @@ def _pure_path(cls: type) -> Callable[..., Any]:
     return make
 
 
-def _only_data(kind: type) -> Callable[..., Any]:
-    def make(*args: Any) -> Any:  # the builtin constructors, applied to pickle's own data only
-        return kind(*args)
-    return make
-
-
+_FUNCTIONS = {  # global name -> our function that the pickle calls in its place
+    "torch._utils._rebuild_tensor": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
+    "torch._utils._rebuild_parameter": _rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+    "_codecs.encode": _codecs_encode,
+    "numpy.dtype": _NumpyDtypeSpec,
+    "numpy.core.multiarray.scalar": _numpy_scalar,  # numpy < 2
+    "numpy._core.multiarray.scalar": _numpy_scalar,
+    **{f"{module}.{kind}Path": _pure_path(pure) for module in ("pathlib", "pathlib._local")
+       for kind, pure in (("Posix", PurePosixPath), ("Windows", PureWindowsPath))},
+}
 _ALLOWED: dict[str, Any] = {
-    "collections.OrderedDict": OrderedDict,  # immutable C type: BUILD cannot change it
-    "torch._utils._rebuild_tensor": _Allowed("torch._utils._rebuild_tensor", _rebuild_tensor),
-    "torch._utils._rebuild_tensor_v2": _Allowed("torch._utils._rebuild_tensor_v2", _rebuild_tensor),
-    "torch._utils._rebuild_parameter": _Allowed("torch._utils._rebuild_parameter", _rebuild_parameter),
-    "torch._utils._rebuild_parameter_with_state": _Allowed("torch._utils._rebuild_parameter_with_state",
-                                                           _rebuild_parameter),
-    "_codecs.encode": _Allowed("_codecs.encode", _codecs_encode),
-    "numpy.dtype": _Allowed("numpy.dtype", _NumpyDtypeSpec),
-    "numpy.core.multiarray.scalar": _Allowed("numpy.core.multiarray.scalar", _numpy_scalar),
-    "numpy._core.multiarray.scalar": _Allowed("numpy._core.multiarray.scalar", _numpy_scalar),
-    "pathlib.PosixPath": _Allowed("pathlib.PosixPath", _pure_path(PurePosixPath)),
-    "pathlib.WindowsPath": _Allowed("pathlib.WindowsPath", _pure_path(PureWindowsPath)),
-    "pathlib._local.PosixPath": _Allowed("pathlib._local.PosixPath", _pure_path(PurePosixPath)),
-    "pathlib._local.WindowsPath": _Allowed("pathlib._local.WindowsPath", _pure_path(PureWindowsPath)),
+    **{name: _Allowed(name, fn) for name, fn in _FUNCTIONS.items()},
     **{f"torch.{name}": _StorageType(dtype) for name, dtype in STORAGE_DTYPES.items()},
     **{f"torch.{name}": getattr(torch, name) for name in TORCH_DTYPES},  # torch.dtype: no attributes
-    **{f"{module}.{kind.__name__}": _Allowed(f"builtins.{kind.__name__}", _only_data(kind))
-       for module in ("builtins", "__builtin__")
+    "collections.OrderedDict": OrderedDict,  # an immutable C type, like the builtin types below
+    **{f"{module}.{kind.__name__}": kind for module in ("builtins", "__builtin__")
        for kind in (int, float, complex, bool, str, bytes, bytearray, tuple, list, dict, set, frozenset)},
 }
 
@@ -395,8 +390,7 @@ def read_checkpoint_full(path: str | Path, *, inert: Iterable[str] = ()) -> Any:
         return _unpickle_zip(path, inert)
     except CheckpointError:
         raise
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError, AttributeError,
-            KeyError, IndexError, OverflowError, RuntimeError, UnicodeDecodeError, struct.error) as e:
+    except Exception as e:  # UnpicklingError, BadZipFile, EOFError, ...: a garbled file, named below
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}); "
                               f"is it truncated or corrupt?") from e
 
