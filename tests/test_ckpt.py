@@ -18,6 +18,7 @@ import subprocess
 import sys
 import types
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from diffusion.ckpt import (InertObject, UnsafeCheckpointError, read_checkpoint,
 FIXTURES = Path(__file__).parent / "fixtures" / "ckpt"
 SMALL_CKPT = FIXTURES / "lightning_small.ckpt"
 LIGHTNING = "pytorch_lightning.callbacks.model_checkpoint"
+SINGLE = Path(__file__).parent / "fixtures" / "sd" / "tiny_single.safetensors"
 
 
 def assert_same_tensors(got: dict, want: dict) -> None:
@@ -92,6 +94,37 @@ def test_big_endian_file_reads_the_same(tmp_path, monkeypatch):
 
     _rewrite_zip(SMALL_CKPT, tmp_path / "big.ckpt", to_big_endian)
     assert_same_tensors(read_checkpoint(tmp_path / "big.ckpt"), little)
+
+
+@pytest.fixture(scope="module")
+def tiny_single_ckpt(tmp_path_factory) -> Path:
+    """The tiny SD v1 single file saved the way SD v1 was published: a Lightning .ckpt.
+
+    Built here rather than stored, so it cannot go stale when tools/make_reference_sd.py regenerates
+    its twin. Lightning is not installed: a stand-in ModelCheckpoint class sits in sys.modules under
+    Lightning's module path while torch.save runs, so the pickle names the same global as SD's files.
+    """
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_single.ckpt"
+    stand_in = type("ModelCheckpoint", (), {"__module__": LIGHTNING})
+    parts = LIGHTNING.split(".")
+    added = [".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) not in sys.modules]
+    for name in added:
+        sys.modules[name] = types.ModuleType(name)
+    sys.modules[LIGHTNING].ModelCheckpoint = stand_in
+    try:
+        torch.save({"epoch": 6, "global_step": 470000, "pytorch-lightning_version": "1.4.2",
+                    "state_dict": OrderedDict(read_safetensors(SINGLE)),
+                    "callbacks": {stand_in: {"best_model_score": None, "current_score": np.float64(0.25)}}}, path)
+    finally:
+        for name in added:
+            del sys.modules[name]
+    return path
+
+
+def test_tiny_sd_ckpt_reads_to_its_safetensors_twin(tiny_single_ckpt):
+    assert_same_tensors(read_checkpoint(tiny_single_ckpt), read_safetensors(SINGLE))
+    assert convert_module.main([str(tiny_single_ckpt), str(tiny_single_ckpt.with_suffix(".safetensors"))]) == 0
+    assert_same_tensors(read_safetensors(tiny_single_ckpt.with_suffix(".safetensors")), read_safetensors(SINGLE))
 
 
 # --- malicious files --------------------------------------------------------------------------------
