@@ -1,0 +1,196 @@
+"""CLIP's text encoder (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+Supervision", sec. 2.4), the text tower Stable Diffusion v1 conditions on.
+
+    input_ids (B, T)
+      -> token embedding + learned position embedding                     (B, T, D)
+      -> L pre-norm blocks: x + Attn(LN(x)) with a causal mask, then x + MLP(LN(x))
+         (the GPT-2 layout the paper uses: "masked self-attention was used in the text encoder")
+      -> final LayerNorm                                                   last_hidden_state (B, T, D)
+      -> the row at the end token                                          pooled_output (B, D)
+
+Stable Diffusion v1 feeds last_hidden_state (B, 77, 768) to the UNet's cross-attention. "CLIP skip k"
+is `model.final_layer_norm(out.hidden_states[-k])` with output_hidden_states=True.
+
+Module names follow transformers' `CLIPTextModel` keys with the `embeddings.`/`encoder.` levels
+removed, so `clip/weights.py` maps a checkpoint with a handful of prefix rules.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LEGACY_EOS_TOKEN_ID = 2  # see CLIPTextModel.pool
+
+
+@dataclass(kw_only=True)
+class CLIPTextConfig:
+    vocab_size: int = 49408               # BPE vocabulary, the two special tokens last (49406, 49407)
+    max_position_embeddings: int = 77     # T at most: start token + 75 tokens + end token
+    hidden_size: int = 768                # D, the width of every token
+    intermediate_size: int = 3072         # hidden width of each block's MLP
+    num_hidden_layers: int = 12           # L, transformer blocks
+    num_attention_heads: int = 12         # head width = D / heads (64 in every OpenAI CLIP)
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"        # OpenAI's x * sigmoid(1.702 x); "gelu" (erf) in OpenCLIP models
+    pad_token_id: int = 1                 # the ids openai/clip-vit-large-patch14's config.json gives; the
+    bos_token_id: int = 0                 # tokenizer's real ids are 49407/49406/49407, and eos 2 selects
+    eos_token_id: int = 2                 # the legacy pooling rule (CLIPTextModel.pool)
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r}: expected one of {sorted(ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    # ---- named presets -------------------------------------------------------------------------
+    @classmethod
+    def vit_l14(cls, **overrides) -> "CLIPTextConfig":
+        """openai/clip-vit-large-patch14's text tower: SD v1's text encoder (123M parameters)."""
+        return cls(**overrides)
+
+    # ---- the public config.json ----------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, config: dict) -> "CLIPTextConfig":
+        """From transformers' CLIPTextConfig dict, or a CLIPConfig dict (its "text_config" is used).
+
+        Keys we do not model (dropout, projection_dim, architectures, ...) are ignored; missing keys
+        take transformers' CLIPTextConfig defaults, as transformers itself would.
+        """
+        if isinstance(config.get("text_config"), dict):
+            config = config["text_config"]
+        known = {f.name for f in fields(cls)}
+        values = {**TRANSFORMERS_DEFAULTS, **{k: v for k, v in config.items() if k in known}}
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "CLIPTextConfig":
+        path = Path(path)
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable config.json ({e})") from e
+        try:
+            return cls.from_dict(config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+
+# transformers' CLIPTextConfig defaults (they fill keys an old config.json leaves out).
+TRANSFORMERS_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                             num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
+                             layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=49406, eos_token_id=49407)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's sigmoid approximation of GELU (Hendrycks & Gimpel 2016, sec. 2): x * sigmoid(1.702 x).
+
+    The checkpoints were trained with it, so the exact GELU would give (slightly) different features.
+    """
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
+
+@dataclass
+class CLIPTextOutput:
+    last_hidden_state: torch.Tensor                  # (B, T, D), after the final LayerNorm
+    pooled_output: torch.Tensor                      # (B, D), last_hidden_state at the end token
+    hidden_states: tuple[torch.Tensor, ...] | None   # L + 1 tensors (B, T, D): embeddings, then each block
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention with a causal mask (Vaswani et al. 2017, eq. 1)."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        d = config.hidden_size
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = (proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        # softmax(q k^T / sqrt(hd) + causal mask) v: token t attends to tokens 0..t only
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)                  # (B, H, T, hd)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))                      # (B, T, D)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))  # (B, T, D) -> (B, T, 4D) -> (B, T, D)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """One pre-norm block: x + Attn(LN1(x)), then x + MLP(LN2(x))."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = CLIPAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CLIPMLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPTextModel(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, *, output_hidden_states: bool = False) -> CLIPTextOutput:
+        if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor (B, T), got {input_ids.dtype} "
+                             f"of shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids has {T} tokens; this model has "
+                             f"{self.config.max_position_embeddings} positions")
+        positions = torch.arange(T, device=input_ids.device)
+        x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, T, D)
+        hidden_states = [x]
+        for layer in self.layers:
+            x = layer(x)
+            hidden_states.append(x)
+        last = self.final_layer_norm(x)
+        return CLIPTextOutput(last_hidden_state=last, pooled_output=self.pool(last, input_ids),
+                              hidden_states=tuple(hidden_states) if output_hidden_states else None)
+
+    def pool(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The hidden state at each row's end token, (B, T, D) -> (B, D), chosen as transformers does.
+
+        Configs written before transformers' PR #24773 (openai/clip-vit-large-patch14, SD v1) say
+        eos_token_id=2, which is not CLIP's end token; for them the end token is found as the largest
+        id in the row (<|endoftext|> = 49407 is the last id of the vocabulary), its first occurrence.
+        Newer configs name the real end id, and the first position holding it is used.
+        """
+        if self.config.eos_token_id == LEGACY_EOS_TOKEN_ID:
+            end = input_ids.to(torch.int).argmax(dim=-1)
+        else:
+            end = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)  # first match (0 if none)
+        return last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), end]

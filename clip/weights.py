@@ -1,0 +1,115 @@
+"""Loading CLIP text encoders by key mapping, strictly.
+
+The same tensors reach us under four prefixes:
+
+    text_model.embeddings.token_embedding.weight                       SD v1 folder's text_encoder/ (transformers 4)
+    embeddings.token_embedding.weight                                  CLIPTextModel saved by transformers 5
+    text_model.embeddings.token_embedding.weight + vision_model.*      a full CLIPModel (text + vision towers)
+    cond_stage_model.transformer.text_model.embeddings.token_...       an original SD v1 single file
+    cond_stage_model.transformer.embeddings.token_...                  the same without text_model. (some early SD v1 files)
+
+Below each prefix the names are transformers' CLIPTextModel names; ours drop the `embeddings.` and
+`encoder.` levels. The whole mapping is the three rules in TEXT_RULES. `position_ids` (a saved copy of
+0..76 that older transformers kept in the file, and that some merged SD checkpoints carry as
+not-quite-integer floats) is dropped: we compute positions ourselves.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from clip.text_model import CLIPTextConfig, CLIPTextModel
+from common.state_dict import CheckpointError, load_strict, read_safetensors, rename_keys
+
+HEAD_WIDTH = 64                  # every OpenAI CLIP text tower uses 64-wide heads (ViT-L/14: 768 = 12 x 64)
+SD_PREFIX = "cond_stage_model."  # everything of SD's text encoder in an original single file lives here
+_PREFIX = r"(?:cond_stage_model\.transformer\.)?(?:text_model\.)?"
+
+# (regex over the checkpoint key, our key); `encoder.layers.N.<rest>` keeps <rest>, which already is
+# our name inside a block: self_attn.{q,k,v,out}_proj, layer_norm1, mlp.fc1, mlp.fc2, layer_norm2.
+TEXT_RULES = [
+    (_PREFIX + r"embeddings\.(token_embedding|position_embedding)\.weight", r"\1.weight"),
+    (_PREFIX + r"encoder\.layers\.(\d+)\.((?:self_attn\.[qkv]_proj|self_attn\.out_proj|layer_norm[12]|mlp\.fc[12])"
+               r"\.(?:weight|bias))", r"layers.\1.\2"),
+    (_PREFIX + r"final_layer_norm\.(weight|bias)", r"final_layer_norm.\1"),
+]
+# Recognised and not loaded: the positions buffer, and the rest of a full CLIPModel (vision tower,
+# the two projections into the joint image-text space, the contrastive temperature).
+DROPPED = [
+    _PREFIX + r"embeddings\.position_ids",
+    r"vision_model\..+", r"visual_projection\.weight", r"text_projection\.weight", r"logit_scale",
+]
+
+
+def text_encoder_state_dict(state_dict: dict[str, torch.Tensor], *, source: str) -> dict[str, torch.Tensor]:
+    """A CLIP text tower in any of the layouts above -> tensors under our names.
+
+    For an SD v1 single file pass the whole file: only its `cond_stage_model.` keys are the text
+    encoder's (the UNet and VAE keys belong to diffusion/weights.py). Any other key that no rule
+    recognises stops the load with a CheckpointError naming it; `source` names the file in messages.
+    """
+    if any(k.startswith(SD_PREFIX) for k in state_dict):
+        state_dict = {k: v for k, v in state_dict.items() if k.startswith(SD_PREFIX)}
+    known = [re.compile(p) for p, _ in TEXT_RULES] + [re.compile(p) for p in DROPPED]
+    unknown = sorted(k for k in state_dict if not any(p.fullmatch(k) for p in known))
+    if unknown:
+        hint = ""
+        if any(k.startswith("cond_stage_model.model.") for k in unknown):
+            hint = (" (cond_stage_model.model.* is the OpenCLIP ViT-H/14 text tower of SD 2.x, "
+                    "which this CLIP-L loader does not read)")
+        shown = ", ".join(unknown[:10]) + (f", ... ({len(unknown) - 10} more)" if len(unknown) > 10 else "")
+        raise CheckpointError(f"{source}: {len(unknown)} tensors are not part of a CLIP text encoder: {shown}{hint}")
+    ours = rename_keys(state_dict, TEXT_RULES, drop=DROPPED)
+    if not ours:
+        raise CheckpointError(f"{source}: no CLIP text-encoder tensors found")
+    return ours
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides) -> CLIPTextConfig:
+    """The architecture read off tensor shapes (in our key names); heads are HEAD_WIDTH wide.
+
+    What shapes cannot tell (activation, eps, token ids) comes from the ViT-L/14 preset, i.e. SD v1.
+    """
+    if "token_embedding.weight" not in state_dict or "layers.0.mlp.fc1.weight" not in state_dict:
+        raise CheckpointError("cannot infer a CLIP text config: token_embedding.weight or "
+                              "layers.0.mlp.fc1.weight is missing")
+    vocab_size, width = state_dict["token_embedding.weight"].shape
+    if width % HEAD_WIDTH and "num_attention_heads" not in overrides:
+        raise CheckpointError(f"cannot infer the number of heads: width {width} is not a multiple of "
+                              f"{HEAD_WIDTH}; pass a config (e.g. the folder's config.json)")
+    layers = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"layers\.(\d+)\.", k)))
+    shapes = dict(vocab_size=vocab_size, hidden_size=width,
+                  max_position_embeddings=state_dict["position_embedding.weight"].shape[0],
+                  intermediate_size=state_dict["layers.0.mlp.fc1.weight"].shape[0],
+                  num_hidden_layers=layers, num_attention_heads=width // HEAD_WIDTH)
+    return CLIPTextConfig.vit_l14(**{**shapes, **overrides})
+
+
+def load_text_encoder(path: str | Path, *, config: CLIPTextConfig | None = None) -> CLIPTextModel:
+    """A CLIPTextModel from a folder (config.json + model.safetensors) or a .safetensors file, in eval mode.
+
+    Without a config.json or a `config`, the architecture is inferred from the tensor shapes.
+    """
+    path = Path(path)
+    if path.is_dir():
+        weights = path / "model.safetensors"
+        if not weights.exists():
+            raise CheckpointError(f"{path}: no model.safetensors in this folder "
+                                  f"(found {sorted(p.name for p in path.iterdir())})")
+        if config is None and (path / "config.json").exists():
+            config = CLIPTextConfig.from_json(path / "config.json")
+    else:
+        weights = path
+    state_dict = text_encoder_state_dict(read_safetensors(weights), source=str(weights))
+    if config is None:
+        config = config_from_state_dict(state_dict)
+    width = state_dict["token_embedding.weight"].shape[1] if "token_embedding.weight" in state_dict else None
+    if width is not None and width != config.hidden_size:
+        raise CheckpointError(f"{weights}: the text encoder in this file is {width} wide, but the config says "
+                              f"hidden_size={config.hidden_size} (SD v1's CLIP ViT-L/14 is 768 wide; SD 2.x's "
+                              "OpenCLIP ViT-H/14 is 1024)")
+    model = CLIPTextModel(config)
+    load_strict(model, state_dict, source=str(weights))
+    return model.eval()
