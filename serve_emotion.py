@@ -16,6 +16,7 @@ How one request flows:
                      the image -> put (pixel_values, future) on the batcher's queue -> wait
     batcher thread   take the first waiting request, gather more for up to max_wait_ms (at most
                      max_batch_size in all), run ONE forward pass, hand each caller its own logits
+                     (serving/batcher.py)
     request thread   scores (softmax / sigmoid / none) and top_k on its own row -> the JSON answer
 
 A bad image is refused before it reaches the queue, so it fails only its own request.
@@ -27,7 +28,6 @@ import base64
 import binascii
 import io
 import json
-import queue
 import signal
 import socket
 import sys
@@ -35,17 +35,15 @@ import threading
 import time
 import traceback
 import warnings
-from collections import Counter
-from concurrent.futures import Future
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from common.state_dict import CheckpointError
+from serving.batcher import Batcher
 from vit.classifier import DTYPES, FUNCTIONS, ImageClassifier, apply_function, rank
 from vit.preprocess import ImageError, load_image
 
@@ -148,78 +146,6 @@ def decode_image(data: bytes) -> Image.Image:
         raise
     except Exception as e:  # a malformed file can trip an unexpected error deep in a decoder
         raise ImageError(f"request body: not a readable image ({type(e).__name__}: {e})") from e
-
-
-# ---- the batcher --------------------------------------------------------------------------------------
-class Batcher:
-    """Gathers concurrent requests into one forward pass: a queue and one worker thread.
-
-    submit() returns a Future that receives this request's own row of logits (or the forward pass's
-    exception). The worker waits for a first request, then at most max_wait_ms for more, up to
-    max_batch_size; while it runs a forward pass new requests queue up and form the next batch.
-    """
-
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], *, max_batch_size: int,
-                 max_wait_ms: float):
-        self.forward = forward                   # (B, 3, H, W) pixel values -> (B, num_labels) logits
-        self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_ms / 1000
-        self.queue: queue.Queue = queue.Queue()  # (pixel_values, future) pairs; None asks the worker to stop
-        self.lock = threading.Lock()
-        self.requests = self.batches = self.failed_batches = 0
-        self.histogram: Counter = Counter()      # batch size -> number of batches of that size
-        self.worker = threading.Thread(target=self._run, name="batcher", daemon=True)
-        self.worker.start()
-
-    def submit(self, pixel_values: torch.Tensor) -> Future:
-        """One image's (3, H, W) pixel values -> a Future of its (num_labels,) logits."""
-        future: Future = Future()
-        self.queue.put((pixel_values, future))
-        return future
-
-    def _gather(self) -> list | None:
-        first = self.queue.get()
-        if first is None:
-            return None
-        batch, deadline = [first], time.monotonic() + self.max_wait_s
-        while len(batch) < self.max_batch_size:
-            try:
-                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if item is None:           # stop after this batch: put the request to stop back
-                self.queue.put(None)
-                break
-            batch.append(item)
-        return batch
-
-    def _run(self) -> None:
-        while (batch := self._gather()) is not None:
-            pixel_values = torch.stack([p for p, _ in batch])   # (B, 3, H, W)
-            try:
-                logits = self.forward(pixel_values)              # (B, num_labels)
-            except Exception as e:
-                with self.lock:
-                    self.failed_batches += 1
-                for _, future in batch:
-                    future.set_exception(e)
-                continue
-            with self.lock:
-                self.requests += len(batch)
-                self.batches += 1
-                self.histogram[len(batch)] += 1
-            for row, (_, future) in zip(logits, batch):
-                future.set_result(row)
-
-    def stats(self) -> dict:
-        with self.lock:
-            return {"requests": self.requests, "batches": self.batches, "failed_batches": self.failed_batches,
-                    "max_batch_size_seen": max(self.histogram, default=0),
-                    "histogram": {str(size): n for size, n in sorted(self.histogram.items())}}
-
-    def close(self) -> None:
-        """Finish every batch already queued, then stop the worker."""
-        self.queue.put(None)
-        self.worker.join()
 
 
 # ---- HTTP -----------------------------------------------------------------------------------------------

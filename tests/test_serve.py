@@ -20,7 +20,8 @@ import torch
 
 import predict_emotion
 import serve_emotion
-from serve_emotion import Batcher, EmotionServer
+from serve_emotion import EmotionServer
+from serving.batcher import Batcher
 from vit.classifier import ImageClassifier
 from vit.preprocess import load_image
 

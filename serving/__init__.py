@@ -1,0 +1,1 @@
+"""Serving a model over HTTP: request batching (used by serve_emotion.py)."""
