@@ -99,13 +99,16 @@ def check_keys(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[
         raise CheckpointError(f"{source}: checkpoint does not match the model; " + "; ".join(problems))
 
 
-def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
+def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str,
+                assign: bool = False) -> None:
     """Copy `state_dict` (already in our key names) into `module`, all tensors or none.
 
     Tensors are cast to each parameter's dtype, so an fp16 file loads into an fp32 model.
+    assign=True puts the given tensors in place of the module's (for a module built on the meta
+    device, so a large model never exists twice in memory); the caller must not reuse them.
     """
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     check_keys(expected, {k: tuple(v.shape) for k, v in state_dict.items()}, source=source)
     own = module.state_dict()
     converted = {k: v.to(dtype=own[k].dtype) for k, v in state_dict.items()}
-    module.load_state_dict(converted, strict=True)
+    module.load_state_dict(converted, strict=True, assign=assign)

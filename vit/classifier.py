@@ -5,6 +5,7 @@ pipeline: logits in float32, then softmax (or sigmoid / none), labels sorted by 
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,9 +37,13 @@ class ImageClassifier:
         self.device, self.dtype_name, self.quantize = device, dtype, quantize
         model = loaded.model.to(device=device, dtype=DTYPES[dtype])
         if quantize == "int8":
-            # Dynamic quantisation: Linear weights stored as int8, activations quantised on the fly.
+            # Dynamic quantisation: Linear weights stored as int8 (per tensor), activations quantised on
+            # the fly, int8 matmuls by fbgemm/onednn. torch marks torch.ao.quantization deprecated in
+            # favour of the torchao package, which is not among our dependencies; it still ships in 2.13.
             from torch.ao.quantization import quantize_dynamic
-            model = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+                model = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
         self.model = model.eval()
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:

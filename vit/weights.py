@@ -11,9 +11,7 @@ along the output dimension, in the order q, k, v.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.state_dict import CheckpointError, check_keys, load_strict, read_safetensors
+from common.training import atomic_write
 from vit.model import ViTConfig, ViTForImageClassification, default_labels
 from vit.preprocess import PreprocessConfig
 
@@ -231,32 +230,21 @@ def load_vit(path: str | Path, *, labels: list[str] | None = None) -> LoadedViT:
     if new_head:
         ours = {k: v for k, v in ours.items() if not k.startswith("head.")}
 
-    model = ViTForImageClassification(config)
+    with torch.device("meta"):  # no memory for weights that the checkpoint replaces right away
+        model = ViTForImageClassification(config)
     if new_head:
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("head.")}
         check_keys(expected, {k: tuple(v.shape) for k, v in ours.items()}, source=source)
-        ours = {**ours, **{k: v for k, v in model.state_dict().items() if k.startswith("head.")}}
-    load_strict(model, ours, source=source)
+        head = torch.nn.Linear(config.hidden_size, config.num_labels)
+        torch.nn.init.trunc_normal_(head.weight, std=0.02)   # as a fresh model's head
+        torch.nn.init.zeros_(head.bias)
+        ours = {**ours, "head.weight": head.weight.detach(), "head.bias": head.bias.detach()}
+    load_strict(model, ours, source=source, assign=True)
     return LoadedViT(model=model.eval(), preprocess=preprocess, layout=layout, source=str(weights),
                      new_head=new_head)
 
 
 # ---------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def transformers_state_dict(model: ViTForImageClassification) -> dict[str, torch.Tensor]:
     """Our weights under transformers' ViTForImageClassification names (q, k, v split again)."""
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
@@ -268,9 +256,9 @@ def save_pretrained(model: ViTForImageClassification, preprocess: PreprocessConf
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = transformers_state_dict(model)
-    _atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     for name, content in (("config.json", model.config.to_hf_dict()),
                           ("preprocessor_config.json", preprocess.to_hf_dict())):
         text = json.dumps(content, indent=2) + "\n"
-        _atomic_write(folder / name, lambda p, t=text: Path(p).write_text(t))
+        atomic_write(folder / name, lambda p, t=text: Path(p).write_text(t))
     return folder
