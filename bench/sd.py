@@ -1,0 +1,130 @@
+"""Speed and peak memory of our SD v1 UNet and VAE against diffusers', full size, random weights, CPU.
+
+    flock /tmp/bench.lock .venv-dev/bin/python bench/sd.py [--repeats 3] [--only unet|vae] [--threads N]
+
+Two workloads at 512x512, each in fp32 and under bf16 autocast (fp32 weights, as sample.py
+--precision bf16 runs):
+- one classifier-free-guidance UNet step: batch 2 (unconditional + conditional) of 64x64x4 latents,
+  77x768 text states;
+- one VAE decode of a 64x64x4 latent to a 512x512 image.
+
+Every measurement runs in a fresh subprocess, so its peak resident memory (getrusage's ru_maxrss) is
+its own: we print the peak and the peak above the process's size once the model is built (the
+activations' share). Times are medians of --repeats runs after one warm-up. Ratio = diffusers' time /
+ours (> 1: ours is faster). Without diffusers installed, only our side runs, and the script says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SD_V1_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+def rss_mb() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def build(impl: str, model: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if impl == "ours":
+        from diffusion.unet import UNet2DConditionModel, UNetConfig
+        from diffusion.vae import AutoencoderKL, VAEConfig
+        return (UNet2DConditionModel(config=UNetConfig.sd_v1()) if model == "unet"
+                else AutoencoderKL(config=VAEConfig.sd_v1())).eval()
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    return (UNet2DConditionModel(cross_attention_dim=768, sample_size=64) if model == "unet"
+            else AutoencoderKL(**SD_V1_VAE)).eval()
+
+
+def workload(impl: str, model: str, net: torch.nn.Module):
+    gen = torch.Generator().manual_seed(0)
+    if model == "unet":
+        latents = torch.randn(2, 4, 64, 64, generator=gen)
+        t = torch.tensor([981, 981])
+        text = torch.randn(2, 77, 768, generator=gen)
+        if impl == "ours":
+            return lambda: net(latents, t, text)
+        return lambda: net(latents, t, text).sample
+    z = torch.randn(1, 4, 64, 64, generator=gen)
+    if impl == "ours":
+        return lambda: net.decode(z)
+    return lambda: net.decode(z).sample
+
+
+def worker(impl: str, model: str, precision: str, repeats: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    net = build(impl, model)
+    run = workload(impl, model, net)
+    base = rss_mb()
+    times = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            out = run()
+            if i:  # the first run warms up (allocator, oneDNN kernel selection)
+                times.append(time.perf_counter() - start)
+            del out
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps(dict(median_s=statistics.median(times), times=times, peak_mb=peak, model_mb=base,
+                          extra_mb=peak - base)))
+
+
+def measure(impl, model, precision, repeats, threads) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", impl, model, precision, "--repeats", str(repeats),
+           "--threads", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        print(f"  {impl} {model} {precision} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", nargs=3, metavar=("IMPL", "MODEL", "PRECISION"), help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--only", choices=["unet", "vae"])
+    ap.add_argument("--precision", choices=["fp32", "bf16"])
+    args = ap.parse_args()
+    if args.worker:
+        return worker(*args.worker, args.repeats, args.threads)
+
+    try:
+        import diffusers  # noqa: F401
+        impls = ["diffusers", "ours"]
+    except ImportError:
+        impls = ["ours"]
+        print("diffusers is not installed: measuring our side only, no ratios")
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} after one warm-up")
+    print(f"{'workload':<30} {'impl':<10} {'median s':>9} {'peak MB':>9} {'act. MB':>9} {'speed ratio':>12}")
+    for model in ["unet", "vae"] if args.only is None else [args.only]:
+        for precision in ["fp32", "bf16"] if args.precision is None else [args.precision]:
+            name = f"{'CFG UNet step, 2x64x64' if model == 'unet' else 'VAE decode 512x512'} {precision}"
+            results = {impl: measure(impl, model, precision, args.repeats, args.threads) for impl in impls}
+            for impl, r in results.items():
+                if r is None:
+                    continue
+                ratio = ""
+                if impl == "ours" and results.get("diffusers"):
+                    ratio = f"{results['diffusers']['median_s'] / r['median_s']:.2f}x"
+                print(f"{name:<30} {impl:<10} {r['median_s']:>9.2f} {r['peak_mb']:>9.0f} {r['extra_mb']:>9.0f} "
+                      f"{ratio:>12}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
