@@ -1,0 +1,206 @@
+"""Text to image with Stable Diffusion v1: prompt -> CLIP text states -> sampled latents -> VAE -> pixels.
+
+Seed for seed equal to diffusers' `StableDiffusionPipeline` (same starting noise, same schedule, same
+guidance, same uint8 conversion; tested on tiny random checkpoints within 2/255 per pixel).
+
+    models = load_stable_diffusion("path/to/sd-v1-5")          # diffusion/weights.py
+    images = generate(models, ["a photo of a cat"], steps=50, guidance_scale=7.5, seed=42)
+    # images: (N, H, W, 3) uint8; to_pil(images) for PIL images
+
+The pieces, in order (each is a function below, so other scripts such as DreamBooth's class-image
+generation can reuse them):
+1. `encode_prompts`: tokenise to 77 ids and run the CLIP text encoder -> (B, 77, D) states.
+2. `initial_latents`: x_T ~ N(0, I) of shape (n, C, H/f, W/f), drawn from a CPU generator so a seed
+   gives the same image on any device.
+3. `denoise`: the sampler loop (DDIM or PLMS) with classifier-free guidance
+       eps = eps_uncond + scale * (eps_cond - eps_uncond)                      (Ho & Salimans 2022, eq. 6)
+   both halves in one UNet call, the unconditional half first.
+4. `decode_to_uint8`: z / scaling_factor -> VAE decoder -> [-1, 1] -> uint8, as diffusers'
+   `VaeImageProcessor.postprocess` does.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from diffusion.ddim import DDIMSampler
+from diffusion.plms import PLMSSampler
+from diffusion.schedule import randn
+
+SAMPLERS = ("ddim", "plms")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def size_multiple(unet_config: Any, vae_config: Any) -> int:
+    """Image sides must be multiples of this: the VAE factor f times the UNet's 2^(levels - 1)
+    down-samplings of the latent (SD v1: 8 * 8 = 64)."""
+    return vae_config.spatial_factor * 2 ** (len(unet_config.block_out_channels) - 1)
+
+
+def check_size(height: int, width: int, unet_config: Any, vae_config: Any, *, names=("height", "width")) -> None:
+    """Raise ValueError (naming the flag or argument) for a size the UNet cannot take."""
+    m = size_multiple(unet_config, vae_config)
+    for name, value in zip(names, (height, width)):
+        if value <= 0 or value % m:
+            raise ValueError(f"{name}={value}: must be a positive multiple of {m} (the VAE factor "
+                             f"{vae_config.spatial_factor} times 2^{len(unet_config.block_out_channels) - 1} "
+                             "UNet down-samplings)")
+
+
+def make_sampler(scheduler_config: dict, sampler: str) -> DDIMSampler | PLMSSampler:
+    """The sampler named by `sampler`, on the checkpoint's own noise schedule."""
+    if sampler == "ddim":
+        return DDIMSampler.from_config(scheduler_config)
+    if sampler == "plms":
+        return PLMSSampler.from_config(scheduler_config)
+    raise ValueError(f"sampler={sampler!r}: must be one of {SAMPLERS}")
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device) -> Iterator[None]:
+    """fp32: nothing; bf16/fp16: torch.autocast on `device` (weights stay fp32, matmuls/convs run in
+    the low precision). The sampler's arithmetic always stays fp32 (see `denoise`)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: must be one of {tuple(PRECISIONS)}")
+    if precision == "fp32":
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=PRECISIONS[precision]):
+        yield
+
+
+def encode_prompts(models: Any, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
+    """(B,) prompts -> (B, 77, D) CLIP text states (the last hidden state, after the final norm)."""
+    tokenizer = models.tokenizer
+    ids = tokenizer(list(prompts), padding=True, max_length=tokenizer.model_max_length).to(device)  # (B, 77)
+    return models.text_encoder(ids).last_hidden_state                    # (B, 77, D)
+
+
+def initial_latents(n: int, *, channels: int, height: int, width: int, factor: int,
+                    generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """x_T: torch.randn((n, C, H/f, W/f), generator=generator), drawn on the generator's device
+    (CPU for a seed) and moved to `device`, as diffusers' `prepare_latents` does."""
+    return randn((n, channels, height // factor, width // factor), generator=generator, device=device)
+
+
+def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
+            sampler: DDIMSampler | PLMSSampler, steps: int, guidance_scale: float, eta: float = 0.0,
+            generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
+    """Run the sampler from x_T (`latents`, (n, C, h, w)) to x_0 with classifier-free guidance.
+
+    cond: (n, 77, D) text states per image; uncond: the same for the empty (or negative) prompt, or
+    None to sample without guidance (one UNet call of batch n per step). The UNet may run under
+    autocast; its output is taken back to fp32 before guidance and the sampler update.
+    """
+    n = latents.shape[0]
+    states = cond if uncond is None else torch.cat([uncond, cond])    # (2n, 77, D), unconditional first
+    timesteps = sampler.set_timesteps(steps)
+    x = latents * sampler.init_noise_sigma
+    if progress:
+        from tqdm import tqdm
+        timesteps = tqdm(timesteps, desc=f"{type(sampler).__name__} steps", unit="step")
+    for t in timesteps:
+        x_in = x if uncond is None else torch.cat([x, x])            # (2n, C, h, w)
+        t_batch = torch.full((x_in.shape[0],), int(t), dtype=torch.long, device=x.device)  # (2n,)
+        eps = unet(x_in, t_batch, states).float()
+        if uncond is not None:
+            eps_uncond, eps_cond = eps.chunk(2)                      # (n, C, h, w) each
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # Ho & Salimans 2022, eq. 6
+        if isinstance(sampler, DDIMSampler):
+            x = sampler.step(eps, int(t), x, eta=eta, generator=generator)
+        else:
+            x = sampler.step(eps, int(t), x)
+    assert x.shape[0] == n
+    return x
+
+
+def decode_to_uint8(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """(n, C, h, w) diffusion latents -> (n, h*f, w*f, 3) uint8 images on the CPU.
+
+    The diffusion model works on latents multiplied by `scaling_factor` (0.18215 for SD v1: it gives
+    the latents unit variance); the decoder wants them unscaled. A new tensor, never an in-place divide.
+    """
+    image = vae.decode(latents / vae.config.scaling_factor).float()    # (n, 3, H, W), about [-1, 1]
+    image = (image * 0.5 + 0.5).clamp(0, 1)                             # [0, 1]
+    image = image.cpu().permute(0, 2, 3, 1)                             # (n, H, W, 3)
+    return (image * 255).round().to(torch.uint8)
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(n, H, W, 3) uint8 -> list of PIL images."""
+    from PIL import Image
+    return [Image.fromarray(im.numpy()) for im in images]
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
+             num_images_per_prompt: int = 1, steps: int = 50, eta: float = 0.0, guidance_scale: float = 7.5,
+             height: int | None = None, width: int | None = None, seed: int | None = None,
+             generator: torch.Generator | None = None, sampler: str = "ddim", precision: str = "fp32",
+             progress: bool = True, output: str = "uint8") -> torch.Tensor | list:
+    """Images for `prompts`, as diffusers' StableDiffusionPipeline gives them for
+    `pipe(prompts, negative_prompt=..., num_images_per_prompt=..., num_inference_steps=steps, eta=eta,
+    guidance_scale=..., height=..., width=..., generator=torch.Generator().manual_seed(seed))`
+    with the same scheduler (DDIMScheduler for "ddim", PNDMScheduler(skip_prk_steps=True) for "plms").
+
+    models: a `StableDiffusionModels` (unet, vae, text_encoder, tokenizer, scheduler_config), all on
+        one device; nothing is moved or switched to eval mode here.
+    prompts: one prompt or a list; the images come prompt by prompt, num_images_per_prompt each.
+    negative_prompt: replaces the empty unconditional prompt: one string for all prompts or one per prompt.
+    guidance_scale: classifier-free guidance when > 1; at <= 1 (as diffusers) the unconditional half
+        is skipped and the negative prompt unused.
+    seed / generator: give one. A seed means torch.Generator("cpu").manual_seed(seed); the starting
+        latents are one randn((B, C, H/f, W/f)) from it, and DDIM with eta > 0 draws its noise from it.
+    height / width: default unet sample_size * f; multiples of `size_multiple` (64 for SD v1).
+    sampler: "ddim" or "plms" (deterministic: eta must be 0).
+    precision: "fp32", "bf16" or "fp16" (autocast).
+    output: "uint8" -> (B, H, W, 3) uint8 CPU tensor; "pil" -> list of PIL images.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("prompts: at least one prompt is needed")
+    if num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt={num_images_per_prompt}: must be >= 1")
+    if sampler == "plms" and eta != 0:
+        raise ValueError(f"eta={eta}: PLMS is deterministic and takes no eta (eta applies to DDIM only)")
+    if output not in ("uint8", "pil"):
+        raise ValueError(f"output={output!r}: must be 'uint8' or 'pil'")
+    if (seed is None) == (generator is None):
+        raise ValueError("give exactly one of seed= and generator=")
+    if generator is None:
+        generator = torch.Generator("cpu").manual_seed(seed)
+    unet_config, vae_config = models.unet.config, models.vae.config
+    f = vae_config.spatial_factor
+    height = unet_config.sample_size * f if height is None else height
+    width = unet_config.sample_size * f if width is None else width
+    check_size(height, width, unet_config, vae_config)
+    the_sampler = make_sampler(models.scheduler_config, sampler)
+    device = _module_device(models.unet)
+    use_guidance = guidance_scale > 1
+
+    if negative_prompt is None:
+        negatives = [""] * len(prompts)
+    elif isinstance(negative_prompt, str):
+        negatives = [negative_prompt] * len(prompts)
+    else:
+        negatives = list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt: {len(negatives)} given for {len(prompts)} prompts")
+
+    n = num_images_per_prompt
+    with precision_context(precision, device):
+        states = encode_prompts(models, (negatives + prompts) if use_guidance else prompts, device)
+        states = states.float().repeat_interleave(n, dim=0)           # (k*B*n, 77, D), prompt by prompt
+        uncond, cond = states.chunk(2) if use_guidance else (None, states)
+        latents = initial_latents(len(prompts) * n, channels=unet_config.in_channels, height=height,
+                                  width=width, factor=f, generator=generator, device=device)
+        latents = denoise(models.unet, latents, cond, uncond, sampler=the_sampler, steps=steps,
+                          guidance_scale=guidance_scale, eta=eta, generator=generator, progress=progress)
+        images = decode_to_uint8(models.vae, latents)
+    return to_pil(images) if output == "pil" else images

@@ -1,0 +1,225 @@
+"""Text to image with Stable Diffusion v1, with the flags of CompVis's txt2img script
+(`scripts/stable_txt2img.py` of the DreamBooth seed repository), so its users' habits carry over.
+
+    python sample.py --ckpt path/to/stable-diffusion-v1-5 --prompt "a photo of an astronaut" \\
+        --n_samples 2 --ddim_steps 50 --scale 7.5 --H 512 --W 512 --seed 42
+
+--ckpt takes a diffusers folder or one original single file (.safetensors or .ckpt). Each prompt
+(--prompt, or every line of --from-file) is one batch of --n_samples images, started from
+torch.randn((n_samples, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed)): the same
+seed gives the images diffusers' StableDiffusionPipeline gives with generator=manual_seed(seed)
+(each prompt starts from the seed afresh). DDIM by default; --plms for PLMS (diffusers' PNDM with
+skip_prk_steps). Writes outdir/samples/NNNNN.png (numbering continues after the files already there;
+nothing is ever overwritten) and one grid per prompt in outdir, and prints every path written.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+DEFAULT_PROMPT = "a painting of a virus monster playing guitar"  # the CompVis script's default
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the message names the flag."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="diffusers folder or single .safetensors/.ckpt file")
+    p.add_argument("--prompt", default=None, help=f"the prompt to render (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--negative_prompt", default=None,
+                   help="replaces the empty unconditional prompt of classifier-free guidance")
+    p.add_argument("--from-file", dest="from_file", default=None, help="read prompts from this file, one per line")
+    p.add_argument("--outdir", default="outputs/txt2img-samples", help="where to write samples/ and the grids")
+    p.add_argument("--n_samples", type=int, default=3, help="images per prompt, sampled as one batch")
+    p.add_argument("--ddim_steps", type=int, default=50, help="sampling steps (DDIM or PLMS)")
+    p.add_argument("--ddim_eta", type=float, default=None,
+                   help="DDIM eta: 0.0 (default) deterministic, 1.0 as DDPM; not allowed with --plms")
+    p.add_argument("--plms", action="store_true", help="sample with PLMS instead of DDIM")
+    p.add_argument("--scale", type=float, default=7.5,
+                   help="classifier-free guidance scale: eps = eps(x, uncond) + scale * (eps(x, cond) - "
+                        "eps(x, uncond)); <= 1 samples without guidance")
+    p.add_argument("--H", type=int, default=512, help="image height in pixels")
+    p.add_argument("--W", type=int, default=512, help="image width in pixels")
+    p.add_argument("--seed", type=int, default=42, help="seed of the starting noise (and of DDIM's eta noise)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="fp32, or bf16/fp16 autocast")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--config", default=None,
+                   help="folder with unet/, vae/, text_encoder/ config.json for a single-file --ckpt "
+                        "(default: inferred from the tensor shapes); its tokenizer/, if any, is used too")
+    p.add_argument("--use_ema", action="store_true", help="single file: use its model_ema.* UNet weights")
+    return p
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.from_file is not None:
+        if args.prompt is not None:
+            raise UsageError("give --prompt or --from-file, not both")
+        path = Path(args.from_file)
+        if not path.is_file():
+            raise UsageError(f"--from-file {path}: no such file")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"--from-file {path}: the file holds no prompt (one prompt per line)")
+        return prompts
+    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    if not prompt.strip():
+        raise UsageError("--prompt is empty")
+    return [prompt]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that needs no model: flags, files, and the image size against the configs."""
+    if args.plms and args.ddim_eta is not None:
+        raise UsageError("--ddim_eta cannot be used with --plms: PLMS is deterministic (no eta)")
+    if args.ddim_eta is not None and args.ddim_eta < 0:
+        raise UsageError(f"--ddim_eta {args.ddim_eta}: must be >= 0")
+    for flag in ("n_samples", "ddim_steps"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    if not Path(args.ckpt).exists():
+        raise UsageError(f"--ckpt {args.ckpt}: no such file or folder")
+    if args.config is not None and not Path(args.config).is_dir():
+        raise UsageError(f"--config {args.config}: not a folder")
+    if args.use_ema and Path(args.ckpt).is_dir():
+        raise UsageError("--use_ema applies to a single-file --ckpt; a diffusers folder holds one UNet")
+
+
+def read_configs(ckpt: str, config_dir: str | None):
+    """(UNetConfig, VAEConfig) without loading any weights: from the folder's (or --config's) config.json
+    files, or inferred from the tensor shapes in a .safetensors header. None for a .ckpt without
+    --config (its shapes are only known once the file is read; the size is then checked after loading)."""
+    from diffusion import single_file as sf
+    from diffusion.unet import UNetConfig
+    from diffusion.vae import VAEConfig
+    folder = Path(ckpt) if Path(ckpt).is_dir() else (Path(config_dir) if config_dir is not None else None)
+    if folder is not None:
+        for part in ("unet", "vae"):
+            if not (folder / part / "config.json").is_file():
+                flag = "--ckpt" if folder == Path(ckpt) else "--config"
+                raise UsageError(f"{flag} {folder}: no {part}/config.json")
+        try:
+            return UNetConfig.from_json(folder / "unet" / "config.json"), VAEConfig.from_json(folder / "vae" / "config.json")
+        except ValueError as e:
+            raise UsageError(f"{e}") from None
+    if Path(ckpt).suffix != ".safetensors":
+        return None
+    import torch
+    from safetensors import safe_open
+    try:
+        with safe_open(ckpt, framework="pt") as f:  # the header only: names and shapes
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except Exception as e:
+        raise UsageError(f"--ckpt {ckpt}: not a readable safetensors file ({e})") from None
+    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    unet = {k: v for k, v in meta.items() if k.startswith(sf.UNET_PREFIX)}
+    vae = {k: v for k, v in meta.items() if k.startswith(sf.VAE_PREFIX)}
+    try:
+        return sf.infer_unet_config(unet, source=ckpt), sf.infer_vae_config(vae, source=ckpt)
+    except ValueError as e:
+        raise UsageError(f"--ckpt {ckpt}: {e}") from None
+
+
+def check_size(args: argparse.Namespace, configs) -> None:
+    """--H/--W against the UNet and VAE configs: multiples of f * 2^(UNet levels - 1)."""
+    from diffusion.pipeline import check_size as check
+    try:
+        check(args.H, args.W, *configs, names=("--H", "--W"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def next_index(folder: Path, pattern: str) -> int:
+    """1 + the largest number among the names in `folder` that match `pattern` (group 1), else 0."""
+    numbers = [int(m.group(1)) for f in folder.iterdir() if (m := re.fullmatch(pattern, f.name))]
+    return max(numbers, default=-1) + 1
+
+
+def save_new(image, folder: Path, pattern: str, name_of) -> Path:
+    """Save a PIL image under the next free number; exclusive creation, so nothing is overwritten."""
+    index = next_index(folder, pattern)
+    while True:
+        path = folder / name_of(index)
+        try:
+            with open(path, "xb") as fh:
+                image.save(fh, format="PNG")
+            return path
+        except FileExistsError:  # another run took this number meanwhile
+            index += 1
+
+
+def make_grid(images, *, padding: int = 2):
+    """One row of images with `padding` black pixels around each (as torchvision's make_grid)."""
+    from PIL import Image
+    w, h = images[0].size
+    grid = Image.new("RGB", (len(images) * (w + padding) + padding, h + 2 * padding))
+    for i, image in enumerate(images):
+        grid.paste(image, (padding + i * (w + padding), padding))
+    return grid
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    """Run the script; returns the paths written (samples then grid, prompt by prompt)."""
+    args = build_parser().parse_args(argv)
+    try:
+        prompts = read_prompts(args)
+        check_args(args)
+        configs = read_configs(args.ckpt, args.config)
+        if configs is not None:
+            check_size(args, configs)
+    except UsageError as e:
+        raise SystemExit(f"sample.py: error: {e}")
+
+    import torch
+    from common.state_dict import CheckpointError
+    from diffusion.pipeline import generate
+    from diffusion.weights import load_stable_diffusion
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"sample.py: error: --device {args.device}: CUDA is not available here")
+    try:
+        models = load_stable_diffusion(args.ckpt, config_dir=args.config, use_ema=args.use_ema)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise SystemExit(f"sample.py: error: --ckpt {args.ckpt}: {e}")
+    if args.config is not None and (Path(args.config) / "tokenizer").is_dir() \
+            and getattr(models, "layout", None) == "single_file":
+        # A --config folder laid out like a diffusers folder also holds the tokenizer of this model
+        # (a single file carries none; the loader falls back to the shipped SD v1 / CLIP vocabulary).
+        from clip.tokenizer import CLIPTokenizer
+        models.tokenizer = CLIPTokenizer.from_pretrained(Path(args.config) / "tokenizer")
+    if configs is None:  # a .ckpt: its architecture is known now, before any sampling
+        try:
+            check_size(args, (models.unet.config, models.vae.config))
+        except UsageError as e:
+            raise SystemExit(f"sample.py: error: {e}")
+    for module in (models.unet, models.vae, models.text_encoder):
+        module.to(device).eval()
+
+    outdir = Path(args.outdir)
+    samples = outdir / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    written = []
+    for prompt in prompts:
+        images = generate(models, [prompt], negative_prompt=args.negative_prompt,
+                          num_images_per_prompt=args.n_samples, steps=args.ddim_steps,
+                          eta=args.ddim_eta or 0.0, guidance_scale=args.scale, height=args.H, width=args.W,
+                          seed=args.seed, sampler="plms" if args.plms else "ddim", precision=args.precision,
+                          progress=True, output="pil")
+        for image in images:
+            written.append(save_new(image, samples, r"(\d+)\.\w+", lambda i: f"{i:05d}.png"))
+            print(written[-1], flush=True)
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-")[:30] or "prompt"
+        written.append(save_new(make_grid(images), outdir, r".*-grid-(\d+)\.png",
+                                lambda i: f"{slug}-grid-{i:04d}.png"))
+        print(written[-1], flush=True)
+    return written
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,186 @@
+"""sample.py and diffusion/pipeline.py against diffusers' StableDiffusionPipeline, image for image.
+
+The reference runs (tools/make_reference_sampling.py) used the tiny random SD v1-family checkpoint in
+tests/fixtures/sd/ with DDIMScheduler or PNDMScheduler(skip_prk_steps=True) and
+generator=torch.Generator().manual_seed(seed). sample.py must give the same uint8 images within 2/255
+per pixel, from the diffusers folder and from the same weights as one original single file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+from diffusion.pipeline import decode_to_uint8, generate
+from diffusion.weights import load_stable_diffusion
+
+SD = Path(__file__).parent / "fixtures" / "sd"
+FOLDER = SD / "tiny_diffusers"
+SINGLE = SD / "tiny_single.safetensors"
+RUNS = Path(__file__).parent / "fixtures" / "sampling" / "pipeline"
+MAX_DIFF = 2  # out of 255
+
+
+# From the single file, a subset (the time budget): DDIM eta > 0 with guidance, DDIM non-square without
+# guidance, PLMS with a negative prompt. The folder runs them all.
+SINGLE_FILE_RUNS = ("ddim_eta0.8_lighthouse_48x32", "ddim_astronaut_nocfg_64x48", "plms10_negative_forest_32x32")
+
+
+def _runs(single_prompt: bool, names=None) -> list[dict]:
+    runs = [json.loads(p.read_text()) | {"name": p.stem} for p in sorted(RUNS.glob("*.json"))]
+    return [r for r in runs if isinstance(r["prompt"], str) == single_prompt and (names is None or r["name"] in names)]
+
+
+def _reference(run) -> list[np.ndarray]:
+    return [np.asarray(Image.open(RUNS / f)) for f in run["images"]]
+
+
+def _assert_close(ours: list[np.ndarray], reference: list[np.ndarray], what: str) -> None:
+    assert len(ours) == len(reference), f"{what}: {len(ours)} images, reference has {len(reference)}"
+    for i, (a, b) in enumerate(zip(ours, reference)):
+        assert a.shape == b.shape, f"{what} image {i}: shape {a.shape} != reference {b.shape}"
+        diff = np.abs(a.astype(int) - b.astype(int)).max()
+        assert diff <= MAX_DIFF, f"{what} image {i}: max |diff| {diff}/255 > {MAX_DIFF}/255"
+
+
+def _argv(run, ckpt: Path, outdir: Path) -> list[str]:
+    argv = ["--ckpt", str(ckpt), "--outdir", str(outdir), "--prompt", run["prompt"],
+            "--n_samples", str(run["num_images_per_prompt"]), "--ddim_steps", str(run["steps"]),
+            "--scale", str(run["guidance_scale"]), "--H", str(run["height"]), "--W", str(run["width"]),
+            "--seed", str(run["seed"]), "--device", "cpu"]
+    if run["negative_prompt"] is not None:
+        argv += ["--negative_prompt", run["negative_prompt"]]
+    argv += ["--plms"] if run["sampler"] == "plms" else ["--ddim_eta", str(run["eta"])]
+    return argv
+
+
+@pytest.mark.parametrize("layout, run", [
+    pytest.param(layout, r, id=f"{layout}-{r['name']}")
+    for layout, names in (("folder", None), ("single_file", SINGLE_FILE_RUNS))
+    for r in _runs(single_prompt=True, names=names)])
+def test_sample_py_equals_diffusers(run, layout, tmp_path, capsys):
+    # The tiny checkpoint is not SD v1-shaped in what shapes cannot tell (heads, GroupNorm groups), so
+    # the single file takes its configs from --config, as a user of a non-standard file would.
+    extra = [] if layout == "folder" else ["--config", str(FOLDER)]
+    written = sample.main(_argv(run, FOLDER if layout == "folder" else SINGLE, tmp_path) + extra)
+    n = run["num_images_per_prompt"]
+    samples, grid = written[:n], written[n:]
+    assert [p.name for p in samples] == [f"{i:05d}.png" for i in range(n)]
+    assert all(p.parent == tmp_path / "samples" for p in samples)
+    assert len(grid) == 1 and grid[0].parent == tmp_path and grid[0].exists()
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(p) for p in written], "sample.py prints every path it writes"
+    _assert_close([np.asarray(Image.open(p)) for p in samples], _reference(run), f"{run['name']} ({layout})")
+
+
+@pytest.fixture(scope="module")
+def folder_models():
+    return load_stable_diffusion(str(FOLDER))
+
+
+@pytest.mark.parametrize("run", [pytest.param(r, id=r["name"]) for r in _runs(single_prompt=False)])
+def test_generate_several_prompts_in_one_batch(run, folder_models):
+    images = generate(folder_models, run["prompt"], negative_prompt=run["negative_prompt"],
+                      num_images_per_prompt=run["num_images_per_prompt"], steps=run["steps"], eta=run["eta"],
+                      guidance_scale=run["guidance_scale"], height=run["height"], width=run["width"],
+                      seed=run["seed"], sampler=run["sampler"], progress=False)
+    assert images.dtype == torch.uint8 and images.shape == (4, run["height"], run["width"], 3)
+    _assert_close(list(images.numpy()), _reference(run), run["name"])
+    pil = generate(folder_models, run["prompt"], negative_prompt=run["negative_prompt"],
+                   num_images_per_prompt=run["num_images_per_prompt"], steps=run["steps"], eta=run["eta"],
+                   guidance_scale=run["guidance_scale"], height=run["height"], width=run["width"],
+                   generator=torch.Generator().manual_seed(run["seed"]), sampler=run["sampler"],
+                   progress=False, output="pil")
+    assert [np.asarray(p).tolist() for p in pil] == images.numpy().tolist()
+
+
+def test_guidance_scale_one_skips_the_unconditional_half(folder_models):
+    batches = []
+    hook = folder_models.unet.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    try:
+        generate(folder_models, "a cat", num_images_per_prompt=2, steps=2, guidance_scale=1.0,
+                 height=32, width=32, seed=0, progress=False)
+        generate(folder_models, "a cat", num_images_per_prompt=2, steps=2, guidance_scale=3.0,
+                 height=32, width=32, seed=0, progress=False)
+    finally:
+        hook.remove()
+    assert batches == [2, 2, 4, 4]
+
+
+def test_decode_leaves_latents_alone(folder_models):
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    before = latents.clone()
+    decode_to_uint8(folder_models.vae, latents)
+    assert torch.equal(latents, before)
+
+
+def test_numbering_continues_and_nothing_is_overwritten(tmp_path):
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "00007.jpg").write_bytes(b"an older run's file")
+    argv = ["--ckpt", str(FOLDER), "--outdir", str(tmp_path), "--prompt", "a cat", "--n_samples", "2",
+            "--ddim_steps", "2", "--H", "32", "--W", "32", "--device", "cpu"]
+    first = sample.main(argv)
+    first_bytes = [p.read_bytes() for p in first]
+    second = sample.main(argv + ["--seed", "1"])
+    assert [p.name for p in first[:2]] == ["00008.png", "00009.png"]
+    assert [p.name for p in second[:2]] == ["00010.png", "00011.png"]
+    assert first[2].name == "a-cat-grid-0000.png" and second[2].name == "a-cat-grid-0001.png"
+    assert [p.read_bytes() for p in first] == first_bytes
+    assert (samples / "00007.jpg").read_bytes() == b"an older run's file"
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Fail the test if sample.py gets as far as loading the models."""
+    import diffusion.weights
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("models were loaded before the bad input was reported")
+    monkeypatch.setattr(diffusion.weights, "load_stable_diffusion", refuse)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--H", "36"], "--H"),
+    (["--W", "100"], "--W"),
+    (["--ckpt", "no/such/checkpoint"], "--ckpt"),
+    (["--plms", "--ddim_eta", "0.5"], "PLMS is deterministic"),
+    (["--plms", "--ddim_eta", "0"], "PLMS is deterministic"),
+    (["--n_samples", "0"], "--n_samples"),
+    (["--prompt", "  "], "--prompt"),
+])
+def test_bad_input_is_reported_before_model_work(extra, message, tmp_path, no_model_work):
+    argv = ["--ckpt", str(FOLDER), "--outdir", str(tmp_path), "--H", "32", "--W", "32"] + extra
+    with pytest.raises(SystemExit, match=message):
+        sample.main(argv)
+    with pytest.raises(SystemExit, match=message):  # the single file with --config
+        sample.main([a if a != str(FOLDER) else str(SINGLE) for a in argv] + ["--config", str(FOLDER)])
+
+
+def test_single_file_size_check_reads_only_the_header(tmp_path, no_model_work):
+    """Without --config the sizes come from the shapes in the safetensors header. The tiny file's
+    GroupNorm groups are not SD v1's, which the shapes cannot tell: that too is reported up front."""
+    with pytest.raises(SystemExit, match="--config"):
+        sample.main(["--ckpt", str(SINGLE), "--outdir", str(tmp_path), "--H", "32", "--W", "32"])
+
+
+def test_empty_prompt_file_is_reported(tmp_path, no_model_work):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n   \n")
+    with pytest.raises(SystemExit, match="--from-file"):
+        sample.main(["--ckpt", str(FOLDER), "--from-file", str(empty), "--outdir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--from-file"):
+        sample.main(["--ckpt", str(FOLDER), "--from-file", str(tmp_path / "missing.txt")])
+
+
+def test_prompt_file_gives_one_batch_per_line(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\n")
+    written = sample.main(["--ckpt", str(FOLDER), "--from-file", str(prompts), "--outdir", str(tmp_path),
+                           "--n_samples", "1", "--ddim_steps", "1", "--H", "32", "--W", "32", "--device", "cpu"])
+    assert [p.name for p in written] == ["00000.png", "a-cat-grid-0000.png", "00001.png", "a-dog-grid-0001.png"]
