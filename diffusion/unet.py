@@ -150,8 +150,7 @@ class UNet2DConditionModel(nn.Module):
                 downsample=not last, **common))
             skip_channels += [ch[level]] * (config.layers_per_block + (0 if last else 1))
 
-        self.mid_block = MidBlock(channels=ch[-1], heads=config.heads(n - 1),
-                                  **{k: v for k, v in common.items()})
+        self.mid_block = MidBlock(channels=ch[-1], heads=config.heads(n - 1), **common)
 
         self.up_blocks = nn.ModuleList()
         prev = ch[-1]
