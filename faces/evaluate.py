@@ -1,0 +1,209 @@
+"""The cascade's arithmetic on a batch of windows, vectorised with numpy.
+
+For a window at (x, y) of an (already resized) level image, OpenCV's `HaarEvaluator::setWindow`
+and `predictOrderedStump` (objdetect/src/cascadedetect.{hpp,cpp}) compute, and so do we:
+
+1. the variance normaliser over the window's inner (w-2) x (h-2) rectangle `normrect`
+   (area A = 22 * 22 for faces; S = pixel sum, Q = squared-pixel sum, both exact integers):
+       nf = A * Q - S^2  (float64),    inv_sigma = float32(1 / sqrt(nf))
+   (Viola & Jones 2001, section 5.6: sigma^2 = Q/A - (S/A)^2, so inv_sigma = 1 / (A * sigma)).
+   A window with nf <= 0 or A * inv_sigma >= 0.1 (an almost flat patch) is rejected outright;
+2. each Haar feature: (w0 * sum_0 + w1 * sum_1) + w2 * sum_2 in float32, times inv_sigma;
+3. each weak tree: go left if value < node threshold, else right, until a leaf; the stage sum
+   adds the leaves one after another in float64; the window fails if sum < stage threshold.
+
+Windows are named in two ways. `Grid`: every window of a regular grid on one level, where a
+corner look-up is one strided view of the integral image (fast when most windows are alive, as
+in stage 0). `Points`: any set of windows, by the flat index of their top-left corner in an
+integral buffer; later stages gather only the corners of the windows still alive.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cascade import CascadeError, HaarCascade
+
+FLAT_PATCH_LIMIT = 0.1          # setWindow rejects a window when A * inv_sigma >= 0.1
+MAX_GATHER = 1 << 17            # corners gathered at once (bounds the temporaries)
+CORNER_SIGNS = (1, -1, -1, 1)   # rect sum = S[y, x] - S[y, x+w] - S[y+h, x] + S[y+h, x+w]
+
+
+@dataclass(frozen=True)
+class StageArrays:
+    threshold: float             # float32 value, compared in float64
+    features: np.ndarray         # (n,) feature index of each stump
+    node_threshold: np.ndarray   # (n,) float32
+    left: np.ndarray             # (n,) float32 leaf taken when value < node_threshold
+    right: np.ndarray            # (n,) float32
+    trees: tuple                 # non-stump trees: (left, right, feature, threshold, leaves) each;
+                                 # empty for a stump cascade
+
+
+@dataclass(frozen=True)
+class PackedCascade:
+    """The cascade as flat arrays, ready for vectorised evaluation."""
+    window: tuple[int, int]      # (width, height)
+    corners: np.ndarray          # (F, 3, 4, 2) int64: (dy, dx) of each rectangle corner, in CORNER_SIGNS order
+    weights: np.ndarray          # (F, 3) float32 (an unused third rectangle has weight 0)
+    stages: tuple[StageArrays, ...]
+
+
+def pack(cascade: HaarCascade) -> PackedCascade:
+    if cascade.has_tilted_features:
+        raise CascadeError(f"{cascade.source}: tilted (45 degree) Haar features are parsed but not "
+                           f"evaluated by faces/; use an upright cascade such as the frontal-face one")
+    n = len(cascade.features)
+    rects = np.zeros((n, 3, 4), dtype=np.int64)
+    weights = np.zeros((n, 3), dtype=np.float32)
+    for i, feature in enumerate(cascade.features):
+        rects[i, :len(feature.rects)] = feature.rects
+        weights[i, :len(feature.weights)] = feature.weights
+    x, y, w, h = (rects[..., k] for k in range(4))
+    corners = np.stack([np.stack([y, x], -1), np.stack([y, x + w], -1),
+                        np.stack([y + h, x], -1), np.stack([y + h, x + w], -1)], axis=2)  # (F, 3, 4, 2)
+    stages = []
+    for stage in cascade.stages:
+        stumps = [t for t in stage.trees if len(t.feature) == 1]
+        if len(stumps) != len(stage.trees):      # a tree cascade: keep every tree as it is
+            stumps = []
+        stages.append(StageArrays(
+            threshold=float(stage.threshold),
+            features=np.array([t.feature[0] for t in stumps], dtype=np.int64),
+            node_threshold=np.array([t.threshold[0] for t in stumps], dtype=np.float32),
+            left=np.array([t.leaves[-t.left[0]] for t in stumps], dtype=np.float32),
+            right=np.array([t.leaves[-t.right[0]] for t in stumps], dtype=np.float32),
+            trees=() if stumps else tuple(
+                (np.array(t.left), np.array(t.right), np.array(t.feature),
+                 np.array(t.threshold, dtype=np.float32), np.array(t.leaves, dtype=np.float32))
+                for t in stage.trees)))
+    return PackedCascade(window=cascade.window, corners=corners, weights=weights, stages=tuple(stages))
+
+
+class Grid:
+    """All windows of a regular grid on one level: corner look-ups are strided views."""
+
+    def __init__(self, step: int, n_rows: int, n_cols: int):
+        self.step, self.n_rows, self.n_cols = step, n_rows, n_cols
+
+    def corner(self, table: np.ndarray, dy: int, dx: int) -> np.ndarray:
+        stop_y, stop_x = dy + self.step * (self.n_rows - 1) + 1, dx + self.step * (self.n_cols - 1) + 1
+        return table[dy:stop_y:self.step, dx:stop_x:self.step]           # (n_rows, n_cols)
+
+
+class Points:
+    """Any set of windows, named by the flat index of their top-left corner in a 2-D table."""
+
+    def __init__(self, base: np.ndarray, row_length: int):
+        self.base, self.row_length = base, row_length
+
+    def corner(self, table: np.ndarray, dy: int, dx: int) -> np.ndarray:
+        return table.ravel()[self.base + (dy * self.row_length + dx)]    # (n,)
+
+
+def _rect_sum(windows, table: np.ndarray, corners: np.ndarray) -> np.ndarray:
+    """Sum over one rectangle given by its (4, 2) corners, for every window (int32, exact)."""
+    (y0, x0), (y1, x1), (y2, x2), (y3, x3) = corners
+    return (windows.corner(table, y0, x0) - windows.corner(table, y1, x1)
+            - windows.corner(table, y2, x2) + windows.corner(table, y3, x3))
+
+
+def inv_sigma_and_usable(windows, sums: np.ndarray, squares: np.ndarray, window: tuple[int, int]):
+    """float32 1/sqrt(A*Q - S^2) over the inner rectangle, and which windows are not flat."""
+    w, h = window[0] - 2, window[1] - 2
+    inner = np.array([[1, 1], [1, 1 + w], [1 + h, 1], [1 + h, 1 + w]])
+    area = float(w * h)
+    s = _rect_sum(windows, sums, inner).astype(np.float64)
+    q = _rect_sum(windows, squares, inner).astype(np.float64)
+    nf = area * q - s * s
+    positive = nf > 0
+    inv_sigma = np.ones(nf.shape, dtype=np.float32)
+    inv_sigma[positive] = (1.0 / np.sqrt(nf[positive])).astype(np.float32)
+    usable = positive & (area * inv_sigma.astype(np.float64) < FLAT_PATCH_LIMIT)
+    return inv_sigma, usable
+
+
+def feature_value(windows, sums: np.ndarray, packed: PackedCascade, index: int, inv_sigma: np.ndarray):
+    """float32 value of Haar feature `index`, variance-normalised, for every window."""
+    weights, corners = packed.weights[index], packed.corners[index]
+    total = (weights[0] * _rect_sum(windows, sums, corners[0]).astype(np.float32)
+             + weights[1] * _rect_sum(windows, sums, corners[1]).astype(np.float32))
+    if weights[2] != 0:                            # OpenCV adds the third rectangle only if it has weight
+        total = total + weights[2] * _rect_sum(windows, sums, corners[2]).astype(np.float32)
+    return total * inv_sigma
+
+
+def stage_passes_grid(grid: Grid, sums: np.ndarray, packed: PackedCascade, stage: StageArrays,
+                      inv_sigma: np.ndarray) -> np.ndarray:
+    """Stage decision for every window of a grid (stumps: one strided view per corner)."""
+    if stage.trees:
+        return _tree_stage_passes(grid, sums, packed, stage, inv_sigma)
+    stage_sum = np.zeros(inv_sigma.shape, dtype=np.float64)
+    for feature, node_threshold, left, right in zip(stage.features, stage.node_threshold, stage.left, stage.right):
+        value = feature_value(grid, sums, packed, int(feature), inv_sigma)
+        stage_sum = stage_sum + np.where(value < node_threshold, left, right)
+    return stage_sum >= stage.threshold
+
+
+def _stage_plan(packed: PackedCascade, stage: StageArrays, row_length: int):
+    """Which buffer offsets a stage reads, and how its rectangles are built from them.
+
+    Returns (offsets (U,), corner_rows (R, 4), rect_weight (R,), rect_of_stump (n, 3)) where the
+    R rectangles are the stumps' rectangles with non-zero weight, corner_rows index `offsets`,
+    and rect_of_stump[:, 2] is -1 for two-rectangle features. Reading each distinct corner once
+    saves about a third of the reads (neighbouring features share corners)."""
+    corners = packed.corners[stage.features]                                # (n, 3, 4, 2)
+    weights = packed.weights[stage.features]                                # (n, 3)
+    used = weights != 0
+    used[:, :2] = True                                                      # OpenCV always adds rects 0, 1
+    flat_corners = corners[..., 0] * row_length + corners[..., 1]           # (n, 3, 4)
+    offsets, corner_rows = np.unique(flat_corners[used], return_inverse=True)
+    rect_of_stump = np.full(used.shape, -1)
+    rect_of_stump[used] = np.arange(used.sum())
+    return offsets, corner_rows.reshape(-1, 4), weights[used], rect_of_stump
+
+
+def stage_passes_points(points: Points, buffer: np.ndarray, packed: PackedCascade, stage: StageArrays,
+                        inv_sigma: np.ndarray) -> np.ndarray:
+    """Stage decision for a set of windows, laid out (things, windows) so that every step after
+    the one gather of corners works on contiguous rows."""
+    if stage.trees:
+        return _tree_stage_passes(points, buffer, packed, stage, inv_sigma)
+    offsets, corner_rows, rect_weight, rect_of_stump = _stage_plan(packed, stage, points.row_length)
+    first, second, third = rect_of_stump.T
+    has_third = np.nonzero(third >= 0)[0]
+    flat = buffer.ravel()
+    passed = np.empty(len(points.base), dtype=bool)
+    chunk = max(1, MAX_GATHER // len(offsets))
+    for start in range(0, len(points.base), chunk):
+        base, scale = points.base[start:start + chunk], inv_sigma[start:start + chunk]
+        values = flat[offsets[:, None] + base[None, :]]                       # (U, m) int32
+        c = values[corner_rows]                                               # (R, 4, m)
+        rect_sums = c[:, 0] - c[:, 1] - c[:, 2] + c[:, 3]                     # (R, m) int32
+        terms = rect_sums.astype(np.float32) * rect_weight[:, None]           # (R, m) float32
+        value = terms[first] + terms[second]                                  # (n, m)
+        value[has_third] = value[has_third] + terms[third[has_third]]
+        value = value * scale[None, :]
+        leaves = np.where(value < stage.node_threshold[:, None], stage.left[:, None], stage.right[:, None])
+        stage_sum = np.zeros(len(base))
+        for row in leaves:                                                    # in order, float64
+            stage_sum = stage_sum + row
+        passed[start:start + chunk] = stage_sum >= stage.threshold
+    return passed
+
+
+def _tree_stage_passes(windows, sums, packed, stage: StageArrays, inv_sigma) -> np.ndarray:
+    """Cascades of deeper trees: walk every window down each tree from its root (node 0)."""
+    stage_sum = np.zeros(inv_sigma.shape, dtype=np.float64)
+    for left, right, feature, node_threshold, leaves in stage.trees:
+        node = np.zeros(inv_sigma.shape, dtype=np.int64)   # > 0: internal node, <= 0: leaf -node
+        active = np.ones(inv_sigma.shape, dtype=bool)      # still inside the tree
+        while active.any():
+            for i in np.unique(node[active]):
+                here = active & (node == i)
+                value = feature_value(windows, sums, packed, int(feature[i]), inv_sigma)
+                node[here] = np.where(value < node_threshold[i], left[i], right[i])[here]
+            active = node > 0
+        stage_sum = stage_sum + leaves[-node]
+    return stage_sum >= stage.threshold
