@@ -13,8 +13,10 @@ generation can reuse them):
 2. `initial_latents`: x_T ~ N(0, I) of shape (n, C, H/f, W/f), drawn from a CPU generator so a seed
    gives the same image on any device.
 3. `denoise`: the sampler loop (DDIM or PLMS) with classifier-free guidance
-       eps = eps_uncond + scale * (eps_cond - eps_uncond)                      (Ho & Salimans 2022, eq. 6)
-   both halves in one UNet call, the unconditional half first.
+       eps = eps_uncond + scale * (eps_cond - eps_uncond)
+   which is Ho & Salimans 2022 ("Classifier-Free Diffusion Guidance") eq. 6,
+   (1 + w) eps_cond - w eps_uncond, with w = scale - 1; both halves in one UNet call, the
+   unconditional half first.
 4. `decode_to_uint8`: z / scaling_factor -> VAE decoder -> [-1, 1] -> uint8, as diffusers'
    `VaeImageProcessor.postprocess` does.
 """
@@ -94,7 +96,6 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
     None to sample without guidance (one UNet call of batch n per step). The UNet may run under
     autocast; its output is taken back to fp32 before guidance and the sampler update.
     """
-    n = latents.shape[0]
     states = cond if uncond is None else torch.cat([uncond, cond])    # (2n, 77, D), unconditional first
     timesteps = sampler.set_timesteps(steps)
     x = latents * sampler.init_noise_sigma
@@ -107,12 +108,11 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
         eps = unet(x_in, t_batch, states).float()
         if uncond is not None:
             eps_uncond, eps_cond = eps.chunk(2)                      # (n, C, h, w) each
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # Ho & Salimans 2022, eq. 6
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # Ho & Salimans eq. 6, w = scale - 1
         if isinstance(sampler, DDIMSampler):
             x = sampler.step(eps, int(t), x, eta=eta, generator=generator)
         else:
             x = sampler.step(eps, int(t), x)
-    assert x.shape[0] == n
     return x
 
 

@@ -78,6 +78,19 @@ def test_sample_py_equals_diffusers(run, layout, tmp_path, capsys):
     _assert_close([np.asarray(Image.open(p)) for p in samples], _reference(run), f"{run['name']} ({layout})")
 
 
+def test_sample_py_reads_a_ckpt_single_file(tmp_path, capsys):
+    """The same weights as a .ckpt (a pickle of {"state_dict": ...}, read by the restricted unpickler)."""
+    from collections import OrderedDict
+
+    from common.state_dict import read_safetensors
+    ckpt = tmp_path / "tiny_single.ckpt"
+    torch.save({"global_step": 1, "state_dict": OrderedDict(read_safetensors(SINGLE))}, ckpt)
+    run = next(r for r in _runs(single_prompt=True) if r["name"] == "plms3_car_2x32x32")
+    written = sample.main(_argv(run, ckpt, tmp_path / "out") + ["--config", str(FOLDER)])
+    n = run["num_images_per_prompt"]
+    _assert_close([np.asarray(Image.open(p)) for p in written[:n]], _reference(run), f"{run['name']} (.ckpt)")
+
+
 @pytest.fixture(scope="module")
 def folder_models():
     return load_stable_diffusion(str(FOLDER))
@@ -110,6 +123,18 @@ def test_guidance_scale_one_skips_the_unconditional_half(folder_models):
     finally:
         hook.remove()
     assert batches == [2, 2, 4, 4]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_stays_near_the_fp32_images(precision, folder_models):
+    """Autocast changes the numbers, so no reference tolerance applies; this only checks that the
+    bf16/fp16 paths run and stay close (mean |diff| <= 4/255) to diffusers' fp32 images."""
+    run = next(r for r in _runs(single_prompt=True) if r["name"] == "plms3_car_2x32x32")
+    images = generate(folder_models, run["prompt"], num_images_per_prompt=run["num_images_per_prompt"],
+                      steps=run["steps"], guidance_scale=run["guidance_scale"], height=run["height"],
+                      width=run["width"], seed=run["seed"], sampler="plms", precision=precision, progress=False)
+    diff = np.abs(images.numpy().astype(int) - np.stack(_reference(run)).astype(int))
+    assert diff.mean() <= 4, f"{precision}: mean |diff| {diff.mean():.2f}/255"
 
 
 def test_decode_leaves_latents_alone(folder_models):
