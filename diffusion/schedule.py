@@ -15,8 +15,10 @@ Stable Diffusion folder loads as is. SD v1's values are in `ScheduleConfig.sd_v1
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -52,6 +54,11 @@ class ScheduleConfig:
         """The scheduler_config.json of runwayml/stable-diffusion-v1-5 and CompVis/stable-diffusion-v1-4."""
         return cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                    set_alpha_to_one=False, clip_sample=False)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ScheduleConfig":
+        """Read a diffusers `scheduler/scheduler_config.json`."""
+        return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], *, source: str = "scheduler config") -> "ScheduleConfig":

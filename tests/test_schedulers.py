@@ -88,6 +88,8 @@ def test_sd_v1_preset_matches_its_config_dict():
         "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
         "clip_sample": False})
     assert sd == from_json
+    # the tiny fixture folder's scheduler_config.json (a DDIMScheduler saved by diffusers) says the same
+    assert ScheduleConfig.from_json(FIXTURES.parent / "sd" / "tiny_diffusers" / "scheduler" / "scheduler_config.json") == sd
     assert DDIMSampler.from_config(sd).set_timesteps(50)[:3].tolist() == [981, 961, 941]
     assert PLMSSampler.from_config(sd).set_timesteps(50)[:4].tolist() == [981, 961, 961, 941]
 

@@ -55,6 +55,8 @@ SCHEDULER_CASES = [
                                            timestep_spacing="trailing", steps_offset=0), 5, 0.0, None),
     ("plms_cosine_linspace_6", "plms", dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                                             timestep_spacing="linspace", skip_prk_steps=True), 6, 0.0, None),
+    ("ddim_x0pred_clip_eta0.5_5", "ddim", dict(SD_V1_DDIM, prediction_type="sample", clip_sample=True,
+                                               clip_sample_range=0.8), 5, 0.5, 11),
 ]
 
 
