@@ -1,0 +1,280 @@
+"""What every training script here shares: mixed precision, DDP, seeding and RNG state, atomic
+checkpoints, stop-on-signal, and a JSON-lines metrics log.
+
+The training loops themselves (train_emotion.py, train_dreambooth.py) stay in their scripts, top to
+bottom; this file only holds the small pieces that would otherwise be copied between them.
+
+Checkpoints are one file per optimizer step, `checkpoint-<step>.pt`, written by `torch.save` and read
+back with `torch.load(weights_only=True)`: that unpickler accepts tensors and plain containers only
+(dict, list, tuple, int, float, str, bool, None), so a training checkpoint cannot run code when it is
+loaded. Model weights meant for other programs are exported as safetensors instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pt")
+
+# Test hook, used only by tests/test_train_emotion.py to simulate a crash in the middle of a checkpoint
+# write: when this variable holds "NAME:SECONDS", `atomic_write` sleeps SECONDS after the temporary file
+# for a destination whose name contains NAME is written and before it is renamed, so a test can SIGKILL
+# the process at exactly that moment.
+PAUSE_HOOK = "TRAINING_TEST_PAUSE_BEFORE_RENAME"
+
+
+# ---- mixed precision -------------------------------------------------------------------------------
+def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
+    """torch.amp autocast for the forward pass: bf16 on CPU or CUDA, fp16 on CUDA (and on CPU, where
+    it runs but is slow), or nothing for "no". Weights and optimizer state stay fp32 either way."""
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"--mixed_precision {mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}")
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, mixed_precision: str) -> torch.amp.GradScaler:
+    """A loss scaler for fp16 on CUDA (fp16 gradients underflow without it); a pass-through otherwise.
+
+    bf16 has fp32's exponent range and needs no scaling. On CPU, fp16 autocast runs without a scaler.
+    """
+    enabled = mixed_precision == "fp16" and device.type == "cuda"
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+# ---- distributed data parallel ---------------------------------------------------------------------
+@dataclass
+class Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Distributed:
+    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE and join the process group (NCCL on CUDA, gloo on
+    CPU). Without torchrun: one process. `device`: "auto" (CUDA when present), "cpu" or "cuda"."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: choose auto, cpu or cuda")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world_size > 1:
+        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    return Distributed(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def teardown_distributed(dist: Distributed) -> None:
+    if dist.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor, dist: Distributed) -> torch.Tensor:
+    """The sum over every process (the tensor itself with one process). Returns a new tensor."""
+    t = t.clone()
+    if dist.enabled:
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return t
+
+
+def barrier(dist: Distributed) -> None:
+    if dist.enabled:
+        torch_dist.barrier()
+
+
+# ---- seeds and RNG state -----------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict:
+    """Every global random generator's state, as plain Python containers and tensors."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- atomic files and checkpoints ---------------------------------------------------------------------
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Write `path` so that it is either the old file or the complete new one, never a torn one:
+    `write(tmp)` fills a temporary file in the same folder, which is fsynced and then renamed over
+    `path` with os.replace (atomic on POSIX and Windows). A crash leaves at most a stray `.tmp` file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        hook = os.environ.get(PAUSE_HOOK, "")
+        if hook and hook.rsplit(":", 1)[0] in path.name:
+            time.sleep(float(hook.rsplit(":", 1)[1]))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every OS)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint in `folder`, oldest first. Temporary files of an
+    interrupted write start with a dot and never match."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in folder.iterdir() if (m := CHECKPOINT_NAME.fullmatch(p.name))]
+    return sorted(found)
+
+
+def resolve_checkpoint(value: str | None, output_dir: str | Path) -> Path | None:
+    """--resume_from_checkpoint: a path, or "latest" (the newest in output_dir; None when there is none)."""
+    if not value:
+        return None
+    if value == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(value)
+    if path.is_dir():  # a folder: its newest checkpoint
+        found = list_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-<step>.pt in this folder")
+        return found[-1][1]
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such file")
+    return path
+
+
+def save_checkpoint(folder: str | Path, step: int, state: dict, *, total_limit: int | None = None) -> Path:
+    """Write `folder/checkpoint-<step>.pt` atomically, then delete the oldest beyond `total_limit`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"checkpoint-{step}.pt"
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    if total_limit is not None and total_limit > 0:
+        for _, old in list_checkpoints(folder)[:-total_limit]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a readable training checkpoint ({e})") from e
+
+
+# ---- stop on SIGINT / SIGTERM -----------------------------------------------------------------------
+class StopOnSignal:
+    """Turns SIGINT (Ctrl-C) and SIGTERM (sent by schedulers and by torchrun on shutdown) into a flag the
+    loop checks after each optimizer step, so it can write a checkpoint and exit cleanly.
+
+        with StopOnSignal() as stop:
+            ... if stop.signum: save; exit
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __enter__(self) -> "StopOnSignal":
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # only the main thread may install handlers
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def stop_requested(stop: StopOnSignal, dist: Distributed) -> bool:
+    """True on every process when any process got a signal, so all of them stop at the same step."""
+    flag = torch.tensor([1.0 if stop.signum else 0.0])
+    return bool(all_reduce_sum(flag, dist).item() > 0)
+
+
+# ---- metrics -------------------------------------------------------------------------------------------
+class MetricsLog:
+    """One JSON object per line in `metrics.jsonl` (appended to on resume), and TensorBoard event files
+    when the `tensorboard` package happens to be installed. Only the main process writes."""
+
+    def __init__(self, folder: str | Path, *, enabled: bool = True):
+        self.file, self.tensorboard = None, None
+        if not enabled:
+            return
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = open(folder / "metrics.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+            self.tensorboard = SummaryWriter(str(folder / "tensorboard"))
+        except ImportError:
+            pass
+
+    def log(self, record: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
