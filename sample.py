@@ -94,7 +94,6 @@ def read_configs(ckpt: str, config_dir: str | None):
     """(UNetConfig, VAEConfig) without loading any weights: from the folder's (or --config's) config.json
     files, or inferred from the tensor shapes in a .safetensors header. None for a .ckpt without
     --config (its shapes are only known once the file is read; the size is then checked after loading)."""
-    from diffusion import single_file as sf
     from diffusion.unet import UNetConfig
     from diffusion.vae import VAEConfig
     folder = Path(ckpt) if Path(ckpt).is_dir() else (Path(config_dir) if config_dir is not None else None)
@@ -109,20 +108,27 @@ def read_configs(ckpt: str, config_dir: str | None):
             raise UsageError(f"{e}") from None
     if Path(ckpt).suffix != ".safetensors":
         return None
-    import torch
     from safetensors import safe_open
     try:
         with safe_open(ckpt, framework="pt") as f:  # the header only: names and shapes
-            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:
         raise UsageError(f"--ckpt {ckpt}: not a readable safetensors file ({e})") from None
+    return configs_from_shapes(shapes, source=ckpt)
+
+
+def configs_from_shapes(shapes: dict[str, tuple[int, ...]], *, source: str):
+    """(UNetConfig, VAEConfig) of an original single file from its tensor names and shapes alone
+    (tensors on the meta device: no memory), by the loader's own shape inference."""
+    import torch
+    from diffusion import single_file as sf
     meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     unet = {k: v for k, v in meta.items() if k.startswith(sf.UNET_PREFIX)}
     vae = {k: v for k, v in meta.items() if k.startswith(sf.VAE_PREFIX)}
     try:
-        return sf.infer_unet_config(unet, source=ckpt), sf.infer_vae_config(vae, source=ckpt)
+        return sf.infer_unet_config(unet, source=source), sf.infer_vae_config(vae, source=source)
     except ValueError as e:
-        raise UsageError(f"--ckpt {ckpt}: {e}") from None
+        raise UsageError(f"--ckpt {source}: {e}") from None
 
 
 def check_size(args: argparse.Namespace, configs) -> None:

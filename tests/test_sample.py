@@ -194,6 +194,18 @@ def test_single_file_size_check_reads_only_the_header(tmp_path, no_model_work):
         sample.main(["--ckpt", str(SINGLE), "--outdir", str(tmp_path), "--H", "32", "--W", "32"])
 
 
+def test_size_check_of_a_real_sd_v1_single_file_from_its_shapes():
+    """The public v1-5-pruned-emaonly file's names and shapes (tests/manifests): 64-pixel multiples."""
+    manifest = json.loads((Path(__file__).parent / "manifests" / "sd_v1_single_file.json").read_text())
+    shapes = {k: tuple(s) for k, s in manifest["model_tensors"].items()}
+    configs = sample.configs_from_shapes(shapes, source="v1-5-pruned-emaonly.safetensors")
+    ok = sample.build_parser().parse_args(["--ckpt", "x", "--H", "512", "--W", "768"])
+    sample.check_size(ok, configs)
+    bad = sample.build_parser().parse_args(["--ckpt", "x", "--H", "512", "--W", "520"])
+    with pytest.raises(sample.UsageError, match="--W=520: must be a positive multiple of 64"):
+        sample.check_size(bad, configs)
+
+
 def test_empty_prompt_file_is_reported(tmp_path, no_model_work):
     empty = tmp_path / "prompts.txt"
     empty.write_text("\n   \n")
