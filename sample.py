@@ -74,7 +74,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Everything that needs no model: flags, files, and the image size against the configs."""
+    """The flags and files that need no config (the image size is checked by `check_size`)."""
     if args.plms and args.ddim_eta is not None:
         raise UsageError("--ddim_eta cannot be used with --plms: PLMS is deterministic (no eta)")
     if args.ddim_eta is not None and args.ddim_eta < 0:
@@ -186,7 +186,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     from diffusion.pipeline import generate
     from diffusion.weights import load_stable_diffusion
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise SystemExit(f"sample.py: error: --device {args.device}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"sample.py: error: --device {args.device}: CUDA is not available here")
     try:
