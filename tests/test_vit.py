@@ -113,7 +113,7 @@ def test_scores_equal_transformers_pipeline():
         assert [p["label"] for p in preds] == [e["label"] for e in META["pipeline_default"][path.name]]
 
 
-@pytest.mark.parametrize("kwargs", [dict(dtype="bf16"), dict(quantize="int8")])
+@pytest.mark.parametrize("kwargs", [dict(dtype="bf16"), dict(dtype="fp16"), dict(quantize="int8")])
 def test_reduced_precision_keeps_top1(kwargs):
     ref_top1 = REF["hf_classifier_logits"].argmax(-1)
     clf = ImageClassifier(VIT / "hf_classifier", **kwargs)
