@@ -26,12 +26,6 @@ RUNS = Path(__file__).parent / "fixtures" / "sampling" / "pipeline"
 MAX_DIFF = 2  # out of 255
 
 
-# From the single file, a subset (the time budget): DDIM eta > 0 with guidance and two images, PLMS
-# with 3, 4 and 10 steps (non-square without guidance, a negative prompt). The folder runs them all;
-# the .ckpt test below runs PLMS with 3 steps.
-SINGLE_FILE_RUNS = ("ddim_eta0.8_lighthouse_48x32", "plms4_castle_nocfg_48x64", "plms10_negative_forest_32x32")
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """The tiny models are far too small to gain from threads; on a shared 2-core machine the extra
@@ -42,9 +36,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _runs(single_prompt: bool, names=None) -> list[dict]:
+def _runs(single_prompt: bool) -> list[dict]:
     runs = [json.loads(p.read_text()) | {"name": p.stem} for p in sorted(RUNS.glob("*.json"))]
-    return [r for r in runs if isinstance(r["prompt"], str) == single_prompt and (names is None or r["name"] in names)]
+    return [r for r in runs if isinstance(r["prompt"], str) == single_prompt]
 
 
 def _reference(run) -> list[np.ndarray]:
@@ -72,8 +66,7 @@ def _argv(run, ckpt: Path, outdir: Path) -> list[str]:
 
 @pytest.mark.parametrize("layout, run", [
     pytest.param(layout, r, id=f"{layout}-{r['name']}")
-    for layout, names in (("folder", None), ("single_file", SINGLE_FILE_RUNS))
-    for r in _runs(single_prompt=True, names=names)])
+    for layout in ("folder", "single_file") for r in _runs(single_prompt=True)])
 def test_sample_py_equals_diffusers(run, layout, tmp_path, capsys):
     # The tiny checkpoint is not SD v1-shaped in what shapes cannot tell (heads, GroupNorm groups), so
     # the single file takes its configs from --config, as a user of a non-standard file would.
