@@ -36,8 +36,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def test_reference_runs_were_made_from_these_sd_fixtures():
+    """If tools/make_reference_sd.py regenerated the tiny checkpoint, the stored images are stale."""
+    import hashlib
+    recorded = json.loads((RUNS / "sd_fixture_sha256.json").read_text())
+    for name, digest in recorded.items():
+        assert hashlib.sha256((FOLDER / name).read_bytes()).hexdigest() == digest, (
+            f"{FOLDER / name} changed since the reference runs were made: rerun "
+            "`.venv-dev/bin/python tools/make_reference_sampling.py`")
+
+
 def _runs(single_prompt: bool) -> list[dict]:
-    runs = [json.loads(p.read_text()) | {"name": p.stem} for p in sorted(RUNS.glob("*.json"))]
+    runs = [json.loads(p.read_text()) | {"name": p.stem} for p in sorted(RUNS.glob("*.json"))
+            if p.name != "sd_fixture_sha256.json"]
     return [r for r in runs if isinstance(r["prompt"], str) == single_prompt]
 
 

@@ -128,6 +128,13 @@ PIPELINE_RUNS = [
 ]
 
 
+def sd_fixture_hashes() -> dict[str, str]:
+    """sha256 of every file of the tiny SD folder: the pipeline runs are only valid for these weights."""
+    import hashlib
+    return {str(p.relative_to(SD_FOLDER)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(SD_FOLDER.rglob("*")) if p.is_file()}
+
+
 def make_pipeline_fixtures() -> None:
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     import diffusers
@@ -157,6 +164,7 @@ def make_pipeline_fixtures() -> None:
                       diffusers_version=diffusers.__version__)
         (out / f"{name}.json").write_text(json.dumps(params, indent=1) + "\n")
         print(f"{name}: {len(images)} images {images[0].size}")
+    (out / "sd_fixture_sha256.json").write_text(json.dumps(sd_fixture_hashes(), indent=1) + "\n")
 
 
 if __name__ == "__main__":
