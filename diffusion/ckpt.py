@@ -300,23 +300,24 @@ class _RestrictedUnpickler(pickle.Unpickler):
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (version .. sizes), name length, extra length
 
 
-def _read_member(file: io.BufferedReader, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytearray:
-    """The bytes of one archive member, read straight into a writable buffer.
+def _read_member(file: io.BufferedReader, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> torch.Tensor:
+    """The bytes of one archive member as a uint8 tensor (writable, owning its memory).
 
-    torch stores storages uncompressed, so we read them at their offset; a CRC of 0 means the writer
-    skipped it (torch's `compute_crc32=False`), otherwise it is checked.
+    torch stores storages uncompressed, so we read them at their offset straight into the tensor;
+    a CRC of 0 means the writer skipped it (torch's `set_crc32_options(False)`), otherwise it is
+    checked, so a corrupted download fails here instead of giving garbage weights.
     """
     if info.compress_type != zipfile.ZIP_STORED:
-        return bytearray(zf.read(info))
+        return torch.from_numpy(np.frombuffer(bytearray(zf.read(info)), dtype=np.uint8))
     file.seek(info.header_offset)
     signature, name_len, extra_len = _LOCAL_HEADER.unpack(file.read(_LOCAL_HEADER.size))
     if signature != b"PK\x03\x04":
         raise zipfile.BadZipFile(f"bad local header for {info.filename}")
     file.seek(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
-    buf = bytearray(info.file_size)
-    if file.readinto(buf) != info.file_size:
+    buf = torch.empty(info.file_size, dtype=torch.uint8)  # (nbytes,), not zero-filled: read over at once
+    if file.readinto(memoryview(buf.numpy())) != info.file_size:
         raise zipfile.BadZipFile(f"{info.filename} is cut short")
-    if info.CRC != 0 and zlib.crc32(buf) != info.CRC:
+    if info.CRC != 0 and zlib.crc32(memoryview(buf.numpy())) != info.CRC:
         raise zipfile.BadZipFile(f"{info.filename} fails its CRC check (corrupt file)")
     return buf
 
@@ -335,7 +336,7 @@ def _unpickle_zip(path: Path, inert: Iterable[str]) -> Any:
             raise CheckpointError(f"{path}: a zip file, but not a PyTorch checkpoint (no <name>/data.pkl)")
         prefix = pickles[0][: -len("data.pkl")]
         big_endian = prefix + "byteorder" in infos and \
-            _read_member(file, zf, infos[prefix + "byteorder"]).decode() == "big"
+            bytes(_read_member(file, zf, infos[prefix + "byteorder"]).numpy()) == b"big"
         raw_cache: dict[str, torch.Tensor] = {}
 
         def storage(key: str, kind: _StorageType, numel: int) -> torch.Tensor:
@@ -343,8 +344,7 @@ def _unpickle_zip(path: Path, inert: Iterable[str]) -> Any:
             if name not in infos:
                 raise pickle.UnpicklingError(f"storage {key!r} is missing from the archive")
             if key not in raw_cache:
-                raw_cache[key] = torch.frombuffer(_read_member(file, zf, infos[name]), dtype=torch.uint8) \
-                    if infos[name].file_size else torch.empty(0, dtype=torch.uint8)
+                raw_cache[key] = _read_member(file, zf, infos[name])
             raw = raw_cache[key]
             itemsize = kind.dtype.itemsize
             if raw.numel() != numel * itemsize:
@@ -354,14 +354,16 @@ def _unpickle_zip(path: Path, inert: Iterable[str]) -> Any:
                 raw = raw.view(-1, itemsize).flip(1).reshape(-1)
             return raw.view(kind.dtype)  # (numel,)
 
-        data = _read_member(file, zf, infos[pickles[0]])
-        _refuse_extension_opcodes(bytes(data))
-        return _RestrictedUnpickler(bytes(data), path=path, storages=storage, inert=inert).load()
+        data = bytes(_read_member(file, zf, infos[pickles[0]]).numpy())
+        _refuse_extension_opcodes(data)
+        return _RestrictedUnpickler(data, path=path, storages=storage, inert=inert).load()
 
 
 def _describe_non_zip(path: Path) -> str:
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(9)
+    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        return "it looks like a safetensors file under another name: rename it to .safetensors"
     if head[:1] == b"\x80":
         return ("a bare pickle: the pre-1.6 torch format (or a plain pickle), which this reader does not "
                 "support. If it holds only tensors, torch.load(path, weights_only=True) reads it safely")

@@ -9,12 +9,12 @@ like are left behind). Stable Diffusion's "full-ema" files carry a second copy o
 dropped unless `--keep_ema`. `--half` stores every floating-point tensor as float16, halving the
 file; that includes the DDPM schedule buffers (`betas`, `alphas_cumprod`, ...), which our pipeline
 recomputes from its config instead of reading. The write is atomic: a temporary file in the same
-folder, fsync, then `os.replace`, so an interrupted run never leaves a half-written OUT.
+folder, fsync, then `os.replace` (`common.training.atomic_write`), so an interrupted run never
+leaves a half-written OUT.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.state_dict import CheckpointError
+from common.training import atomic_write
 from diffusion.ckpt import read_checkpoint_full, state_dict_of
 
 EMA_PREFIX = "model_ema."
@@ -63,25 +64,6 @@ def _own_memory(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: Path, *,
-                             metadata: Mapping[str, str]) -> None:
-    """save_file into a temporary file next to `path`, fsync it, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(dict(tensors), str(tmp), metadata=dict(metadata))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def convert(src: str | Path, dst: str | Path, *, half: bool = False, keep_ema: bool = False,
             inert: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """Read `src` safely, write its model tensors to the safetensors file `dst`; returns what was written."""
@@ -99,7 +81,7 @@ def convert(src: str | Path, dst: str | Path, *, half: bool = False, keep_ema: b
         for key in ("epoch", "global_step", "pytorch-lightning_version"):
             if isinstance(tree.get(key), (int, str)):
                 metadata[key] = str(tree[key])
-    write_safetensors_atomic(tensors, dst, metadata=metadata)
+    atomic_write(dst, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return tensors
 
 
@@ -116,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         tensors = convert(args.src, args.dst, half=args.half, keep_ema=args.keep_ema, inert=args.inert)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. a full disk while writing: OUT is untouched (atomic write)
+        print(f"error: {args.dst}: could not write it ({e}); nothing was changed", file=sys.stderr)
         return 1
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     print(f"wrote {args.dst}: {len(tensors)} tensors, {size / 2**20:.1f} MiB")

@@ -127,6 +127,27 @@ def test_tiny_sd_ckpt_reads_to_its_safetensors_twin(tiny_single_ckpt):
     assert_same_tensors(read_safetensors(tiny_single_ckpt.with_suffix(".safetensors")), read_safetensors(SINGLE))
 
 
+def test_tiny_sd_ckpt_samples_the_same_image_as_its_safetensors_twin(tiny_single_ckpt, tmp_path, capsys):
+    """Through load_stable_diffusion and sample.py: the .ckpt gives bit-identical pixels."""
+    import sample
+    from PIL import Image
+
+    folder = SINGLE.parent / "tiny_diffusers"  # configs for what the tiny file's shapes cannot say
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads cost more than they give on the shared machine
+    try:
+        images = {}
+        for name, ckpt in (("safetensors", SINGLE), ("ckpt", tiny_single_ckpt)):
+            written = sample.main(["--ckpt", str(ckpt), "--config", str(folder), "--outdir", str(tmp_path / name),
+                                   "--prompt", "a photo of a cat", "--n_samples", "1", "--ddim_steps", "3",
+                                   "--H", "32", "--W", "32", "--seed", "3", "--device", "cpu"])
+            images[name] = np.asarray(Image.open(written[0]))
+    finally:
+        torch.set_num_threads(before)
+    assert images["ckpt"].shape == (32, 32, 3) and images["ckpt"].std() > 0
+    assert np.array_equal(images["ckpt"], images["safetensors"])
+
+
 # --- malicious files --------------------------------------------------------------------------------
 
 def write_torch_zip(path: Path, data_pkl: bytes) -> Path:
@@ -322,6 +343,9 @@ def test_non_checkpoints_give_clear_errors(tmp_path):
     (tmp_path / "old.pt").write_bytes(pickle.dumps({"a": 1}, protocol=2))
     with pytest.raises(CheckpointError, match="old.pt.*pre-1.6"):
         read_checkpoint(tmp_path / "old.pt")
+    (tmp_path / "renamed.ckpt").write_bytes((FIXTURES / "lightning_small.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="renamed.ckpt.*rename it to .safetensors"):
+        read_checkpoint(tmp_path / "renamed.ckpt")
     with pytest.raises(CheckpointError, match="missing.ckpt: no such file"):
         read_checkpoint(tmp_path / "missing.ckpt")
     (tmp_path / "weights.h5").write_bytes(b"")
@@ -365,6 +389,23 @@ def test_convert_refuses_fp16_overflow_and_bad_output(tmp_path):
     assert convert_module.main([str(tmp_path / "big.ckpt"), str(tmp_path / "o.safetensors"), "--half"]) == 1
     assert convert_module.main([str(SMALL_CKPT), str(tmp_path / "o.ckpt")]) == 1
     assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o.ckpt").exists()
+
+
+def test_failed_conversion_keeps_the_old_output(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"an earlier conversion")
+    evil = write_torch_zip(tmp_path / "evil.ckpt", _os_system(tmp_path / "marker")[0])
+    assert convert_module.main([str(evil), str(out)]) == 1
+
+    def disk_full(tensors, tmp, metadata):
+        Path(tmp).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert_module, "save_file", disk_full)
+    assert convert_module.main([str(SMALL_CKPT), str(out)]) == 1
+    assert "No space left" in capsys.readouterr().err
+    assert out.read_bytes() == b"an earlier conversion"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.ckpt", "model.safetensors"]  # no .tmp left
 
 
 def test_convert_runs_as_a_module(tmp_path):
