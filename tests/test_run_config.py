@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,10 @@ def test_resume_check_lists_differences():
     assert check_resume_config(saved, now, keys, checkpoint="ck.pt", allow_change=True) == [
         "  learning_rate: checkpoint 0.001, now 0.002"]
     assert check_resume_config(saved, {**saved, "output_dir": "c"}, keys, checkpoint="ck.pt", allow_change=False) == []
+
+
+def test_example_config_is_valid():
+    import train_emotion
+    example = Path(train_emotion.__file__).parent / "configs" / "train_emotion.example.toml"
+    args = parse_args_with_config(train_emotion.build_parser(), ["--config", str(example)])
+    assert args.preset == "b16" and args.class_weighting == "balanced" and args.learning_rate == 2e-5

@@ -185,12 +185,13 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
 def test_autocast_paths_train(precision, tmp_path):
     # CPU only here: fp16 autocast runs without a GradScaler on CPU; the scaler path needs CUDA.
     out = tmp_path / precision
-    assert train(out, "--mixed_precision", precision, "--num_synthetic_train", "16", "--max_train_steps", "24",
-                 "--lr_scheduler", "constant", "--augmentation", "off", "--checkpointing_steps", "100",
-                 "--num_synthetic_eval", "7") == 0
+    # A 16x16 input (4 patches) keeps the slow CPU fp16 kernels cheap; 8 faces, memorised in a few steps.
+    assert train(out, "--mixed_precision", precision, "--image_size", "16", "--num_synthetic_train", "8",
+                 "--max_train_steps", "12", "--learning_rate", "2e-3", "--lr_scheduler", "constant",
+                 "--augmentation", "off", "--checkpointing_steps", "100", "--num_synthetic_eval", "7") == 0
     curve = [v[0] for _, v in sorted(losses(out).items())]
     assert all(torch.isfinite(torch.tensor(curve)))
-    assert sum(curve[-4:]) / 4 < 0.5 * sum(curve[:4]) / 4, curve
+    assert sum(curve[-3:]) / 3 < 0.5 * sum(curve[:3]) / 3, curve
 
 
 # ---- bad data -------------------------------------------------------------------------------------------
