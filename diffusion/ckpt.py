@@ -11,7 +11,7 @@ state such as `pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint`.
 The choice. We read the zip ourselves and run the pickle through `pickle.Unpickler` with the two
 hooks through which a pickle reaches Python code replaced by our own:
 
-* `find_class(module, name)` looks the name up in `_ALLOWED` below, a table written in this file, and
+* `find_class(module, name)` looks the name up in `ALLOWED` (diffusion/pickle_allowlist.py), a table, and
   returns *our* function for it (tensor rebuilding, OrderedDict, a numpy scalar, ...), or a fresh
   inert placeholder class for the short list of known training-state classes (`INERT_CLASSES`). It
   never imports anything. Every other name raises `UnsafeCheckpointError`, naming the global.
@@ -25,17 +25,20 @@ between versions. Here the whole argument fits on one screen:
 
 Why nothing in the file is ever executed. The pickle machine calls Python code only
  1. through `find_class` (opcodes GLOBAL, STACK_GLOBAL, INST, OBJ and the extension codes EXT1/2/4),
-    answered from `_ALLOWED` or refused. CPython answers an extension code from a process-wide cache
+    answered from `ALLOWED` or refused. CPython answers an extension code from a process-wide cache
     without asking `find_class`, so a pickle containing EXT opcodes is refused before it is run
     (`pickletools.genops` only parses);
  2. through `persistent_load`, which is ours and only reads bytes;
  3. by calling methods of objects already on its stack: `__setstate__` or `setattr` (BUILD), `append`
-    and `extend` (APPEND/APPENDS), `__setitem__` (SETITEM/SETITEMS), `add` (ADDITEMS), and `__hash__`
-    / `__eq__` of dict keys. The stack holds only pickle's own data (numbers, strings, bytes, tuples,
-    lists, dicts, sets) and what our table returned: tensors, OrderedDicts, numpy scalars, pure
-    (filesystem-free) paths, torch dtypes and our placeholders. None of their methods runs code the
-    file chooses. The callables in the table are frozen (`_Allowed` refuses attribute writes) and the
-    placeholder classes are made afresh for each file, so a BUILD cannot tamper with a later load.
+    and `extend` (APPEND/APPENDS), `__setitem__` (SETITEM/SETITEMS), `add` (ADDITEMS), `__hash__` and
+    `__eq__` of dict keys, and whatever the builtin constructors in the table call (`str(x)` calls
+    `x.__repr__`, `list(x)` iterates x). The stack holds only pickle's own data (numbers, strings,
+    bytes, tuples, lists, dicts, sets) and what our table returned: tensors, OrderedDicts, numpy
+    scalars, pure (filesystem-free) paths, torch dtypes, builtin types and our placeholders. Their
+    methods belong to Python, numpy, torch or this package, never to the file being read. The callables
+    in the table are frozen (`_Frozen` refuses attribute writes) and the placeholder classes are made
+    afresh for each file, so a BUILD cannot tamper with a later load; the tensors handed out are
+    detached, so nothing a BUILD set on them (`requires_grad`, hooks) comes along.
 
 Not covered: the pre-1.6 non-zip torch format (refused with a clear error; `torch.load(path,
 weights_only=True)` reads such files safely when they hold only tensors), and resource exhaustion (a
@@ -49,14 +52,18 @@ import pickletools
 import struct
 import zipfile
 import zlib
-from collections import OrderedDict
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from common.state_dict import CheckpointError, read_safetensors
+from diffusion.pickle_allowlist import (ALLOWED, CODE_RUNNING, INERT_CLASSES, InertObject, StorageType,
+                                       placeholder_class)
+
+__all__ = ["read_checkpoint", "read_checkpoint_full", "state_dict_of", "UnsafeCheckpointError", "InertObject",
+           "INERT_CLASSES", "PICKLE_CHECKPOINT_SUFFIXES"]
 
 PICKLE_CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -65,203 +72,11 @@ class UnsafeCheckpointError(CheckpointError):
     """The pickle asked for a global that is not on the allowlist. Nothing from the file was run."""
 
 
-# --- inert placeholders for known training-state classes ---------------------------------------------
-
-# Classes that Lightning-era checkpoints pickle next to the weights. They become placeholders that
-# keep their constructor arguments and pickled state as plain data and have no other behaviour.
-INERT_CLASSES = (
-    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",  # SD v1's own .ckpt files
-    "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",  # the same, Lightning >= 2.0
-    "pytorch_lightning.utilities.parsing.AttributeDict",  # hyper_parameters (a dict subclass)
-    "lightning_fabric.utilities.data.AttributeDict",
-    "lightning.fabric.utilities.data.AttributeDict",
-    "omegaconf.dictconfig.DictConfig",  # configs saved by CompVis-style training code
-    "omegaconf.listconfig.ListConfig",
-    "omegaconf.base.ContainerMetadata",
-    "omegaconf.base.Metadata",
-    "omegaconf.nodes.AnyNode",
-    "typing.Any",
-)
-
-
-class InertObject:
-    """Stand-in for a pickled object of an allowlisted class: holds its data, runs nothing.
-
-    `global_name` says which class the file named; `args`/`kwargs` are what the pickle passed to the
-    constructor, `state` what it passed to `__setstate__`, `items`/`list_items` what it stored with
-    SETITEMS/APPENDS (dict and list subclasses such as Lightning's AttributeDict).
-    """
-    global_name = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> "InertObject":
-        obj = object.__new__(cls)
-        obj.args, obj.kwargs, obj.state, obj.items, obj.list_items = args, kwargs, None, {}, []
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # REDUCE calls cls(*args); __new__ kept them
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.items[key] = value
-
-    def append(self, value: Any) -> None:
-        self.list_items.append(value)
-
-    def extend(self, values: Iterable[Any]) -> None:
-        self.list_items.extend(values)
-
-    def __repr__(self) -> str:
-        return f"<inert {self.global_name}>"
-
-
-def _placeholder_class(global_name: str) -> type:
-    name = f"InertObject[{global_name}]"
-    return type(name, (InertObject,), {"global_name": global_name, "__qualname__": name})
-
-
-# --- the functions a pickle may call -------------------------------------------------------------
-
-class _Frozen:
-    """Base of what the table hands the pickle: no attribute writes, so a BUILD opcode cannot alter it."""
-    __slots__ = ()
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        raise AttributeError(f"{type(self).__name__} is read-only")
-
-
-class _Allowed(_Frozen):
-    """A function the allowlist lets the pickle call, under the global name it was asked for."""
-    __slots__ = ("name", "fn")
-
-    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "fn", fn)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
-
-
-class _StorageType(_Frozen):
-    """What `torch.FloatStorage` & co. resolve to: only the dtype of the bytes, no torch class."""
-    __slots__ = ("dtype",)
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        object.__setattr__(self, "dtype", dtype)
-
-
-STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
-TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
-                "uint8", "bool")
-
-
-def _is_int_tuple(value: Any) -> bool:
-    return isinstance(value, tuple) and all(type(v) is int for v in value)
-
-
-def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = False,
-                    backward_hooks: Any = None, metadata: Any = None) -> torch.Tensor:
-    """torch._utils._rebuild_tensor_v2: a strided view into a storage. Hooks are data, never attached."""
-    if not isinstance(storage, torch.Tensor) or type(storage_offset) is not int or not _is_int_tuple(size) \
-            or not _is_int_tuple(stride) or len(size) != len(stride):
-        raise pickle.UnpicklingError("malformed tensor record")
-    if any(s < 0 for s in size) or any(s < 0 for s in stride) or storage_offset < 0:
-        raise pickle.UnpicklingError("negative tensor size, stride or offset")
-    if 0 not in size:  # the last element must lie inside the storage
-        last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
-        if last >= storage.numel():
-            raise pickle.UnpicklingError(f"tensor of size {size} reaches past its storage ({storage.numel()})")
-    return torch.as_strided(storage, size, stride, storage_offset)
-
-
-def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None,
-                       state: Any = None) -> torch.Tensor:
-    """torch._utils._rebuild_parameter(_with_state): we keep the plain tensor, never an nn.Parameter."""
-    if not isinstance(data, torch.Tensor):
-        raise pickle.UnpicklingError("parameter without tensor data")
-    return data
-
-
-def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
-    """Protocol-2 pickles spell `bytes` as `_codecs.encode(str, 'latin1')`; only that is allowed."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError("_codecs.encode is allowed only as str.encode('latin1')")
-    return text.encode("latin1")
-
-
-class _NumpyDtypeSpec:
-    """What `numpy.dtype(...)` resolves to: the type name and, after BUILD, its byte order."""
-
-    def __init__(self, name: Any, align: Any = False, copy: Any = False) -> None:
-        if not isinstance(name, str):
-            raise pickle.UnpicklingError("numpy.dtype needs a type name")
-        self.name, self.byteorder = name, "="
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
-            self.byteorder = state[1]
-
-
-def _numpy_scalar(dtype: Any, data: Any = None) -> np.generic:
-    """numpy.core.multiarray.scalar: one number (Lightning stores metrics as numpy scalars)."""
-    if not isinstance(dtype, _NumpyDtypeSpec) or not isinstance(data, bytes):
-        raise pickle.UnpicklingError("malformed numpy scalar")
-    try:
-        np_dtype = np.dtype(dtype.name).newbyteorder(dtype.byteorder)
-    except TypeError as e:
-        raise pickle.UnpicklingError(f"unknown numpy dtype {dtype.name!r}") from e
-    if np_dtype.kind not in "biufc" or len(data) != np_dtype.itemsize:  # numbers only: no object dtype
-        raise pickle.UnpicklingError(f"numpy scalar of dtype {dtype.name!r} is not allowed")
-    return np.frombuffer(data, dtype=np_dtype)[0]
-
-
-def _pure_path(cls: type) -> Callable[..., Any]:
-    def make(*parts: Any) -> Any:  # PosixPath(*parts) would be harmless too, but a pure path provably is
-        if not all(isinstance(p, str) for p in parts):
-            raise pickle.UnpicklingError("path parts must be strings")
-        return cls(*parts)
-    return make
-
-
-_FUNCTIONS = {  # global name -> our function that the pickle calls in its place
-    "torch._utils._rebuild_tensor": _rebuild_tensor,
-    "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
-    "torch._utils._rebuild_parameter": _rebuild_parameter,
-    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
-    "_codecs.encode": _codecs_encode,
-    "numpy.dtype": _NumpyDtypeSpec,
-    "numpy.core.multiarray.scalar": _numpy_scalar,  # numpy < 2
-    "numpy._core.multiarray.scalar": _numpy_scalar,
-    **{f"{module}.{kind}Path": _pure_path(pure) for module in ("pathlib", "pathlib._local")
-       for kind, pure in (("Posix", PurePosixPath), ("Windows", PureWindowsPath))},
-}
-_ALLOWED: dict[str, Any] = {
-    **{name: _Allowed(name, fn) for name, fn in _FUNCTIONS.items()},
-    **{f"torch.{name}": _StorageType(dtype) for name, dtype in STORAGE_DTYPES.items()},
-    **{f"torch.{name}": getattr(torch, name) for name in TORCH_DTYPES},  # torch.dtype: no attributes
-    "collections.OrderedDict": OrderedDict,  # an immutable C type, like the builtin types below
-    **{f"{module}.{kind.__name__}": kind for module in ("builtins", "__builtin__")
-       for kind in (int, float, complex, bool, str, bytes, bytearray, tuple, list, dict, set, frozenset)},
-}
-
-# Only used to word the error: a file naming one of these is trying to run code, not merely odd.
-_CODE_RUNNING = ("os.", "posix.", "nt.", "subprocess.", "sys.", "shutil.", "socket.", "importlib.",
-                 "runpy.", "pty.", "builtins.eval", "builtins.exec", "builtins.compile", "builtins.open",
-                 "builtins.__import__", "builtins.getattr", "builtins.setattr", "__builtin__.")
-
-
 def _refusal(path: Path, global_name: str) -> UnsafeCheckpointError:
     head = (f"{path}: refused to unpickle the global {global_name!r}: it is not on the allowlist of tensor "
-            f"rebuilders, plain containers and inert training-state classes (diffusion/ckpt.py). "
+            f"rebuilders, plain containers and inert training-state classes (diffusion/pickle_allowlist.py). "
             f"Nothing from the file was run. ")
-    if global_name.startswith(_CODE_RUNNING):
+    if global_name.startswith(CODE_RUNNING):
         return UnsafeCheckpointError(head + f"{global_name!r} is how a pickle runs code: the file is malicious "
                                      "or corrupt; do not use it. Get a .safetensors file from the publisher.")
     return UnsafeCheckpointError(
@@ -271,7 +86,7 @@ def _refusal(path: Path, global_name: str) -> UnsafeCheckpointError:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, *, path: Path, storages: Callable[[str, _StorageType, int], torch.Tensor],
+    def __init__(self, data: bytes, *, path: Path, storages: Callable[[str, StorageType, int], torch.Tensor],
                  inert: Iterable[str]) -> None:
         super().__init__(io.BytesIO(data))
         self._path, self._storages = path, storages
@@ -282,15 +97,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         global_name = f"{module}.{name}"
         if global_name in self._inert:
             if global_name not in self._placeholders:
-                self._placeholders[global_name] = _placeholder_class(global_name)
+                self._placeholders[global_name] = placeholder_class(global_name)
             return self._placeholders[global_name]
-        if global_name in _ALLOWED:
-            return _ALLOWED[global_name]
+        if global_name in ALLOWED:
+            return ALLOWED[global_name]
         raise _refusal(self._path, global_name)
 
     def persistent_load(self, pid: Any) -> torch.Tensor:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and type(pid[4]) is int):
+                and isinstance(pid[1], StorageType) and isinstance(pid[2], str) and type(pid[4]) is int):
             raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
         return self._storages(pid[2], pid[1], pid[4])
 
@@ -339,7 +154,7 @@ def _unpickle_zip(path: Path, inert: Iterable[str]) -> Any:
             bytes(_read_member(file, zf, infos[prefix + "byteorder"]).numpy()) == b"big"
         raw_cache: dict[str, torch.Tensor] = {}
 
-        def storage(key: str, kind: _StorageType, numel: int) -> torch.Tensor:
+        def storage(key: str, kind: StorageType, numel: int) -> torch.Tensor:
             name = f"{prefix}data/{key}"
             if name not in infos:
                 raise pickle.UnpicklingError(f"storage {key!r} is missing from the archive")
@@ -412,7 +227,7 @@ def state_dict_of(tree: Any, *, source: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{source}: {where} is not a plain dict of named tensors "
                               f"({len(not_tensors)} other entries: {listed}); top-level keys: "
                               f"{', '.join(map(str, list(tree)[:20])) if isinstance(tree, dict) else '-'}")
-    return dict(tensors)
+    return {key: value.detach() for key, value in tensors.items()}
 
 
 def read_checkpoint(path: str | Path, *, inert: Iterable[str] = ()) -> dict[str, torch.Tensor]:

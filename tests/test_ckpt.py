@@ -28,8 +28,7 @@ import torch
 from common.state_dict import CheckpointError, read_safetensors, safetensors_metadata
 from diffusion import ckpt
 from diffusion import convert as convert_module
-from diffusion.ckpt import (InertObject, UnsafeCheckpointError, read_checkpoint, read_checkpoint_full,
-                            state_dict_of)
+from diffusion.ckpt import InertObject, UnsafeCheckpointError, read_checkpoint, read_checkpoint_full
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ckpt"
 SMALL_CKPT = FIXTURES / "lightning_small.ckpt"
