@@ -46,6 +46,7 @@ hostile pickle can still ask for a huge list; it cannot run code).
 """
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 import pickletools
@@ -94,6 +95,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._placeholders: dict[str, type] = {}  # fresh per file
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol-2 pickles spell some Python 3 names the Python 2 way (`__builtin__.long` for int);
+        # translate them with the same tables pickle's own find_class uses. A lookup, not an import.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         global_name = f"{module}.{name}"
         if global_name in self._inert:
             if global_name not in self._placeholders:

@@ -176,6 +176,15 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> np.generic:
     return np.frombuffer(data, dtype=np_dtype)[0]
 
 
+def _byte_string(kind: type) -> Callable[..., Any]:
+    def make(*args: Any) -> Any:  # bytes(10**12) would allocate a terabyte: only copies of data allowed
+        if args and not (isinstance(args[0], (bytes, bytearray)) and len(args) == 1) and \
+                not (isinstance(args[0], str) and len(args) == 2 and args[1] in ("latin1", "latin-1")):
+            raise pickle.UnpicklingError(f"{kind.__name__}() is allowed only on bytes or (str, 'latin-1')")
+        return kind(*args)
+    return make
+
+
 def _pure_path(cls: type) -> Callable[..., Any]:
     def make(*parts: Any) -> Any:  # PosixPath(*parts) would be harmless too, but a pure path provably is
         if not all(isinstance(p, str) for p in parts):
@@ -195,17 +204,18 @@ _FUNCTIONS = {  # global name -> our function that the pickle calls in its place
     "numpy._core.multiarray.scalar": _numpy_scalar,
     **{f"{module}.{kind}Path": _pure_path(pure) for module in ("pathlib", "pathlib._local")
        for kind, pure in (("Posix", PurePosixPath), ("Windows", PureWindowsPath))},
+    **{f"builtins.{kind.__name__}": _byte_string(kind) for kind in (bytes, bytearray)},
 }
 ALLOWED: dict[str, Any] = {
     **{name: _Allowed(name, fn) for name, fn in _FUNCTIONS.items()},
     **{f"torch.{name}": StorageType(dtype) for name, dtype in STORAGE_DTYPES.items()},
     **{f"torch.{name}": getattr(torch, name) for name in TORCH_DTYPES},  # torch.dtype: no attributes
     "collections.OrderedDict": OrderedDict,  # an immutable C type, like the builtin types below
-    **{f"{module}.{kind.__name__}": kind for module in ("builtins", "__builtin__")
-       for kind in (int, float, complex, bool, str, bytes, bytearray, tuple, list, dict, set, frozenset)},
+    **{f"builtins.{kind.__name__}": kind for kind in (int, float, complex, bool, str, tuple, list, dict, set,
+                                                      frozenset)},
 }
 
 # Only used to word the error: a file naming one of these is trying to run code, not merely odd.
 CODE_RUNNING = ("os.", "posix.", "nt.", "subprocess.", "sys.", "shutil.", "socket.", "importlib.",
                 "runpy.", "pty.", "builtins.eval", "builtins.exec", "builtins.compile", "builtins.open",
-                "builtins.__import__", "builtins.getattr", "builtins.setattr", "__builtin__.")
+                "builtins.__import__", "builtins.getattr", "builtins.setattr")

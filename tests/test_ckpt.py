@@ -63,6 +63,14 @@ def test_lightning_training_state_becomes_inert_data():
     assert tree["optimizer_states"][0]["state"][0]["step"] == expected["optimizer_step"]
 
 
+def test_plain_python_values_read_back(tmp_path):
+    values = {"set": {1, 2}, "frozenset": frozenset({3}), "bytearray": bytearray(b"ab"), "bytes": b"xyz",
+              "complex": 1 + 2j, "tuple": (1, 2.5, None, True, "s"), "types": [int, float, dict],
+              "dtype": torch.bfloat16, "ordered": OrderedDict(a=1)}
+    torch.save(values, tmp_path / "values.pt")
+    assert read_checkpoint_full(tmp_path / "values.pt") == values
+
+
 def _rewrite_zip(src: Path, dst: Path, change) -> None:
     """Copy a torch zip, passing each member's (name, bytes) through `change`."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
@@ -210,6 +218,10 @@ def _eval(marker: Path) -> tuple[bytes, str]:
     return lightning_like(call_global("builtins", "eval", f"open({str(marker)!r}, 'w')")), "builtins.eval"
 
 
+def _eval_python2_spelling(marker: Path) -> tuple[bytes, str]:
+    return lightning_like(call_global("__builtin__", "eval", f"open({str(marker)!r}, 'w')")), "builtins.eval"
+
+
 def _subprocess(marker: Path) -> tuple[bytes, str]:
     return lightning_like(call_global("subprocess", "call", ["touch", str(marker)])), "subprocess.call"
 
@@ -227,7 +239,7 @@ def _inst_protocol_0(marker: Path) -> tuple[bytes, str]:
     return b"(S'touch " + str(marker).encode() + b"'\nios\nsystem\n.", "os.system"
 
 
-PAYLOADS = [_os_system, _posix_system_by_torch_save, _exec, _eval, _subprocess, _class_outside_allowlist,
+PAYLOADS = [_os_system, _posix_system_by_torch_save, _exec, _eval, _eval_python2_spelling, _subprocess, _class_outside_allowlist,
             _stack_global_protocol_4, _inst_protocol_0]
 
 
@@ -413,3 +425,11 @@ def test_convert_runs_as_a_module(tmp_path):
                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert run.returncode == 0, run.stderr
     assert f"wrote {out}" in run.stdout and out.exists()
+
+
+def test_allocation_bombs_are_refused(tmp_path):
+    """bytes(n) / bytearray(n) would allocate n zero bytes from a few bytes of pickle."""
+    for kind in ("bytes", "bytearray"):
+        with pytest.raises(CheckpointError, match=f"{kind}\\(\\) is allowed only"):
+            read_checkpoint(write_torch_zip(tmp_path / f"{kind}.ckpt", lightning_like(
+                call_global("builtins", kind, 10**13))))
