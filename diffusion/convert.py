@@ -6,9 +6,9 @@ The input is read by `diffusion.ckpt.read_checkpoint`, which runs nothing from t
 Only the model tensors are written (Lightning's `state_dict`; optimizer states, callbacks and the
 like are left behind). Stable Diffusion's "full-ema" files carry a second copy of the UNet under
 `model_ema.*` (names without dots, plus `model_ema.decay` and `model_ema.num_updates`); it is
-dropped unless `--keep_ema`. `--half` stores every floating-point tensor as float16, halving the
-file; that includes the DDPM schedule buffers (`betas`, `alphas_cumprod`, ...), which our pipeline
-recomputes from its config instead of reading. The write is atomic: a temporary file in the same
+dropped unless `--keep_ema`. `--half` stores every floating-point tensor but 0-dim scalars as
+float16, halving the file; that includes the DDPM schedule buffers (`betas`, `alphas_cumprod`, ...),
+which our loader ignores (sampling recomputes the schedule from its config). The write is atomic: a temporary file in the same
 folder, fsync, then `os.replace` (`common.training.atomic_write`), so an interrupted run never
 leaves a half-written OUT.
 """
@@ -31,7 +31,8 @@ EMA_PREFIX = "model_ema."
 
 def select_tensors(tensors: Mapping[str, torch.Tensor], *, half: bool, keep_ema: bool,
                    source: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors to write: EMA copies dropped unless `keep_ema`, floats cast to fp16 if `half`.
+    """The tensors to write: EMA copies dropped unless `keep_ema`, floats cast to fp16 if `half`
+    (except 0-dim scalars such as `model_ema.decay`: 0.9999 would round to 1.0 in float16).
 
     Every returned tensor is contiguous and owns its memory (safetensors refuses shared storage).
     Never modifies the caller's tensors.
@@ -40,7 +41,7 @@ def select_tensors(tensors: Mapping[str, torch.Tensor], *, half: bool, keep_ema:
     for key, value in tensors.items():
         if key.startswith(EMA_PREFIX) and not keep_ema:
             continue
-        if half and value.is_floating_point() and value.dtype != torch.float16:
+        if half and value.is_floating_point() and value.dtype != torch.float16 and value.dim() > 0:
             cast = value.to(torch.float16)
             if bool(torch.isfinite(value).all()) and not bool(torch.isfinite(cast).all()):
                 raise CheckpointError(f"{source}: tensor {key!r} overflows float16 (|max| = "

@@ -390,9 +390,10 @@ def test_convert_half_and_keep_ema(tmp_path):
     out = tmp_path / "half.safetensors"
     assert convert_module.main([str(SMALL_CKPT), str(out), "--half", "--keep_ema"]) == 0
     original = read_checkpoint(SMALL_CKPT)
-    want = {k: (v.half() if v.is_floating_point() else v) for k, v in original.items()}
+    want = {k: (v.half() if v.is_floating_point() and v.dim() > 0 else v) for k, v in original.items()}
     assert_same_tensors(read_safetensors(out), want)
     assert any(k.startswith("model_ema.") for k in want)
+    assert read_safetensors(out)["model_ema.decay"].item() == pytest.approx(0.9999)  # fp16 would say 1.0
 
 
 def test_convert_refuses_fp16_overflow_and_bad_output(tmp_path):
