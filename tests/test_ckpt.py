@@ -155,6 +155,35 @@ def test_tiny_sd_ckpt_samples_the_same_image_as_its_safetensors_twin(tiny_single
     assert np.array_equal(images["ckpt"], images["safetensors"])
 
 
+def test_full_ema_ckpt_converts_with_and_without_its_ema_copy(tmp_path):
+    """A "full-ema" file: the .ckpt, and its conversion with --keep_ema, load the same EMA UNet
+    through load_stable_diffusion(use_ema=True); the default conversion drops the copy."""
+    from diffusion.single_file import ema_name
+    from diffusion.weights import load_stable_diffusion
+
+    folder = SINGLE.parent / "tiny_diffusers"
+    tensors = read_safetensors(SINGLE)
+    gen = torch.Generator().manual_seed(0)
+    ema = {ema_name(k): v + 0.01 * torch.randn(v.shape, generator=gen)
+           for k, v in tensors.items() if k.startswith("model.diffusion_model.")}
+    ema |= {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(5, dtype=torch.int32)}
+    ckpt = tmp_path / "full-ema.ckpt"
+    torch.save({"epoch": 1, "state_dict": {**tensors, **ema}}, ckpt)
+    assert convert_module.main([str(ckpt), str(tmp_path / "ema.safetensors"), "--keep_ema"]) == 0
+    assert convert_module.main([str(ckpt), str(tmp_path / "plain.safetensors")]) == 0
+
+    def unet(path, use_ema):
+        return load_stable_diffusion(path, config_dir=folder, use_ema=use_ema).unet.state_dict()
+
+    ema_unet = unet(ckpt, True)
+    assert_same_tensors(unet(tmp_path / "ema.safetensors", True), ema_unet)
+    plain_unet = unet(tmp_path / "plain.safetensors", False)
+    assert_same_tensors(plain_unet, unet(SINGLE, False))
+    assert not torch.equal(plain_unet["conv_in.weight"], ema_unet["conv_in.weight"])
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        unet(tmp_path / "plain.safetensors", True)
+
+
 # --- malicious files --------------------------------------------------------------------------------
 
 def write_torch_zip(path: Path, data_pkl: bytes) -> Path:
