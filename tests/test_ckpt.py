@@ -129,6 +129,8 @@ def tiny_single_ckpt(tmp_path_factory) -> Path:
 
 
 def test_tiny_sd_ckpt_reads_to_its_safetensors_twin(tiny_single_ckpt):
+    [callback] = read_checkpoint_full(tiny_single_ckpt)["callbacks"]  # the file names Lightning's class
+    assert callback.global_name == f"{LIGHTNING}.ModelCheckpoint"
     assert_same_tensors(read_checkpoint(tiny_single_ckpt), read_safetensors(SINGLE))
     assert convert_module.main([str(tiny_single_ckpt), str(tiny_single_ckpt.with_suffix(".safetensors"))]) == 0
     assert_same_tensors(read_safetensors(tiny_single_ckpt.with_suffix(".safetensors")), read_safetensors(SINGLE))
