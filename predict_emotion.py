@@ -5,6 +5,11 @@
 Each line is {"image": path, "predictions": [{"label": ..., "score": ...}, ...]} sorted by score,
 or {"image": path, "error": "..."} for a file that is not a readable image (every other file is
 still classified; the exit status is then 1).
+
+With --faces each face found (faces/, OpenCV's Haar cascade) is cropped and classified instead:
+{"image": path, "faces": [{"box": [x, y, w, h], "predictions": [...]}, ...]}; "faces": [] when
+there is none (plus the whole image's "predictions" with --fallback_whole_image). --box x,y,w,h
+classifies given regions the same way, without detection.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import sys
 from pathlib import Path
 
 from common.state_dict import CheckpointError
+from faces import detect_faces
+from faces.crops import check_inside, crop, crop_box, draw_faces, parse_box
 from vit.classifier import DTYPES, ImageClassifier
 from vit.preprocess import IMAGE_SUFFIXES, ImageError, load_image
 
@@ -31,6 +38,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--quantize", default=None, choices=["int8"], help="dynamic int8 Linear layers (CPU)")
+    p.add_argument("--faces", action="store_true", help="detect faces and classify each face crop")
+    p.add_argument("--face_margin", type=float, default=0.2,
+                   help="with --faces: grow each face box by this fraction of its size on every side")
+    p.add_argument("--fallback_whole_image", action="store_true",
+                   help="with --faces: classify the whole image when it has no face")
+    p.add_argument("--box", action="append", metavar="x,y,w,h",
+                   help="classify this region, without detection (repeat for several)")
+    p.add_argument("--draw", metavar="DIR", help="with --faces/--box: save each image with boxes and top labels")
     args = p.parse_args(argv)
     if args.top_k < 1:
         p.error(f"--top_k {args.top_k}: must be at least 1")
@@ -38,6 +53,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--threshold {args.threshold}: must be between 0 and 1 (scores are probabilities)")
     if args.batch_size < 1:
         p.error(f"--batch_size {args.batch_size}: must be at least 1")
+    if args.faces and args.box:
+        p.error("--faces and --box: choose one (--box classifies given regions without detection)")
+    if args.fallback_whole_image and not args.faces:
+        p.error("--fallback_whole_image only applies with --faces")
+    if args.face_margin < 0:
+        p.error(f"--face_margin {args.face_margin}: must be >= 0 (a fraction of the box size)")
+    if args.draw and not (args.faces or args.box):
+        p.error("--draw needs --faces or --box (it draws their boxes)")
+    try:
+        args.box = [parse_box(text) for text in args.box or []]
+    except ValueError as e:
+        p.error(f"--box {e}")
     return args
 
 
@@ -59,6 +86,53 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     return files, empty
 
 
+def classify_regions(classifier: ImageClassifier, loaded: dict, args) -> dict:
+    """--faces / --box: crop every region of every image, classify the crops in batches, and
+    return each image's JSON line content (an error for an image where that fails)."""
+    results, regions = {}, {}                         # path -> JSON line / list of boxes
+    for path, image in loaded.items():
+        try:
+            if args.faces:
+                regions[path] = detect_faces(image)
+            else:
+                for box in args.box:
+                    check_inside(box, image.size)
+                regions[path] = list(args.box)
+        except ValueError as e:
+            results[path] = {"image": path, "error": f"{path}: {e}"}
+    crops, owners = [], []                            # owners: (path, box or None for the whole image)
+    for path, boxes in regions.items():
+        image = loaded[path]
+        margin = args.face_margin if args.faces else 0.0
+        crops += [crop(image, crop_box(box, margin, image.size)) for box in boxes]
+        owners += [(path, box) for box in boxes]
+        if not boxes and args.fallback_whole_image:
+            crops.append(image)
+            owners.append((path, None))
+        results[path] = {"image": path, "faces": []}
+    predictions = []
+    for start in range(0, len(crops), args.batch_size):
+        predictions += classifier.predict(crops[start:start + args.batch_size], top_k=args.top_k,
+                                          threshold=args.threshold)
+    for (path, box), preds in zip(owners, predictions):
+        if box is None:
+            results[path]["predictions"] = preds
+        else:
+            results[path]["faces"].append({"box": list(box), "predictions": preds})
+    return results
+
+
+def save_drawing(image, result: dict, folder: Path, used: set) -> None:
+    """--draw: the image with its boxes and top labels, as FOLDER/<file stem>.png (made unique)."""
+    faces = result["faces"] or ([{"box": [0, 0, *image.size], "predictions": result["predictions"]}]
+                                if "predictions" in result else [])
+    name, n = Path(result["image"]).stem, 1
+    while name in used:
+        name, n = f"{Path(result['image']).stem}_{n}", n + 1
+    used.add(name)
+    draw_faces(image, faces).save(folder / f"{name}.png")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     files, empty = expand_inputs(args.inputs)
@@ -73,7 +147,13 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2
-    failed = bool(empty)
+    if args.draw:
+        try:
+            Path(args.draw).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"error: --draw {args.draw}: cannot create the folder ({e})", file=sys.stderr)
+            return 2
+    failed, drawn = bool(empty), set()
     for start in range(0, len(files), args.batch_size):
         loaded = {}                                   # path -> image, for the readable ones
         results = {}                                  # path -> the JSON line's content
@@ -82,11 +162,15 @@ def main(argv=None) -> int:
                 loaded[path] = load_image(path)
             except ImageError as e:
                 results[path] = {"image": path, "error": str(e)}
-        if loaded:
+        if loaded and (args.faces or args.box):
+            results.update(classify_regions(classifier, loaded, args))
+        elif loaded:
             predictions = classifier.predict(list(loaded.values()), top_k=args.top_k, threshold=args.threshold)
             results.update({path: {"image": path, "predictions": preds} for path, preds in zip(loaded, predictions)})
         for path in files[start:start + args.batch_size]:  # print in input order
             failed |= "error" in results[path]
+            if args.draw and "error" not in results[path]:
+                save_drawing(loaded[path], results[path], Path(args.draw), drawn)
             print(json.dumps(results[path]), flush=True)
     return 1 if failed else 0
 
