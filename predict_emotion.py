@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common.state_dict import CheckpointError
 from faces import detect_faces
-from faces.crops import check_inside, crop, crop_box, draw_faces, parse_box
+from faces.crops import DEFAULT_MARGIN, check_inside, crop, crop_box, draw_faces, parse_box
 from vit.classifier import DTYPES, ImageClassifier
 from vit.preprocess import IMAGE_SUFFIXES, ImageError, load_image
 
@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--quantize", default=None, choices=["int8"], help="dynamic int8 Linear layers (CPU)")
     p.add_argument("--faces", action="store_true", help="detect faces and classify each face crop")
-    p.add_argument("--face_margin", type=float, default=0.2,
+    p.add_argument("--face_margin", type=float, default=DEFAULT_MARGIN,
                    help="with --faces: grow each face box by this fraction of its size on every side")
     p.add_argument("--fallback_whole_image", action="store_true",
                    help="with --faces: classify the whole image when it has no face")

@@ -6,7 +6,8 @@ image-classification format, with request batching. Standard library only (http.
 
     POST /       the image bytes as the body, or JSON {"inputs": "<base64 image>",
                  "parameters": {"top_k": 5, "function_to_apply": "softmax"}}
-                 -> 200 [{"label": ..., "score": ...}, ...] sorted by score
+                 -> 200 [{"label": ..., "score": ...}, ...] sorted by score; with "faces": true,
+                 [{"box": [x, y, w, h], "predictions": [...]}, ...] per face found (faces/)
     GET /health  the model, labels, device, dtype and the batching counters
     errors       {"error": "..."} with 400, 404, 405, 408, 411, 413 (or 500 for a failed forward pass)
 
@@ -43,6 +44,7 @@ from typing import Callable
 from PIL import Image, UnidentifiedImageError
 
 from common.state_dict import CheckpointError
+from faces.crops import face_crops
 from serving.batcher import Batcher
 from vit.classifier import DTYPES, FUNCTIONS, ImageClassifier, apply_function, rank
 from vit.preprocess import ImageError, load_image
@@ -74,6 +76,7 @@ def _positive_int(v) -> bool:
 PARAMETERS = {
     "top_k": Parameter(5, _positive_int, "an integer >= 1 (capped at the number of labels)"),
     "function_to_apply": Parameter("softmax", lambda v: v in FUNCTIONS, f"one of {', '.join(FUNCTIONS)}"),
+    "faces": Parameter(False, lambda v: isinstance(v, bool), "true or false (classify each face crop)"),
 }
 TOP_LEVEL_KEYS = ("inputs", "parameters", "options")  # "options" (wait_for_model, use_cache): ignored here
 
@@ -321,10 +324,16 @@ class EmotionServer(ThreadingHTTPServer):
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def predict(self, image: Image.Image, parameters: dict) -> list[dict]:
-        pixel_values = self.classifier.pixel_values([image])[0]          # (3, H, W)
-        logits = self.batcher.submit(pixel_values).result()               # (num_labels,)
-        scores = apply_function(logits[None], parameters["function_to_apply"])[0]
-        return rank(scores, self.classifier.labels, top_k=parameters["top_k"])
+        try:   # with "faces": each face crop is one more row for the batcher
+            regions = face_crops(image) if parameters["faces"] else [(None, image)]
+        except ValueError as e:                                           # e.g. smaller than the detector's window
+            raise ImageError(f"request body: {e}") from e
+        futures = [self.batcher.submit(self.classifier.pixel_values([crop])[0]) for _, crop in regions]  # (3, H, W)
+        ranked = [rank(apply_function(f.result()[None], parameters["function_to_apply"])[0],   # logits (num_labels,)
+                       self.classifier.labels, top_k=parameters["top_k"]) for f in futures]
+        if not parameters["faces"]:
+            return ranked[0]
+        return [{"box": list(box), "predictions": r} for (box, _), r in zip(regions, ranked)]
 
     def health(self) -> dict:
         c = self.classifier

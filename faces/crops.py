@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
+from .detect import detect_faces
+
 Box = tuple[int, int, int, int]
+DEFAULT_MARGIN = 0.2      # predict_emotion.py --face_margin and serve_emotion.py's {"faces": true}
 BOX_COLOUR = (255, 40, 40)
 LABEL_COLOUR = (255, 255, 255)
 
@@ -44,6 +47,12 @@ def crop_box(box: Box, margin: float, size: tuple[int, int]) -> Box:
 def crop(image: Image.Image, box: Box) -> Image.Image:
     x, y, w, h = box
     return image.crop((x, y, x + w, y + h))
+
+
+def face_crops(image: Image.Image, margin: float = DEFAULT_MARGIN) -> list[tuple[Box, Image.Image]]:
+    """(detected box, crop grown by `margin`) for each face found in the image, with the detector's
+    default parameters. ValueError for an image smaller than the detection window."""
+    return [(box, crop(image, crop_box(box, margin, image.size))) for box in detect_faces(image)]
 
 
 def draw_faces(image: Image.Image, faces: list[dict]) -> Image.Image:

@@ -1,10 +1,14 @@
-"""predict_emotion.py --faces / --box / --fallback_whole_image / --draw, with the tiny ViT fixture.
+"""predict_emotion.py --faces / --box / --fallback_whole_image / --draw and serve_emotion.py's
+{"faces": true}, with the tiny ViT fixture.
 
 The per-face scores must equal classifying the crops directly (the crop is the detector's box
 grown by --face_margin), and every bad input is named while the other images are still processed.
 """
+import base64
+import http.client
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from PIL import Image
 import predict_emotion
 from faces import detect_faces
 from faces.crops import crop_box
+from serve_emotion import EmotionServer
 from vit.classifier import ImageClassifier
 from vit.preprocess import load_image
 
@@ -110,3 +115,48 @@ def test_bad_flags_named(flags, message, capsys):
     with pytest.raises(SystemExit):
         predict_emotion.main(["--model", MODEL, *flags, FOUR_FACES])
     assert message in capsys.readouterr().err
+
+
+# ---- serve_emotion.py {"parameters": {"faces": true}} --------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(classifier):
+    srv = EmotionServer(classifier, port=0, max_batch_size=8, max_wait_ms=20, quiet=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.close()
+    thread.join()
+
+
+def post(srv, image: bytes, **parameters):
+    body = json.dumps({"inputs": base64.b64encode(image).decode(), "parameters": parameters})
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=60)
+    conn.request("POST", "/", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    status, payload = response.status, json.loads(response.read())
+    conn.close()
+    return status, payload
+
+
+def test_server_faces_equal_predict_emotion(server, capsys):
+    _, lines, _ = run(capsys, "--faces", "--top_k", "3", FOUR_FACES)
+    status, faces = post(server, Path(FOUR_FACES).read_bytes(), faces=True, top_k=3)
+    assert status == 200 and [f["box"] for f in faces] == [f["box"] for f in lines[0]["faces"]]
+    for face, expected in zip(faces, lines[0]["faces"]):
+        _close(face["predictions"], expected["predictions"])
+    status, faces = post(server, Path(NO_FACE).read_bytes(), faces=True)
+    assert (status, faces) == (200, [])
+    status, plain = post(server, Path(NO_FACE).read_bytes(), faces=False, top_k=2)
+    assert status == 200 and [p["label"] for p in plain] == [p["label"] for p in run(capsys, "--top_k", "2", NO_FACE)[1][0]["predictions"]]
+
+
+def test_server_faces_bad_input(server, tmp_path):
+    dot = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1)).save(dot)
+    status, answer = post(server, dot.read_bytes(), faces=True)
+    assert status == 400 and "request body" in answer["error"] and "1x1" in answer["error"]
+    status, answer = post(server, Path(FOUR_FACES).read_bytes(), faces="yes")
+    assert status == 400 and "parameters.faces" in answer["error"]
+    assert post(server, Path(NO_FACE).read_bytes(), faces=True)[0] == 200     # still serving
