@@ -393,7 +393,10 @@ def main(argv=None) -> int:
         return 2
 
     def stop(signum, frame):  # serve_forever() runs in this thread: shutdown() must be called from another
-        print(f"{signal.Signals(signum).name}: finishing requests in flight, then exiting", file=sys.stderr)
+        print(f"{signal.Signals(signum).name}: finishing requests in flight, then exiting "
+              "(send it again to exit at once)", file=sys.stderr)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
         threading.Thread(target=server.shutdown).start()
 
     signal.signal(signal.SIGINT, stop)
