@@ -1,0 +1,151 @@
+"""serve_emotion.py throughput with request batching against one image per forward pass, in one run.
+
+    flock /tmp/bench.lock .venv-dev/bin/python bench/serve.py [--requests 128] [--rounds 3]
+
+A full-size ViT-B/16 with random weights (written once to a temporary folder with our exporter) is
+served by serve_emotion.py in bf16 on the CPU, on loopback, once with --max_batch_size 16 (batching)
+and once with --max_batch_size 1 (no batching). 16 client threads send a 224x224 JPEG back to back.
+Each round starts a fresh server, warms it up, then times a fixed number of requests; rounds alternate
+the two settings so machine noise hits both. Prints requests/s (median over rounds), p50/p99 latency
+(over every timed request) and the throughput ratio (> 1.0: batching is faster). Both sides are ours:
+no reference library is involved.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {"batched": 16, "unbatched": 1}  # name -> --max_batch_size
+
+
+def make_image() -> bytes:
+    """A 224x224 JPEG with some texture (decode and resize cost like a real face crop)."""
+    from PIL import Image
+    image = Image.merge("RGB", [Image.effect_noise((224, 224), sigma).convert("L") for sigma in (20, 40, 60)])
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def start_server(folder: str, max_batch_size: int, max_wait_ms: float) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve_emotion.py"), "--model", folder, "--dtype", "bf16",
+                             "--port", "0", "--quiet", "--max_batch_size", str(max_batch_size),
+                             "--max_wait_ms", str(max_wait_ms)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if "http://127.0.0.1:" not in line:
+        proc.kill()
+        raise RuntimeError(f"serve_emotion.py did not start: {line}{proc.stderr.read()}")
+    return proc, int(line.split("http://127.0.0.1:")[1].split("/")[0])
+
+
+def call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, object]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.request(method, path, body=body)
+    response = conn.getresponse()
+    result = response.status, json.loads(response.read())
+    conn.close()
+    return result
+
+
+def load(port: int, image: bytes, requests: int, concurrency: int) -> tuple[float, list[float]]:
+    """`requests` POSTs from `concurrency` threads, each sending back to back -> (seconds, latencies)."""
+    latencies, lock, left = [], threading.Lock(), [requests]
+
+    def client():
+        while True:
+            with lock:
+                if left[0] == 0:
+                    return
+                left[0] -= 1
+            t = time.perf_counter()
+            status, answer = call(port, "POST", "/", image)
+            if status != 200:
+                raise RuntimeError(f"request failed: {status} {answer}")
+            with lock:
+                latencies.append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - start
+    if len(latencies) != requests:
+        raise RuntimeError(f"only {len(latencies)} of {requests} requests succeeded")
+    return seconds, latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--requests", type=int, default=128, help="timed requests per round and setting")
+    p.add_argument("--warmup", type=int, default=48, help="untimed requests after each server start")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max_wait_ms", type=float, default=5)
+    args = p.parse_args()
+
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from vit.model import ViTConfig, ViTForImageClassification
+    from vit.preprocess import PreprocessConfig
+    from vit.weights import save_pretrained
+
+    image = make_image()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; ViT-B/16 random weights, bf16 on "
+          f"the CPU; concurrency {args.concurrency}; {args.rounds} rounds x {args.requests} timed requests "
+          f"(after {args.warmup} warm-up); --max_wait_ms {args.max_wait_ms}; {len(image)}-byte JPEG")
+    results = {name: {"rps": [], "latencies": [], "histogram": Counter()} for name in SETTINGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        save_pretrained(ViTForImageClassification(ViTConfig.b16()), PreprocessConfig(), Path(tmp) / "vit-b16")
+        folder = str(Path(tmp) / "vit-b16")
+        for round_ in range(args.rounds):
+            for name, max_batch_size in SETTINGS.items():
+                proc, port = start_server(folder, max_batch_size, args.max_wait_ms)
+                try:
+                    load(port, image, args.warmup, args.concurrency)
+                    before = call(port, "GET", "/health")[1]["batching"]["histogram"]
+                    seconds, latencies = load(port, image, args.requests, args.concurrency)
+                    after = call(port, "GET", "/health")[1]["batching"]["histogram"]
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=60)
+                r = results[name]
+                r["rps"].append(args.requests / seconds)
+                r["latencies"] += latencies
+                r["histogram"] += Counter({int(k): n - before.get(k, 0) for k, n in after.items()})
+                print(f"  round {round_ + 1} {name:9s} {args.requests / seconds:6.2f} requests/s", flush=True)
+
+    print(f"\n{'setting':28s} {'requests/s':>10s} {'p50 ms':>8s} {'p99 ms':>8s} {'mean batch':>10s}")
+    for name, max_batch_size in SETTINGS.items():
+        r = results[name]
+        batches = sum(r["histogram"].values())
+        mean_batch = sum(size * n for size, n in r["histogram"].items()) / max(batches, 1)
+        print(f"{name + f' (--max_batch_size {max_batch_size})':28s} {statistics.median(r['rps']):10.2f} "
+              f"{1000 * percentile(r['latencies'], 50):8.0f} {1000 * percentile(r['latencies'], 99):8.0f} "
+              f"{mean_batch:10.1f}")
+    ratio = statistics.median(results["batched"]["rps"]) / statistics.median(results["unbatched"]["rps"])
+    print(f"\nthroughput ratio, batched / unbatched: {ratio:.2f}x (target >= 2x)")
+
+
+if __name__ == "__main__":
+    main()
