@@ -155,7 +155,9 @@ def load_cascade(path: str | Path = DEFAULT_CASCADE) -> HaarCascade:
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as err:
-        raise CascadeError(f"{path}: not a well-formed XML file ({err}); truncated download?") from None
+        truncated = "no element found" in str(err) or "unclosed token" in str(err)
+        raise CascadeError(f"{path}: not a well-formed XML file ({err})"
+                           + ("; it looks truncated (an interrupted download?)" if truncated else "")) from None
     cascade = root.find("cascade") if root.tag == "opencv_storage" else None
     if cascade is None:
         old = root[0].get("type_id") if len(root) else None

@@ -170,3 +170,14 @@ def test_tiny_image_and_bad_parameters():
         detect_faces(gray, min_neighbors=-1)
     with pytest.raises(ValueError, match="uint8"):
         detect_faces(gray.astype(np.float32))
+
+
+def test_command_line(tmp_path, capsys):
+    from faces.__main__ import main
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    code = main([str(FIXTURES / "pasted_faces_640x480.jpg"), str(broken), "--min_size", "40x40"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 1 and len(lines[0]["faces"]) == 3 and str(broken) in lines[1]["error"]
+    assert main(["--cascade", str(tmp_path / "none.xml"), str(broken)]) == 2
+    assert "--cascade" in capsys.readouterr().err
