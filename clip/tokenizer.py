@@ -157,7 +157,8 @@ class CLIPTokenizer:
         _check_prompts(prompts)
         if max_length < 2:
             raise ValueError(f"max_length={max_length}: room is needed for the start and end tokens")
-        encodings = self._backend.encode_batch(list(prompts), add_special_tokens=False)  # in parallel
+        # in parallel threads; "fast" skips the character offsets, which we do not use
+        encodings = self._backend.encode_batch_fast(list(prompts), add_special_tokens=False)
         # Truncation keeps the end token, as transformers' truncation=True does.
         rows = [[self.bos_token_id, *e.ids[:max_length - 2], self.eos_token_id] for e in encodings]
         if not padding:
