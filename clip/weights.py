@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from clip.text_model import CLIPTextConfig, CLIPTextModel
 from common.state_dict import CheckpointError, load_strict, read_safetensors, rename_keys
@@ -87,6 +88,19 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides) -> 
     return CLIPTextConfig.vit_l14(**{**shapes, **overrides})
 
 
+def _read_text_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file, or only the cond_stage_model.* ones of an SD v1 single file
+    (its UNet and VAE tensors, ~3 GB of the 4 GB, are not read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            if any(k.startswith(SD_PREFIX) for k in keys):
+                return {k: f.get_tensor(k) for k in keys if k.startswith(SD_PREFIX)}
+    except Exception:  # not a safetensors file, missing, a pickle: read_safetensors says which
+        pass
+    return read_safetensors(path)
+
+
 def load_text_encoder(path: str | Path, *, config: CLIPTextConfig | None = None) -> CLIPTextModel:
     """A CLIPTextModel from a folder (config.json + model.safetensors) or a .safetensors file, in eval mode.
 
@@ -102,7 +116,7 @@ def load_text_encoder(path: str | Path, *, config: CLIPTextConfig | None = None)
             config = CLIPTextConfig.from_json(path / "config.json")
     else:
         weights = path
-    state_dict = text_encoder_state_dict(read_safetensors(weights), source=str(weights))
+    state_dict = text_encoder_state_dict(_read_text_tensors(weights), source=str(weights))
     if config is None:
         config = config_from_state_dict(state_dict)
     width = state_dict["token_embedding.weight"].shape[1] if "token_embedding.weight" in state_dict else None

@@ -113,3 +113,14 @@ def test_folder_without_weights(tmp_path):
 def test_fixture_budget():
     total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
     assert total < 1.5e6, f"tests/fixtures/clip holds {total / 1e6:.2f} MB, over its 1.5 MB budget"
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_text_encoder(tmp_path / "missing.safetensors")
+    (tmp_path / "model.ckpt").write_bytes(b"PK")
+    with pytest.raises(CheckpointError, match="pickle checkpoints"):
+        load_text_encoder(tmp_path / "model.ckpt")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_text_encoder(tmp_path / "garbage.safetensors")
