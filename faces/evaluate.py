@@ -19,7 +19,10 @@ integral buffer; later stages gather only the corners of the windows still alive
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -27,6 +30,7 @@ from .cascade import CascadeError, HaarCascade
 
 FLAT_PATCH_LIMIT = 0.1          # setWindow rejects a window when A * inv_sigma >= 0.1
 MAX_GATHER = 1 << 17            # corners gathered at once (bounds the temporaries)
+THREADS = min(os.cpu_count() or 1, 4)   # worker threads for the later stages
 CORNER_SIGNS = (1, -1, -1, 1)   # rect sum = S[y, x] - S[y, x+w] - S[y+h, x] + S[y+h, x+w]
 
 
@@ -167,16 +171,16 @@ def _stage_plan(packed: PackedCascade, stage: StageArrays, row_length: int):
 def stage_passes_points(points: Points, buffer: np.ndarray, packed: PackedCascade, stage: StageArrays,
                         inv_sigma: np.ndarray) -> np.ndarray:
     """Stage decision for a set of windows, laid out (things, windows) so that every step after
-    the one gather of corners works on contiguous rows."""
+    the one gather of corners works on contiguous rows. Chunks of windows run on a thread pool
+    (numpy releases the GIL inside these array operations)."""
     if stage.trees:
         return _tree_stage_passes(points, buffer, packed, stage, inv_sigma)
     offsets, corner_rows, rect_weight, rect_of_stump = _stage_plan(packed, stage, points.row_length)
     first, second, third = rect_of_stump.T
     has_third = np.nonzero(third >= 0)[0]
     flat = buffer.ravel()
-    passed = np.empty(len(points.base), dtype=bool)
-    chunk = max(1, MAX_GATHER // len(offsets))
-    for start in range(0, len(points.base), chunk):
+
+    def chunk_passes(start: int) -> np.ndarray:
         base, scale = points.base[start:start + chunk], inv_sigma[start:start + chunk]
         values = flat[offsets[:, None] + base[None, :]]                       # (U, m) int32
         c = values[corner_rows]                                               # (R, 4, m)
@@ -189,8 +193,18 @@ def stage_passes_points(points: Points, buffer: np.ndarray, packed: PackedCascad
         stage_sum = np.zeros(len(base))
         for row in leaves:                                                    # in order, float64
             stage_sum = stage_sum + row
-        passed[start:start + chunk] = stage_sum >= stage.threshold
-    return passed
+        return stage_sum >= stage.threshold
+
+    chunk = max(1, MAX_GATHER // len(offsets))
+    starts = range(0, len(points.base), chunk)
+    if len(starts) <= 1:
+        return chunk_passes(0)
+    return np.concatenate(list(_pool().map(chunk_passes, starts)))
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="faces")
 
 
 def _tree_stage_passes(windows, sums, packed, stage: StageArrays, inv_sigma) -> np.ndarray:
