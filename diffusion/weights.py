@@ -4,6 +4,7 @@
     load_stable_diffusion("v1-5-pruned-emaonly.safetensors")           an original single file
     load_stable_diffusion("sd-v1-4.ckpt", use_ema=True)                (read without unpickling code)
     load_stable_diffusion("model.safetensors", config_dir="sd15/")     configs from sd15/{unet,vae,text_encoder}/
+                                                                       (and sd15/tokenizer/ when present)
 
 A diffusers folder needs no renaming at all (our attributes carry diffusers' names), except old VAE
 folders' attention names; the single file goes through the rules in `diffusion/single_file.py`.
@@ -177,5 +178,8 @@ def _load_single_file(path: Path, *, config_dir: Path | None, use_ema: bool) -> 
         unet=load_unet_single_file(unet_t, unet_cfg, source=source),
         vae=load_vae_single_file(vae_t, vae_cfg, source=source),
         text_encoder=load_text_encoder_single_file(text_t, text_cfg, source=f"{source} (text encoder)"),
-        tokenizer=CLIPTokenizer.from_pretrained(None),
+        # A single file carries no tokenizer: a --config folder laid out like a diffusers folder may hold
+        # this model's own tokenizer/; otherwise the shipped SD v1 (OpenAI CLIP) vocabulary.
+        tokenizer=CLIPTokenizer.from_pretrained(config_dir / "tokenizer" if config_dir is not None
+                                                and (config_dir / "tokenizer").is_dir() else None),
         scheduler_config=dict(SD_V1_SCHEDULER_CONFIG), source=source, layout="single_file")

@@ -1,0 +1,130 @@
+"""DreamBooth's data: the instance photos, the class images the base model generates, and the crops.
+
+Everything here runs before a model is loaded (except `generate_class_images`), so bad input is
+reported first: a folder without images, a file that is not an image, an unwritable class folder.
+
+Images are prepared as diffusers' DreamBooth example prepares them: EXIF orientation applied, RGB,
+the shorter side resized to `resolution` (bilinear, PIL), then a `resolution` square cropped from the
+centre (--center_crop) or at a random offset, and scaled to [-1, 1].
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.training import atomic_write
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CLASS_IMAGE_NAME = re.compile(r"class-(\d+)\.png")   # generated class image of index N: class-0000N.png
+
+
+class DataError(ValueError):
+    """A data folder or file that cannot be used; the message names the flag and the file."""
+
+
+def image_files(folder: str | Path, *, flag: str) -> list[Path]:
+    """Every file of `folder` (sorted, hidden files skipped); any that is not a readable image is an error."""
+    from PIL import Image, UnidentifiedImageError
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{flag} {folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    for file in files:
+        try:
+            with Image.open(file) as im:
+                im.verify()
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{flag} {folder}: {file.name} is not a readable image ({e})") from None
+    return files
+
+
+def load_image(file: Path, resolution: int) -> torch.Tensor:
+    """(3, H, W) uint8 with the shorter side equal to `resolution` (EXIF orientation applied)."""
+    from PIL import Image, ImageOps
+    with Image.open(file) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        w, h = im.size
+        scale = resolution / min(w, h)
+        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+        im = im.resize(size, Image.BILINEAR)
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)       # (3, H, W)
+
+
+def crop(image: torch.Tensor, resolution: int, *, center: bool, generator: torch.Generator) -> torch.Tensor:
+    """A `resolution` square of a (3, H, W) uint8 image -> (3, r, r) float in [-1, 1].
+
+    centre: torchvision's CenterCrop offsets (rounded half-differences); else a uniform random
+    offset drawn from `generator` (drawn in both cases, so the random stream does not depend on it)."""
+    _, h, w = image.shape
+    top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
+    left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
+    if center:
+        top, left = int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0))
+    pixels = image[:, top:top + resolution, left:left + resolution].float() / 255.0
+    return pixels * 2.0 - 1.0                                                    # [0, 1] -> [-1, 1]
+
+
+# ---- class images -----------------------------------------------------------------------------------------
+def missing_class_indices(folder: Path, num_class_images: int) -> list[int]:
+    """The indices to generate so that `folder` holds `num_class_images` images: the lowest indices
+    whose class-NNNNN.png is absent (images of other names, e.g. real photos, count as well)."""
+    present = image_files(folder, flag="--class_data_dir") if folder.is_dir() else []
+    taken = {int(m.group(1)) for p in present if (m := CLASS_IMAGE_NAME.fullmatch(p.name))}
+    need, out, index = num_class_images - len(present), [], 0
+    while len(out) < need:
+        if index not in taken:
+            out.append(index)
+        index += 1
+    return out
+
+
+def class_image_seed(seed: int, index: int) -> int:
+    """The seed of class image `index`: the same index always starts from the same noise."""
+    return seed + index
+
+
+@torch.no_grad()
+def generate_class_images(models, folder: Path, indices: list[int], *, prompt: str, resolution: int, seed: int,
+                          batch_size: int, steps: int, guidance_scale: float, precision: str,
+                          progress: bool = True) -> list[Path]:
+    """Generate class image i for every i in `indices` with the base model and the project's DDIM
+    sampler (batched classifier-free guidance), each from its own seed `class_image_seed(seed, i)`.
+
+    Images are made in fixed groups of `batch_size` consecutive indices (index i belongs to group
+    i // batch_size, always computed whole), so a rerun that fills a gap computes every image in the
+    same batch as the first run did, and writes only the missing files."""
+    from tqdm import tqdm
+
+    from diffusion.pipeline import (decode_to_uint8, denoise, encode_prompts, initial_latents, make_sampler,
+                                    precision_context, to_pil)
+    folder.mkdir(parents=True, exist_ok=True)
+    device = next(models.unet.parameters()).device
+    unet_config, vae_config = models.unet.config, models.vae.config
+    wanted = set(indices)
+    groups = sorted({i // batch_size for i in indices})
+    written = []
+    bar = tqdm(total=len(indices), desc="class images", unit="image", disable=not progress)
+    for g in groups:
+        group = list(range(g * batch_size, (g + 1) * batch_size))
+        with precision_context(precision, device):
+            uncond, cond = encode_prompts(models, ["", prompt], device).float().chunk(2)   # (1, 77, D) each
+            latents = torch.cat([initial_latents(1, channels=unet_config.in_channels, height=resolution,
+                                                 width=resolution, factor=vae_config.spatial_factor,
+                                                 generator=torch.Generator("cpu").manual_seed(class_image_seed(seed, i)),
+                                                 device=device) for i in group])             # (n, C, h, w)
+            n = len(group)
+            latents = denoise(models.unet, latents, cond.expand(n, -1, -1), uncond.expand(n, -1, -1),
+                              sampler=make_sampler(models.scheduler_config, "ddim"), steps=steps,
+                              guidance_scale=guidance_scale, progress=False)
+            images = to_pil(decode_to_uint8(models.vae, latents))
+        for i, image in zip(group, images):
+            if i in wanted:
+                path = folder / f"class-{i:05d}.png"
+                atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))   # never a torn PNG
+                written.append(path)
+                bar.update(1)
+    bar.close()
+    return written

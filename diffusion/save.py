@@ -1,0 +1,277 @@
+"""Writing Stable Diffusion v1 back out: a diffusers folder and an original single file.
+
+    save_diffusers_folder(models, "out/", trained={"unet"})     StableDiffusionPipeline.from_pretrained("out/") loads it
+    save_single_file(models, "out/model.safetensors")           the CompVis/LDM layout, fp16, weights only
+
+No mapping is written twice. Loading renames checkpoint keys onto ours with the regex rules of
+`diffusion/single_file.py` and `clip/weights.py`; saving runs the same rules backwards:
+
+- when the output has the layout of the checkpoint that was loaded, every tensor goes back under the
+  key it was read from (`under_source_names`), so the file keeps its exact key set (old VAE attention
+  names, `text_model.` prefixes, `position_ids`, LDM's schedule buffers), and parts that were not
+  trained are copied byte for byte;
+- otherwise the rules are inverted (`invert_rules`: each rule's replacement becomes the pattern and its
+  pattern the replacement) and the result is checked by running the forward rules over it again: the
+  keys must come back exactly as ours, or the save stops naming the tensors that do not.
+
+Trained weights are written in fp32 to the folder (the dtype they were trained in) and in fp16 to the
+single file (half the size: about 2 GB for SD v1, with no optimizer state and no EMA copy).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from common.state_dict import CheckpointError, Rule, check_keys, read_safetensors, rename_keys
+from common.training import atomic_write
+from diffusion import single_file as sf
+from diffusion import unet as unet_module
+from diffusion import vae as vae_module
+from diffusion.weights import FOLDER_FILES, read_single_file
+
+PARTS = ("unet", "vae", "text_encoder")
+TEXT_FOLDER_PREFIX = "text_model."    # transformers 4's CLIPTextModel names, as in SD v1's text_encoder/
+
+
+# ---- the rules, backwards ---------------------------------------------------------------------------
+def _split_pattern(pattern: str) -> list[str | tuple[str]]:
+    """A rule's regex as literal text and capture groups: r"a\\.b\\.(\\d+)\\.(.+)" -> ["a.b.", ("\\d+",), ".", (".+",)].
+
+    Only what the loading rules use is accepted: escaped or plain literal characters and capturing
+    groups; anything else (an optional group, a bare wildcard) has no single inverse and is refused."""
+    out: list[str | tuple[str]] = [""]
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
+            out[-1] += pattern[i + 1]
+            i += 2
+        elif c == "(":
+            depth, j = 1, i + 1
+            while depth:
+                depth += {"(": 1, ")": -1}.get(pattern[j], 0)
+                j += 2 if pattern[j] == "\\" else 1
+            body = pattern[i + 1:j - 1]
+            if body.startswith("?") or (j < len(pattern) and pattern[j] in "?*+{"):
+                raise ValueError(f"rule {pattern!r}: group ({body}) cannot be inverted")
+            out += [(body,), ""]
+            i = j
+        elif c in ".^$*+?{}[]|)\\":
+            raise ValueError(f"rule {pattern!r}: {c!r} outside a group cannot be inverted")
+        else:
+            out[-1] += c
+            i += 1
+    return out
+
+
+def invert_rules(rules: Iterable[Rule]) -> list[Rule]:
+    """(pattern, replacement) -> (replacement as a pattern, pattern as a replacement), in the same
+    order (specific rules first, as when loading). Each group must be used exactly once."""
+    inverted = []
+    for pattern, repl in rules:
+        parts = _split_pattern(pattern)
+        groups = [p[0] for p in parts if isinstance(p, tuple)]
+        pieces = re.split(r"\\(\d+)", repl)          # literal, group number, literal, ...
+        refs = [int(n) for n in pieces[1::2]]
+        if sorted(refs) != list(range(1, len(groups) + 1)):
+            raise ValueError(f"rule {pattern!r} -> {repl!r}: every group must appear exactly once")
+        new_pattern = "".join(re.escape(p) if k % 2 == 0 else f"({groups[int(p) - 1]})"
+                              for k, p in enumerate(pieces))
+        position = {g: n for n, g in enumerate(refs, 1)}   # group g of the old pattern is group n of the new
+        new_repl, g = "", 0
+        for p in parts:
+            if isinstance(p, tuple):
+                g += 1
+                new_repl += f"\\{position[g]}"
+            else:
+                new_repl += p.replace("\\", "\\\\")
+        inverted.append((new_pattern, new_repl))
+    return inverted
+
+
+def to_layout(ours: Mapping[str, torch.Tensor], rules: list[Rule], *, what: str) -> dict[str, torch.Tensor]:
+    """Our tensors under the names from which `rules` load them; checked by loading the names back."""
+    inverse = invert_rules(rules)
+    names = rename_keys({k: k for k in ours}, inverse)          # their name -> our name
+    back = rename_keys({k: k for k in names}, rules)            # must be our names again, exactly
+    bad = sorted(theirs for our, theirs in back.items() if names[theirs] != our)
+    if bad or set(back) != set(ours):
+        raise CheckpointError(f"{what}: the key rules do not invert for {', '.join(bad[:10]) or 'some tensors'}")
+    return {theirs: ours[our] for theirs, our in names.items()}
+
+
+def under_source_names(ours: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor], rules: list[Rule], *,
+                       drop: Iterable[str] = (), what: str) -> dict[str, torch.Tensor]:
+    """Our tensors under the source checkpoint's own keys (shapes as the source had them: LDM's 1x1-conv
+    VAE attention). Source keys that load into nothing (`drop`: e.g. position_ids) keep their tensor."""
+    kept = {k: v for k, v in source.items() if any(re.fullmatch(d, k) for d in drop)}
+    names = rename_keys({k: k for k in source if k not in kept}, rules)      # our name -> source name
+    unknown = sorted(set(names) - set(ours))
+    if unknown:
+        raise CheckpointError(f"{what}: source tensors map to names the model does not have: "
+                              f"{', '.join(names[k] for k in unknown[:10])}")
+    if set(names) != set(ours):
+        raise CheckpointError(f"{what}: not in the source checkpoint: {', '.join(sorted(set(ours) - set(names))[:10])}")
+    return {**{theirs: ours[our].reshape(source[theirs].shape) for our, theirs in names.items()}, **kept}
+
+
+def _text_rules(prefix: str) -> list[Rule]:
+    """clip/weights.py's TEXT_RULES for one fixed key prefix (the loading rules accept several)."""
+    from clip.weights import TEXT_RULES, _PREFIX
+    return [(re.escape(prefix) + p.removeprefix(_PREFIX), r) for p, r in TEXT_RULES]
+
+
+def _vae_attention_as_conv(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `single_file.vae_attention_as_linear`: (C, C) -> (C, C, 1, 1)."""
+    return {k: (v[:, :, None, None] if sf.VAE_ATTENTION_LINEAR.fullmatch(k) and v.ndim == 2 else v)
+            for k, v in tensors.items()}
+
+
+def _contiguous(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Detached CPU copies that own their memory (safetensors refuses shared storage)."""
+    return {k: v.detach().to("cpu", dtype=dtype if dtype is not None and v.is_floating_point() else v.dtype)
+            .contiguous().clone() for k, v in tensors.items()}
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=metadata))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# ---- diffusers folder -----------------------------------------------------------------------------------
+def save_diffusers_folder(models, out: str | Path, *, trained: set[str], config_dir: str | Path | None = None) -> Path:
+    """Write `models` as an SD v1 diffusers folder. `trained`: the parts whose weights changed
+    ("unet", "text_encoder"); the others are written as they came (copied, from a folder source).
+
+    From a folder source every config, the tokenizer and the scheduler are copied; a trained text
+    encoder keeps its source file's key names. From a single file, the configs come from
+    `config_dir` (as loading took them) or are written from our configs, the tokenizer from its
+    vocabulary, and the text encoder gets SD v1's `text_model.*` names."""
+    out, source = Path(out), Path(models.source)
+    out.mkdir(parents=True, exist_ok=True)
+    if models.layout == "diffusers":
+        for entry in source.iterdir():
+            if entry.name in PARTS:
+                continue
+            target = out / entry.name
+            if entry.is_dir():
+                shutil.copytree(entry, target, dirs_exist_ok=True)
+            elif entry.suffix == ".json":
+                shutil.copy2(entry, target)
+        for part in PARTS:
+            (out / part).mkdir(exist_ok=True)
+            shutil.copy2(source / part / "config.json", out / part / "config.json")
+            file = source / part / FOLDER_FILES[part]
+            if part not in trained:
+                shutil.copy2(file, out / part / FOLDER_FILES[part])
+            elif part == "unet":   # our UNet attributes carry diffusers' names: no renaming
+                _write_safetensors(out / part / FOLDER_FILES[part], _contiguous(models.unet.state_dict()),
+                                   {"format": "pt"})
+            else:
+                from clip.weights import DROPPED, TEXT_RULES
+                tensors = under_source_names(models.text_encoder.state_dict(), read_safetensors(file), TEXT_RULES,
+                                             drop=DROPPED, what=str(file))
+                _write_safetensors(out / part / FOLDER_FILES[part], _contiguous(tensors), {"format": "pt"})
+        return out
+
+    # A single file: every part written from the models in memory (untrained parts from the file's tensors).
+    from clip.weights import text_encoder_state_dict
+    unet_t, vae_t, text_t = sf.split_single_file(read_single_file(source), use_ema=False, source=str(source))
+    unet = (models.unet.state_dict() if "unet" in trained
+            else rename_keys(unet_t, sf.unet_rules(models.unet.config)))
+    vae = sf.vae_attention_as_linear(rename_keys(vae_t, sf.vae_rules(models.vae.config)))
+    text = (models.text_encoder.state_dict() if "text_encoder" in trained
+            else text_encoder_state_dict(text_t, source=str(source)))
+    text = to_layout(text, _text_rules(TEXT_FOLDER_PREFIX), what="text encoder")
+    for part, tensors in (("unet", unet), ("vae", vae), ("text_encoder", text)):
+        _write_safetensors(out / part / FOLDER_FILES[part], _contiguous(tensors), {"format": "pt"})
+    config_dir = Path(config_dir) if config_dir is not None else None
+    for part, config in (("unet", _unet_config(models.unet.config)), ("vae", _vae_config(models.vae.config)),
+                         ("text_encoder", _text_config(models.text_encoder.config))):
+        if config_dir is not None and (config_dir / part / "config.json").is_file():
+            shutil.copy2(config_dir / part / "config.json", out / part / "config.json")
+        else:
+            _write_json(out / part / "config.json", config)
+    if config_dir is not None and (config_dir / "tokenizer").is_dir():
+        shutil.copytree(config_dir / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    else:
+        _write_tokenizer(models.tokenizer, out / "tokenizer")
+    _write_json(out / "scheduler" / "scheduler_config.json", {"_class_name": "PNDMScheduler", **models.scheduler_config,
+                                                              "skip_prk_steps": True})
+    _write_json(out / "model_index.json", MODEL_INDEX)
+    return out
+
+
+# SD v1.5's model_index.json without the safety checker and feature extractor (not part of training).
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
+    "feature_extractor": [None, None], "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def _unet_config(config) -> dict:
+    return {"_class_name": "UNet2DConditionModel", **unet_module.FIXED_FIELDS, **asdict(config)}
+
+
+def _vae_config(config) -> dict:
+    return {"_class_name": "AutoencoderKL", **vae_module.FIXED_FIELDS, **asdict(config)}
+
+
+def _text_config(config) -> dict:
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **asdict(config)}
+
+
+def _write_tokenizer(tokenizer, folder: Path) -> None:
+    """vocab.json + merges.txt + tokenizer_config.json, the files of SD v1's tokenizer/ folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / "vocab.json", tokenizer.vocab)
+    merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tokenizer.merges)
+    atomic_write(folder / "merges.txt", lambda tmp: Path(tmp).write_text(merges, encoding="utf-8"))
+    _write_json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.model_max_length,
+        "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token})
+
+
+# ---- original single file ---------------------------------------------------------------------------------
+def save_single_file(models, path: str | Path, *, dtype: torch.dtype = torch.float16) -> Path:
+    """The three models in one CompVis/LDM-layout safetensors file, floats in `dtype` (fp16: SD v1 in
+    about 2 GB), weights only. From a single-file source, its own keys (and schedule buffers) are
+    kept; its EMA copy (model_ema.*), stale once the UNet has been trained, is left out."""
+    path = Path(path)
+    unet, vae, text = models.unet.state_dict(), models.vae.state_dict(), models.text_encoder.state_dict()
+    if models.layout == "single_file":
+        source = read_single_file(Path(models.source))
+        unet_s, vae_s, text_s = sf.split_single_file(source, use_ema=False, source=models.source)
+        from clip.weights import DROPPED, TEXT_RULES
+        tensors = {**under_source_names(unet, unet_s, sf.unet_rules(models.unet.config), what="UNet"),
+                   **under_source_names(vae, vae_s, sf.vae_rules(models.vae.config), what="VAE"),
+                   **under_source_names(text, text_s, TEXT_RULES, drop=DROPPED, what="text encoder"),
+                   **{k: v for k, v in source.items() if k in sf.IGNORED and not k.startswith(sf.EMA_PREFIX)}}
+    else:
+        tensors = {**to_layout(unet, sf.unet_rules(models.unet.config), what="UNet"),
+                   **to_layout(_vae_attention_as_conv(vae), sf.vae_rules(models.vae.config), what="VAE"),
+                   **to_layout(text, _text_rules(sf.TEXT_PREFIX + TEXT_FOLDER_PREFIX), what="text encoder")}
+    _write_safetensors(path, _contiguous(tensors, dtype), {"format": "pt"})
+    return path
+
+
+def check_same_keys(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Raise CheckpointError unless `a` and `b` hold the same names and shapes."""
+    check_keys({k: tuple(v.shape) for k, v in a.items()}, {k: tuple(v.shape) for k, v in b.items()}, source=source)

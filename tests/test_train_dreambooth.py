@@ -1,0 +1,302 @@
+"""train_dreambooth.py on the tiny SD fixtures: the loss falls, what must stay frozen stays bit-identical,
+exact resume, DDP = one process, class images deterministic and resumable, outputs that load (and keep
+the input's key layout), the saver's key rules on the real SD v1 manifests, and bad input refused
+before any model is loaded. Every run is a few steps at 16x16 pixels (4x4 latents)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import sample
+import train_dreambooth
+from common.state_dict import read_safetensors
+from common.training import list_checkpoints, load_checkpoint
+from diffusion.dreambooth_data import generate_class_images, missing_class_indices
+from diffusion.schedule import NoiseSchedule, ScheduleConfig
+from diffusion.weights import load_stable_diffusion
+
+ROOT = Path(__file__).resolve().parent.parent
+SD = ROOT / "tests" / "fixtures" / "sd"
+FOLDER, SINGLE = SD / "tiny_diffusers", SD / "tiny_single.safetensors"
+MANIFESTS = ROOT / "tests" / "manifests"
+FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+         "text_encoder": "model.safetensors"}
+PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of dog"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; on the shared 2-core machine one thread is far faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Three instance photos (different sizes, so resizing and cropping are exercised)."""
+    root = tmp_path_factory.mktemp("dreambooth_data")
+    rng = np.random.default_rng(0)
+    (root / "instance").mkdir()
+    for i, (h, w) in enumerate([(20, 24), (24, 18), (16, 16)]):
+        base = rng.integers(0, 255, (1, 1, 3))        # one colour per photo, plus a little texture
+        pixels = np.clip(base + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "instance" / f"photo{i}.png")
+    return root
+
+
+def args_for(data: Path, out: Path, *extra: str, model: Path = FOLDER) -> list[str]:
+    config = ["--pretrained_config_dir", str(FOLDER)] if model == SINGLE else []
+    return ["--pretrained_model_name_or_path", str(model), *config, "--instance_data_dir", str(data / "instance"),
+            "--instance_prompt", PROMPT, "--resolution", "16", "--train_batch_size", "1", "--learning_rate", "1e-3",
+            "--lr_scheduler", "constant", "--checkpointing_steps", "100", "--device", "cpu",
+            "--output_dir", str(out), *extra]
+
+
+PRIOR = ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--num_class_images", "3",
+         "--sample_batch_size", "2"]
+
+
+def prior(data: Path) -> list[str]:
+    return [*PRIOR, "--class_data_dir", str(data / "class")]
+
+
+def tensors(folder: Path, part: str) -> dict[str, torch.Tensor]:
+    return read_safetensors(folder / part / FILES[part])
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> Path:
+    """The main run: folder model, prior preservation (class images generated), 8 steps, a checkpoint
+    every 4 (only the newest kept), a validation grid at step 4 and 8, and the single file."""
+    out = tmp_path_factory.mktemp("trained") / "sks"
+    argv = args_for(data, out, *prior(data), "--max_train_steps", "8", "--checkpointing_steps", "4",
+                    "--checkpoints_total_limit", "1", "--validation_prompt", "a sks dog", "--validation_steps", "4",
+                    "--num_validation_images", "2", "--save_single_file")
+    assert train_dreambooth.main(argv) == 0
+    return out
+
+
+# ---- training -------------------------------------------------------------------------------------------
+def fixed_instance_loss(model_path: Path, data: Path) -> float:
+    """The epsilon loss on the instance photos (centre crops) over 8 fixed noise/timestep draws each."""
+    from diffusion.dreambooth_data import crop, load_image
+    models = load_stable_diffusion(model_path)
+    schedule = NoiseSchedule(config=ScheduleConfig.from_dict(models.scheduler_config))
+    g = torch.Generator().manual_seed(0)
+    images = [crop(load_image(f, 16), 16, center=True, generator=g) for f in sorted((data / "instance").iterdir())]
+    pixels = torch.stack(images).repeat(8, 1, 1, 1)                                  # (24, 3, 16, 16)
+    with torch.no_grad():
+        latents = models.vae.encode(pixels).mean * models.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, 1000, (len(latents),), generator=g)
+        ids = models.tokenizer([PROMPT] * len(latents), padding=True, max_length=77)
+        pred = models.unet(schedule.add_noise(latents, noise, t), t, models.text_encoder(ids).last_hidden_state)
+    return F.mse_loss(pred, noise).item()
+
+
+def test_instance_loss_falls_and_metrics_are_logged(trained, data):
+    assert fixed_instance_loss(trained, data) < 0.9 * fixed_instance_loss(FOLDER, data)
+    records = metrics(trained)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for key in ("instance_loss", "prior_loss", "lr", "step_time_s", "peak_memory_mb", "grad_norm"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    assert sorted(p.name for p in (trained / "validation").iterdir()) == ["step-000004.png", "step-000008.png"]
+    assert [step for step, _ in list_checkpoints(trained)] == [8]            # --checkpoints_total_limit 1
+    assert (trained / "run_config.toml").is_file()
+    assert json.loads((trained / "run_info.json").read_text())["status"] == "finished"
+    assert sorted(p.name for p in (data / "class").iterdir()) == ["class-00000.png", "class-00001.png",
+                                                                  "class-00002.png"]
+
+
+def test_frozen_parts_are_written_as_they_came(trained):
+    for part in ("vae", "text_encoder"):                       # no --train_text_encoder
+        assert (trained / part / FILES[part]).read_bytes() == (FOLDER / part / FILES[part]).read_bytes(), part
+    ours, base = tensors(trained, "unet"), tensors(FOLDER, "unet")
+    assert ours.keys() == base.keys()                          # the input's key layout
+    assert any(not torch.equal(ours[k], base[k]) for k in ours)
+
+
+def test_output_folder_samples_with_sample_py(trained, tmp_path):
+    written = sample.main(["--ckpt", str(trained), "--prompt", "a sks dog", "--n_samples", "1", "--ddim_steps", "2",
+                           "--H", "16", "--W", "16", "--outdir", str(tmp_path)])
+    assert len(written) == 2 and all(p.is_file() for p in written)
+
+
+def test_single_file_holds_the_same_weights(trained):
+    single = trained / "sks.safetensors"
+    file = read_safetensors(single)
+    assert all(v.dtype == torch.float16 for v in file.values())
+    reference = read_safetensors(SINGLE)      # the same model in the original layout, as published
+    model_keys = {k for k in reference if k.startswith(("model.diffusion_model.", "first_stage_model.",
+                                                         "cond_stage_model."))} - {
+        "cond_stage_model.transformer.text_model.embeddings.position_ids"}
+    assert set(file) == model_keys
+    a, b = load_stable_diffusion(single, config_dir=FOLDER), load_stable_diffusion(trained)
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert all(torch.equal(sa[k], sb[k].half().float()) for k in sb), name
+
+
+def test_text_encoder_trains_only_when_asked(data, tmp_path):
+    out = tmp_path / "te"
+    assert train_dreambooth.main(args_for(data, out, "--train_text_encoder", "--gradient_checkpointing",
+                                          "--max_train_steps", "2")) == 0
+    ours, base = tensors(out, "text_encoder"), tensors(FOLDER, "text_encoder")
+    assert ours.keys() == base.keys()
+    assert any(not torch.equal(ours[k], base[k]) for k in ours if not k.endswith("position_ids"))
+    assert (out / "vae" / FILES["vae"]).read_bytes() == (FOLDER / "vae" / FILES["vae"]).read_bytes()
+
+
+def test_resume_and_run_config_repeat_bit_for_bit(data, tmp_path, capsys):
+    full, resumed, repeated = tmp_path / "full", tmp_path / "resumed", tmp_path / "repeated"
+    extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--offset_noise", "--snr_gamma", "5.0",
+             "--lr_scheduler", "linear", "--lr_warmup_steps", "1"]
+    assert train_dreambooth.main(args_for(data, full, *extra)) == 0
+    resumed.mkdir()
+    shutil.copy(full / "checkpoint-2.pt", resumed / "checkpoint-2.pt")   # as if the run had stopped there
+    assert train_dreambooth.main(args_for(data, resumed, *extra, "--resume_from_checkpoint", "latest")) == 0
+    assert train_dreambooth.main(["--config", str(full / "run_config.toml"), "--output_dir", str(repeated)]) == 0
+    base = tensors(full, "unet")
+    for other in (resumed, repeated):
+        ours = tensors(other, "unet")
+        assert all(torch.equal(base[k], ours[k]) for k in base), other.name
+    assert load_checkpoint(full / "checkpoint-4.pt")["step"] == 4
+    # a run-shaping change is refused, naming it
+    capsys.readouterr()
+    assert train_dreambooth.main(args_for(data, resumed, *extra, "--learning_rate", "0.01",
+                                          "--resume_from_checkpoint", "latest")) == 2
+    assert "learning_rate: checkpoint 0.001, now 0.01" in capsys.readouterr().err
+
+
+def test_ddp_two_processes_equal_one_process(data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = [*prior(data), "--max_train_steps", "2", "--learning_rate", "1e-4"]
+    assert train_dreambooth.main(args_for(data, one, *common, "--train_batch_size", "2")) == 0
+    argv = args_for(data, two, *common)   # --train_batch_size 1 on each of 2 processes
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "train_dreambooth.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert json.loads((two / "run_info.json").read_text())["world_size"] == 2
+    for r1, r2 in zip(metrics(one), metrics(two)):
+        assert abs(r1["instance_loss"] - r2["instance_loss"]) <= 1e-5 and abs(r1["prior_loss"] - r2["prior_loss"]) <= 1e-5
+    w1, w2 = tensors(one, "unet"), tensors(two, "unet")
+    worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert worst <= 1e-5, worst
+
+
+def test_single_file_model_in_and_out_keeps_its_layout(data, tmp_path):
+    out = tmp_path / "from_single"
+    assert train_dreambooth.main(args_for(data, out, "--max_train_steps", "1", "--save_single_file",
+                                          model=SINGLE)) == 0
+    written, source = read_safetensors(out / "from_single.safetensors"), read_safetensors(SINGLE)
+    assert written.keys() == source.keys()                     # schedule buffers and position_ids included
+    assert all(torch.equal(written[k], source[k].half()) for k in source if not k.startswith("model.diffusion"))
+    models = load_stable_diffusion(out)                        # and the folder made from it loads
+    assert models.layout == "diffusers"
+
+
+# ---- class images ------------------------------------------------------------------------------------------
+def test_class_images_are_deterministic_and_resumable(tmp_path):
+    models = load_stable_diffusion(FOLDER)
+    make = lambda folder, indices: generate_class_images(
+        models, folder, indices, prompt=CLASS_PROMPT, resolution=16, seed=3, batch_size=2, steps=4,
+        guidance_scale=7.5, precision="fp32", progress=False)
+    first = tmp_path / "first"
+    assert [p.name for p in make(first, missing_class_indices(first, 3))] == [
+        "class-00000.png", "class-00001.png", "class-00002.png"]
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    (first / "class-00001.png").unlink()
+    Image.new("RGB", (16, 16)).save(first / "my-photo.jpg")     # a user's own image counts too
+    assert missing_class_indices(first, 4) == [1]
+    assert missing_class_indices(first, 3) == []
+    make(first, [1])
+    assert (first / "class-00001.png").read_bytes() == before["class-00001.png"]
+    second = tmp_path / "second"                                # another folder, another order: same images
+    make(second, [2, 0])
+    assert {p.name: p.read_bytes() for p in second.iterdir()} == {k: before[k] for k in ("class-00000.png",
+                                                                                         "class-00002.png")}
+    assert before["class-00000.png"] != before["class-00002.png"]
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr("diffusion.weights.load_stable_diffusion", refuse)
+
+
+def test_bad_input_is_refused_before_any_model_loads(data, tmp_path, capsys, no_model_load):
+    def run(*argv, instance: Path = data / "instance"):
+        argv = args_for(data, tmp_path / "out", *argv)
+        argv[argv.index("--instance_data_dir") + 1] = str(instance)
+        try:
+            code = train_dreambooth.main(argv)
+        except SystemExit as e:     # argparse's parser.error
+            code = e.code
+        return code, capsys.readouterr().err
+
+    (tmp_path / "empty").mkdir()
+    code, err = run(instance=tmp_path / "empty")
+    assert code == 2 and "--instance_data_dir" in err and "no images" in err
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "notes.txt").write_text("not a photo")
+    code, err = run(instance=tmp_path / "mixed")
+    assert code == 2 and "notes.txt is not a readable image" in err
+    code, err = run("--with_prior_preservation", "--class_data_dir", str(tmp_path / "c"))
+    assert code == 2 and "--with_prior_preservation needs --class_prompt" in err
+    code, err = run("--resolution", "20")
+    assert code == 2 and "--resolution=20: must be a positive multiple of 8" in err
+    (tmp_path / "a_file").write_text("")
+    argv = args_for(data, tmp_path / "a_file" / "out")
+    assert train_dreambooth.main(argv) == 2
+    assert "--output_dir" in (err := capsys.readouterr().err) and "cannot write there" in err
+
+
+# ---- the saver's key rules on the real SD v1 layouts --------------------------------------------------------
+def test_saver_writes_the_real_sd_v1_key_layouts():
+    """Our SD v1 models (meta device) written back through the inverted rules give exactly the published
+    files' tensor names and shapes (the single file without its schedule buffers and position_ids)."""
+    from clip.text_model import CLIPTextConfig, CLIPTextModel
+    from diffusion import single_file as sf
+    from diffusion.save import TEXT_FOLDER_PREFIX, _text_rules, _vae_attention_as_conv, to_layout
+    from diffusion.unet import UNet2DConditionModel, UNetConfig
+    from diffusion.vae import AutoencoderKL, VAEConfig
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(config=UNetConfig.sd_v1()), AutoencoderKL(config=VAEConfig.sd_v1())
+        text = CLIPTextModel(CLIPTextConfig.vit_l14())
+    shapes = lambda d: {k: list(v.shape) for k, v in d.items()}
+    single = {**to_layout(unet.state_dict(), sf.unet_rules(unet.config), what="unet"),
+              **to_layout(_vae_attention_as_conv(vae.state_dict()), sf.vae_rules(vae.config), what="vae"),
+              **to_layout(text.state_dict(), _text_rules(sf.TEXT_PREFIX + TEXT_FOLDER_PREFIX), what="text")}
+    published = json.loads((MANIFESTS / "sd_v1_single_file.json").read_text())["model_tensors"]
+    published.pop("cond_stage_model.transformer.text_model.embeddings.position_ids")
+    assert shapes(single) == published
+    folder_text = to_layout(text.state_dict(), _text_rules(TEXT_FOLDER_PREFIX), what="text")
+    files = json.loads((MANIFESTS / "sd_v1_diffusers.json").read_text())["files"]
+    expected = {k: v for k, v in files["text_encoder/model.safetensors"].items() if not k.endswith("position_ids")}
+    assert shapes(folder_text) == expected
+    assert shapes(unet.state_dict()) == files["unet/diffusion_pytorch_model.safetensors"]
+
+
+def test_single_file_with_config_dir_takes_its_tokenizer():
+    models = load_stable_diffusion(SINGLE, config_dir=FOLDER)
+    assert models.tokenizer.vocab == load_stable_diffusion(FOLDER).tokenizer.vocab
+    assert len(models.tokenizer.vocab) < 49408          # not the shipped SD v1 vocabulary
