@@ -26,12 +26,10 @@ import contextlib
 import math
 import resource
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -43,8 +41,8 @@ from common.state_dict import CheckpointError
 from common.training import (MIXED_PRECISION, MetricsLog, StopOnSignal, all_reduce_sum, autocast, barrier,
                              grad_scaler, load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint,
                              seed_everything, set_rng_state, setup_distributed, stop_requested, teardown_distributed)
-from diffusion.dreambooth_data import (DataError, crop, generate_class_images, image_files, load_image,
-                                       missing_class_indices)
+from diffusion.dreambooth_data import (DataError, check_model_size, check_writable, crop, example_generator,
+                                       generate_class_images, image_files, load_image, missing_class_indices)
 
 # The settings that shape a run: resuming with any of them changed needs --allow_config_change.
 RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instance_data_dir", "instance_prompt",
@@ -132,28 +130,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--snr_gamma {args.snr_gamma}: must be > 0")
 
 
-def check_model_size(args: argparse.Namespace) -> None:
-    """--resolution against the model's configs, read without loading weights (as sample.py does)."""
-    from diffusion.pipeline import check_size
-    from sample import UsageError, read_configs
-    try:
-        configs = read_configs(args.pretrained_model_name_or_path, args.pretrained_config_dir)
-    except UsageError as e:
-        raise DataError(str(e).replace("--ckpt", "--pretrained_model_name_or_path")
-                        .replace("--config", "--pretrained_config_dir")) from None
-    if configs is not None:   # None: a .ckpt, whose shapes are checked once it is loaded
-        check_size(args.resolution, args.resolution, *configs, names=("--resolution", "--resolution"))
-
-
-def check_writable(folder: Path, flag: str) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise DataError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
-
-
 def learning_rate(step: int, total: int, peak: float, args) -> float:
     """diffusers' get_scheduler: constant; constant after a linear warmup from 0; or warmup then a
     linear decay to 0, or half a cosine to 0 (Loshchilov & Hutter 2017, eq. 5), at `total`."""
@@ -168,14 +144,6 @@ def learning_rate(step: int, total: int, peak: float, args) -> float:
     if args.lr_scheduler == "cosine":
         return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return peak
-
-
-def example_generator(seed: int, epoch: int, position: int) -> torch.Generator:
-    """The generator of one training example: its crop, latent sample, noise and timestep depend only
-    on (seed, epoch, its position in the epoch), so one process and N processes draw the same numbers,
-    and a resumed run draws what the uninterrupted run would have."""
-    state = np.random.SeedSequence([seed, epoch, position]).generate_state(2, dtype=np.uint32)
-    return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def checkpoint_text_encoder_layers(text_encoder: torch.nn.Module) -> None:

@@ -10,6 +10,7 @@ centre (--center_crop) or at a random offset, and scaled to [-1, 1].
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,36 @@ def crop(image: torch.Tensor, resolution: int, *, center: bool, generator: torch
         top, left = int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0))
     pixels = image[:, top:top + resolution, left:left + resolution].float() / 255.0
     return pixels * 2.0 - 1.0                                                    # [0, 1] -> [-1, 1]
+
+
+def example_generator(seed: int, epoch: int, position: int) -> torch.Generator:
+    """The generator of one training example: its crop, latent sample, noise and timestep depend only
+    on (seed, epoch, its position in the epoch), so one process and N processes draw the same numbers,
+    and a resumed run draws what the uninterrupted run would have."""
+    state = np.random.SeedSequence([seed, epoch, position]).generate_state(2, dtype=np.uint32)
+    return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def check_model_size(args) -> None:
+    """--resolution against the model's configs, read without loading weights (as sample.py does)."""
+    from diffusion.pipeline import check_size
+    from sample import UsageError, read_configs
+    try:
+        configs = read_configs(args.pretrained_model_name_or_path, args.pretrained_config_dir)
+    except UsageError as e:
+        raise DataError(str(e).replace("--ckpt", "--pretrained_model_name_or_path")
+                        .replace("--config", "--pretrained_config_dir")) from None
+    if configs is not None:   # None: a .ckpt, whose shapes are checked once it is loaded
+        check_size(args.resolution, args.resolution, *configs, names=("--resolution", "--resolution"))
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise DataError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
 
 
 # ---- class images -----------------------------------------------------------------------------------------

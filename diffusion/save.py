@@ -163,14 +163,13 @@ def save_diffusers_folder(models, out: str | Path, *, trained: set[str], config_
     out, source = Path(out), Path(models.source)
     out.mkdir(parents=True, exist_ok=True)
     if models.layout == "diffusers":
-        for entry in source.iterdir():
-            if entry.name in PARTS:
-                continue
-            target = out / entry.name
-            if entry.is_dir():
-                shutil.copytree(entry, target, dirs_exist_ok=True)
-            elif entry.suffix == ".json":
-                shutil.copy2(entry, target)
+        # model_index.json and the other components it names (tokenizer, scheduler, and a safety checker
+        # or feature extractor if the folder has them), nothing else (not a previous run's checkpoints).
+        shutil.copy2(source / "model_index.json", out / "model_index.json")
+        index = json.loads((source / "model_index.json").read_text())
+        for name in index:
+            if name not in PARTS and not name.startswith("_") and (source / name).is_dir():
+                shutil.copytree(source / name, out / name, dirs_exist_ok=True)
         for part in PARTS:
             (out / part).mkdir(exist_ok=True)
             shutil.copy2(source / part / "config.json", out / part / "config.json")

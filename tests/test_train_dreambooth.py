@@ -300,3 +300,10 @@ def test_single_file_with_config_dir_takes_its_tokenizer():
     models = load_stable_diffusion(SINGLE, config_dir=FOLDER)
     assert models.tokenizer.vocab == load_stable_diffusion(FOLDER).tokenizer.vocab
     assert len(models.tokenizer.vocab) < 49408          # not the shipped SD v1 vocabulary
+
+
+def test_example_config_reads_with_the_seed_repository_settings():
+    from common.run_config import parse_args_with_config
+    args = parse_args_with_config(train_dreambooth.build_parser(),
+                                  ["--config", str(ROOT / "configs" / "train_dreambooth.example.toml")])
+    assert (args.learning_rate, args.max_train_steps, args.train_batch_size, args.prior_loss_weight) == (1e-6, 800, 1, 1.0)
