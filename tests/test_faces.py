@@ -181,3 +181,16 @@ def test_command_line(tmp_path, capsys):
     assert code == 1 and len(lines[0]["faces"]) == 3 and str(broken) in lines[1]["error"]
     assert main(["--cascade", str(tmp_path / "none.xml"), str(broken)]) == 2
     assert "--cascade" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE["tree_cascade"]))
+def test_tree_cascade_matches_opencv(name):
+    """Depth-2 trees instead of stumps: the first 10 stages of OpenCV's frontalface_alt2 cascade."""
+    cascade = load_cascade(FIXTURES / "alt2_first_10_stages.xml")
+    assert not cascade.is_stump_cascade and cascade.window == (20, 20) and len(cascade.stages) == 10
+    expected = REFERENCE["tree_cascade"][name]
+    gray = _gray(name)
+    raw = detect_faces(gray, scale_factor=1.2, min_neighbors=0, min_size=(40, 40), cascade=cascade)
+    assert sorted(map(list, raw)) == expected["raw"]
+    grouped = detect_faces(gray, scale_factor=1.2, min_neighbors=3, min_size=(40, 40), cascade=cascade)
+    assert sorted(map(list, grouped)) == expected["grouped"]

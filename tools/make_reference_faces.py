@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,11 @@ RUNS = [
     (1.05, 2, (40, 40), (160, 160)),
 ]
 GROUP_THRESHOLDS = (1, 2, 3, 5)
+# A cascade of depth-2 trees (not stumps), to test that path: the first stages of OpenCV's
+# haarcascade_frontalface_alt2.xml (same Intel licence), written out with only the features they use.
+TREE_SOURCE, TREE_STAGES = "haarcascade_frontalface_alt2.xml", 10
+TREE_CASCADE = OUT / "alt2_first_10_stages.xml"
+TREE_IMAGES = ("astronaut.jpg", "pasted_faces_on_coffee.jpg")
 RESIZE_SIZES = [(55, 43), (50, 39), (31, 24), (24, 24), (13, 9), (61, 47)]
 
 
@@ -76,6 +82,32 @@ def make_images(skimage_data: Path) -> None:
         image.convert("RGB" if image.mode != "L" else "L").save(OUT / name, quality=88)
     for name, image in _synthetic(images["astronaut.jpg"].convert("RGB"), images["coffee.jpg"].convert("RGB")).items():
         image.save(OUT / name, quality=88)
+
+
+def make_tree_cascade() -> None:
+    """The first TREE_STAGES stages of TREE_SOURCE, features renumbered, as a new cascade file."""
+    root = ET.parse(Path(cv2.data.haarcascades) / TREE_SOURCE).getroot()
+    cascade = root.find("cascade")
+    stages = cascade.find("stages")
+    for stage in list(stages)[TREE_STAGES:]:
+        stages.remove(stage)
+    cascade.find("stageNum").text = str(TREE_STAGES)
+    used: dict[int, int] = {}                       # old feature index -> new
+    for nodes in stages.iter("internalNodes"):
+        numbers = nodes.text.split()
+        for i in range(2, len(numbers), 4):
+            numbers[i] = str(used.setdefault(int(numbers[i]), len(used)))
+        nodes.text = " ".join(numbers)
+    features = cascade.find("features")
+    kept = [list(features)[old] for old in sorted(used, key=used.get)]
+    for feature in list(features):
+        features.remove(feature)
+    features.extend(kept)
+    header = (f"<?xml version=\"1.0\"?>\n<!-- The first {TREE_STAGES} stages of OpenCV's {TREE_SOURCE} "
+              f"(opencv-python-headless {cv2.__version__}), with only the features they use, made by "
+              f"tools/make_reference_faces.py. Licence: the Intel License Agreement, as in "
+              f"faces/LICENSE-haarcascade.txt. -->\n")
+    TREE_CASCADE.write_text(header + ET.tostring(root, encoding="unicode") + "\n")
 
 
 def _boxes(found) -> list[list[int]]:
@@ -108,6 +140,7 @@ def main() -> None:
                          f"in a separate environment (see this file's docstring)")
     if args.skimage_data:
         make_images(args.skimage_data)
+    make_tree_cascade()
     cv2.setNumThreads(1)
     detector = cv2.CascadeClassifier(str(CASCADE))
     if detector.empty():
@@ -132,6 +165,14 @@ def main() -> None:
             str(t): _boxes(cv2.groupRectangles(raw, t, 0.2)[0]) if raw else [] for t in GROUP_THRESHOLDS}}
         reference["images"][path.name] = entry
         print(path.name, gray.shape, [len(r["boxes"]) for r in entry["runs"]])
+
+    trees = cv2.CascadeClassifier(str(TREE_CASCADE))
+    reference["tree_cascade"] = {name: {
+        "raw": _boxes(trees.detectMultiScale(np.asarray(Image.open(OUT / name).convert("L")), scaleFactor=1.2,
+                                             minNeighbors=0, minSize=(40, 40))),
+        "grouped": _boxes(trees.detectMultiScale(np.asarray(Image.open(OUT / name).convert("L")), scaleFactor=1.2,
+                                                 minNeighbors=3, minSize=(40, 40)))} for name in TREE_IMAGES}
+    print("tree cascade", {k: (len(v["raw"]), len(v["grouped"])) for k, v in reference["tree_cascade"].items()})
 
     rng = np.random.default_rng(3)
     source = rng.integers(0, 256, (47, 61), dtype=np.uint8)
