@@ -66,8 +66,11 @@ def _own_memory(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def convert(src: str | Path, dst: str | Path, *, half: bool = False, keep_ema: bool = False,
-            inert: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """Read `src` safely, write its model tensors to the safetensors file `dst`; returns what was written."""
+            inert: Iterable[str] = ()) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Read `src` safely, write its model tensors to the safetensors file `dst`.
+
+    Returns the tensors written and the names of those left out (the EMA copies).
+    """
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"{dst}: the output must end in .safetensors")
@@ -76,14 +79,15 @@ def convert(src: str | Path, dst: str | Path, *, half: bool = False, keep_ema: b
     if not dst.parent.is_dir():
         raise CheckpointError(f"{dst}: folder {dst.parent} does not exist")
     tree = read_checkpoint_full(src, inert=inert)
-    tensors = select_tensors(state_dict_of(tree, source=src), half=half, keep_ema=keep_ema, source=src)
+    state_dict = state_dict_of(tree, source=src)
+    tensors = select_tensors(state_dict, half=half, keep_ema=keep_ema, source=src)
     metadata = {"format": "pt", "converted_from": src.name}
     if isinstance(tree, dict):  # Lightning's bookkeeping, kept as text for the curious
         for key in ("epoch", "global_step", "pytorch-lightning_version"):
             if isinstance(tree.get(key), (int, str)):
                 metadata[key] = str(tree[key])
     atomic_write(dst, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return tensors
+    return tensors, [key for key in state_dict if key not in tensors]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="read this extra pickled class as an inert placeholder (runs nothing); repeatable")
     args = parser.parse_args(argv)
     try:
-        tensors = convert(args.src, args.dst, half=args.half, keep_ema=args.keep_ema, inert=args.inert)
+        tensors, dropped = convert(args.src, args.dst, half=args.half, keep_ema=args.keep_ema, inert=args.inert)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.dst}: could not write it ({e}); nothing was changed", file=sys.stderr)
         return 1
     size = sum(t.numel() * t.element_size() for t in tensors.values())
-    print(f"wrote {args.dst}: {len(tensors)} tensors, {size / 2**20:.1f} MiB")
+    print(f"wrote {args.dst}: {len(tensors)} tensors, {size / 2**20:.1f} MiB"
+          + (f"; left out {len(dropped)} EMA tensors ({EMA_PREFIX}*, --keep_ema keeps them)" if dropped else ""))
     return 0
 
 

@@ -408,9 +408,10 @@ def test_plain_torch_state_dict_file_reads(tmp_path):
 
 # --- the converter ---------------------------------------------------------------------------------
 
-def test_convert_drops_ema_and_reads_back_equal(tmp_path):
+def test_convert_drops_ema_and_reads_back_equal(tmp_path, capsys):
     out = tmp_path / "model.safetensors"
     assert convert_module.main([str(SMALL_CKPT), str(out)]) == 0
+    assert "left out 4 EMA tensors" in capsys.readouterr().out
     original = read_checkpoint(SMALL_CKPT)
     assert_same_tensors(read_safetensors(out), {k: v for k, v in original.items() if not k.startswith("model_ema.")})
     assert safetensors_metadata(out)["global_step"] == "470000"
