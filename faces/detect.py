@@ -26,7 +26,6 @@ from PIL import Image
 from .cascade import DEFAULT_CASCADE, HaarCascade, load_cascade
 from .evaluate import PackedCascade, pack
 from .group import group_rectangles
-from .resize import resize_bilinear
 from .scan import scan_levels
 
 STEP_ONE_FROM_FACTOR = 2.0   # windows move 1 pixel from this factor on, 2 pixels below it
@@ -100,8 +99,7 @@ def detect_candidates(gray: np.ndarray, cascade: HaarCascade, *, scale_factor: f
         stripe = max((working_rows // step + n_stripes - 1) // n_stripes, 1) * step
         steps.append(step)
         row_limits.append(n_stripes * stripe)
-    levels = [resize_bilinear(gray, w, h) for w, h in level_sizes]
-    hits = scan_levels(levels, packed, steps=steps, row_limits=row_limits)      # per level: (n, 2) x, y
+    hits = scan_levels(gray, level_sizes, packed, steps=steps, row_limits=row_limits)  # per level: (n, 2) x, y
 
     boxes: list[Box] = []
     for factor, level_hits in zip(scales, hits):

@@ -5,10 +5,11 @@ loop has a shortcut that decides which windows are tried at all: when a window f
 the next window on the same row is skipped (`if (result == 0) x += yStep` in
 `CascadeClassifierInvoker`). We reproduce it exactly (see `_skipped_after_stage0_failures`).
 
-The windows that pass stage 0 from every level then go through the remaining stages together,
+The windows that pass stage 0 from all levels then go through the remaining stages together,
 so each stage costs a handful of numpy calls however many levels there are. For that, the
 levels' integral images are stacked in one buffer with a common row length (OpenCV's `sbuf`
-plays the same role), and a window is the flat index of its top-left corner in that buffer.
+plays the same role), and a window is the flat index of its top-left corner in that buffer
+(for a large photo, a few such groups of levels one after another, to bound the memory).
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import numpy as np
 from .evaluate import (Grid, PackedCascade, Points, inv_sigma_and_usable, stage_passes_grid,
                        stage_passes_points)
 from .integral import integral_images
+from .resize import resize_bilinear
+
+MAX_BUFFER_VALUES = 1 << 24   # int32 integral values held at once (64 MB)
 
 
 def _skipped_after_stage0_failures(failed: np.ndarray) -> np.ndarray:
@@ -33,18 +37,36 @@ def _skipped_after_stage0_failures(failed: np.ndarray) -> np.ndarray:
     return skipped
 
 
-def scan_levels(levels: list[np.ndarray], packed: PackedCascade, *, steps: list[int],
-                row_limits: list[int]) -> list[np.ndarray]:
-    """For each level image: (n, 2) int64 (x, y) of the windows that pass every stage.
+def scan_levels(gray: np.ndarray, level_sizes: list[tuple[int, int]], packed: PackedCascade, *,
+                steps: list[int], row_limits: list[int]) -> list[np.ndarray]:
+    """For each pyramid level (gray resized to level_sizes[i] = (w, h), widest first): (n, 2) int64
+    (x, y) of the windows that pass every stage, in that level's pixels.
 
     `steps[i]` is level i's grid spacing (both directions); `row_limits[i]` caps the window rows
-    tried (OpenCV's thread stripes can end before the last row)."""
+    tried (OpenCV's thread stripes can end before the last row). Levels are scanned in groups
+    whose stacked integral images fit MAX_BUFFER_VALUES, so a large photo needs bounded memory."""
+    hits, first = [], 0
+    while first < len(level_sizes):
+        row_length = level_sizes[first][0] + 1          # the group's first level is its widest
+        last, rows = first, 0
+        while last < len(level_sizes) and (last == first or
+                                           (rows + level_sizes[last][1] + 1) * row_length <= MAX_BUFFER_VALUES):
+            rows += level_sizes[last][1] + 1
+            last += 1
+        group = slice(first, last)
+        hits += _scan_group(gray, level_sizes[group], packed, steps[group], row_limits[group],
+                            np.zeros((rows, row_length), dtype=np.int32))
+        first = last
+    return hits
+
+
+def _scan_group(gray, level_sizes, packed: PackedCascade, steps, row_limits, buffer: np.ndarray):
+    """scan_levels for levels whose integral images all go into `buffer`, one under the other."""
     win_w, win_h = packed.window
-    row_length = max(level.shape[1] for level in levels) + 1
-    buffer = np.zeros((sum(level.shape[0] + 1 for level in levels), row_length), dtype=np.int32)
+    row_length = buffer.shape[1]
     top, bases, scales, level_of, xs, ys = 0, [], [], [], [], []
-    for index, (level, step, row_limit) in enumerate(zip(levels, steps, row_limits)):
-        sums, squares = integral_images(level)                         # (h + 1, w + 1) each
+    for index, ((width, height), step, row_limit) in enumerate(zip(level_sizes, steps, row_limits)):
+        sums, squares = integral_images(resize_bilinear(gray, width, height))   # (h + 1, w + 1) each
         buffer[top:top + sums.shape[0], :sums.shape[1]] = sums
         n_cols = max(sums.shape[1] - win_w, 0)                         # OpenCV's getWorkingSize
         n_rows = max(min(sums.shape[0] - win_h, row_limit), 0)
@@ -63,7 +85,7 @@ def scan_levels(levels: list[np.ndarray], packed: PackedCascade, *, steps: list[
         top += sums.shape[0]
 
     if not bases:
-        return [np.zeros((0, 2), dtype=np.int64) for _ in levels]
+        return [np.zeros((0, 2), dtype=np.int64) for _ in level_sizes]
     points = Points(np.concatenate(bases), row_length)
     inv_sigma, level_of = np.concatenate(scales), np.concatenate(level_of)
     xs, ys = np.concatenate(xs), np.concatenate(ys)
@@ -73,4 +95,4 @@ def scan_levels(levels: list[np.ndarray], packed: PackedCascade, *, steps: list[
         alive = stage_passes_points(points, buffer, packed, stage, inv_sigma)
         points.base, inv_sigma = points.base[alive], inv_sigma[alive]
         level_of, xs, ys = level_of[alive], xs[alive], ys[alive]
-    return [np.stack([xs[level_of == i], ys[level_of == i]], axis=1) for i in range(len(levels))]
+    return [np.stack([xs[level_of == i], ys[level_of == i]], axis=1) for i in range(len(level_sizes))]

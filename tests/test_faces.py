@@ -194,3 +194,14 @@ def test_tree_cascade_matches_opencv(name):
     assert sorted(map(list, raw)) == expected["raw"]
     grouped = detect_faces(gray, scale_factor=1.2, min_neighbors=3, min_size=(40, 40), cascade=cascade)
     assert sorted(map(list, grouped)) == expected["grouped"]
+
+
+def test_levels_scanned_in_groups_give_the_same_hits(monkeypatch):
+    """A large photo's levels are scanned in groups that fit a memory budget: same hits."""
+    import faces.scan
+    monkeypatch.setattr(faces.scan, "MAX_BUFFER_VALUES", 60_000)   # about 2 small levels per group
+    run = REFERENCE["images"]["pasted_faces_on_coffee.jpg"]["runs"][1]
+    assert run["min_neighbors"] == 0
+    raw = detect_faces(_gray("pasted_faces_on_coffee.jpg"), scale_factor=run["scale_factor"], min_neighbors=0,
+                       min_size=tuple(run["min_size"]))
+    assert sorted(map(list, raw)) == run["boxes"]
