@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         barrier(dist)
 
     # ---- the loop ---------------------------------------------------------------------------------------
-    B, C = args.train_batch_size, unet.config.in_channels
+    B, C, L = args.train_batch_size, unet.config.in_channels, vae.config.latent_channels
     f, T = vae.config.spatial_factor, schedule.num_train_timesteps
     prior = args.with_prior_preservation
     bar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 # what posterior.sample(generator) draws), times the scaling factor (0.18215 for SD v1).
                 with torch.no_grad(), autocast(dist.device, args.mixed_precision):
                     posterior = vae.encode(pixels)                        # (N, L, r/f, r/f) moments
-                z_noise = torch.cat([torch.randn((1, C, args.resolution // f, args.resolution // f), generator=g)
+                z_noise = torch.cat([torch.randn((1, L, args.resolution // f, args.resolution // f), generator=g)
                                      for g in per_example]).to(dist.device)
                 latents = (posterior.mean.float() + posterior.std.float() * z_noise) * vae.config.scaling_factor
 
@@ -362,8 +362,10 @@ def main(argv: list[str] | None = None) -> int:
                         target = noise
                     per_image = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (N,)
                     if args.snr_gamma is not None:
-                        # Min-SNR weighting (Hang et al. 2023, sec. 3.4): weight min(SNR, gamma) on the x_0
-                        # loss, i.e. min(SNR, gamma) / SNR on the epsilon loss (/ (SNR + 1) for v).
+                        # Min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+                        # Weighting Strategy"): weight min(SNR, gamma) on the x_0 loss, which is
+                        # min(SNR, gamma) / SNR on the epsilon loss and min(SNR, gamma) / (SNR + 1) on the v loss,
+                        # with SNR(t) = alpha_bar_t / (1 - alpha_bar_t).
                         a = schedule.alphas_cumprod.to(dist.device)[t]
                         snr = a / (1 - a)
                         v = schedule.config.prediction_type == "v_prediction"

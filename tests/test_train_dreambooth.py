@@ -186,7 +186,7 @@ def test_resume_and_run_config_repeat_bit_for_bit(data, tmp_path, capsys):
 
 def test_ddp_two_processes_equal_one_process(data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    common = [*prior(data), "--max_train_steps", "2", "--learning_rate", "1e-4"]
+    common = [*prior(data), "--max_train_steps", "2", "--learning_rate", "1e-4", "--train_text_encoder"]
     assert train_dreambooth.main(args_for(data, one, *common, "--train_batch_size", "2")) == 0
     argv = args_for(data, two, *common)   # --train_batch_size 1 on each of 2 processes
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -196,9 +196,21 @@ def test_ddp_two_processes_equal_one_process(data, tmp_path):
     assert json.loads((two / "run_info.json").read_text())["world_size"] == 2
     for r1, r2 in zip(metrics(one), metrics(two)):
         assert abs(r1["instance_loss"] - r2["instance_loss"]) <= 1e-5 and abs(r1["prior_loss"] - r2["prior_loss"]) <= 1e-5
-    w1, w2 = tensors(one, "unet"), tensors(two, "unet")
-    worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert worst <= 1e-5, worst
+    for part in ("unet", "text_encoder"):
+        w1, w2 = tensors(one, part), tensors(two, part)
+        worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+        assert worst <= 1e-5, (part, worst)
+
+
+def test_v_prediction_target_with_min_snr(data, tmp_path):
+    model = tmp_path / "v_model"
+    shutil.copytree(FOLDER, model)
+    config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    out = tmp_path / "v"
+    assert train_dreambooth.main(args_for(data, out, "--max_train_steps", "2", "--snr_gamma", "5.0",
+                                          model=model)) == 0
+    assert all(np.isfinite(r["instance_loss"]) for r in metrics(out))
 
 
 def test_single_file_model_in_and_out_keeps_its_layout(data, tmp_path):
