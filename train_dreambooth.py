@@ -327,7 +327,6 @@ def main(argv: list[str] | None = None) -> int:
                                     generator=g) for i, g in zip(ids, gens)]
                 pixels = torch.stack(pixels).to(dist.device)              # (N, 3, r, r), N = B or 2B
                 per_example = gens * (2 if prior else 1)                  # example i's generator for both images
-                N = pixels.shape[0]
 
                 # Latents: a sample of the frozen VAE's posterior q(z|x), z = mean + std * e (row by row
                 # what posterior.sample(generator) draws), times the scaling factor (0.18215 for SD v1).
