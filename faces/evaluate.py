@@ -6,16 +6,19 @@ and `predictOrderedStump` (objdetect/src/cascadedetect.{hpp,cpp}) compute, and s
 1. the variance normaliser over the window's inner (w-2) x (h-2) rectangle `normrect`
    (area A = 22 * 22 for faces; S = pixel sum, Q = squared-pixel sum, both exact integers):
        nf = A * Q - S^2  (float64),    inv_sigma = float32(1 / sqrt(nf))
-   (Viola & Jones 2001, section 5.6: sigma^2 = Q/A - (S/A)^2, so inv_sigma = 1 / (A * sigma)).
+   (Viola & Jones 2001, "Image Processing": sigma^2 = Q/A - (S/A)^2, so inv_sigma = 1/(A sigma)).
    A window with nf <= 0 or A * inv_sigma >= 0.1 (an almost flat patch) is rejected outright;
-2. each Haar feature: (w0 * sum_0 + w1 * sum_1) + w2 * sum_2 in float32, times inv_sigma;
+2. each Haar feature: (w0 * sum_0 + w1 * sum_1) + w2 * sum_2 in float32, times inv_sigma; a
+   tilted feature's rectangle sums come from the tilted integral (faces/integral.py);
 3. each weak tree: go left if value < node threshold, else right, until a leaf; the stage sum
    adds the leaves one after another in float64; the window fails if sum < stage threshold.
 
 Windows are named in two ways. `Grid`: every window of a regular grid on one level, where a
 corner look-up is one strided view of the integral image (fast when most windows are alive, as
 in stage 0). `Points`: any set of windows, by the flat index of their top-left corner in an
-integral buffer; later stages gather only the corners of the windows still alive.
+integral buffer; later stages gather only the corners of the windows still alive. When the
+cascade has tilted features, each row of the table holds a level's integral and then, starting
+`tilted_shift` columns further right, its tilted integral.
 """
 from __future__ import annotations
 
@@ -51,13 +54,18 @@ class PackedCascade:
     window: tuple[int, int]      # (width, height)
     corners: np.ndarray          # (F, 3, 4, 2) int64: (dy, dx) of each rectangle corner, in CORNER_SIGNS order
     weights: np.ndarray          # (F, 3) float32 (an unused third rectangle has weight 0)
+    tilted: np.ndarray           # (F,) bool: corners index the tilted integral
     stages: tuple[StageArrays, ...]
+
+    def feature_corners(self, features, tilted_shift: int) -> np.ndarray:
+        """(..., 3, 4, 2) corners of these features in a table whose tilted integral starts
+        `tilted_shift` columns to the right of the plain one."""
+        corners = self.corners[features].copy()
+        corners[..., 1] += tilted_shift * self.tilted[features][..., None, None]
+        return corners
 
 
 def pack(cascade: HaarCascade) -> PackedCascade:
-    if cascade.has_tilted_features:
-        raise CascadeError(f"{cascade.source}: tilted (45 degree) Haar features are parsed but not "
-                           f"evaluated by faces/; use an upright cascade such as the frontal-face one")
     n = len(cascade.features)
     rects = np.zeros((n, 3, 4), dtype=np.int64)
     weights = np.zeros((n, 3), dtype=np.float32)
@@ -65,8 +73,14 @@ def pack(cascade: HaarCascade) -> PackedCascade:
         rects[i, :len(feature.rects)] = feature.rects
         weights[i, :len(feature.weights)] = feature.weights
     x, y, w, h = (rects[..., k] for k in range(4))
-    corners = np.stack([np.stack([y, x], -1), np.stack([y, x + w], -1),
+    upright = np.stack([np.stack([y, x], -1), np.stack([y, x + w], -1),
                         np.stack([y + h, x], -1), np.stack([y + h, x + w], -1)], axis=2)  # (F, 3, 4, 2)
+    # A tilted rectangle starts at (x, y) and runs w pixels down-right and h pixels down-left
+    # (OpenCV's CV_TILTED_OFS): its corners in the tilted integral, in the same sign order.
+    slanted = np.stack([np.stack([y, x], -1), np.stack([y + h, x - h], -1),
+                        np.stack([y + w, x + w], -1), np.stack([y + w + h, x + w - h], -1)], axis=2)
+    tilted = np.array([f.tilted for f in cascade.features], dtype=bool)
+    corners = np.where(tilted[:, None, None, None], slanted, upright)
     stages = []
     for stage in cascade.stages:
         stumps = [t for t in stage.trees if len(t.feature) == 1]
@@ -82,7 +96,8 @@ def pack(cascade: HaarCascade) -> PackedCascade:
                 (np.array(t.left), np.array(t.right), np.array(t.feature),
                  np.array(t.threshold, dtype=np.float32), np.array(t.leaves, dtype=np.float32))
                 for t in stage.trees)))
-    return PackedCascade(window=cascade.window, corners=corners, weights=weights, stages=tuple(stages))
+    return PackedCascade(window=cascade.window, corners=corners, weights=weights, tilted=tilted,
+                         stages=tuple(stages))
 
 
 class Grid:
@@ -128,36 +143,37 @@ def inv_sigma_and_usable(windows, sums: np.ndarray, squares: np.ndarray, window:
     return inv_sigma, usable
 
 
-def feature_value(windows, sums: np.ndarray, packed: PackedCascade, index: int, inv_sigma: np.ndarray):
+def feature_value(windows, table: np.ndarray, packed: PackedCascade, index: int, inv_sigma: np.ndarray,
+                  tilted_shift: int):
     """float32 value of Haar feature `index`, variance-normalised, for every window."""
-    weights, corners = packed.weights[index], packed.corners[index]
-    total = (weights[0] * _rect_sum(windows, sums, corners[0]).astype(np.float32)
-             + weights[1] * _rect_sum(windows, sums, corners[1]).astype(np.float32))
+    weights, corners = packed.weights[index], packed.feature_corners(index, tilted_shift)
+    total = (weights[0] * _rect_sum(windows, table, corners[0]).astype(np.float32)
+             + weights[1] * _rect_sum(windows, table, corners[1]).astype(np.float32))
     if weights[2] != 0:                            # OpenCV adds the third rectangle only if it has weight
-        total = total + weights[2] * _rect_sum(windows, sums, corners[2]).astype(np.float32)
+        total = total + weights[2] * _rect_sum(windows, table, corners[2]).astype(np.float32)
     return total * inv_sigma
 
 
-def stage_passes_grid(grid: Grid, sums: np.ndarray, packed: PackedCascade, stage: StageArrays,
-                      inv_sigma: np.ndarray) -> np.ndarray:
+def stage_passes_grid(grid: Grid, table: np.ndarray, packed: PackedCascade, stage: StageArrays,
+                      inv_sigma: np.ndarray, tilted_shift: int) -> np.ndarray:
     """Stage decision for every window of a grid (stumps: one strided view per corner)."""
     if stage.trees:
-        return _tree_stage_passes(grid, sums, packed, stage, inv_sigma)
+        return _tree_stage_passes(grid, table, packed, stage, inv_sigma, tilted_shift)
     stage_sum = np.zeros(inv_sigma.shape, dtype=np.float64)
     for feature, node_threshold, left, right in zip(stage.features, stage.node_threshold, stage.left, stage.right):
-        value = feature_value(grid, sums, packed, int(feature), inv_sigma)
+        value = feature_value(grid, table, packed, int(feature), inv_sigma, tilted_shift)
         stage_sum = stage_sum + np.where(value < node_threshold, left, right)
     return stage_sum >= stage.threshold
 
 
-def _stage_plan(packed: PackedCascade, stage: StageArrays, row_length: int):
+def _stage_plan(packed: PackedCascade, stage: StageArrays, row_length: int, tilted_shift: int):
     """Which buffer offsets a stage reads, and how its rectangles are built from them.
 
     Returns (offsets (U,), corner_rows (R, 4), rect_weight (R,), rect_of_stump (n, 3)) where the
     R rectangles are the stumps' rectangles with non-zero weight, corner_rows index `offsets`,
     and rect_of_stump[:, 2] is -1 for two-rectangle features. Reading each distinct corner once
     saves about a third of the reads (neighbouring features share corners)."""
-    corners = packed.corners[stage.features]                                # (n, 3, 4, 2)
+    corners = packed.feature_corners(stage.features, tilted_shift)          # (n, 3, 4, 2)
     weights = packed.weights[stage.features]                                # (n, 3)
     used = weights != 0
     used[:, :2] = True                                                      # OpenCV always adds rects 0, 1
@@ -169,13 +185,13 @@ def _stage_plan(packed: PackedCascade, stage: StageArrays, row_length: int):
 
 
 def stage_passes_points(points: Points, buffer: np.ndarray, packed: PackedCascade, stage: StageArrays,
-                        inv_sigma: np.ndarray) -> np.ndarray:
+                        inv_sigma: np.ndarray, tilted_shift: int) -> np.ndarray:
     """Stage decision for a set of windows, laid out (things, windows) so that every step after
     the one gather of corners works on contiguous rows. Chunks of windows run on a thread pool
     (numpy releases the GIL inside these array operations)."""
     if stage.trees:
-        return _tree_stage_passes(points, buffer, packed, stage, inv_sigma)
-    offsets, corner_rows, rect_weight, rect_of_stump = _stage_plan(packed, stage, points.row_length)
+        return _tree_stage_passes(points, buffer, packed, stage, inv_sigma, tilted_shift)
+    offsets, corner_rows, rect_weight, rect_of_stump = _stage_plan(packed, stage, points.row_length, tilted_shift)
     first, second, third = rect_of_stump.T
     has_third = np.nonzero(third >= 0)[0]
     flat = buffer.ravel()
@@ -207,7 +223,7 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="faces")
 
 
-def _tree_stage_passes(windows, sums, packed, stage: StageArrays, inv_sigma) -> np.ndarray:
+def _tree_stage_passes(windows, table, packed, stage: StageArrays, inv_sigma, tilted_shift) -> np.ndarray:
     """Cascades of deeper trees: walk every window down each tree from its root (node 0)."""
     stage_sum = np.zeros(inv_sigma.shape, dtype=np.float64)
     for left, right, feature, node_threshold, leaves in stage.trees:
@@ -216,7 +232,7 @@ def _tree_stage_passes(windows, sums, packed, stage: StageArrays, inv_sigma) -> 
         while active.any():
             for i in np.unique(node[active]):
                 here = active & (node == i)
-                value = feature_value(windows, sums, packed, int(feature[i]), inv_sigma)
+                value = feature_value(windows, table, packed, int(feature[i]), inv_sigma, tilted_shift)
                 node[here] = np.where(value < node_threshold[i], left[i], right[i])[here]
             active = node > 0
         stage_sum = stage_sum + leaves[-node]

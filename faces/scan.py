@@ -17,7 +17,7 @@ import numpy as np
 
 from .evaluate import (Grid, PackedCascade, Points, inv_sigma_and_usable, stage_passes_grid,
                        stage_passes_points)
-from .integral import integral_images
+from .integral import integral_images, tilted_integral
 from .resize import resize_bilinear
 
 MAX_BUFFER_VALUES = 1 << 24   # int32 integral values held at once (64 MB)
@@ -46,8 +46,9 @@ def scan_levels(gray: np.ndarray, level_sizes: list[tuple[int, int]], packed: Pa
     tried (OpenCV's thread stripes can end before the last row). Levels are scanned in groups
     whose stacked integral images fit MAX_BUFFER_VALUES, so a large photo needs bounded memory."""
     hits, first = [], 0
+    channels = 2 if packed.tilted.any() else 1          # the integral, then the tilted integral
     while first < len(level_sizes):
-        row_length = level_sizes[first][0] + 1          # the group's first level is its widest
+        row_length = channels * (level_sizes[first][0] + 1)   # the group's first level is its widest
         last, rows = first, 0
         while last < len(level_sizes) and (last == first or
                                            (rows + level_sizes[last][1] + 1) * row_length <= MAX_BUFFER_VALUES):
@@ -64,16 +65,21 @@ def _scan_group(gray, level_sizes, packed: PackedCascade, steps, row_limits, buf
     """scan_levels for levels whose integral images all go into `buffer`, one under the other."""
     win_w, win_h = packed.window
     row_length = buffer.shape[1]
+    tilted_shift = level_sizes[0][0] + 1 if packed.tilted.any() else 0   # where each row's tilted sums start
     top, bases, scales, level_of, xs, ys = 0, [], [], [], [], []
     for index, ((width, height), step, row_limit) in enumerate(zip(level_sizes, steps, row_limits)):
-        sums, squares = integral_images(resize_bilinear(gray, width, height))   # (h + 1, w + 1) each
-        buffer[top:top + sums.shape[0], :sums.shape[1]] = sums
+        level = resize_bilinear(gray, width, height)
+        sums, squares = integral_images(level)                         # (h + 1, w + 1) each
+        table = buffer[top:top + sums.shape[0]]                        # this level's rows of the buffer
+        table[:, :sums.shape[1]] = sums
+        if tilted_shift:
+            table[:, tilted_shift:tilted_shift + sums.shape[1]] = tilted_integral(level)
         n_cols = max(sums.shape[1] - win_w, 0)                         # OpenCV's getWorkingSize
         n_rows = max(min(sums.shape[0] - win_h, row_limit), 0)
         grid = Grid(step, -(-n_rows // step), -(-n_cols // step))
         if grid.n_rows and grid.n_cols:
             inv_sigma, usable = inv_sigma_and_usable(grid, sums, squares, packed.window)  # (rows, cols)
-            passed = stage_passes_grid(grid, sums, packed, packed.stages[0], inv_sigma)
+            passed = stage_passes_grid(grid, table, packed, packed.stages[0], inv_sigma, tilted_shift)
             tried = ~_skipped_after_stage0_failures(usable & ~passed)
             rows, cols = np.nonzero(usable & passed & tried)
             x, y = cols * step, rows * step
@@ -92,7 +98,7 @@ def _scan_group(gray, level_sizes, packed: PackedCascade, steps, row_limits, buf
     for stage in packed.stages[1:]:
         if not len(points.base):
             break
-        alive = stage_passes_points(points, buffer, packed, stage, inv_sigma)
+        alive = stage_passes_points(points, buffer, packed, stage, inv_sigma, tilted_shift)
         points.base, inv_sigma = points.base[alive], inv_sigma[alive]
         level_of, xs, ys = level_of[alive], xs[alive], ys[alive]
     return [np.stack([xs[level_of == i], ys[level_of == i]], axis=1) for i in range(len(level_sizes))]

@@ -18,7 +18,7 @@ from PIL import Image
 from faces import CascadeError, detect_faces, load_cascade
 from faces.cascade import DEFAULT_CASCADE, STAGE_THRESHOLD_EPS
 from faces.group import group_rectangles
-from faces.integral import integral_images
+from faces.integral import integral_images, tilted_integral
 from faces.resize import resize_bilinear
 
 FIXTURES = Path(__file__).parent / "fixtures" / "faces"
@@ -183,17 +183,29 @@ def test_command_line(tmp_path, capsys):
     assert "--cascade" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", sorted(REFERENCE["tree_cascade"]))
-def test_tree_cascade_matches_opencv(name):
-    """Depth-2 trees instead of stumps: the first 10 stages of OpenCV's frontalface_alt2 cascade."""
-    cascade = load_cascade(FIXTURES / "alt2_first_10_stages.xml")
-    assert not cascade.is_stump_cascade and cascade.window == (20, 20) and len(cascade.stages) == 10
-    expected = REFERENCE["tree_cascade"][name]
+SUBSETS = REFERENCE["subset_cascades"]
+
+
+@pytest.mark.parametrize("file, name", [(f, n) for f in sorted(SUBSETS) for n in sorted(SUBSETS[f]["images"])])
+def test_other_cascades_match_opencv(file, name):
+    """The first stages of three other OpenCV cascades: depth-2 trees (frontalface_alt2), tilted
+    features in a 36x18 window (smile), trees over tilted features (eye_tree_eyeglasses)."""
+    cascade = load_cascade(FIXTURES / file)
+    entry = SUBSETS[file]
+    assert len(cascade.stages) == entry["stages"]
+    kind = {"frontalface_alt2": (False, False), "smile": (True, True), "eye_tree_eyeglasses": (False, True)}
+    stumps, tilted = next(v for k, v in kind.items() if file.startswith(k))
+    assert (cascade.is_stump_cascade, cascade.has_tilted_features) == (stumps, tilted)
     gray = _gray(name)
-    raw = detect_faces(gray, scale_factor=1.2, min_neighbors=0, min_size=(40, 40), cascade=cascade)
-    assert sorted(map(list, raw)) == expected["raw"]
-    grouped = detect_faces(gray, scale_factor=1.2, min_neighbors=3, min_size=(40, 40), cascade=cascade)
-    assert sorted(map(list, grouped)) == expected["grouped"]
+    for key, min_neighbors in (("raw", 0), ("grouped", 3)):
+        boxes = detect_faces(gray, scale_factor=entry["scale_factor"], min_neighbors=min_neighbors,
+                             min_size=tuple(entry["min_size"]), cascade=cascade)
+        assert sorted(map(list, boxes)) == entry["images"][name][key], key
+
+
+def test_tilted_integral_equals_opencv():
+    source = np.array(REFERENCE["tilted_integral"]["source"], dtype=np.uint8)
+    np.testing.assert_array_equal(tilted_integral(source), np.array(REFERENCE["tilted_integral"]["tilted"]))
 
 
 def test_levels_scanned_in_groups_give_the_same_hits(monkeypatch):

@@ -52,11 +52,15 @@ RUNS = [
     (1.05, 2, (40, 40), (160, 160)),
 ]
 GROUP_THRESHOLDS = (1, 2, 3, 5)
-# A cascade of depth-2 trees (not stumps), to test that path: the first stages of OpenCV's
-# haarcascade_frontalface_alt2.xml (same Intel licence), written out with only the features they use.
-TREE_SOURCE, TREE_STAGES = "haarcascade_frontalface_alt2.xml", 10
-TREE_CASCADE = OUT / "alt2_first_10_stages.xml"
-TREE_IMAGES = ("astronaut.jpg", "pasted_faces_on_coffee.jpg")
+# Other kinds of cascade, to test those paths: the first stages of other OpenCV cascades (same Intel
+# licence), written out with only the features they use. alt2: depth-2 trees; smile: tilted features
+# and a 36x18 window; eye_tree_eyeglasses: trees over tilted features, 20x20.
+SUBSET_CASCADES = [  # (source, stages kept, scale_factor, min_size)
+    ("haarcascade_frontalface_alt2.xml", 10, 1.2, (40, 40)),
+    ("haarcascade_smile.xml", 16, 1.2, (72, 36)),
+    ("haarcascade_eye_tree_eyeglasses.xml", 14, 1.2, (30, 30)),
+]
+SUBSET_IMAGES = ("astronaut.jpg", "pasted_faces_on_coffee.jpg")
 RESIZE_SIZES = [(55, 43), (50, 39), (31, 24), (24, 24), (13, 9), (61, 47)]
 
 
@@ -84,14 +88,18 @@ def make_images(skimage_data: Path) -> None:
         image.save(OUT / name, quality=88)
 
 
-def make_tree_cascade() -> None:
-    """The first TREE_STAGES stages of TREE_SOURCE, features renumbered, as a new cascade file."""
-    root = ET.parse(Path(cv2.data.haarcascades) / TREE_SOURCE).getroot()
+def subset_name(source: str, n_stages: int) -> str:
+    return source.replace("haarcascade_", "").replace(".xml", f"_first_{n_stages}_stages.xml")
+
+
+def make_subset_cascade(source: str, n_stages: int) -> Path:
+    """The first n_stages stages of an OpenCV cascade, features renumbered, as a new cascade file."""
+    root = ET.parse(Path(cv2.data.haarcascades) / source).getroot()
     cascade = root.find("cascade")
     stages = cascade.find("stages")
-    for stage in list(stages)[TREE_STAGES:]:
+    for stage in list(stages)[n_stages:]:
         stages.remove(stage)
-    cascade.find("stageNum").text = str(TREE_STAGES)
+    cascade.find("stageNum").text = str(n_stages)
     used: dict[int, int] = {}                       # old feature index -> new
     for nodes in stages.iter("internalNodes"):
         numbers = nodes.text.split()
@@ -103,11 +111,13 @@ def make_tree_cascade() -> None:
     for feature in list(features):
         features.remove(feature)
     features.extend(kept)
-    header = (f"<?xml version=\"1.0\"?>\n<!-- The first {TREE_STAGES} stages of OpenCV's {TREE_SOURCE} "
+    header = (f"<?xml version=\"1.0\"?>\n<!-- The first {n_stages} stages of OpenCV's {source} "
               f"(opencv-python-headless {cv2.__version__}), with only the features they use, made by "
               f"tools/make_reference_faces.py. Licence: the Intel License Agreement, as in "
               f"faces/LICENSE-haarcascade.txt. -->\n")
-    TREE_CASCADE.write_text(header + ET.tostring(root, encoding="unicode") + "\n")
+    path = OUT / subset_name(source, n_stages)
+    path.write_text(header + ET.tostring(root, encoding="unicode") + "\n")
+    return path
 
 
 def _boxes(found) -> list[list[int]]:
@@ -140,7 +150,6 @@ def main() -> None:
                          f"in a separate environment (see this file's docstring)")
     if args.skimage_data:
         make_images(args.skimage_data)
-    make_tree_cascade()
     cv2.setNumThreads(1)
     detector = cv2.CascadeClassifier(str(CASCADE))
     if detector.empty():
@@ -166,13 +175,22 @@ def main() -> None:
         reference["images"][path.name] = entry
         print(path.name, gray.shape, [len(r["boxes"]) for r in entry["runs"]])
 
-    trees = cv2.CascadeClassifier(str(TREE_CASCADE))
-    reference["tree_cascade"] = {name: {
-        "raw": _boxes(trees.detectMultiScale(np.asarray(Image.open(OUT / name).convert("L")), scaleFactor=1.2,
-                                             minNeighbors=0, minSize=(40, 40))),
-        "grouped": _boxes(trees.detectMultiScale(np.asarray(Image.open(OUT / name).convert("L")), scaleFactor=1.2,
-                                                 minNeighbors=3, minSize=(40, 40)))} for name in TREE_IMAGES}
-    print("tree cascade", {k: (len(v["raw"]), len(v["grouped"])) for k, v in reference["tree_cascade"].items()})
+    reference["subset_cascades"] = {}
+    for source, n_stages, scale_factor, min_size in SUBSET_CASCADES:
+        other = cv2.CascadeClassifier(str(make_subset_cascade(source, n_stages)))
+        runs = {}
+        for name in SUBSET_IMAGES:
+            gray = np.asarray(Image.open(OUT / name).convert("L"))
+            runs[name] = {k: _boxes(other.detectMultiScale(gray, scaleFactor=scale_factor, minNeighbors=n,
+                                                           minSize=min_size)) for k, n in (("raw", 0), ("grouped", 3))}
+        reference["subset_cascades"][subset_name(source, n_stages)] = {
+            "stages": n_stages, "scale_factor": scale_factor, "min_size": list(min_size), "images": runs}
+        print(subset_name(source, n_stages), {k: (len(v["raw"]), len(v["grouped"])) for k, v in runs.items()})
+
+    rng = np.random.default_rng(3)
+    tilted_source = rng.integers(0, 256, (19, 27), dtype=np.uint8)
+    reference["tilted_integral"] = {"source": tilted_source.tolist(),
+                                    "tilted": cv2.integral3(tilted_source)[2].tolist()}
 
     rng = np.random.default_rng(3)
     source = rng.integers(0, 256, (47, 61), dtype=np.uint8)
