@@ -7,12 +7,14 @@ step by step, so both give the same boxes:
    round(24 * factor); factors whose window is under `min_size` are skipped, and the list stops
    at the first window over `max_size` or over the image. Each factor is kept as float32.
 2. for each factor, the image is shrunk to round(W / factor) x round(H / factor) with OpenCV's
-   bilinear resize (faces/resize.py), and the 24x24 cascade window slides over it with step 2
-   while factor < 2 and step 1 from factor 2 on (`ystep = sc >= 2 ? 1 : 2`);
+   bilinear INTER_LINEAR_EXACT resize (faces/resize.py), and the cascade's window (24x24 for
+   faces) slides over it with step 2 while factor < 2 and step 1 from factor 2 on
+   (`ystep = sc >= 2 ? 1 : 2`);
    OpenCV splits the rows into stripes for its threads, which can leave out the last row or two;
    we take the same rows.
-3. a window that passes every stage becomes the box (round(x * f), round(y * f), round(24 * f)^2)
-   in the original image (faces/evaluate.py decides which windows pass);
+3. a window at (x, y) that passes every stage becomes the box (round(x * f), round(y * f),
+   round(24 * f), round(24 * f)) in the original image (faces/scan.py and faces/evaluate.py
+   decide which windows pass);
 4. the boxes are grouped with eps 0.2 and `min_neighbors` (faces/group.py) and clipped to the image.
 """
 from __future__ import annotations
@@ -60,7 +62,7 @@ def to_gray(image) -> np.ndarray:
     if array.dtype != np.uint8:
         raise ValueError(f"image array must be uint8, got {array.dtype}")
     if array.ndim == 3 and array.shape[2] == 3:
-        return np.asarray(Image.fromarray(array, mode="RGB").convert("L"))
+        return np.asarray(Image.fromarray(array).convert("L"))          # (H, W, 3) uint8 is RGB
     if array.ndim != 2:
         raise ValueError(f"image array must be (H, W) gray or (H, W, 3) RGB, got shape {array.shape}")
     return array
