@@ -29,12 +29,11 @@ from functools import lru_cache
 
 import numpy as np
 
-from .cascade import CascadeError, HaarCascade
+from .cascade import HaarCascade
 
 FLAT_PATCH_LIMIT = 0.1          # setWindow rejects a window when A * inv_sigma >= 0.1
 MAX_GATHER = 1 << 17            # corners gathered at once (bounds the temporaries)
 THREADS = min(os.cpu_count() or 1, 4)   # worker threads for the later stages
-CORNER_SIGNS = (1, -1, -1, 1)   # rect sum = S[y, x] - S[y, x+w] - S[y+h, x] + S[y+h, x+w]
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,8 @@ class StageArrays:
 class PackedCascade:
     """The cascade as flat arrays, ready for vectorised evaluation."""
     window: tuple[int, int]      # (width, height)
-    corners: np.ndarray          # (F, 3, 4, 2) int64: (dy, dx) of each rectangle corner, in CORNER_SIGNS order
+    corners: np.ndarray          # (F, 3, 4, 2) int64: (dy, dx) of each rectangle's corners p0..p3;
+                                 # rect sum = S[p0] - S[p1] - S[p2] + S[p3]
     weights: np.ndarray          # (F, 3) float32 (an unused third rectangle has weight 0)
     tilted: np.ndarray           # (F,) bool: corners index the tilted integral
     stages: tuple[StageArrays, ...]
