@@ -11,8 +11,10 @@
 
 The cleanup and the split are transformers' `CLIPTokenizer` (the tokenizers-backed one; in
 transformers 5 `CLIPTokenizerFast` is the same class). OpenAI's original tokenizer first runs `ftfy`
-and unescapes HTML, so it differs on full-width letters, ligatures and `&amp;`; diffusers pipelines
-use transformers' tokenizer, so we follow it. The BPE itself runs in the `tokenizers` library.
+and unescapes HTML, so it differs on full-width letters, ligatures, curly quotes and `&amp;`;
+transformers 4's pure-Python `CLIPTokenizer` without ftfy also differed, putting each CJK ideograph
+in a word of its own and dropping control characters. diffusers pipelines use transformers'
+tokenizer, so we follow its tokenizers-backed version. The BPE itself runs in the `tokenizers` library.
 
 Where the vocabulary comes from (`CLIPTokenizer.from_pretrained`):
 - a folder with `vocab.json` + `merges.txt` (+ `tokenizer_config.json`, `special_tokens_map.json`):
