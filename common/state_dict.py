@@ -31,10 +31,9 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no such file")
     if path.suffix in PICKLE_SUFFIXES:
         raise CheckpointError(
-            f"{path}: pickle checkpoints ({path.suffix}) are refused, because loading a pickle can run "
-            "arbitrary code. Convert it once to safetensors, e.g. with "
-            "`python -c \"import torch, safetensors.torch as s; "
-            "s.save_file(torch.load('IN', weights_only=True), 'OUT.safetensors')\"`, "
+            f"{path}: pickle checkpoints ({path.suffix}) are refused here, because loading a pickle can run "
+            f"arbitrary code. Convert it once with `python -m diffusion.convert {path} "
+            f"{path.with_suffix('.safetensors')}` (a restricted reader that runs nothing from the file), "
             "or take the model.safetensors that the model's publisher ships.")
     try:
         with safe_open(str(path), framework="pt") as f:
