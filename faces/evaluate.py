@@ -22,10 +22,7 @@ cascade has tilted features, each row of the table holds a level's integral and 
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -33,7 +30,6 @@ from .cascade import HaarCascade
 
 FLAT_PATCH_LIMIT = 0.1          # setWindow rejects a window when A * inv_sigma >= 0.1
 MAX_GATHER = 1 << 17            # corners gathered at once (bounds the temporaries)
-THREADS = min(os.cpu_count() or 1, 4)   # worker threads for the later stages
 
 
 @dataclass(frozen=True)
@@ -187,8 +183,7 @@ def _stage_plan(packed: PackedCascade, stage: StageArrays, row_length: int, tilt
 def stage_passes_points(points: Points, buffer: np.ndarray, packed: PackedCascade, stage: StageArrays,
                         inv_sigma: np.ndarray, tilted_shift: int) -> np.ndarray:
     """Stage decision for a set of windows, laid out (things, windows) so that every step after
-    the one gather of corners works on contiguous rows. Chunks of windows run on a thread pool
-    (numpy releases the GIL inside these array operations)."""
+    the one gather of corners works on contiguous rows; in chunks, to keep the temporaries small."""
     if stage.trees:
         return _tree_stage_passes(points, buffer, packed, stage, inv_sigma, tilted_shift)
     offsets, corner_rows, rect_weight, rect_of_stump = _stage_plan(packed, stage, points.row_length, tilted_shift)
@@ -198,7 +193,7 @@ def stage_passes_points(points: Points, buffer: np.ndarray, packed: PackedCascad
 
     def chunk_passes(start: int) -> np.ndarray:
         base, scale = points.base[start:start + chunk], inv_sigma[start:start + chunk]
-        values = flat[offsets[:, None] + base[None, :]]                       # (U, m) int32
+        values = np.take(flat, offsets[:, None] + base[None, :])              # (U, m) int32
         c = values[corner_rows]                                               # (R, 4, m)
         rect_sums = c[:, 0] - c[:, 1] - c[:, 2] + c[:, 3]                     # (R, m) int32
         terms = rect_sums.astype(np.float32) * rect_weight[:, None]           # (R, m) float32
@@ -212,15 +207,7 @@ def stage_passes_points(points: Points, buffer: np.ndarray, packed: PackedCascad
         return stage_sum >= stage.threshold
 
     chunk = max(1, MAX_GATHER // len(offsets))
-    starts = range(0, len(points.base), chunk)
-    if len(starts) <= 1:
-        return chunk_passes(0)
-    return np.concatenate(list(_pool().map(chunk_passes, starts)))
-
-
-@lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="faces")
+    return np.concatenate([chunk_passes(start) for start in range(0, max(len(points.base), 1), chunk)])
 
 
 def _tree_stage_passes(windows, table, packed, stage: StageArrays, inv_sigma, tilted_shift) -> np.ndarray:
