@@ -159,7 +159,7 @@ def test_resume_refuses_changed_settings(finished_run, tmp_path, capsys):
             "--resume_from_checkpoint", str(ckpt)]
     assert train(tmp_path / "changed", *args[2:], "--learning_rate", "0.01") == 2
     err = capsys.readouterr().err
-    assert "learning_rate: checkpoint 0.001, now 0.01" in err and "--allow_config_change" in err
+    assert "learning_rate: checkpoint 0.0005, now 0.01" in err and "--allow_config_change" in err
     assert train(tmp_path / "changed", *args[2:], "--learning_rate", "0.01", "--allow_config_change") == 0
 
 
@@ -178,6 +178,15 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     assert worst <= 1e-5, worst
     for (s1, l1), (s2, l2) in zip(sorted(losses(one).items()), sorted(losses(two).items())):
         assert s1 == s2 and abs(l1[0] - l2[0]) <= 1e-5
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    common = ["--max_train_steps", "3", "--checkpointing_steps", "100", "--learning_rate", "1e-4",
+              "--class_weighting", "balanced"]
+    assert train(tmp_path / "big", *common, "--train_batch_size", "8") == 0
+    assert train(tmp_path / "acc", *common, "--train_batch_size", "4", "--gradient_accumulation_steps", "2") == 0
+    w1, w2 = weights(tmp_path / "big"), weights(tmp_path / "acc")
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-5
 
 
 # ---- mixed precision ----------------------------------------------------------------------------------

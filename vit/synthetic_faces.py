@@ -8,7 +8,7 @@ grayscale square.
     ---------------------------------       ---------------------------------------------------------
     face width/height, skin tone,            mouth: smile arc (happy), frown arc (sad), flat line
     position, scale, rotation,                      (neutral), tight line (angry), round O (surprise),
-    background colour and gradient,                 wide open oval (fear), lopsided wave (disgust)
+    background colour and gradient,                 wide open oval (fear), one-sided sneer (disgust)
     noise, hair line, eye spacing            brows: level, raised and arched, inner ends down (V),
                                                     inner ends up (worried)
                                              eyes:  normal, wide, narrowed
@@ -66,20 +66,20 @@ def _brow(draw, cx, cy, half_len, inner_drop, side, arch, width, fill):
 #   brow:  inner_drop (in H; + is an angry V), lift above the eye (in H), arch (in H)
 #   eye:   radius (in H), openness (height / width of the eye ellipse)
 EXPRESSIONS = {
-    "happy":    dict(mouth=("arc", (0.07, 0.11), (0.17, 0.23)), brow=((-0.01, 0.01), (0.13, 0.16), (0.02, 0.035)),
-                     eye=((0.045, 0.055), (0.45, 0.7))),
-    "sad":      dict(mouth=("arc", (-0.10, -0.06), (0.13, 0.18)), brow=((-0.07, -0.045), (0.12, 0.15), (0.0, 0.01)),
-                     eye=((0.04, 0.05), (0.5, 0.75))),
-    "neutral":  dict(mouth=("arc", (-0.008, 0.008), (0.13, 0.18)), brow=((-0.008, 0.008), (0.13, 0.16), (0.0, 0.01)),
-                     eye=((0.045, 0.055), (0.8, 1.0))),
-    "angry":    dict(mouth=("tight", (-0.03, -0.01), (0.10, 0.14)), brow=((0.05, 0.075), (0.08, 0.11), (0.0, 0.01)),
-                     eye=((0.045, 0.055), (0.35, 0.55))),
-    "surprise": dict(mouth=("o", (0.11, 0.15), (0.07, 0.09)), brow=((-0.01, 0.01), (0.20, 0.24), (0.03, 0.05)),
-                     eye=((0.06, 0.075), (1.0, 1.15))),
-    "fear":     dict(mouth=("wide", (0.06, 0.09), (0.14, 0.18)), brow=((-0.07, -0.045), (0.19, 0.23), (0.0, 0.01)),
-                     eye=((0.06, 0.075), (1.0, 1.15))),
-    "disgust":  dict(mouth=("wave", (0.04, 0.06), (0.13, 0.17)), brow=((0.025, 0.045), (0.10, 0.13), (0.0, 0.01)),
-                     eye=((0.04, 0.05), (0.3, 0.45))),
+    "happy":    dict(mouth=("arc", (0.10, 0.14), (0.20, 0.26)), brow=((-0.01, 0.01), (0.13, 0.16), (0.02, 0.035)),
+                     eye=((0.05, 0.06), (0.45, 0.65))),
+    "sad":      dict(mouth=("arc", (-0.12, -0.08), (0.16, 0.22)), brow=((-0.10, -0.07), (0.12, 0.15), (0.0, 0.01)),
+                     eye=((0.045, 0.055), (0.5, 0.7))),
+    "neutral":  dict(mouth=("arc", (-0.008, 0.008), (0.16, 0.22)), brow=((-0.008, 0.008), (0.13, 0.16), (0.0, 0.01)),
+                     eye=((0.05, 0.06), (0.8, 1.0))),
+    "angry":    dict(mouth=("tight", (-0.03, -0.015), (0.12, 0.16)), brow=((0.07, 0.10), (0.08, 0.10), (0.0, 0.01)),
+                     eye=((0.05, 0.06), (0.35, 0.5))),
+    "surprise": dict(mouth=("o", (0.16, 0.20), (0.08, 0.10)), brow=((-0.01, 0.01), (0.22, 0.26), (0.03, 0.05)),
+                     eye=((0.065, 0.08), (1.0, 1.15))),
+    "fear":     dict(mouth=("wide", (0.09, 0.12), (0.18, 0.22)), brow=((-0.10, -0.07), (0.21, 0.25), (0.0, 0.01)),
+                     eye=((0.065, 0.08), (1.0, 1.15))),
+    "disgust":  dict(mouth=("sneer", (0.08, 0.11), (0.16, 0.20)), brow=((0.035, 0.055), (0.10, 0.12), (0.0, 0.01)),
+                     eye=((0.045, 0.055), (0.3, 0.45))),
 }
 assert set(EXPRESSIONS) == set(EMOTION_LABELS), "one drawing recipe per emotion label"
 
@@ -99,19 +99,19 @@ def make_face(label: str, seed: int, *, size: int = OUTPUT_SIZE) -> Image.Image:
     image = Image.composite(Image.new("RGB", (S, S), bottom), Image.new("RGB", (S, S), top), gradient)
 
     # The face is drawn on its own layer around the canvas centre, then rotated, scaled and moved.
-    H = S * _lerp(rng, 0.70, 0.85)                                       # face height before scaling
-    W = H * _lerp(rng, 0.72, 0.9)
-    skin_light = _lerp(rng, 0.25, 1.0)                                   # dark to light skin
+    H = S * _lerp(rng, 0.78, 0.9)                                       # face height before scaling
+    W = H * _lerp(rng, 0.78, 0.9)
+    skin_light = _lerp(rng, 0.35, 1.0)                                   # dark to light skin
     skin = (int(90 + 150 * skin_light), int(55 + 140 * skin_light), int(35 + 130 * skin_light))
-    ink = tuple(int(c * _lerp(rng, 0.15, 0.35)) for c in skin)          # features darker than the skin
+    ink = tuple(int(c * _lerp(rng, 0.05, 0.2)) for c in skin)          # features darker than the skin
     layer = Image.new("RGBA", (S, S), (0, 0, 0, 0))
     d = ImageDraw.Draw(layer)
     cx, cy = S / 2, S / 2
     d.ellipse([cx - W / 2, cy - H / 2, cx + W / 2, cy + H / 2], fill=skin + (255,))
-    if rng.random() < 0.6:                                               # a hair cap over the forehead
+    if rng.random() < 0.5:                                               # a hair cap over the forehead
         hair = tuple(rng.randrange(0, 120) for _ in range(3)) + (255,)
         d.chord([cx - W / 2, cy - H / 2, cx + W / 2, cy + H * _lerp(rng, -0.2, 0.0)], 180, 360, fill=hair)
-    stroke = max(1, round(H * _lerp(rng, 0.025, 0.035)))
+    stroke = max(1, round(H * _lerp(rng, 0.045, 0.06)))
 
     # Eyes: ellipses, wide or narrowed by the expression's openness, with a dark pupil.
     eye_y = cy - H * _lerp(rng, 0.06, 0.12)
@@ -134,9 +134,9 @@ def make_face(label: str, seed: int, *, size: int = OUTPUT_SIZE) -> Image.Image:
     nose_y = cy + H * _lerp(rng, 0.05, 0.09)
     d.line([(cx, eye_y + r), (cx + W * 0.03, nose_y)], fill=ink + (255,), width=max(1, stroke - 1))
     if label == "disgust":
-        for side in (-1, 1):
-            d.line([(cx + side * W * 0.06, nose_y - H * 0.05), (cx + side * W * 0.1, nose_y - H * 0.01)],
-                   fill=ink + (255,), width=max(1, stroke - 1))
+        for side in (-1, 1):                   # wrinkles either side of the nose
+            d.line([(cx + side * W * 0.07, nose_y - H * 0.07), (cx + side * W * 0.13, nose_y)],
+                   fill=ink + (255,), width=stroke)
 
     # Mouth.
     kind, (b_lo, b_hi), (w_lo, w_hi) = recipe["mouth"]
@@ -152,28 +152,28 @@ def make_face(label: str, seed: int, *, size: int = OUTPUT_SIZE) -> Image.Image:
     elif kind == "wide":                       # stretched open mouth, wider than tall
         d.rounded_rectangle([cx - half, mouth_y - bend / 2, cx + half, mouth_y + bend / 2], radius=bend / 3,
                             fill=(60, 20, 20, 255), outline=ink + (255,), width=stroke)
-    else:                                      # "wave": lopsided, one corner raised (a sneer)
+    else:                                      # "sneer": flat on one side, the other corner pulled up
         side = rng.choice((-1, 1))
-        points = [(cx + t * half, mouth_y - side * bend * t + bend * 0.5 * math.sin(math.pi * (t + 1)))
+        points = [(cx + side * t * half, mouth_y - bend * max(0.0, t) ** 2 * 2.0)
                   for t in (-1 + 2 * i / 16 for i in range(17))]
         d.line(points, fill=ink + (255,), width=stroke, joint="curve")
 
     # Pose: rotate about the centre, scale, and move; then paste over the background.
-    angle = _lerp(rng, -20, 20)
-    scale = _lerp(rng, 0.85, 1.1)
+    angle = _lerp(rng, -10, 10)
+    scale = _lerp(rng, 0.92, 1.05)
     layer = layer.rotate(angle, resample=Image.Resampling.BILINEAR)
     new = max(1, round(S * scale))
     layer = layer.resize((new, new), resample=Image.Resampling.BILINEAR)
-    shift = S * 0.08
+    shift = S * 0.05
     x0 = round((S - new) / 2 + _lerp(rng, -shift, shift))
     y0 = round((S - new) / 2 + _lerp(rng, -shift, shift))
     image.paste(layer, (x0, y0), layer)
 
     # Shrink to the output size, blur a little, add pixel noise, store as FER does: grayscale.
     image = image.resize((size, size), resample=Image.Resampling.BOX).convert("L")
-    if rng.random() < 0.3:
-        image = image.filter(ImageFilter.GaussianBlur(_lerp(rng, 0.3, 0.8)))
-    sigma = _lerp(rng, 0.0, 8.0)
+    if rng.random() < 0.15:
+        image = image.filter(ImageFilter.GaussianBlur(_lerp(rng, 0.3, 0.6)))
+    sigma = _lerp(rng, 0.0, 5.0)
     noise = np.random.default_rng(rng.getrandbits(64)).normal(0.0, sigma, (size, size))
     return Image.fromarray(np.clip(np.rint(np.asarray(image, dtype=np.float64) + noise), 0, 255).astype(np.uint8))
 
