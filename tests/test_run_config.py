@@ -88,3 +88,13 @@ def test_example_config_is_valid():
     example = Path(train_emotion.__file__).parent / "configs" / "train_emotion.example.toml"
     args = parse_args_with_config(train_emotion.build_parser(), ["--config", str(example)])
     assert args.preset == "b16" and args.class_weighting == "balanced" and args.learning_rate == 2e-5
+
+
+def test_train_emotion_rejects_a_bad_config_before_any_work(tmp_path, capsys):
+    import train_emotion
+    bad = tmp_path / "bad.toml"
+    bad.write_text('seed = 1\ntrain_batch_size = "big"\n')
+    with pytest.raises(SystemExit):
+        train_emotion.main(["--config", str(bad), "--output_dir", str(tmp_path / "out")])
+    assert "line 2: key 'train_batch_size': expected an integer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
