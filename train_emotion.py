@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             if dist.is_main else None)
 
     def checkpoint() -> None:
+        # The RNG states saved are the main process's: every process seeds the same way, and the data
+        # randomness (order, augmentation) is keyed by (seed, epoch, index), not drawn from them.
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "step": step, "epoch": epoch, "position": position, "rng": rng_state(),
                  "run_settings": run_settings, "model_config": model.config.to_dict()}
