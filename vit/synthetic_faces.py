@@ -8,7 +8,7 @@ grayscale square.
     ---------------------------------       ---------------------------------------------------------
     face width/height, skin tone,            mouth: smile arc (happy), frown arc (sad), flat line
     position, scale, rotation,                      (neutral), tight line (angry), round O (surprise),
-    background colour and gradient,                 wide open oval (fear), one-sided sneer (disgust)
+    background colour and gradient,                 wide open slot (fear), one-sided sneer (disgust)
     noise, hair line, eye spacing            brows: level, raised and arched, inner ends down (V),
                                                     inner ends up (worried)
                                              eyes:  normal, wide, narrowed
@@ -30,20 +30,19 @@ from vit.model import EMOTION_LABELS
 
 OUTPUT_SIZE = 48    # FER2013's image side
 SUPERSAMPLE = 4     # draw at 4x, then shrink with a box filter: anti-aliased strokes
-CANVAS = OUTPUT_SIZE * SUPERSAMPLE
 
 
 def _lerp(rng: random.Random, lo: float, hi: float) -> float:
     return lo + (hi - lo) * rng.random()
 
 
-def _arc(draw, cx, cy, half_width, bend, width, fill, *, tilt=0.0):
+def _arc(draw, cx, cy, half_width, bend, width, fill):
     """A parabola through both mouth corners, drawn as a polyline. Image y grows downwards, so bend > 0
     puts the middle below the corners (a smile) and bend < 0 above them (a frown)."""
     points = []
     for i in range(17):
         t = -1 + 2 * i / 16                                  # -1 .. 1 across the mouth
-        points.append((cx + t * half_width, cy + bend * (1 - t * t) + tilt * t))
+        points.append((cx + t * half_width, cy + bend * (1 - t * t)))
     draw.line(points, fill=fill, width=width, joint="curve")
 
 
