@@ -114,6 +114,15 @@ def test_checker_finds_nothing_on_a_plain_image():
     assert (found.colour, found.shape, found.background) == (None, None, "green")
 
 
+def test_checker_names_no_shape_for_a_ring():
+    yy, xx = np.mgrid[:64, :64]
+    r2 = (yy - 32) ** 2 + (xx - 32) ** 2
+    ring = np.zeros((64, 64, 3))
+    ring[(r2 < 15 ** 2) & (r2 > 8 ** 2)] = 1.0
+    found = check(ring)
+    assert (found.colour, found.shape, found.size, found.background) == ("white", None, None, "black")
+
+
 def test_checker_accepts_pil_and_arrays():
     image, _, attrs = World(5).sample(0)
     for form in (image, np.asarray(image), np.asarray(image) / 255.0):

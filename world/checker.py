@@ -147,6 +147,7 @@ def shape_features(mask: np.ndarray, alpha: np.ndarray) -> dict[str, float]:
     profile = radial_profile(inside, xs.mean() + 0.5, ys.mean() + 0.5)  # from the centroid (pixel centres at +0.5)
     return {
         **{f"h{k}": v for k, v in harmonics(profile, (3, 4, 5)).items()},
+        "mean_radius": float(profile.mean()),  # 0 when the centroid lies outside the mask
         "extent": area / (width * height),
         "width": width, "height": height, "area": area,
         "x": float(xs.min() + xs.max() + 1) / 2, "y": float(ys.min() + ys.max() + 1) / 2,  # box centre
@@ -160,7 +161,9 @@ SQUARE_EXTENT = 0.72  # square 0.77..1.0 (a box filled), cross 0.50..0.66 (its c
 POINTS = {3: "triangle", 5: "star"}  # the dominant harmonic names the shape (4: square or cross)
 
 
-def classify_shape(features: dict[str, float]) -> str:
+def classify_shape(features: dict[str, float]) -> str | None:
+    if features["mean_radius"] == 0:  # a ring or a crescent: none of the world's shapes
+        return None
     order = max((3, 4, 5), key=lambda k: features[f"h{k}"])
     if features[f"h{order}"] < POINTED:
         return "circle"
@@ -206,6 +209,6 @@ def check(image) -> Detection:
     features.update(shape_features(mask, alpha))
     shape = classify_shape(features)
     return Detection(colour=nearest_colour(colour), shape=shape,
-                     size=size_name(shape, features["area"], min(h, w)),
+                     size=size_name(shape, features["area"], min(h, w)) if shape else None,
                      position=grid_position(features["x"], features["y"], min(h, w)),
                      background=nearest_colour(background), features=features)
