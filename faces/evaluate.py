@@ -41,6 +41,24 @@ class StageArrays:
     right: np.ndarray            # (n,) float32
     trees: tuple                 # non-stump trees: (left, right, feature, threshold, leaves) each;
                                  # empty for a stump cascade
+    sums_exact: bool             # every sum of these leaves is exact in float64 (see _sums_are_exact)
+
+
+def _sums_are_exact(left: np.ndarray, right: np.ndarray) -> bool:
+    """True when any sum of some of the float32 values right, left - right (and of the leaves
+    themselves) is exact in float64, whatever the order of the additions.
+
+    A float32 is an integer times 2^(e - 24) (e from frexp), so all these values are multiples
+    of q = 2^(smallest e - 24); a sum of them is exact while its magnitude stays below 2^53 q.
+    Then the stage sum can be taken as sum(right) + mask @ (left - right), a dot product in any
+    order, and still equal OpenCV's left-to-right double sum of the chosen leaves, bit for bit."""
+    values = np.concatenate([left, right]).astype(np.float64)
+    nonzero = values[values != 0]
+    if not len(nonzero):
+        return True
+    quantum = 2.0 ** (np.frexp(nonzero)[1].min() - 24)
+    bound = np.abs(right).sum(dtype=np.float64) + np.abs(left.astype(np.float64) - right).sum()
+    return bool(bound < 2.0 ** 53 * quantum)
 
 
 @dataclass(frozen=True)
@@ -91,7 +109,9 @@ def pack(cascade: HaarCascade) -> PackedCascade:
             trees=() if stumps else tuple(
                 (np.array(t.left), np.array(t.right), np.array(t.feature),
                  np.array(t.threshold, dtype=np.float32), np.array(t.leaves, dtype=np.float32))
-                for t in stage.trees)))
+                for t in stage.trees),
+            sums_exact=_sums_are_exact(np.array([t.leaves[-t.left[0]] for t in stumps], dtype=np.float32),
+                                       np.array([t.leaves[-t.right[0]] for t in stumps], dtype=np.float32))))
     return PackedCascade(window=cascade.window, corners=corners, weights=weights, tilted=tilted,
                          stages=tuple(stages))
 
@@ -190,20 +210,24 @@ def stage_passes_points(points: Points, buffer: np.ndarray, packed: PackedCascad
     first, second, third = rect_of_stump.T
     has_third = np.nonzero(third >= 0)[0]
     flat = buffer.ravel()
+    right_total = stage.right.sum(dtype=np.float64)                           # the stage sum if no stump goes left
+    leaf_step = stage.left.astype(np.float64) - stage.right                   # what going left adds
 
     def chunk_passes(start: int) -> np.ndarray:
         base, scale = points.base[start:start + chunk], inv_sigma[start:start + chunk]
         values = np.take(flat, offsets[:, None] + base[None, :])              # (U, m) int32
         c = values[corner_rows]                                               # (R, 4, m)
         rect_sums = c[:, 0] - c[:, 1] - c[:, 2] + c[:, 3]                     # (R, m) int32
-        terms = rect_sums.astype(np.float32) * rect_weight[:, None]           # (R, m) float32
+        terms = np.multiply(rect_sums, rect_weight[:, None], dtype=np.float32)  # (R, m) float32
         value = terms[first] + terms[second]                                  # (n, m)
         value[has_third] = value[has_third] + terms[third[has_third]]
-        value = value * scale[None, :]
-        leaves = np.where(value < stage.node_threshold[:, None], stage.left[:, None], stage.right[:, None])
-        stage_sum = np.zeros(len(base))
-        for row in leaves:                                                    # in order, float64
-            stage_sum = stage_sum + row
+        goes_left = value * scale[None, :] < stage.node_threshold[:, None]    # (n, m)
+        if stage.sums_exact:                                                  # one dot product, exact
+            stage_sum = right_total + leaf_step @ goes_left.astype(np.float64)
+        else:                                                                 # the leaves one by one
+            stage_sum = np.zeros(len(base))
+            for row in np.where(goes_left, stage.left[:, None], stage.right[:, None]):
+                stage_sum = stage_sum + row
         return stage_sum >= stage.threshold
 
     chunk = max(1, MAX_GATHER // len(offsets))
