@@ -217,3 +217,16 @@ def test_levels_scanned_in_groups_give_the_same_hits(monkeypatch):
     raw = detect_faces(_gray("pasted_faces_on_coffee.jpg"), scale_factor=run["scale_factor"], min_neighbors=0,
                        min_size=tuple(run["min_size"]))
     assert sorted(map(list, raw)) == run["boxes"]
+
+
+def test_stage_sum_shortcut_is_exact_or_not_taken(monkeypatch):
+    """The dot-product stage sum is used only when float64 makes it exact; the leaf-by-leaf sum
+    that replaces it otherwise gives the same hits."""
+    from faces import evaluate
+    assert evaluate._sums_are_exact(np.float32([2.0875380, -1.8633940]), np.float32([-2.2172100, 1.3272049]))
+    assert not evaluate._sums_are_exact(np.float32([1e-30, 0.5]), np.float32([1.0, 0.25]))
+    monkeypatch.setattr(evaluate, "_sums_are_exact", lambda left, right: False)
+    run = REFERENCE["images"]["pasted_faces_on_coffee.jpg"]["runs"][1]
+    raw = detect_faces(_gray("pasted_faces_on_coffee.jpg"), scale_factor=run["scale_factor"], min_neighbors=0,
+                       min_size=tuple(run["min_size"]), cascade=load_cascade())   # a new object: packed anew
+    assert sorted(map(list, raw)) == run["boxes"]
