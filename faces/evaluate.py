@@ -100,18 +100,18 @@ def pack(cascade: HaarCascade) -> PackedCascade:
         stumps = [t for t in stage.trees if len(t.feature) == 1]
         if len(stumps) != len(stage.trees):      # a tree cascade: keep every tree as it is
             stumps = []
+        left = np.array([t.leaves[-t.left[0]] for t in stumps], dtype=np.float32)
+        right = np.array([t.leaves[-t.right[0]] for t in stumps], dtype=np.float32)
         stages.append(StageArrays(
             threshold=float(stage.threshold),
             features=np.array([t.feature[0] for t in stumps], dtype=np.int64),
             node_threshold=np.array([t.threshold[0] for t in stumps], dtype=np.float32),
-            left=np.array([t.leaves[-t.left[0]] for t in stumps], dtype=np.float32),
-            right=np.array([t.leaves[-t.right[0]] for t in stumps], dtype=np.float32),
+            left=left, right=right,
             trees=() if stumps else tuple(
                 (np.array(t.left), np.array(t.right), np.array(t.feature),
                  np.array(t.threshold, dtype=np.float32), np.array(t.leaves, dtype=np.float32))
                 for t in stage.trees),
-            sums_exact=_sums_are_exact(np.array([t.leaves[-t.left[0]] for t in stumps], dtype=np.float32),
-                                       np.array([t.leaves[-t.right[0]] for t in stumps], dtype=np.float32))))
+            sums_exact=_sums_are_exact(left, right)))
     return PackedCascade(window=cascade.window, corners=corners, weights=weights, tilted=tilted,
                          stages=tuple(stages))
 
