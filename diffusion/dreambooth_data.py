@@ -120,13 +120,14 @@ def class_image_seed(seed: int, index: int) -> int:
 @torch.no_grad()
 def generate_class_images(models, folder: Path, indices: list[int], *, prompt: str, resolution: int, seed: int,
                           batch_size: int, steps: int, guidance_scale: float, precision: str,
-                          progress: bool = True) -> list[Path]:
+                          share: tuple[int, int] = (0, 1), progress: bool = True) -> list[Path]:
     """Generate class image i for every i in `indices` with the base model and the project's DDIM
     sampler (batched classifier-free guidance), each from its own seed `class_image_seed(seed, i)`.
 
     Images are made in fixed groups of `batch_size` consecutive indices (index i belongs to group
     i // batch_size, always computed whole), so a rerun that fills a gap computes every image in the
-    same batch as the first run did, and writes only the missing files."""
+    same batch as the first run did, and writes only the missing files. `share` = (rank, world size):
+    with several processes, each makes every world-size-th group."""
     from tqdm import tqdm
 
     from diffusion.pipeline import (decode_to_uint8, denoise, encode_prompts, initial_latents, make_sampler,
@@ -135,9 +136,11 @@ def generate_class_images(models, folder: Path, indices: list[int], *, prompt: s
     device = next(models.unet.parameters()).device
     unet_config, vae_config = models.unet.config, models.vae.config
     wanted = set(indices)
-    groups = sorted({i // batch_size for i in indices})
+    rank, world_size = share
+    groups = [g for g in sorted({i // batch_size for i in indices}) if g % world_size == rank]
     written = []
-    bar = tqdm(total=len(indices), desc="class images", unit="image", disable=not progress)
+    bar = tqdm(total=sum(1 for i in indices if i // batch_size in groups), desc="class images", unit="image",
+               disable=not progress)
     for g in groups:
         group = list(range(g * batch_size, (g + 1) * batch_size))
         with precision_context(precision, device):

@@ -186,14 +186,18 @@ def test_resume_and_run_config_repeat_bit_for_bit(data, tmp_path, capsys):
 
 def test_ddp_two_processes_equal_one_process(data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    common = [*prior(data), "--max_train_steps", "2", "--learning_rate", "1e-4", "--train_text_encoder"]
-    assert train_dreambooth.main(args_for(data, one, *common, "--train_batch_size", "2")) == 0
-    argv = args_for(data, two, *common)   # --train_batch_size 1 on each of 2 processes
+    # each run generates its own class images (the 2 processes share the work): the same files
+    common = [*PRIOR, "--max_train_steps", "2", "--learning_rate", "1e-4", "--train_text_encoder"]
+    assert train_dreambooth.main(args_for(data, one, *common, "--class_data_dir", str(tmp_path / "class1"),
+                                          "--train_batch_size", "2")) == 0
+    argv = args_for(data, two, *common, "--class_data_dir", str(tmp_path / "class2"))   # batch 1 on each process
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "train_dreambooth.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     assert json.loads((two / "run_info.json").read_text())["world_size"] == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "class1").iterdir()} == {
+        p.name: p.read_bytes() for p in (tmp_path / "class2").iterdir()}
     for r1, r2 in zip(metrics(one), metrics(two)):
         assert abs(r1["instance_loss"] - r2["instance_loss"]) <= 1e-5 and abs(r1["prior_loss"] - r2["prior_loss"]) <= 1e-5
     for part in ("unet", "text_encoder"):
