@@ -178,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             check_writable(class_dir, "--class_data_dir")
         instance_images = [load_image(f, args.resolution) for f in instance_files]   # (3, H, W) uint8 each
+        dist = setup_distributed(args.device)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    dist = setup_distributed(args.device)
     seed_everything(args.seed)
     from diffusion.schedule import NoiseSchedule, ScheduleConfig
     from diffusion.weights import load_stable_diffusion
