@@ -4,11 +4,10 @@ Runs OpenCV's own `CascadeClassifier.detectMultiScale` (and `groupRectangles`, `
 `FileStorage`) on the fixture images and writes what it finds to tests/fixtures/faces/reference.json.
 The tests compare faces/ (which never imports cv2) against these numbers.
 
-Needs opencv-python-headless 4.x: OpenCV 5 moved the Haar cascade detector out of the main
-package, so requirements-dev.txt's opencv 5 cannot run this. Use a separate environment:
+Needs opencv-python-headless 4.x (requirements-dev.txt pins 4.14): OpenCV 5 moved the Haar cascade
+detector out of the main package.
 
-    python3 -m venv /tmp/cv4 && /tmp/cv4/bin/pip install opencv-python-headless==4.14.0.94 numpy==2.4.6 pillow==13.0.0
-    /tmp/cv4/bin/python tools/make_reference_faces.py [--skimage-data DIR]
+    .venv-dev/bin/python tools/make_reference_faces.py [--skimage-data DIR]
 
 --skimage-data: the `skimage/data` folder of a scikit-image wheel (`pip download scikit-image`,
 unzip). Given, the fixture photographs are re-made from it (astronaut and camera: public domain /
