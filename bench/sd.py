@@ -10,7 +10,8 @@ Two workloads at 512x512, each in fp32 and under bf16 autocast (fp32 weights, as
 
 Every measurement runs in a fresh subprocess, so its peak resident memory (getrusage's ru_maxrss) is
 its own: we print the peak and the peak above the process's size once the model is built (the
-activations' share). Times are medians of --repeats runs after one warm-up. Ratio = diffusers' time /
+activations' share). Times are medians of --rounds x --repeats runs (each subprocess warms up once first; the order of
+the two sides alternates between rounds). Ratio = diffusers' time /
 ours (> 1: ours is faster). Without diffusers installed, only our side runs, and the script says so.
 """
 from __future__ import annotations
@@ -93,10 +94,19 @@ def measure(impl, model, precision, repeats, threads) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def pooled(results: list[dict | None]) -> dict | None:
+    if any(r is None for r in results):
+        return None
+    times = [t for r in results for t in r["times"]]
+    return dict(median_s=statistics.median(times), peak_mb=max(r["peak_mb"] for r in results),
+                extra_mb=max(r["extra_mb"] for r in results))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", nargs=3, metavar=("IMPL", "MODEL", "PRECISION"), help=argparse.SUPPRESS)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per subprocess, after one warm-up")
+    ap.add_argument("--rounds", type=int, default=2, help="subprocesses per side, alternating the order")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--only", choices=["unet", "vae"])
     ap.add_argument("--precision", choices=["fp32", "bf16"])
@@ -110,12 +120,19 @@ def main() -> None:
     except ImportError:
         impls = ["ours"]
         print("diffusers is not installed: measuring our side only, no ratios")
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} after one warm-up")
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.rounds} x {args.repeats} runs "
+          "(each subprocess warms up once first)", flush=True)
     print(f"{'workload':<30} {'impl':<10} {'median s':>9} {'peak MB':>9} {'act. MB':>9} {'speed ratio':>12}")
     for model in ["unet", "vae"] if args.only is None else [args.only]:
         for precision in ["fp32", "bf16"] if args.precision is None else [args.precision]:
             name = f"{'CFG UNet step, 2x64x64' if model == 'unet' else 'VAE decode 512x512'} {precision}"
-            results = {impl: measure(impl, model, precision, args.repeats, args.threads) for impl in impls}
+            # alternate which side goes first, round by round, so a drift in the machine's load (it is
+            # shared) does not always favour the same side; pool the timed runs of all rounds
+            runs = {impl: [] for impl in impls}
+            for r in range(args.rounds):
+                for impl in (impls if r % 2 == 0 else impls[::-1]):
+                    runs[impl].append(measure(impl, model, precision, args.repeats, args.threads))
+            results = {impl: pooled(rs) for impl, rs in runs.items()}
             for impl, r in results.items():
                 if r is None:
                     continue

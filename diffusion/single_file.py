@@ -106,7 +106,8 @@ def vae_rules(config: VAEConfig) -> list[Rule]:
         (rf"{p}(encoder|decoder)\.mid\.attn_1\.norm\.(.+)", r"\1.mid_block.attentions.0.group_norm.\2"),
         (rf"{p}(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.(.+)", r"\1.mid_block.attentions.0.to_\2.\3"),
         (rf"{p}(encoder|decoder)\.mid\.attn_1\.proj_out\.(.+)", r"\1.mid_block.attentions.0.to_out.0.\2"),
-        (rf"{p}encoder\.down\.(\d+)\.block\.(\d+)\.nin_shortcut\.(.+)", r"encoder.down_blocks.\1.resnets.\2.conv_shortcut.\3"),
+        (rf"{p}encoder\.down\.(\d+)\.block\.(\d+)\.nin_shortcut\.(.+)",
+         r"encoder.down_blocks.\1.resnets.\2.conv_shortcut.\3"),
         (rf"{p}encoder\.down\.(\d+)\.block\.(\d+)\.(.+)", r"encoder.down_blocks.\1.resnets.\2.\3"),
         (rf"{p}encoder\.down\.(\d+)\.downsample\.conv\.(.+)", r"encoder.down_blocks.\1.downsamplers.0.conv.\2"),
         (rf"{p}(quant_conv|post_quant_conv)\.(.+)", r"\1.\2"),
@@ -114,7 +115,8 @@ def vae_rules(config: VAEConfig) -> list[Rule]:
     for i in range(n):
         ldm = n - 1 - i
         rules += [
-            (rf"{p}decoder\.up\.{ldm}\.block\.(\d+)\.nin_shortcut\.(.+)", rf"decoder.up_blocks.{i}.resnets.\1.conv_shortcut.\2"),
+            (rf"{p}decoder\.up\.{ldm}\.block\.(\d+)\.nin_shortcut\.(.+)",
+             rf"decoder.up_blocks.{i}.resnets.\1.conv_shortcut.\2"),
             (rf"{p}decoder\.up\.{ldm}\.block\.(\d+)\.(.+)", rf"decoder.up_blocks.{i}.resnets.\1.\2"),
             (rf"{p}decoder\.up\.{ldm}\.upsample\.conv\.(.+)", rf"decoder.up_blocks.{i}.upsamplers.0.conv.\1"),
         ]
@@ -181,8 +183,8 @@ def _count(keys, pattern: str) -> set[int]:
 
 def _check_groups(channels, groups: int, *, source: str, model: str) -> None:
     if any(c % groups for c in channels):
-        raise CheckpointError(f"{source}: {model} widths {tuple(channels)} do not split into SD v1's {groups} GroupNorm "
-                              "groups, and the group count cannot be read off the shapes: pass --config DIR with "
+        raise CheckpointError(f"{source}: {model} widths {tuple(channels)} do not split into SD v1's {groups} "
+                              "GroupNorm groups, and the group count cannot be read off the shapes: pass --config DIR with "
                               f"this model's {model.lower()}/config.json")
 
 
