@@ -10,6 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def maybe_checkpoint(module: nn.Module, on: bool, *args) -> torch.Tensor:
+    """Run `module`, recomputing its activations in the backward pass when checkpointing is on
+    (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost")."""
+    if on and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
 
 
 class Attention(nn.Module):
@@ -110,12 +119,15 @@ class SpatialTransformer(nn.Module):
                                   context_dim=context_dim, dropout=dropout)
             for _ in range(depth)])
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+        # Checkpointing recomputes the transformer blocks only, as diffusers does: the GroupNorm and
+        # 1x1 projections around them are cheap to store and would cost a recompute each.
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x))
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)   # (B, HW, C): one token per pixel
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = maybe_checkpoint(block, self.gradient_checkpointing, h, context)
         h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)   # (B, C, H, W)
         return x + self.proj_out(h)

@@ -173,10 +173,12 @@ class UNet2DConditionModel(nn.Module):
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, on: bool) -> None:
         for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
-            block.gradient_checkpointing = bool(on)
+            block.gradient_checkpointing = bool(on)                  # its ResNets
+            for attention in block.attentions or []:
+                attention.gradient_checkpointing = bool(on)          # its transformer blocks
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute each ResNet / transformer in the backward pass instead of storing activations."""
+        """Recompute each ResNet and transformer block in the backward pass instead of storing activations."""
         self.gradient_checkpointing = True
 
     def disable_gradient_checkpointing(self) -> None:

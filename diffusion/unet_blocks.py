@@ -12,9 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from diffusion.attention import SpatialTransformer
+from diffusion.attention import SpatialTransformer, maybe_checkpoint
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
@@ -106,14 +105,6 @@ class Upsample2D(nn.Module):
         return self.conv(x)
 
 
-def _call(module: nn.Module, use_checkpoint: bool, *args) -> torch.Tensor:
-    """Run `module`, recomputing its activations in the backward pass when checkpointing is on
-    (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost")."""
-    if use_checkpoint and torch.is_grad_enabled():
-        return checkpoint(module, *args, use_reentrant=False)
-    return module(*args)
-
-
 class DownBlock(nn.Module):
     """One UNet resolution on the way down: `layers` ResNet blocks, each followed by a spatial
     transformer when the level carries cross-attention ("CrossAttnDownBlock2D") or not
@@ -139,9 +130,9 @@ class DownBlock(nn.Module):
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = _call(resnet, self.gradient_checkpointing, x, temb)
+            x = maybe_checkpoint(resnet, self.gradient_checkpointing, x, temb)
             if self.attentions is not None:
-                x = _call(self.attentions[i], self.gradient_checkpointing, x, context)
+                x = self.attentions[i](x, context)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -164,9 +155,9 @@ class MidBlock(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = _call(self.resnets[0], self.gradient_checkpointing, x, temb)
-        x = _call(self.attentions[0], self.gradient_checkpointing, x, context)
-        return _call(self.resnets[1], self.gradient_checkpointing, x, temb)
+        x = maybe_checkpoint(self.resnets[0], self.gradient_checkpointing, x, temb)
+        x = self.attentions[0](x, context)
+        return maybe_checkpoint(self.resnets[1], self.gradient_checkpointing, x, temb)
 
 
 class UpBlock(nn.Module):
@@ -197,9 +188,9 @@ class UpBlock(nn.Module):
                 upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = torch.cat([x, skips[i]], dim=1)  # (B, C + C_skip, H, W)
-            x = _call(resnet, self.gradient_checkpointing, x, temb)
+            x = maybe_checkpoint(resnet, self.gradient_checkpointing, x, temb)
             if self.attentions is not None:
-                x = _call(self.attentions[i], self.gradient_checkpointing, x, context)
+                x = self.attentions[i](x, context)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
