@@ -12,8 +12,8 @@ no reference library is involved.
 
 For comparison the script first measures the model alone, in-process and without HTTP: forward time
 per image at batch 1 against batch 16 (same weights and dtype). On a CPU, where batch 1 already keeps
-the cores busy, that gain is small; serving gains more, because one forward pass per batch instead of
-per image also means fewer thread synchronisations competing with the request threads for the cores.
+the cores busy, that gain is small; serving has gained more in our runs, probably because one forward
+pass per batch means fewer thread synchronisations competing with the request threads for the cores.
 On a GPU, where one image leaves most of the chip idle, the model's own gain should be large.
 """
 from __future__ import annotations
