@@ -81,7 +81,9 @@ def load_image(source: str | Path | bytes | Image.Image, *, name: str | None = N
         try:
             image = Image.open(io.BytesIO(data))
             image.load()  # decode now, so a truncated file fails here and not later
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except UnidentifiedImageError as e:  # PIL's own message names a BytesIO object, not the input
+            raise ImageError(f"{label}: not a readable image (no image format recognised)") from e
+        except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"{label}: not a readable image ({e})") from e
         except Image.DecompressionBombError as e:
             raise ImageError(f"{label}: image too large ({e})") from e
