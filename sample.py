@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+from common.run_config import finish_run_record, read_config, start_run_record
+
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"  # the CompVis script's default
 
 
@@ -27,9 +29,9 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="diffusers folder or single .safetensors/.ckpt file")
+    p.add_argument("--ckpt", help="diffusers folder or single .safetensors/.ckpt file (required)")
     p.add_argument("--prompt", default=None, help=f"the prompt to render (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--negative_prompt", default=None,
                    help="replaces the empty unconditional prompt of classifier-free guidance")
@@ -49,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="fp32, or bf16/fp16 autocast")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--config", default=None,
+    p.add_argument("--config", "--model_config", dest="config_dir", default=None,
                    help="folder with unet/, vae/, text_encoder/ config.json for a single-file --ckpt "
-                        "(default: inferred from the tensor shapes); its tokenizer/, if any, is used too")
+                        "(default: inferred from the tensor shapes); its tokenizer/, if any, is used too. "
+                        "A FILE.toml instead is a run config: its keys are these flags' names")
     p.add_argument("--use_ema", action="store_true", help="single file: use its model_ema.* UNet weights")
     return p
 
@@ -75,6 +78,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def check_args(args: argparse.Namespace) -> None:
     """The flags and files that need no config (the image size is checked by `check_size`)."""
+    if args.ckpt is None:  # checked here, not by argparse, so a run config file can provide it
+        raise UsageError("--ckpt is required: a diffusers folder or a single .safetensors/.ckpt file")
     if args.plms and args.ddim_eta is not None:
         raise UsageError("--ddim_eta cannot be used with --plms: PLMS is deterministic (no eta)")
     if args.ddim_eta is not None and args.ddim_eta < 0:
@@ -84,8 +89,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be >= 1")
     if not Path(args.ckpt).exists():
         raise UsageError(f"--ckpt {args.ckpt}: no such file or folder")
-    if args.config is not None and not Path(args.config).is_dir():
-        raise UsageError(f"--config {args.config}: not a folder")
+    if args.config_dir is not None and not Path(args.config_dir).is_dir():
+        raise UsageError(f"--config {args.config_dir}: not a folder (nor a run config FILE.toml)")
     if args.use_ema and Path(args.ckpt).is_dir():
         raise UsageError("--use_ema applies to a single-file --ckpt; a diffusers folder holds one UNet")
 
@@ -169,13 +174,27 @@ def make_grid(images, *, padding: int = 2):
     return grid
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`--config` is either a run config FILE.toml (its keys are the flag names; flags on the command
+    line win) or, as in CompVis's txt2img, the model's config folder."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(argv)
+    if known.config is None or not known.config.endswith(".toml"):
+        return parser.parse_args(argv)
+    parser.set_defaults(**read_config(known.config, parser))
+    return parser.parse_args(rest)
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     """Run the script; returns the paths written (samples then grid, prompt by prompt)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parse_args(parser, argv)
     try:
         prompts = read_prompts(args)
         check_args(args)
-        configs = read_configs(args.ckpt, args.config)
+        configs = read_configs(args.ckpt, args.config_dir)
         if configs is not None:
             check_size(args, configs)
     except UsageError as e:
@@ -193,15 +212,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"sample.py: error: --device {args.device}: CUDA is not available here")
     try:
-        models = load_stable_diffusion(args.ckpt, config_dir=args.config, use_ema=args.use_ema)
+        models = load_stable_diffusion(args.ckpt, config_dir=args.config_dir, use_ema=args.use_ema)
     except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"sample.py: error: --ckpt {args.ckpt}: {e}")
-    if args.config is not None and (Path(args.config) / "tokenizer").is_dir() \
-            and getattr(models, "layout", None) == "single_file":
-        # A --config folder laid out like a diffusers folder also holds the tokenizer of this model
-        # (a single file carries none; the loader falls back to the shipped SD v1 / CLIP vocabulary).
-        from clip.tokenizer import CLIPTokenizer
-        models.tokenizer = CLIPTokenizer.from_pretrained(Path(args.config) / "tokenizer")
     if configs is None:  # a .ckpt: its architecture is known now, before any sampling
         try:
             check_size(args, (models.unet.config, models.vae.config))
@@ -213,6 +226,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     outdir = Path(args.outdir)
     samples = outdir / "samples"
     samples.mkdir(parents=True, exist_ok=True)
+    # run_config.toml (every flag, defaults included) and run_info.json: `--config run_config.toml` repeats it
+    info = start_run_record(outdir, args, parser, device=str(device), dtype=args.precision, world_size=1, argv=argv)
     written = []
     for prompt in prompts:
         images = generate(models, [prompt], negative_prompt=args.negative_prompt,
@@ -227,6 +242,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         written.append(save_new(make_grid(images), outdir, r".*-grid-(\d+)\.png",
                                 lambda i: f"{slug}-grid-{i:04d}.png"))
         print(written[-1], flush=True)
+    finish_run_record(outdir, info, images_written=len(written))
     return written
 
 

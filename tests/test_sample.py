@@ -236,3 +236,24 @@ def test_prompt_file_gives_one_batch_per_line(tmp_path):
     written = sample.main(["--ckpt", str(FOLDER), "--from-file", str(prompts), "--outdir", str(tmp_path),
                            "--n_samples", "1", "--ddim_steps", "1", "--H", "32", "--W", "32", "--device", "cpu"])
     assert [p.name for p in written] == ["00000.png", "a-cat-grid-0000.png", "00001.png", "a-dog-grid-0001.png"]
+
+
+def test_run_config_repeats_a_run_and_flags_override_it(tmp_path, capsys):
+    """Issue 8: outdir/run_config.toml holds every flag; `--config run_config.toml` repeats the run."""
+    first = sample.main(["--ckpt", str(SINGLE), "--config", str(FOLDER), "--prompt", "a red cube", "--H", "32",
+                         "--W", "32", "--n_samples", "1", "--ddim_steps", "3", "--seed", "7",
+                         "--outdir", str(tmp_path / "a")])
+    record = (tmp_path / "a" / "run_config.toml").read_text()
+    assert 'prompt = "a red cube"' in record and f'config = "{FOLDER}"' in record and "scale = 7.5" in record
+    info = json.loads((tmp_path / "a" / "run_info.json").read_text())
+    assert info["status"] == "finished" and info["device"] == "cpu" and info["world_size"] == 1
+    again = sample.main(["--config", str(tmp_path / "a" / "run_config.toml"), "--outdir", str(tmp_path / "b")])
+    assert np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(again[0])))
+    other = sample.main(["--config", str(tmp_path / "a" / "run_config.toml"), "--seed", "8",
+                         "--outdir", str(tmp_path / "c")])
+    assert not np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(other[0])))
+    (tmp_path / "bad.toml").write_text('ckpt = "x"\nddim_stepz = 3\n')
+    with pytest.raises(SystemExit):
+        sample.main(["--config", str(tmp_path / "bad.toml")])
+    err = capsys.readouterr().err
+    assert "line 2" in err and "ddim_stepz" in err
