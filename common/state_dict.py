@@ -6,7 +6,7 @@ Every model in this project loads public weights the same way:
 2. rename the keys with a short list of regex rules written as data next to the model
    (`rename_keys`), so a reader can audit the whole mapping in one screen,
 3. load strictly (`load_strict`): a missing, unexpected or mis-shaped tensor stops the load with
-   an error that names it. There is no `strict=False` anywhere.
+   an error that names it. Nothing is ever loaded non-strictly.
 """
 from __future__ import annotations
 
