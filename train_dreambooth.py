@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prior_loss_weight", type=float, default=1.0, help="weight of the prior preservation loss")
     a("--num_class_images", type=int, default=100, help="class images wanted in --class_data_dir")
     a("--sample_batch_size", type=int, default=4, help="batch size for generating class images")
+    a("--plms", action="store_true", help="class and validation images with PLMS instead of DDIM (as sample.py)")
     a("--train_text_encoder", action="store_true", help="fine-tune the text encoder too")
     a("--resolution", type=int, default=512, help="training images are resized and cropped to this square")
     a("--center_crop", action="store_true", help="crop at the centre (default: at a random offset)")
@@ -205,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         generate_class_images(models, class_dir, missing, prompt=args.class_prompt, resolution=args.resolution,
                               seed=args.seed, batch_size=args.sample_batch_size,
                               precision={"no": "fp32"}.get(args.mixed_precision, args.mixed_precision),
-                              share=(dist.rank, dist.world_size), progress=dist.is_main, **CLASS_SAMPLING)
+                              share=(dist.rank, dist.world_size), progress=dist.is_main,
+                              sampler="plms" if args.plms else "ddim", **CLASS_SAMPLING)
     barrier(dist)
     class_images = ([load_image(f, args.resolution) for f in
                      image_files(class_dir, flag="--class_data_dir")[:args.num_class_images]]
@@ -295,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             images = generate(models, [args.validation_prompt], num_images_per_prompt=args.num_validation_images,
                               height=args.resolution, width=args.resolution, seed=args.seed, progress=False,
                               precision={"no": "fp32"}.get(args.mixed_precision, args.mixed_precision),
-                              output="pil", **VALIDATION_SAMPLING)
+                              output="pil", sampler="plms" if args.plms else "ddim", **VALIDATION_SAMPLING)
             unet.train()
             text_encoder.train(args.train_text_encoder)
             (output_dir / "validation").mkdir(exist_ok=True)

@@ -120,8 +120,8 @@ def class_image_seed(seed: int, index: int) -> int:
 @torch.no_grad()
 def generate_class_images(models, folder: Path, indices: list[int], *, prompt: str, resolution: int, seed: int,
                           batch_size: int, steps: int, guidance_scale: float, precision: str,
-                          share: tuple[int, int] = (0, 1), progress: bool = True) -> list[Path]:
-    """Generate class image i for every i in `indices` with the base model and the project's DDIM
+                          share: tuple[int, int] = (0, 1), progress: bool = True, sampler: str = "ddim") -> list[Path]:
+    """Generate class image i for every i in `indices` with the base model and the project's DDIM (or PLMS)
     sampler (batched classifier-free guidance), each from its own seed `class_image_seed(seed, i)`.
 
     Images are made in fixed groups of `batch_size` consecutive indices (index i belongs to group
@@ -151,7 +151,7 @@ def generate_class_images(models, folder: Path, indices: list[int], *, prompt: s
                                                  device=device) for i in group])             # (n, C, h, w)
             n = len(group)
             latents = denoise(models.unet, latents, cond.expand(n, -1, -1), uncond.expand(n, -1, -1),
-                              sampler=make_sampler(models.scheduler_config, "ddim"), steps=steps,
+                              sampler=make_sampler(models.scheduler_config, sampler), steps=steps,
                               guidance_scale=guidance_scale, progress=False)
             images = to_pil(decode_to_uint8(models.vae, latents))
         for i, image in zip(group, images):

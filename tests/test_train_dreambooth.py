@@ -249,6 +249,10 @@ def test_class_images_are_deterministic_and_resumable(tmp_path):
     assert {p.name: p.read_bytes() for p in second.iterdir()} == {k: before[k] for k in ("class-00000.png",
                                                                                          "class-00002.png")}
     assert before["class-00000.png"] != before["class-00002.png"]
+    plms = tmp_path / "plms"                                    # --plms: PLMS makes them, deterministically too
+    generate_class_images(models, plms, [0], prompt=CLASS_PROMPT, resolution=16, seed=3, batch_size=2, steps=4,
+                          guidance_scale=7.5, precision="fp32", progress=False, sampler="plms")
+    assert (plms / "class-00000.png").read_bytes() != before["class-00000.png"]
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
