@@ -1,6 +1,6 @@
 """Classify facial emotions in images, in batches; one JSON line per image.
 
-    python predict_emotion.py --model PATH face.jpg photos/ 'more/*.png'
+    python predict_emotion.py [--model PATH] face.jpg photos/ 'more/*.png'
 
 Each line is {"image": path, "predictions": [{"label": ..., "score": ...}, ...]} sorted by score,
 or {"image": path, "error": "..."} for a file that is not a readable image (every other file is
@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from common.state_dict import CheckpointError
+from embedded import EMOTION_VIT
 from faces import detect_faces
 from faces.crops import DEFAULT_MARGIN, check_inside, crop, crop_box, draw_faces, parse_box
 from vit.classifier import DTYPES, ImageClassifier
@@ -29,8 +30,9 @@ from vit.preprocess import IMAGE_SUFFIXES, ImageError, load_image
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", help="image files, folders (walked for images) or glob patterns")
-    p.add_argument("--model", required=True,
-                   help="a transformers ViT folder, a timm folder/file or a bare .safetensors")
+    p.add_argument("--model", default=str(EMOTION_VIT),
+                   help="a transformers ViT folder, a timm folder/file or a bare .safetensors (default: the "
+                        "embedded demo model, trained on synthetic cartoon faces only: embedded/emotion_vit)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--top_k", type=int, default=5, help="labels per image (capped at the number of labels)")
     p.add_argument("--threshold", type=float, default=None,

@@ -1,7 +1,7 @@
 """A local HTTP endpoint for the emotion classifier in the Hugging Face Inference API's
 image-classification format, with request batching. Standard library only (http.server).
 
-    python serve_emotion.py --model PATH [--port 8000]
+    python serve_emotion.py [--model PATH] [--port 8000]
     curl --data-binary @face.jpg http://127.0.0.1:8000/
 
     POST /       the image bytes as the body, or JSON {"inputs": "<base64 image>",
@@ -44,6 +44,7 @@ from typing import Callable
 from PIL import Image, UnidentifiedImageError
 
 from common.state_dict import CheckpointError
+from embedded import EMOTION_VIT
 from faces.crops import face_crops
 from serving.batcher import Batcher
 from vit.classifier import DTYPES, FUNCTIONS, ImageClassifier, apply_function, rank
@@ -350,8 +351,9 @@ class EmotionServer(ThreadingHTTPServer):
 # ---- command line -------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True,
-                   help="a transformers ViT folder, a timm folder/file or a bare .safetensors")
+    p.add_argument("--model", default=str(EMOTION_VIT),
+                   help="a transformers ViT folder, a timm folder/file or a bare .safetensors (default: the "
+                        "embedded demo model, trained on synthetic cartoon faces only: embedded/emotion_vit)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the address is printed)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -194,10 +194,29 @@ def save_diffusers_folder(models, out: str | Path, *, trained: set[str], config_
     vae = sf.vae_attention_as_linear(rename_keys(vae_t, sf.vae_rules(models.vae.config)))
     text = (models.text_encoder.state_dict() if "text_encoder" in trained
             else text_encoder_state_dict(text_t, source=str(source)))
-    text = to_layout(text, _text_rules(TEXT_FOLDER_PREFIX), what="text encoder")
-    for part, tensors in (("unet", unet), ("vae", vae), ("text_encoder", text)):
-        _write_safetensors(out / part / FOLDER_FILES[part], _contiguous(tensors), {"format": "pt"})
-    config_dir = Path(config_dir) if config_dir is not None else None
+    return _write_folder(models, out, {"unet": unet, "vae": vae, "text_encoder": text},
+                         config_dir=Path(config_dir) if config_dir is not None else None)
+
+
+def save_models_folder(models, out: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """Write models that exist only in memory (trained from scratch, as the tiny world's) as an SD v1
+    diffusers folder: every part, config, the tokenizer's vocabulary and the scheduler config.
+    dtype: cast floating tensors (torch.float16 halves the files; loading casts them back)."""
+    parts = {"unet": models.unet.state_dict(), "vae": models.vae.state_dict(),
+             "text_encoder": models.text_encoder.state_dict()}
+    return _write_folder(models, Path(out), parts, config_dir=None, dtype=dtype)
+
+
+def _write_folder(models, out: Path, parts: dict[str, Mapping[str, torch.Tensor]], *, config_dir: Path | None,
+                  dtype: torch.dtype | None = None) -> Path:
+    """parts: our state dicts -> out/<part>/ files (the text encoder under SD v1's `text_model.*`
+    names); configs from `config_dir` where it has them, else written from ours."""
+    out.mkdir(parents=True, exist_ok=True)
+    parts = {**parts, "text_encoder": to_layout(parts["text_encoder"], _text_rules(TEXT_FOLDER_PREFIX),
+                                                 what="text encoder")}
+    for part, tensors in parts.items():
+        (out / part).mkdir(exist_ok=True)
+        _write_safetensors(out / part / FOLDER_FILES[part], _contiguous(tensors, dtype), {"format": "pt"})
     for part, config in (("unet", _unet_config(models.unet.config)), ("vae", _vae_config(models.vae.config)),
                          ("text_encoder", _text_config(models.text_encoder.config))):
         if config_dir is not None and (config_dir / part / "config.json").is_file():
