@@ -4,6 +4,8 @@
     python sample.py --ckpt path/to/stable-diffusion-v1-5 --prompt "a photo of an astronaut" \\
         --n_samples 2 --ddim_steps 50 --scale 7.5 --H 512 --W 512 --seed 42
 
+    python sample.py          # no --ckpt: the embedded tiny model (embedded/world_sd), 64x64, in seconds
+
 --ckpt takes a diffusers folder or one original single file (.safetensors or .ckpt). Each prompt
 (--prompt, or every line of --from-file) is one batch of --n_samples images, started from
 torch.randn((n_samples, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed)): the same
@@ -22,6 +24,7 @@ from pathlib import Path
 from common.run_config import finish_run_record, read_config, start_run_record
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"  # the CompVis script's default
+EMBEDDED_PROMPT = "a large yellow star on a blue background"     # a sentence the embedded model knows
 
 
 class UsageError(ValueError):
@@ -31,8 +34,10 @@ class UsageError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="diffusers folder or single .safetensors/.ckpt file (required)")
-    p.add_argument("--prompt", default=None, help=f"the prompt to render (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--ckpt", help="diffusers folder or single .safetensors/.ckpt file (default: the embedded "
+                                  "tiny model of world/'s coloured shapes, embedded/world_sd)")
+    p.add_argument("--prompt", default=None, help=f"the prompt to render (default: {DEFAULT_PROMPT!r}; with the "
+                                                  f"embedded model {EMBEDDED_PROMPT!r})")
     p.add_argument("--negative_prompt", default=None,
                    help="replaces the empty unconditional prompt of classifier-free guidance")
     p.add_argument("--from-file", dest="from_file", default=None, help="read prompts from this file, one per line")
@@ -45,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=7.5,
                    help="classifier-free guidance scale: eps = eps(x, uncond) + scale * (eps(x, cond) - "
                         "eps(x, uncond)); <= 1 samples without guidance")
-    p.add_argument("--H", type=int, default=512, help="image height in pixels")
-    p.add_argument("--W", type=int, default=512, help="image width in pixels")
+    p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's, "
+                                                        "unet sample_size x VAE factor: 512 for SD v1)")
+    p.add_argument("--W", type=int, default=None, help="image width in pixels (default: as --H)")
     p.add_argument("--seed", type=int, default=42, help="seed of the starting noise (and of DDIM's eta noise)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="fp32, or bf16/fp16 autocast")
@@ -70,7 +76,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         if not prompts:
             raise UsageError(f"--from-file {path}: the file holds no prompt (one prompt per line)")
         return prompts
-    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    default = EMBEDDED_PROMPT if args.ckpt is None else DEFAULT_PROMPT
+    prompt = default if args.prompt is None else args.prompt
     if not prompt.strip():
         raise UsageError("--prompt is empty")
     return [prompt]
@@ -78,8 +85,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def check_args(args: argparse.Namespace) -> None:
     """The flags and files that need no config (the image size is checked by `check_size`)."""
-    if args.ckpt is None:  # checked here, not by argparse, so a run config file can provide it
-        raise UsageError("--ckpt is required: a diffusers folder or a single .safetensors/.ckpt file")
     if args.plms and args.ddim_eta is not None:
         raise UsageError("--ddim_eta cannot be used with --plms: PLMS is deterministic (no eta)")
     if args.ddim_eta is not None and args.ddim_eta < 0:
@@ -137,8 +142,12 @@ def configs_from_shapes(shapes: dict[str, tuple[int, ...]], *, source: str):
 
 
 def check_size(args: argparse.Namespace, configs) -> None:
-    """--H/--W against the UNet and VAE configs: multiples of f * 2^(UNet levels - 1)."""
+    """--H/--W against the UNet and VAE configs: multiples of f * 2^(UNet levels - 1). Unset, they
+    become the model's own size, unet sample_size x VAE factor (as diffusers' pipeline does)."""
     from diffusion.pipeline import check_size as check
+    unet_config, vae_config = configs
+    args.H = unet_config.sample_size * vae_config.spatial_factor if args.H is None else args.H
+    args.W = unet_config.sample_size * vae_config.spatial_factor if args.W is None else args.W
     try:
         check(args.H, args.W, *configs, names=("--H", "--W"))
     except ValueError as e:
@@ -193,6 +202,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(parser, argv)
     try:
         prompts = read_prompts(args)
+        if args.ckpt is None:   # after read_prompts: the default prompt depends on it
+            from embedded import WORLD_SD
+            args.ckpt = str(WORLD_SD)
+            print(f"no --ckpt: sampling the embedded tiny model {WORLD_SD} (coloured shapes only)", file=sys.stderr)
         check_args(args)
         configs = read_configs(args.ckpt, args.config_dir)
         if configs is not None:

@@ -8,6 +8,7 @@ in `main`, top to bottom; the flags are those of diffusers' examples/dreambooth/
         --mixed_precision bf16 --gradient_checkpointing --output_dir sks-dog --save_single_file
     torchrun --nproc_per_node 2 train_dreambooth.py ...   # data parallel: gloo on CPU, NCCL on CUDA
     python train_dreambooth.py --config configs/train_dreambooth.example.toml --max_train_steps 400
+    python train_dreambooth.py        # no arguments: the demo on the embedded tiny model, on a CPU
 
 A few photos of one subject are bound to a rare identifier ("sks") by fine-tuning the UNet (and, with
 --train_text_encoder, the CLIP text encoder). With --with_prior_preservation the base model first
@@ -434,4 +435,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     with warnings.catch_warnings():
         warnings.simplefilter("default")
+        if len(sys.argv) == 1:   # no arguments: the demo on the embedded tiny model (world/dreambooth_demo.py)
+            from world.dreambooth_demo import run as demo
+            sys.exit(demo())
         sys.exit(main())

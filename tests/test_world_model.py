@@ -1,0 +1,159 @@
+"""The embedded tiny text-to-image model (embedded/world_sd) and what is built around it: the world's
+CLIP-format vocabulary, the DreamBooth demo's subject and scores, and the default commands."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train_dreambooth
+from clip.tokenizer import CLIPTokenizer
+from embedded import WORLD_SD
+from world.checker import check
+from world.scene import COLOURS, Scene, draw
+from world.subject import instance_images, looks_like_subject, reference_colours, subject_similarity
+from world.vocabulary import RARE_TOKEN, build_tokenizer, world_words
+from world.world import World
+
+MAX_BYTES = 20 * 2**20
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # small models: threads only add overhead, and CI shares the machine
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- vocabulary -------------------------------------------------------------------------------------
+def test_every_world_word_is_one_token_and_the_files_reload(tmp_path):
+    tokenizer = build_tokenizer()
+    for word in world_words():
+        assert tokenizer.tokenize(word) == [word + "</w>"], word
+    tokenizer.save_vocab_files(tmp_path)
+    again = CLIPTokenizer.from_pretrained(tmp_path)
+    prompts = ["a large yellow star on a blue background", "a sks star", "a zebra, 3 stripes!"]
+    assert torch.equal(again(prompts, max_length=20), tokenizer(prompts, max_length=20))
+    assert tokenizer.tokenize("zebra") == ["z", "e", "b", "r", "a</w>"]   # unknown words: byte pieces
+
+
+def test_rare_token_never_in_a_caption_and_captions_fit():
+    tokenizer, world = build_tokenizer(), World(0)
+    for i in range(500):
+        _, caption, _ = world.sample(i)
+        pieces = tokenizer.tokenize(caption)
+        assert RARE_TOKEN + "</w>" not in pieces
+        assert len(pieces) + 2 <= tokenizer.model_max_length
+
+
+# ---- the DreamBooth subject --------------------------------------------------------------------------
+def test_subject_images_deterministic_and_scored_apart_from_plain_stars():
+    a, b = instance_images(), instance_images()
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    reference = reference_colours()
+    for image in a:
+        assert looks_like_subject(image) and subject_similarity(image, reference) > 0.9
+    for colour in COLOURS:
+        background = "white" if colour != "white" else "black"
+        star = draw(Scene(colour=colour, shape="star", size="large", position="center", background=background))
+        assert not looks_like_subject(star), colour
+        assert subject_similarity(star, reference) < 0.7, colour
+
+
+# ---- the shipped model -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models():
+    from diffusion.weights import load_stable_diffusion
+    models = load_stable_diffusion(WORLD_SD)   # the same strict loader as a real SD v1 folder
+    for m in (models.unet, models.vae, models.text_encoder):
+        m.eval()
+    return models
+
+
+def test_shipped_weights_small_and_in_sd_layout(models):
+    size = sum(f.stat().st_size for f in WORLD_SD.rglob("*") if f.is_file())
+    assert size <= MAX_BYTES
+    index = json.loads((WORLD_SD / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert models.vae.config.spatial_factor == 4 and models.unet.config.sample_size == 16
+
+
+# (prompt, seed): what the shipped model draws, read back by the checker
+FIXED = [("a red circle", 0), ("a green star", 1), ("a large blue square on a white background", 2),
+         ("a yellow triangle", 3), ("a black cross", 4), ("a purple star", 5)]
+
+
+def test_fixed_prompts_draw_the_asked_colour_and_shape(models):
+    from diffusion.pipeline import generate
+    wrong = []
+    for prompt, seed in FIXED:
+        image = generate(models, [prompt], seed=seed, steps=50, progress=False)[0].numpy()
+        found = check(image)
+        words = prompt.replace(" on a white background", "").split()
+        if (found.colour, found.shape) != (words[-2], words[-1]):
+            wrong.append((prompt, seed, found.colour, found.shape))
+    assert len(wrong) <= 1, wrong   # one miss allowed: another CPU's float rounding may tip a sample
+
+
+# ---- the default commands ----------------------------------------------------------------------------
+def test_sample_without_ckpt_uses_the_embedded_model(tmp_path, capsys):
+    written = sample.main(["--outdir", str(tmp_path), "--n_samples", "2", "--ddim_steps", "10"])
+    assert len(written) == 3 and all(p.is_file() for p in written)
+    from PIL import Image
+    assert Image.open(written[0]).size == (64, 64)   # the model's own size, not SD's 512
+    assert "embedded" in capsys.readouterr().err
+    config = (tmp_path / "run_config.toml").read_text()
+    assert str(WORLD_SD) in config and "yellow star" in config
+
+
+def test_train_dreambooth_without_arguments_runs_the_demo(monkeypatch):
+    import world.dreambooth_demo as demo
+    called = []
+    monkeypatch.setattr(demo, "run", lambda: called.append(True) or 0)
+    monkeypatch.setattr(sys, "argv", ["train_dreambooth.py"])
+    src = Path(train_dreambooth.__file__).read_text()
+    code = compile(src, train_dreambooth.__file__, "exec")
+    with pytest.raises(SystemExit) as exit_:
+        exec(code, {"__name__": "__main__", "__file__": train_dreambooth.__file__})
+    assert exit_.value.code == 0 and called == [True]
+
+
+def test_demo_end_to_end_in_small(tmp_path, monkeypatch):
+    """The demo's whole path (instance images, class images, two trainings, scores, grid) with a few
+    steps of everything; the full run's figures are in embedded/README.md."""
+    import world.dreambooth_demo as demo
+    monkeypatch.setattr(demo, "TRAINING", [x if x != demo.TRAINING[demo.TRAINING.index("--max_train_steps") + 1]
+                                           else "3" for x in demo.TRAINING])
+    monkeypatch.setattr(demo, "PRIOR", [x if x != "64" else "4" for x in demo.PRIOR])
+    monkeypatch.setattr(demo, "FIDELITY_SEEDS", 1)
+    monkeypatch.setattr(demo, "PRIOR_SEEDS", 2)
+    monkeypatch.setattr(demo, "SAMPLING", dict(steps=3, guidance_scale=7.5))
+    assert demo.run(tmp_path) == 0
+    report = json.loads((tmp_path / "demo_report.json").read_text())
+    assert set(report) == {"base", "with_prior", "no_prior"}
+    assert len(list((tmp_path / "class_images").glob("*.png"))) == 4
+    assert (tmp_path / "comparison.png").is_file() and (tmp_path / "with_prior" / "model_index.json").is_file()
+
+
+# ---- pretraining: deterministic and resumable ----------------------------------------------------------
+def test_pretraining_resumes_bit_for_bit(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import pretrain_world
+    monkeypatch.setattr(pretrain_world, "WARMUP", 2)
+    monkeypatch.setattr(pretrain_world, "measure_scaling_factor",
+                        lambda vae, world: round(1 / vae.encode(pretrain_world.to_pixels(world.batch(0, 16).images))
+                                                 .mean.std().item(), 5))
+    flags = ["--vae_steps", "4", "--steps", "4", "--checkpoint_every", "2", "--batch_size", "4", "--vae_batch_size", "4"]
+    pretrain_world.main(["--out", str(tmp_path / "a"), *flags])
+    pretrain_world.main(["--out", str(tmp_path / "b"), *flags])
+    for stage in ("vae", "t2i"):   # as if the run had stopped after step 2 of each stage
+        (tmp_path / "b" / stage / "checkpoint-4.pt").unlink()
+    pretrain_world.main(["--out", str(tmp_path / "b"), *flags])
+    from safetensors.torch import load_file
+    for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"):
+        a, b = (load_file(tmp_path / run / "model" / f"{part}.safetensors") for run in ("a", "b"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
