@@ -111,6 +111,13 @@ def resume(folder: Path, state: dict) -> int:
     return step
 
 
+def checkpoint(folder: Path, step: int, state: dict) -> None:
+    """The objects of `state` (modules, optimizer: their state dicts; numbers as they are) to
+    folder/checkpoint-<step>.pt, atomically, keeping the newest two."""
+    save_checkpoint(folder, step, {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()},
+                    total_limit=2)
+
+
 # ---- stage 1: the VAE ------------------------------------------------------------------------------
 def train_vae(args, world: World) -> AutoencoderKL:
     folder = args.out / "vae"
@@ -159,8 +166,7 @@ def train_vae(args, world: World) -> AutoencoderKL:
             if step % args.checkpoint_every == 0 or step == args.vae_steps or stop.signum is not None:
                 if step == args.vae_steps:
                     state["scaling_factor"] = measure_scaling_factor(vae, World(args.seed + 1))
-                save_checkpoint(folder, step, {k: (v.state_dict() if hasattr(v, "state_dict") else v)
-                                               for k, v in state.items()}, total_limit=2)
+                checkpoint(folder, step, state)
     log.close()
     if step < args.vae_steps:
         sys.exit(f"stopped at VAE step {step}; run the same command again to resume")
@@ -235,8 +241,7 @@ def train_t2i(args, world: World, vae: AutoencoderKL) -> None:
                 print(f"t2i {step}/{args.steps} loss {loss.item():.4f} mse {per_image.mean().item():.4f} "
                       f"cpu {state['cpu_seconds'] / 60:.1f} min", flush=True)
             if step % args.checkpoint_every == 0 or step == args.steps or stop.signum is not None:
-                save_checkpoint(folder, step, {k: (v.state_dict() if hasattr(v, "state_dict") else v)
-                                               for k, v in state.items()}, total_limit=2)
+                checkpoint(folder, step, state)
                 save_models_folder(models, args.out / "model")
     log.close()
     if step < args.steps:
@@ -256,6 +261,20 @@ def load_trained_vae(args) -> AutoencoderKL:
     return vae.eval().requires_grad_(False)
 
 
+def export(args) -> None:
+    """<out>/model (EMA weights), or with --weights live the newest checkpoint's own weights, to
+    --export in fp16."""
+    from diffusion.weights import load_stable_diffusion
+    models = load_stable_diffusion(args.out / "model")
+    if args.weights == "live":
+        step, path = list_checkpoints(args.out / "t2i")[-1]
+        saved = load_checkpoint(path)
+        models.unet.load_state_dict(saved["unet"])
+        models.text_encoder.load_state_dict(saved["text_encoder"])
+    save_models_folder(models, args.export, dtype=torch.float16)
+    print(f"wrote {args.export} ({args.weights} weights, fp16)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/world"), help="run folder (runs/world)")
@@ -269,15 +288,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint_every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--export", type=Path, default=None,
-                        help="only write the finished model (EMA weights, fp16) to this folder")
+                        help="only write the finished model (fp16) to this folder")
+    parser.add_argument("--weights", choices=("ema", "live"), default="ema",
+                        help="with --export: the EMA weights (default) or the last step's")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.export is not None:
-        from diffusion.weights import load_stable_diffusion
-        models = load_stable_diffusion(args.out / "model")
-        save_models_folder(models, args.export, dtype=torch.float16)
-        print(f"wrote {args.export} (fp16)")
+        export(args)
         return
     vae = load_trained_vae(args)
     train_t2i(args, World(args.seed), vae)
