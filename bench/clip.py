@@ -30,11 +30,9 @@ from clip.tokenizer import CLIPTokenizer  # noqa: E402
 from clip.weights import text_encoder_state_dict  # noqa: E402
 from common.state_dict import load_strict  # noqa: E402
 
-try:
-    import transformers
-    from transformers import CLIPTextConfig as HFConfig, CLIPTextModel as HFModel, CLIPTokenizer as HFTokenizer
-except ImportError:
-    transformers = None
+from tools import reference_models as reference  # noqa: E402
+
+TRANSFORMERS = reference.version("transformers")   # None when it is not installed
 
 WORDS = ("a photo of sks dog in a bucket, portrait of a woman by greg rutkowski, highly detailed, 8k, "
          "trending on artstation, café, 🐶, 東京, it's, (masterpiece:1.2), [blurry], don't, 1920x1080").split()
@@ -79,9 +77,9 @@ def bench_encoder(repeats: int) -> None:
     ours = CLIPTextModel(config).eval()
     ids = CLIPTokenizer.from_pretrained()(["a photo of sks dog", "a highly detailed portrait, 8k"])  # (2, 77)
     ref = None
-    if transformers is not None:
+    if TRANSFORMERS:
         torch.manual_seed(0)
-        ref = HFModel(HFConfig(**{k: getattr(config, k) for k in config.__dataclass_fields__})).eval()
+        ref = reference.clip_text_model({k: getattr(config, k) for k in config.__dataclass_fields__}).eval()
         state_dict = {f"text_model.{k}": v for k, v in ref.state_dict().items()}
         load_strict(ours, text_encoder_state_dict(state_dict, source="transformers"), source="transformers")
     for dtype in (torch.float32, torch.bfloat16):
@@ -101,12 +99,12 @@ def bench_tokenizer(n: int, repeats: int) -> None:
     batch = prompts(n)
     ours = CLIPTokenizer.from_pretrained()
     fns = {"ours": lambda: ours(batch)}
-    if transformers is not None:
+    if TRANSFORMERS:
         with tempfile.TemporaryDirectory() as tmp:
             ours.save_vocab_files(tmp)
             sd_config = ROOT / "tests" / "fixtures" / "clip" / "tokenizer_sd_v1" / "tokenizer_config.json"
             Path(tmp, "tokenizer_config.json").write_text(sd_config.read_text())
-            ref = HFTokenizer.from_pretrained(tmp)
+            ref = reference.clip_tokenizer(tmp)
         fns["transformers"] = lambda: ref(batch, padding="max_length", max_length=77, truncation=True,
                                           return_tensors="pt").input_ids
         assert torch.equal(fns["ours"](), fns["transformers"]()), "tokenisers disagree on the bench prompts"
@@ -119,7 +117,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=10_000)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; reference: "
-          + (f"transformers {transformers.__version__}" if transformers else "transformers not installed (ours only)"))
+          + (f"transformers {TRANSFORMERS}" if TRANSFORMERS else "transformers not installed (ours only)"))
     bench_encoder(args.repeats)
     bench_tokenizer(args.prompts, max(3, args.repeats // 3))
 

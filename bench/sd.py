@@ -46,9 +46,8 @@ def build(impl: str, model: str) -> torch.nn.Module:
         from diffusion.vae import AutoencoderKL, VAEConfig
         return (UNet2DConditionModel(config=UNetConfig.sd_v1()) if model == "unet"
                 else AutoencoderKL(config=VAEConfig.sd_v1())).eval()
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    return (UNet2DConditionModel(cross_attention_dim=768, sample_size=64) if model == "unet"
-            else AutoencoderKL(**SD_V1_VAE)).eval()
+    from tools.reference_models import autoencoder_kl, sd_v1_unet
+    return (sd_v1_unet() if model == "unet" else autoencoder_kl(**SD_V1_VAE)).eval()
 
 
 def workload(impl: str, model: str, net: torch.nn.Module):
@@ -114,10 +113,10 @@ def main() -> None:
     if args.worker:
         return worker(*args.worker, args.repeats, args.threads)
 
-    try:
-        import diffusers  # noqa: F401
+    from tools.reference_models import version
+    if version("diffusers"):
         impls = ["diffusers", "ours"]
-    except ImportError:
+    else:
         impls = ["ours"]
         print("diffusers is not installed: measuring our side only, no ratios")
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.rounds} x {args.repeats} runs "

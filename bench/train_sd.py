@@ -41,8 +41,8 @@ def build(impl: str) -> tuple[torch.nn.Module, callable]:
         from diffusion.unet import UNet2DConditionModel, UNetConfig
         unet = UNet2DConditionModel(config=UNetConfig.sd_v1())
         return unet, lambda x, t, c: unet(x, t, c)
-    from diffusers import UNet2DConditionModel
-    unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)   # SD v1's config (its defaults)
+    from tools.reference_models import sd_v1_unet
+    unet = sd_v1_unet()
     return unet, lambda x, t, c: unet(x, t, c).sample
 
 
@@ -86,10 +86,10 @@ def main() -> None:
         return
 
     impls = ["ours"]
-    try:
-        import diffusers  # noqa: F401
+    from tools.reference_models import version
+    if version("diffusers"):
         impls.append("diffusers")
-    except ImportError:
+    else:
         print("diffusers is not installed: timing ours only")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SD v1 UNet (random weights) training "
           f"step at {RESOLUTION}x{RESOLUTION}, batch 1 instance + 1 class, bf16 autocast, gradient checkpointing, "

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from vit.model import ViTConfig, ViTForImageClassification  # noqa: E402
 from vit.preprocess import PreprocessConfig  # noqa: E402
+from tools.reference_models import version, vit_classifier  # noqa: E402
 from vit.weights import save_pretrained  # noqa: E402
 
 
@@ -50,14 +51,12 @@ def main() -> None:
     torch.manual_seed(0)
     ours = ViTForImageClassification(ViTConfig.b16()).train()
     steps = {"ours": make_step(ours, ours, torch.bfloat16)}
-    try:
-        from transformers import ViTForImageClassification as HFViT
-    except ImportError:
+    if not version("transformers"):
         print("transformers is not installed: timing ours only")
     else:
         with tempfile.TemporaryDirectory() as folder:
             save_pretrained(ours, PreprocessConfig(), folder)
-            theirs = HFViT.from_pretrained(folder).train()   # same weights; dropout is 0 in both configs
+            theirs = vit_classifier(folder).train()   # same weights; dropout is 0 in both configs
         steps["transformers"] = make_step(lambda x: theirs(pixel_values=x).logits, theirs, torch.bfloat16)
 
     g = torch.Generator().manual_seed(0)

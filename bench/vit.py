@@ -33,8 +33,8 @@ def worker(impl: str, folder: str, dtype_name: str, batch_size: int, iters: int)
         model = load_vit(folder).model.to(dtype).eval()
         run = lambda x: model(x)
     else:
-        from transformers import ViTForImageClassification
-        model = ViTForImageClassification.from_pretrained(folder, dtype=dtype).eval()
+        from tools.reference_models import vit_classifier
+        model = vit_classifier(folder, dtype=dtype).eval()
         run = lambda x: model(pixel_values=x).logits
     x = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(dtype)
     times = []
@@ -70,10 +70,10 @@ def main() -> None:
     from vit.model import ViTConfig, ViTForImageClassification
     from vit.preprocess import PreprocessConfig
     from vit.weights import save_pretrained
-    try:
-        import transformers  # noqa: F401
+    from tools.reference_models import version
+    if version("transformers"):
         impls = ("ours", "transformers")
-    except ImportError:
+    else:
         print("transformers is not installed: timing ours only")
         impls = ("ours",)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
