@@ -126,8 +126,8 @@ def test_demo_end_to_end_in_small(tmp_path, monkeypatch):
     """The demo's whole path (instance images, class images, two trainings, scores, grid) with a few
     steps of everything; the full run's figures are in embedded/README.md."""
     import world.dreambooth_demo as demo
-    monkeypatch.setattr(demo, "TRAINING", [x if x != demo.TRAINING[demo.TRAINING.index("--max_train_steps") + 1]
-                                           else "3" for x in demo.TRAINING])
+    steps = demo.TRAINING.index("--max_train_steps") + 1
+    monkeypatch.setattr(demo, "TRAINING", [*demo.TRAINING[:steps], "3", *demo.TRAINING[steps + 1:]])
     monkeypatch.setattr(demo, "PRIOR", [x if x != "64" else "4" for x in demo.PRIOR])
     monkeypatch.setattr(demo, "FIDELITY_SEEDS", 1)
     monkeypatch.setattr(demo, "PRIOR_SEEDS", 2)

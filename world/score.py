@@ -23,6 +23,7 @@ from world.world import combinations
 def score(models, *, seeds: int = 4, steps: int = 50, guidance_scale: float = 7.5, batch: int = 8,
           splits: tuple[str, ...] = ("train", "held_out")) -> dict:
     """{split: {"n", "colour", "shape", "both"}} accuracies, plus the seconds spent sampling."""
+    from diffusion.pipeline import generate
     results, started = {}, time.perf_counter()
     for split in splits:
         prompts = [f"a {colour} {shape}" for colour, shape in combinations(split)]
@@ -31,8 +32,8 @@ def score(models, *, seeds: int = 4, steps: int = 50, guidance_scale: float = 7.
         for k in range(seeds):
             for i in range(0, len(prompts), batch):
                 # One seed per (image index k, batch): a batch's latents are one randn draw from it.
-                images = generate_batch(models, prompts[i:i + batch], seed=1000 * k + i, steps=steps,
-                                        guidance_scale=guidance_scale)
+                images = generate(models, prompts[i:i + batch], seed=1000 * k + i, steps=steps,
+                                  guidance_scale=guidance_scale, progress=False)
                 for image, (colour, shape) in zip(images, truth[i:i + batch]):
                     found = check(image.numpy())
                     right["colour"] += found.colour == colour
@@ -42,11 +43,6 @@ def score(models, *, seeds: int = 4, steps: int = 50, guidance_scale: float = 7.
         results["seen" if split == "train" else split] = {"n": n, **{k: right[k] / n for k in ("colour", "shape", "both")}}
     results["seconds"] = time.perf_counter() - started
     return results
-
-
-def generate_batch(models, prompts: list[str], *, seed: int, steps: int, guidance_scale: float) -> torch.Tensor:
-    from diffusion.pipeline import generate
-    return generate(models, prompts, seed=seed, steps=steps, guidance_scale=guidance_scale, progress=False)
 
 
 def main(argv: list[str] | None = None) -> None:
