@@ -152,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
     check_args(args, parser)
-    dist = setup_distributed(args.device)
+    try:
+        dist = setup_distributed(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     output_dir = Path(args.output_dir)
     labels = list(EMOTION_LABELS)
     seed_everything(args.seed)

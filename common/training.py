@@ -85,6 +85,11 @@ def setup_distributed(device: str = "auto") -> Distributed:
         raise ValueError("--device cuda: no CUDA device is available")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        # NCCL refuses two processes on one GPU ("Duplicate GPU detected"): one process per device.
+        raise ValueError(f"LOCAL_RANK {local_rank} has no GPU: torchrun started more processes on this machine "
+                         f"than its {torch.cuda.device_count()} CUDA device(s); use --nproc_per_node "
+                         f"{torch.cuda.device_count()} or --device cpu")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

@@ -235,6 +235,13 @@ def test_bad_data_is_reported_before_training(tmp_path, capsys):
                      "--validation_split", "0.2") == 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_asked_for_without_a_gpu_is_refused(tmp_path, capsys):
+    assert train(tmp_path / "out", "--device", "cuda") == 2
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_fer_layout_maps_folders_onto_model_labels(tmp_path):
     from vit.emotion_data import load_folder_items
     root = tmp_path / "fer"
