@@ -41,6 +41,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from common.state_dict import CheckpointError
@@ -340,7 +341,8 @@ class EmotionServer(ThreadingHTTPServer):
         c = self.classifier
         return {"status": "ok", "model": c.path, "layout": c.layout, "labels": c.labels, "device": c.device,
                 "dtype": c.dtype_name, "quantize": c.quantize, "max_batch_size": self.max_batch_size,
-                "max_wait_ms": self.max_wait_ms, "batching": self.batcher.stats()}
+                "max_wait_ms": self.max_wait_ms, "cpu_threads": torch.get_num_threads(),
+                "batching": self.batcher.stats()}
 
     def close(self) -> None:
         """After shutdown(): stop listening, wait for the requests in flight, then stop the batcher."""
@@ -363,6 +365,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_wait_ms", type=float, default=5, help="how long a batch waits for more requests")
     p.add_argument("--max_body_mb", type=float, default=10, help="larger request bodies get 413")
     p.add_argument("--read_timeout_s", type=float, default=10, help="a request body must arrive within this")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch's own work (default: 1 with --device cuda, torch's default on "
+                        "the CPU). On a GPU the CPU side of a request is small tensor work, and torch's pool of "
+                        "one OpenMP thread per core, entered by 16 request threads at once, halved the batched "
+                        "throughput on a 16-core H100 machine (bench/serve.py)")
     p.add_argument("--quiet", action="store_true", help="no access log on stderr")
     args = p.parse_args(argv)
     for flag, value, low in (("--max_batch_size", args.max_batch_size, 1), ("--port", args.port, 0)):
@@ -373,6 +380,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, value in (("--max_body_mb", args.max_body_mb), ("--read_timeout_s", args.read_timeout_s)):
         if value <= 0:
             p.error(f"{flag} {value}: must be positive")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads}: must be at least 1")
     if args.max_wait_ms < 0:
         p.error(f"--max_wait_ms {args.max_wait_ms}: must be zero or more")
     return args
@@ -380,6 +389,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads or (1 if args.device.startswith("cuda") else torch.get_num_threads()))
     try:
         classifier = ImageClassifier(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     except (CheckpointError, ValueError, OSError) as e:

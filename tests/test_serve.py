@@ -231,6 +231,27 @@ def test_bad_model_flag_named(capsys, tmp_path):
     assert "--model" in capsys.readouterr().err
 
 
+def test_threads_flag_sets_and_reports_the_cpu_threads(capsys):
+    with pytest.raises(SystemExit):
+        serve_emotion.parse_args(["--threads", "0"])
+    assert "--threads 0: must be at least 1" in capsys.readouterr().err
+    proc = subprocess.Popen([sys.executable, "serve_emotion.py", "--model", str(MODEL), "--port", "0", "--quiet",
+                             "--threads", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/health")
+        assert json.loads(conn.getresponse().read())["cpu_threads"] == 1
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 def test_sigterm_finishes_the_request_in_flight():
     proc = subprocess.Popen([sys.executable, "serve_emotion.py", "--model", str(MODEL), "--port", "0", "--quiet"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

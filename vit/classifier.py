@@ -79,8 +79,9 @@ def apply_function(logits: torch.Tensor, name: str) -> torch.Tensor:
 def rank(scores: torch.Tensor, labels: list[str], *, top_k: int | None = 5,
          threshold: float | None = None) -> list[dict]:
     """Labels sorted by score; the first top_k (capped at the number of labels), or those >= threshold."""
-    order = sorted(range(len(labels)), key=lambda i: -float(scores[i]))
-    ranked = [{"label": labels[i], "score": float(scores[i])} for i in order]
+    values = scores.tolist()          # Python floats once: indexing a tensor per label costs a dispatch each
+    order = sorted(range(len(labels)), key=lambda i: -values[i])
+    ranked = [{"label": labels[i], "score": values[i]} for i in order]
     if threshold is not None:
         return [r for r in ranked if r["score"] >= threshold]
     return ranked[: min(top_k, len(labels))] if top_k is not None else ranked
