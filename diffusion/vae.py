@@ -141,7 +141,8 @@ class CoderLevel(nn.Module):
         if resample == "down":
             self.downsamplers = nn.ModuleList([Downsample2D(channels=out_channels, asymmetric_pad=True)])
         if resample == "up":
-            self.upsamplers = nn.ModuleList([Upsample2D(channels=out_channels)])
+            # the sub-pixel form: the same map, 2.25x fewer multiply-adds (unet_blocks.upsample2x_conv3x3)
+            self.upsamplers = nn.ModuleList([Upsample2D(channels=out_channels, subpixel=True)])
         self.resample = resample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

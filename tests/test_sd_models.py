@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from common.state_dict import read_safetensors
 from diffusion import single_file as sf
 from diffusion.unet import UNet2DConditionModel, UNetConfig
-from diffusion.unet_blocks import timestep_embedding
+from diffusion.unet_blocks import timestep_embedding, upsample2x_conv3x3
 from diffusion.vae import AutoencoderKL, VAEConfig
 from diffusion.weights import (load_unet_folder, load_unet_single_file, load_vae_folder, load_vae_single_file)
 
@@ -81,6 +81,24 @@ def test_decode_does_not_touch_its_input(models, ref):
     with torch.no_grad():
         models["diffusers"][1].decode(z)
     assert torch.equal(z, ref["vae.latents"])
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 4, 1, 1), (3, 6, 4, 6)])
+def test_subpixel_upsample_conv_equals_upsample_then_conv(shape):
+    """The VAE's upsamplers fold the 3x3 kernel into four 2x2 ones (unet_blocks.upsample2x_conv3x3)."""
+    gen = torch.Generator().manual_seed(0)
+    B, C, H, W = shape
+    x = torch.randn(B, C, H, W, generator=gen, requires_grad=True)
+    weight = torch.randn(C + 1, C, 3, 3, generator=gen, requires_grad=True)
+    bias = torch.randn(C + 1, generator=gen, requires_grad=True)
+    plain = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"),
+                                       weight, bias, padding=1)
+    folded = upsample2x_conv3x3(x, weight, bias)
+    assert folded.shape == (B, C + 1, 2 * H, 2 * W)
+    assert (folded - plain).abs().max() <= 1e-5
+    grads = [torch.autograd.grad(out.square().sum(), (x, weight, bias)) for out in (plain, folded)]
+    for g_plain, g_folded in zip(*grads):
+        assert (g_plain - g_folded).abs().max() <= 1e-4 * g_plain.abs().max()
 
 
 def test_timestep_embedding_is_batched():
