@@ -13,6 +13,11 @@ its own: we print the peak and the peak above the process's size once the model 
 activations' share). Times are medians of --rounds x --repeats runs (each subprocess warms up once first; the order of
 the two sides alternates between rounds). Ratio = diffusers' time /
 ours (> 1: ours is faster). Without diffusers installed, only our side runs, and the script says so.
+
+This machine is shared and its speed swings: single runs of the same step vary by +-20%, and whole
+5x3 medians of the bf16 UNet step have come out anywhere from 0.86x to 1.31x on unchanged code.
+`--pairs N` adds a steadier figure: both sides in one process, timed in N alternating back-to-back
+pairs, the median of the per-pair ratios with its quartiles.
 """
 from __future__ import annotations
 
@@ -101,17 +106,46 @@ def pooled(results: list[dict | None]) -> dict | None:
                 extra_mb=max(r["extra_mb"] for r in results))
 
 
+def paired(model: str, precision: str, pairs: int, threads: int) -> tuple[float, float, float]:
+    """Both sides built in this one process and timed in alternating back-to-back pairs (the order flips
+    each pair). Returns (median of the per-pair ratios diffusers/ours, its lower and upper quartile).
+    Each ratio compares two runs a few seconds apart, so slow swings of the shared machine's speed,
+    which move single runs by +-20% here, cancel instead of landing on one side."""
+    torch.set_num_threads(threads)
+    nets = {impl: build(impl, model) for impl in ("ours", "diffusers")}
+    runs = {impl: workload(impl, model, net) for impl, net in nets.items()}
+    ratios = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for impl in runs:
+            runs[impl]()                                      # warm-up
+        for i in range(pairs):
+            seconds = {}
+            for impl in (("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours")):
+                start = time.perf_counter()
+                runs[impl]()
+                seconds[impl] = time.perf_counter() - start
+            ratios.append(seconds["diffusers"] / seconds["ours"])
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return median, q1, q3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", nargs=3, metavar=("IMPL", "MODEL", "PRECISION"), help=argparse.SUPPRESS)
+    ap.add_argument("--pairs_worker", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per subprocess, after one warm-up")
     ap.add_argument("--rounds", type=int, default=2, help="subprocesses per side, alternating the order")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--only", choices=["unet", "vae"])
     ap.add_argument("--precision", choices=["fp32", "bf16"])
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="also time both sides in one process, N alternating pairs, and print the median "
+                         "of the per-pair ratios (steadier than the subprocess medians on a noisy machine)")
     args = ap.parse_args()
     if args.worker:
         return worker(*args.worker, args.repeats, args.threads)
+    if args.pairs_worker:
+        return print(json.dumps(paired(*args.pairs_worker, args.pairs, args.threads)))
 
     from tools.reference_models import version
     if version("diffusers"):
@@ -140,6 +174,15 @@ def main() -> None:
                     ratio = f"{results['diffusers']['median_s'] / r['median_s']:.2f}x"
                 print(f"{name:<30} {impl:<10} {r['median_s']:>9.2f} {r['peak_mb']:>9.0f} {r['extra_mb']:>9.0f} "
                       f"{ratio:>12}", flush=True)
+            if args.pairs and "diffusers" in impls:   # in its own process, like every measurement here
+                done = subprocess.run([sys.executable, __file__, "--pairs_worker", model, precision, "--pairs",
+                                       str(args.pairs), "--threads", str(args.threads)], capture_output=True, text=True)
+                if done.returncode:
+                    print(f"  paired {model} {precision} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                median, q1, q3 = json.loads(done.stdout.strip().splitlines()[-1])
+                print(f"{name:<30} {'paired':<10} {args.pairs} pairs in one process: ratio {median:.2f}x "
+                      f"(quartiles {q1:.2f}-{q3:.2f})", flush=True)
 
 
 if __name__ == "__main__":
