@@ -389,7 +389,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads or (1 if args.device.startswith("cuda") else torch.get_num_threads()))
+    threads = args.threads or (1 if args.device.startswith("cuda") else None)   # None: torch's default
+    if threads:
+        torch.set_num_threads(threads)
     try:
         classifier = ImageClassifier(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     except (CheckpointError, ValueError, OSError) as e:

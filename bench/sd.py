@@ -88,14 +88,19 @@ def worker(impl: str, model: str, precision: str, repeats: int, threads: int) ->
                           extra_mb=peak - base)))
 
 
-def measure(impl, model, precision, repeats, threads) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", impl, model, precision, "--repeats", str(repeats),
-           "--threads", str(threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+def in_subprocess(what: str, *flags: str):
+    """Run this script with `flags` in a fresh process; its last stdout line, parsed as JSON (None if it
+    failed, after printing why). A fresh process per measurement keeps each peak memory its own."""
+    done = subprocess.run([sys.executable, __file__, *flags], capture_output=True, text=True)
     if done.returncode:
-        print(f"  {impl} {model} {precision} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        print(f"  {what} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(impl, model, precision, repeats, threads) -> dict | None:
+    return in_subprocess(f"{impl} {model} {precision}", "--worker", impl, model, precision,
+                         "--repeats", str(repeats), "--threads", str(threads))
 
 
 def pooled(results: list[dict | None]) -> dict | None:
@@ -174,13 +179,11 @@ def main() -> None:
                     ratio = f"{results['diffusers']['median_s'] / r['median_s']:.2f}x"
                 print(f"{name:<30} {impl:<10} {r['median_s']:>9.2f} {r['peak_mb']:>9.0f} {r['extra_mb']:>9.0f} "
                       f"{ratio:>12}", flush=True)
-            if args.pairs and "diffusers" in impls:   # in its own process, like every measurement here
-                done = subprocess.run([sys.executable, __file__, "--pairs_worker", model, precision, "--pairs",
-                                       str(args.pairs), "--threads", str(args.threads)], capture_output=True, text=True)
-                if done.returncode:
-                    print(f"  paired {model} {precision} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-                    continue
-                median, q1, q3 = json.loads(done.stdout.strip().splitlines()[-1])
+            pairs = args.pairs and "diffusers" in impls and in_subprocess(
+                f"paired {model} {precision}", "--pairs_worker", model, precision, "--pairs", str(args.pairs),
+                "--threads", str(args.threads))
+            if pairs:
+                median, q1, q3 = pairs
                 print(f"{name:<30} {'paired':<10} {args.pairs} pairs in one process: ratio {median:.2f}x "
                       f"(quartiles {q1:.2f}-{q3:.2f})", flush=True)
 

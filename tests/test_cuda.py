@@ -8,7 +8,6 @@ same reference tensors and images the CPU tests use. fp32 on the GPU is compared
 tolerances, so a TF32 shortcut or a device-dependent draw of noise would show here."""
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from common.training import load_checkpoint  # noqa: E402
 from test_sample import FOLDER, SINGLE, _argv, _assert_close, _reference, _runs  # noqa: E402
 from test_train_dreambooth import args_for, tensors  # noqa: E402
 from test_train_dreambooth import data  # noqa: E402,F401  (the instance photos fixture)
+from test_train_emotion import losses, weights  # noqa: E402
 from test_vit import REF, VIT, max_diff  # noqa: E402
 from vit.classifier import ImageClassifier  # noqa: E402
 from vit.weights import load_vit  # noqa: E402
@@ -38,15 +38,6 @@ EMOTION = ["--image_size", "16", "--num_synthetic_train", "8", "--num_synthetic_
            "--train_batch_size", "8", "--lr_warmup_steps", "2", "--device", "cuda", "--max_train_steps", "12",
            "--checkpointing_steps", "6", "--learning_rate", "2e-3", "--lr_scheduler", "constant",
            "--augmentation", "off"]
-
-
-def emotion_weights(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    return load_file(str(out / "model.safetensors"))
-
-
-def emotion_losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 # ---- inference ------------------------------------------------------------------------------------------
@@ -91,12 +82,12 @@ def test_train_emotion_fp16_scaler_on_cuda_learns_and_resumes_exactly(tmp_path):
     assert train_emotion.main([*args, "--output_dir", str(full)]) == 0
     scaler = load_checkpoint(full / "checkpoint-6.pt")["scaler"]
     assert scaler and scaler["scale"] > 1.0, f"the GradScaler was not live on CUDA: {scaler}"
-    curve = emotion_losses(full)
+    curve = [logged[0] for _, logged in sorted(losses(full).items())]
     assert all(np.isfinite(curve)) and sum(curve[-3:]) < 0.5 * sum(curve[:3]), curve
     resumed.mkdir()
     shutil.copy(full / "checkpoint-6.pt", resumed / "checkpoint-6.pt")      # as if stopped there
     assert train_emotion.main([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"]) == 0
-    a, b = emotion_weights(full), emotion_weights(resumed)
+    a, b = weights(full), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
