@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
     import torch
     from common.state_dict import CheckpointError
+    from diffusion.layout import arrange_for_speed
     from diffusion.pipeline import generate
     from diffusion.weights import load_stable_diffusion
 
@@ -235,12 +236,14 @@ def main(argv: list[str] | None = None) -> list[Path]:
             raise SystemExit(f"sample.py: error: {e}")
     for module in (models.unet, models.vae, models.text_encoder):
         module.to(device).eval()
+    layouts = arrange_for_speed(models, device=device, precision=args.precision)  # channels-last where faster
 
     outdir = Path(args.outdir)
     samples = outdir / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     # run_config.toml (every flag, defaults included) and run_info.json: `--config run_config.toml` repeats it
-    info = start_run_record(outdir, args, parser, device=str(device), dtype=args.precision, world_size=1, argv=argv)
+    info = start_run_record(outdir, args, parser, device=str(device), dtype=args.precision, world_size=1, argv=argv,
+                            memory_format=layouts)
     written = []
     for prompt in prompts:
         images = generate(models, [prompt], negative_prompt=args.negative_prompt,

@@ -8,6 +8,11 @@ Two workloads at 512x512, each in fp32 and under bf16 autocast (fp32 weights, as
   77x768 text states;
 - one VAE decode of a 64x64x4 latent to a 512x512 image.
 
+Ours runs as sample.py runs it: stored channels-last where diffusion/layout.py measured that faster
+(bf16 UNet, VAE in both precisions). diffusers runs as its pipeline ships (channels-first);
+`--their_layout channels_last` moves its models to channels-last too (`.to(memory_format=...)`, as its
+docs suggest), for the comparison at equal layout.
+
 Every measurement runs in a fresh subprocess, so its peak resident memory (getrusage's ru_maxrss) is
 its own: we print the peak and the peak above the process's size once the model is built (the
 activations' share). Times are medians of --rounds x --repeats runs (each subprocess warms up once first; the order of
@@ -44,15 +49,22 @@ def rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def build(impl: str, model: str) -> torch.nn.Module:
+def build(impl: str, model: str, precision: str, their_layout: str) -> torch.nn.Module:
+    """Ours stored in the layout sample.py picks for this precision on a CPU (diffusion/layout.py);
+    diffusers' as shipped (channels-first), or channels-last as its docs suggest with --their_layout."""
     torch.manual_seed(0)
     if impl == "ours":
+        from diffusion.layout import fastest_memory_format
         from diffusion.unet import UNet2DConditionModel, UNetConfig
         from diffusion.vae import AutoencoderKL, VAEConfig
-        return (UNet2DConditionModel(config=UNetConfig.sd_v1()) if model == "unet"
-                else AutoencoderKL(config=VAEConfig.sd_v1())).eval()
-    from tools.reference_models import autoencoder_kl, sd_v1_unet
-    return (sd_v1_unet() if model == "unet" else autoencoder_kl(**SD_V1_VAE)).eval()
+        net = (UNet2DConditionModel(config=UNetConfig.sd_v1()) if model == "unet"
+               else AutoencoderKL(config=VAEConfig.sd_v1()))
+        memory_format = fastest_memory_format(model, device=torch.device("cpu"), precision=precision)
+    else:
+        from tools.reference_models import autoencoder_kl, sd_v1_unet
+        net = sd_v1_unet() if model == "unet" else autoencoder_kl(**SD_V1_VAE)
+        memory_format = torch.channels_last if their_layout == "channels_last" else torch.contiguous_format
+    return net.to(memory_format=memory_format).eval()
 
 
 def workload(impl: str, model: str, net: torch.nn.Module):
@@ -70,9 +82,9 @@ def workload(impl: str, model: str, net: torch.nn.Module):
     return lambda: net.decode(z).sample
 
 
-def worker(impl: str, model: str, precision: str, repeats: int, threads: int) -> None:
+def worker(impl: str, model: str, precision: str, repeats: int, threads: int, their_layout: str) -> None:
     torch.set_num_threads(threads)
-    net = build(impl, model)
+    net = build(impl, model, precision, their_layout)
     run = workload(impl, model, net)
     base = rss_mb()
     times = []
@@ -98,9 +110,9 @@ def in_subprocess(what: str, *flags: str):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(impl, model, precision, repeats, threads) -> dict | None:
+def measure(impl, model, precision, repeats, threads, their_layout) -> dict | None:
     return in_subprocess(f"{impl} {model} {precision}", "--worker", impl, model, precision,
-                         "--repeats", str(repeats), "--threads", str(threads))
+                         "--repeats", str(repeats), "--threads", str(threads), "--their_layout", their_layout)
 
 
 def pooled(results: list[dict | None]) -> dict | None:
@@ -111,13 +123,13 @@ def pooled(results: list[dict | None]) -> dict | None:
                 extra_mb=max(r["extra_mb"] for r in results))
 
 
-def paired(model: str, precision: str, pairs: int, threads: int) -> tuple[float, float, float]:
+def paired(model: str, precision: str, pairs: int, threads: int, their_layout: str) -> tuple[float, float, float]:
     """Both sides built in this one process and timed in alternating back-to-back pairs (the order flips
     each pair). Returns (median of the per-pair ratios diffusers/ours, its lower and upper quartile).
     Each ratio compares two runs a few seconds apart, so slow swings of the shared machine's speed,
     which move single runs by +-20% here, cancel instead of landing on one side."""
     torch.set_num_threads(threads)
-    nets = {impl: build(impl, model) for impl in ("ours", "diffusers")}
+    nets = {impl: build(impl, model, precision, their_layout) for impl in ("ours", "diffusers")}
     runs = {impl: workload(impl, model, net) for impl, net in nets.items()}
     ratios = []
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -142,15 +154,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="subprocesses per side, alternating the order")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--only", choices=["unet", "vae"])
+    ap.add_argument("--their_layout", choices=["channels_first", "channels_last"], default="channels_first",
+                    help="diffusers' models as shipped (channels-first), or moved to channels-last as "
+                         "diffusers' docs suggest; ours always run in the layout sample.py picks")
     ap.add_argument("--precision", choices=["fp32", "bf16"])
     ap.add_argument("--pairs", type=int, default=0,
                     help="also time both sides in one process, N alternating pairs, and print the median "
                          "of the per-pair ratios (steadier than the subprocess medians on a noisy machine)")
     args = ap.parse_args()
     if args.worker:
-        return worker(*args.worker, args.repeats, args.threads)
+        return worker(*args.worker, args.repeats, args.threads, args.their_layout)
     if args.pairs_worker:
-        return print(json.dumps(paired(*args.pairs_worker, args.pairs, args.threads)))
+        return print(json.dumps(paired(*args.pairs_worker, args.pairs, args.threads, args.their_layout)))
 
     from tools.reference_models import version
     if version("diffusers"):
@@ -159,7 +174,8 @@ def main() -> None:
         impls = ["ours"]
         print("diffusers is not installed: measuring our side only, no ratios")
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.rounds} x {args.repeats} runs "
-          "(each subprocess warms up once first)", flush=True)
+          f"(each subprocess warms up once first); diffusers {args.their_layout.replace('_', '-')}, ours in "
+          "sample.py's layout (diffusion/layout.py)", flush=True)
     print(f"{'workload':<30} {'impl':<10} {'median s':>9} {'peak MB':>9} {'act. MB':>9} {'speed ratio':>12}")
     for model in ["unet", "vae"] if args.only is None else [args.only]:
         for precision in ["fp32", "bf16"] if args.precision is None else [args.precision]:
@@ -169,7 +185,8 @@ def main() -> None:
             runs = {impl: [] for impl in impls}
             for r in range(args.rounds):
                 for impl in (impls if r % 2 == 0 else impls[::-1]):
-                    runs[impl].append(measure(impl, model, precision, args.repeats, args.threads))
+                    runs[impl].append(measure(impl, model, precision, args.repeats, args.threads,
+                                              args.their_layout))
             results = {impl: pooled(rs) for impl, rs in runs.items()}
             for impl, r in results.items():
                 if r is None:
@@ -181,7 +198,7 @@ def main() -> None:
                       f"{ratio:>12}", flush=True)
             pairs = args.pairs and "diffusers" in impls and in_subprocess(
                 f"paired {model} {precision}", "--pairs_worker", model, precision, "--pairs", str(args.pairs),
-                "--threads", str(args.threads))
+                "--threads", str(args.threads), "--their_layout", args.their_layout)
             if pairs:
                 median, q1, q3 = pairs
                 print(f"{name:<30} {'paired':<10} {args.pairs} pairs in one process: ratio {median:.2f}x "

@@ -7,6 +7,8 @@ The step train_dreambooth.py takes at 256x256 with --train_batch_size 1 --with_p
 1 instance + 1 class latent (2 x 4 x 32 x 32) with 77x768 text states, one UNet call under bf16
 autocast with gradient checkpointing, the split loss mse(instance) + 1.0 * mse(class), backward,
 gradient clipping and an AdamW step (whose moments, 2 x 3.4 GB, are allocated on the first step).
+Ours runs as train_dreambooth.py runs it there: the UNet stored channels-last (diffusion/layout.py);
+diffusers' as its example script runs it (channels-first), or channels-last with --their_layout.
 
 Every measurement runs in a fresh subprocess (one per implementation per round, rounds alternating), so
 its peak resident memory (getrusage's ru_maxrss) is its own. Each subprocess takes one warm-up step,
@@ -35,19 +37,25 @@ RESOLUTION, VAE_FACTOR = 256, 8
 PRIOR_LOSS_WEIGHT = 1.0
 
 
-def build(impl: str) -> tuple[torch.nn.Module, callable]:
+def build(impl: str, their_layout: str) -> tuple[torch.nn.Module, callable]:
+    """Ours in the layout train_dreambooth.py picks for bf16 on a CPU (diffusion/layout.py: channels-last);
+    diffusers' as shipped (channels-first), or channels-last with --their_layout."""
     torch.manual_seed(0)
     if impl == "ours":
+        from diffusion.layout import fastest_memory_format
         from diffusion.unet import UNet2DConditionModel, UNetConfig
         unet = UNet2DConditionModel(config=UNetConfig.sd_v1())
+        unet.to(memory_format=fastest_memory_format("unet", device=torch.device("cpu"), precision="bf16"))
         return unet, lambda x, t, c: unet(x, t, c)
     from tools.reference_models import sd_v1_unet
     unet = sd_v1_unet()
+    if their_layout == "channels_last":
+        unet.to(memory_format=torch.channels_last)
     return unet, lambda x, t, c: unet(x, t, c).sample
 
 
-def child(impl: str, steps: int) -> None:
-    unet, forward = build(impl)
+def child(impl: str, steps: int, their_layout: str) -> None:
+    unet, forward = build(impl, their_layout)
     unet.train()
     unet.enable_gradient_checkpointing()
     built_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -79,10 +87,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=2, help="subprocesses per implementation, alternating")
     p.add_argument("--steps", type=int, default=2, help="timed steps per subprocess (after one warm-up)")
+    p.add_argument("--their_layout", choices=["channels_first", "channels_last"], default="channels_first",
+                   help="diffusers' UNet as shipped, or moved to channels-last as its docs suggest")
     p.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child, args.steps)
+        child(args.child, args.steps, args.their_layout)
         return
 
     impls = ["ours"]
@@ -93,11 +103,13 @@ def main() -> None:
         print("diffusers is not installed: timing ours only")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SD v1 UNet (random weights) training "
           f"step at {RESOLUTION}x{RESOLUTION}, batch 1 instance + 1 class, bf16 autocast, gradient checkpointing, "
-          f"AdamW; {args.rounds} rounds x {args.steps} steps, one subprocess each")
+          f"AdamW; {args.rounds} rounds x {args.steps} steps, one subprocess each; ours channels-last as "
+          f"train_dreambooth.py runs it, diffusers {args.their_layout.replace('_', '-')}")
     results = {impl: {"times": [], "peak_mb": 0.0, "built_mb": 0.0} for impl in impls}
     for _ in range(args.rounds):
         for impl in impls:
-            run = subprocess.run([sys.executable, __file__, "--child", impl, "--steps", str(args.steps)],
+            run = subprocess.run([sys.executable, __file__, "--child", impl, "--steps", str(args.steps),
+                              "--their_layout", args.their_layout],
                                  capture_output=True, text=True)
             if run.returncode != 0:
                 raise SystemExit(f"{impl} subprocess failed:\n{run.stderr[-3000:]}")

@@ -170,8 +170,9 @@ def _now() -> str:
 
 
 def start_run_record(output_dir: str | Path, args: argparse.Namespace, parser: argparse.ArgumentParser, *,
-                     device: str, dtype: str, world_size: int, argv: list[str] | None = None) -> dict:
-    """Write run_config.toml and run_info.json into output_dir; returns the info for `finish_run_record`."""
+                     device: str, dtype: str, world_size: int, argv: list[str] | None = None, **extra) -> dict:
+    """Write run_config.toml and run_info.json into output_dir; returns the info for `finish_run_record`.
+    `extra` (JSON-able) goes into run_info.json as it is."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     text = to_toml(args, parser, header=f"{parser.prog}: the fully resolved settings of this run.\n"
@@ -183,7 +184,7 @@ def start_run_record(output_dir: str | Path, args: argparse.Namespace, parser: a
         "start_time": _now(), "end_time": None, "status": "running",
         "git_commit": git_commit(Path(__file__).resolve().parent),
         "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-        "platform": platform.platform(), "device": device, "dtype": dtype, "world_size": world_size,
+        "platform": platform.platform(), "device": device, "dtype": dtype, "world_size": world_size, **extra,
     }
     _write_info(output_dir, info)
     return info

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion.layout import in_layout_of
 from diffusion.unet import config_from_dict
 from diffusion.unet_blocks import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -170,7 +171,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
+        x = self.conv_in(in_layout_of(x, self.conv_in))
         for block in self.down_blocks:
             x = block(x)                    # halves H, W on every level but the last
         x = self.mid_block(x)
@@ -192,7 +193,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], config.out_channels, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))
+        x = self.mid_block(self.conv_in(in_layout_of(z, self.conv_in)))
         for block in self.up_blocks:
             x = block(x)                    # doubles H, W on every level but the last
         return self.conv_out(F.silu(self.conv_norm_out(x)))

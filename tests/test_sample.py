@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import sample
+from diffusion.layout import arrange_for_speed
 from diffusion.pipeline import decode_to_uint8, generate
 from diffusion.weights import load_stable_diffusion
 
@@ -91,6 +92,9 @@ def test_sample_py_equals_diffusers(run, layout, tmp_path, capsys):
     printed = capsys.readouterr().out.split()
     assert printed == [str(p) for p in written], "sample.py prints every path it writes"
     _assert_close([np.asarray(Image.open(p)) for p in samples], _reference(run), f"{run['name']} ({layout})")
+    # fp32 on a CPU: the VAE decodes channels-last (diffusion/layout.py), still within 2/255 of diffusers
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["memory_format"] == {"unet": "channels_first", "vae": "channels_last"}
 
 
 def test_sample_py_reads_a_ckpt_single_file(tmp_path, capsys):
@@ -143,11 +147,20 @@ def test_guidance_scale_one_skips_the_unconditional_half(folder_models):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_stays_near_the_fp32_images(precision, folder_models):
     """Autocast changes the numbers, so no reference tolerance applies; this only checks that the
-    bf16/fp16 paths run and stay close (mean |diff| <= 4/255) to diffusers' fp32 images."""
+    bf16/fp16 paths run and stay close (mean |diff| <= 4/255) to diffusers' fp32 images, in the
+    layout sample.py picks for them (bf16 on a CPU: channels-last)."""
     run = next(r for r in _runs(single_prompt=True) if r["name"] == "plms3_car_2x32x32")
-    images = generate(folder_models, run["prompt"], num_images_per_prompt=run["num_images_per_prompt"],
-                      steps=run["steps"], guidance_scale=run["guidance_scale"], height=run["height"],
-                      width=run["width"], seed=run["seed"], sampler="plms", precision=precision, progress=False)
+    layouts = arrange_for_speed(folder_models, device=torch.device("cpu"), precision=precision)
+    assert layouts == ({"unet": "channels_last", "vae": "channels_last"} if precision == "bf16"
+                       else {"unet": "channels_first", "vae": "channels_first"})
+    try:
+        images = generate(folder_models, run["prompt"], num_images_per_prompt=run["num_images_per_prompt"],
+                          steps=run["steps"], guidance_scale=run["guidance_scale"], height=run["height"],
+                          width=run["width"], seed=run["seed"], sampler="plms", precision=precision,
+                          progress=False)
+    finally:  # the models are shared with the other tests of this module
+        for module in (folder_models.unet, folder_models.vae):
+            module.to(memory_format=torch.contiguous_format)
     diff = np.abs(images.numpy().astype(int) - np.stack(_reference(run)).astype(int))
     assert diff.mean() <= 4, f"{precision}: mean |diff| {diff.mean():.2f}/255"
 

@@ -2,6 +2,7 @@
 tools/make_reference_sd.py), loaded from both public layouts of the same tiny checkpoint."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from common.state_dict import read_safetensors
 from diffusion import single_file as sf
+from diffusion.layout import memory_format_of
 from diffusion.unet import UNet2DConditionModel, UNetConfig
 from diffusion.unet_blocks import timestep_embedding, upsample2x_conv3x3
 from diffusion.vae import AutoencoderKL, VAEConfig
@@ -64,6 +66,57 @@ def test_vae_posterior_and_decode_match_diffusers(models, ref, layout):
         assert maxdiff(vae.decode(ref["vae.latents"]), ref["vae.decoded"]) <= TOL
 
 
+def channels_last_copies(models):
+    unet, vae = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in models["diffusers"])
+    return unet, vae
+
+
+def test_channels_last_models_match_diffusers(models, ref):
+    """diffusion/layout.py stores the models channels-last where that runs faster: same outputs."""
+    unet, vae = channels_last_copies(models)
+    with torch.no_grad():
+        eps = unet(ref["unet.sample"], ref["unet.timesteps"], ref["unet.encoder_hidden_states"])
+        post = vae.encode(ref["vae.image"])
+        decoded = vae.decode(ref["vae.latents"])
+    assert maxdiff(eps, ref["unet.eps"]) <= TOL
+    assert maxdiff(post.mean, ref["vae.mean"]) <= TOL and maxdiff(post.std, ref["vae.std"]) <= TOL
+    assert maxdiff(decoded, ref["vae.decoded"]) <= TOL
+    for out in (eps, decoded):  # (the posterior's mean is a channel slice of the moments: neither)
+        assert memory_format_of(out) == torch.channels_last
+
+
+@pytest.mark.parametrize("input_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_every_feature_map_keeps_the_models_layout(models, ref, memory_format, input_format):
+    """No layout mixing inside a model: every convolution and GroupNorm sees its input in the layout
+    the weights are stored in (a mix measured slower than either layout, see attention.py), whichever
+    layout the caller's input comes in."""
+    unet, vae = (channels_last_copies(models) if memory_format == torch.channels_last else models["diffusers"])
+    seen = []
+
+    def record(module, args):
+        x = args[0]
+        if x.ndim == 4 and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1:  # both layouts tell apart
+            if module is not vae.post_quant_conv:  # 1x1 weights, which both layouts describe: takes z as it comes
+                seen.append((type(module).__name__, tuple(x.shape), memory_format_of(x)))
+
+    hooks = [m.register_forward_pre_hook(record) for net in (unet, vae) for m in net.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.GroupNorm))]
+    sample, image, latents = (ref[k].contiguous(memory_format=input_format)
+                              for k in ("unet.sample", "vae.image", "vae.latents"))
+    try:
+        with torch.no_grad():
+            unet(sample, ref["unet.timesteps"], ref["unet.encoder_hidden_states"])
+            vae.encode(image)
+            vae.decode(latents)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) > 50
+    wrong = [s for s in seen if s[2] != memory_format]
+    assert not wrong, f"{len(wrong)} of {len(seen)} inputs in the other layout, first: {wrong[:3]}"
+
+
 def test_layouts_load_identical_tensors(models):
     for i in range(2):
         a, b = models["diffusers"][i].state_dict(), models["single_file"][i].state_dict()
@@ -95,6 +148,11 @@ def test_subpixel_upsample_conv_equals_upsample_then_conv(shape):
                                        weight, bias, padding=1)
     folded = upsample2x_conv3x3(x, weight, bias)
     assert folded.shape == (B, C + 1, 2 * H, 2 * W)
+    assert memory_format_of(folded) == torch.contiguous_format
+    x_last = x.detach().contiguous(memory_format=torch.channels_last)
+    folded_last = upsample2x_conv3x3(x_last, weight.detach(), bias.detach())
+    assert torch.allclose(folded_last, folded, atol=1e-5)
+    assert memory_format_of(folded_last) == memory_format_of(x_last)  # channels-last in, channels-last out
     assert (folded - plain).abs().max() <= 1e-5
     grads = [torch.autograd.grad(out.square().sum(), (x, weight, bias)) for out in (plain, folded)]
     for g_plain, g_folded in zip(*grads):

@@ -184,6 +184,24 @@ def test_resume_and_run_config_repeat_bit_for_bit(data, tmp_path, capsys):
     assert "learning_rate: checkpoint 0.001, now 0.01" in capsys.readouterr().err
 
 
+def test_bf16_on_cpu_trains_channels_last_and_resumes_bit_for_bit(data, tmp_path):
+    """bf16 on a CPU stores the UNet and VAE channels-last (diffusion/layout.py): the run says so, the
+    saved weights are ordinary tensors that load back, and a resumed run ends bit for bit equal."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    extra = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--mixed_precision", "bf16",
+             "--gradient_checkpointing"]
+    assert train_dreambooth.main(args_for(data, full, *extra)) == 0
+    info = json.loads((full / "run_info.json").read_text())
+    assert info["memory_format"] == {"unet": "channels_last", "vae": "channels_last"} and info["dtype"] == "bf16"
+    resumed.mkdir()
+    shutil.copy(full / "checkpoint-2.pt", resumed / "checkpoint-2.pt")
+    assert train_dreambooth.main(args_for(data, resumed, *extra, "--resume_from_checkpoint", "latest")) == 0
+    base, again = tensors(full, "unet"), tensors(resumed, "unet")
+    assert all(torch.equal(base[k], again[k]) for k in base)
+    assert not torch.equal(base["conv_in.weight"], tensors(FOLDER, "unet")["conv_in.weight"])  # it trained
+    assert load_stable_diffusion(full).unet.conv_in.weight.is_contiguous()
+
+
 def test_ddp_two_processes_equal_one_process(data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     # each run generates its own class images (the 2 processes share the work): the same files
