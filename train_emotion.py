@@ -30,9 +30,10 @@ from tqdm import tqdm
 
 from common.run_config import check_resume_config, finish_run_record, parse_args_with_config, start_run_record
 from common.state_dict import CheckpointError
-from common.training import (MIXED_PRECISION, MetricsLog, StopOnSignal, all_reduce_sum, autocast, barrier,
-                             grad_scaler, load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint,
-                             seed_everything, set_rng_state, setup_distributed, stop_requested, teardown_distributed)
+from common.training import (MIXED_PRECISION, PRECISION_NAME, MetricsLog, StopOnSignal, all_reduce_sum, autocast,
+                             barrier, grad_scaler, load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint,
+                             seed_everything, set_rng_state, setup_distributed, stop_requested,
+                             teardown_distributed)
 from vit.emotion_data import (Augment, DataError, FaceDataset, balanced_class_weights, load_folder_items,
                               synthetic_items)
 from vit.emotion_eval import confusion_matrix, draw_confusion_matrix, format_report, report
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     ddp_model = DDP(model) if dist.enabled else model   # averages gradients over processes in backward
     log = MetricsLog(output_dir, enabled=dist.is_main)
     info = (start_run_record(output_dir, args, parser, device=str(dist.device), world_size=dist.world_size,
-                             dtype={"no": "fp32"}.get(args.mixed_precision, args.mixed_precision), argv=argv)
+                             dtype=PRECISION_NAME[args.mixed_precision], argv=argv)
             if dist.is_main else None)
 
     def checkpoint() -> None:

@@ -39,6 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from diffusion.layout import LAYOUTS  # noqa: E402
 
 SD_V1_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
@@ -63,7 +64,7 @@ def build(impl: str, model: str, precision: str, their_layout: str) -> torch.nn.
     else:
         from tools.reference_models import autoencoder_kl, sd_v1_unet
         net = sd_v1_unet() if model == "unet" else autoencoder_kl(**SD_V1_VAE)
-        memory_format = torch.channels_last if their_layout == "channels_last" else torch.contiguous_format
+        memory_format = LAYOUTS[their_layout]
     return net.to(memory_format=memory_format).eval()
 
 
@@ -154,7 +155,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="subprocesses per side, alternating the order")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--only", choices=["unet", "vae"])
-    ap.add_argument("--their_layout", choices=["channels_first", "channels_last"], default="channels_first",
+    ap.add_argument("--their_layout", choices=list(LAYOUTS), default="channels_first",
                     help="diffusers' models as shipped (channels-first), or moved to channels-last as "
                          "diffusers' docs suggest; ours always run in the layout sample.py picks")
     ap.add_argument("--precision", choices=["fp32", "bf16"])

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from diffusion.layout import LAYOUTS  # noqa: E402
 
 RESOLUTION, VAE_FACTOR = 256, 8
 PRIOR_LOSS_WEIGHT = 1.0
@@ -48,9 +49,7 @@ def build(impl: str, their_layout: str) -> tuple[torch.nn.Module, callable]:
         unet.to(memory_format=fastest_memory_format("unet", device=torch.device("cpu"), precision="bf16"))
         return unet, lambda x, t, c: unet(x, t, c)
     from tools.reference_models import sd_v1_unet
-    unet = sd_v1_unet()
-    if their_layout == "channels_last":
-        unet.to(memory_format=torch.channels_last)
+    unet = sd_v1_unet().to(memory_format=LAYOUTS[their_layout])
     return unet, lambda x, t, c: unet(x, t, c).sample
 
 
@@ -87,7 +86,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=2, help="subprocesses per implementation, alternating")
     p.add_argument("--steps", type=int, default=2, help="timed steps per subprocess (after one warm-up)")
-    p.add_argument("--their_layout", choices=["channels_first", "channels_last"], default="channels_first",
+    p.add_argument("--their_layout", choices=list(LAYOUTS), default="channels_first",
                    help="diffusers' UNet as shipped, or moved to channels-last as its docs suggest")
     p.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     args = p.parse_args()

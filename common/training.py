@@ -28,6 +28,7 @@ import torch
 import torch.distributed as torch_dist
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+PRECISION_NAME = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}  # --mixed_precision -> the dtype name runs record
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pt")
 
 # Test hook, used only by tests/test_train_emotion.py to simulate a crash in the middle of a checkpoint

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+LAYOUTS = {"channels_first": torch.contiguous_format, "channels_last": torch.channels_last}  # name -> format
+
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """torch.channels_last if the (B, C, H, W) tensor x is stored channels-last, else contiguous_format.
@@ -52,7 +54,7 @@ def arrange_for_speed(models, *, device: torch.device, precision: str) -> dict[s
     for name in ("unet", "vae"):
         memory_format = fastest_memory_format(name, device=device, precision=precision)
         getattr(models, name).to(memory_format=memory_format)
-        chosen[name] = "channels_last" if memory_format == torch.channels_last else "channels_first"
+        chosen[name] = next(layout for layout, fmt in LAYOUTS.items() if fmt == memory_format)
     return chosen
 
 
