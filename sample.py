@@ -100,56 +100,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--use_ema applies to a single-file --ckpt; a diffusers folder holds one UNet")
 
 
-def read_configs(ckpt: str, config_dir: str | None):
-    """(UNetConfig, VAEConfig) without loading any weights: from the folder's (or --config's) config.json
-    files, or inferred from the tensor shapes in a .safetensors header. None for a .ckpt without
-    --config (its shapes are only known once the file is read; the size is then checked after loading)."""
-    from diffusion.unet import UNetConfig
-    from diffusion.vae import VAEConfig
-    folder = Path(ckpt) if Path(ckpt).is_dir() else (Path(config_dir) if config_dir is not None else None)
-    if folder is not None:
-        for part in ("unet", "vae"):
-            if not (folder / part / "config.json").is_file():
-                flag = "--ckpt" if folder == Path(ckpt) else "--config"
-                raise UsageError(f"{flag} {folder}: no {part}/config.json")
-        try:
-            return UNetConfig.from_json(folder / "unet" / "config.json"), VAEConfig.from_json(folder / "vae" / "config.json")
-        except ValueError as e:
-            raise UsageError(f"{e}") from None
-    if Path(ckpt).suffix != ".safetensors":
-        return None
-    from safetensors import safe_open
-    try:
-        with safe_open(ckpt, framework="pt") as f:  # the header only: names and shapes
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:
-        raise UsageError(f"--ckpt {ckpt}: not a readable safetensors file ({e})") from None
-    return configs_from_shapes(shapes, source=ckpt)
-
-
-def configs_from_shapes(shapes: dict[str, tuple[int, ...]], *, source: str):
-    """(UNetConfig, VAEConfig) of an original single file from its tensor names and shapes alone
-    (tensors on the meta device: no memory), by the loader's own shape inference."""
-    import torch
-    from diffusion import single_file as sf
-    meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    unet = {k: v for k, v in meta.items() if k.startswith(sf.UNET_PREFIX)}
-    vae = {k: v for k, v in meta.items() if k.startswith(sf.VAE_PREFIX)}
-    try:
-        return sf.infer_unet_config(unet, source=source), sf.infer_vae_config(vae, source=source)
-    except ValueError as e:
-        raise UsageError(f"--ckpt {source}: {e}") from None
-
-
-def check_size(args: argparse.Namespace, configs) -> None:
+def image_size(args: argparse.Namespace, configs) -> None:
     """--H/--W against the UNet and VAE configs: multiples of f * 2^(UNet levels - 1). Unset, they
     become the model's own size, unet sample_size x VAE factor (as diffusers' pipeline does)."""
-    from diffusion.pipeline import check_size as check
+    from diffusion.pipeline import check_size
     unet_config, vae_config = configs
     args.H = unet_config.sample_size * vae_config.spatial_factor if args.H is None else args.H
     args.W = unet_config.sample_size * vae_config.spatial_factor if args.W is None else args.W
     try:
-        check(args.H, args.W, *configs, names=("--H", "--W"))
+        check_size(args.H, args.W, *configs, names=("--H", "--W"))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -171,16 +130,6 @@ def save_new(image, folder: Path, pattern: str, name_of) -> Path:
             return path
         except FileExistsError:  # another run took this number meanwhile
             index += 1
-
-
-def make_grid(images, *, padding: int = 2):
-    """One row of images with `padding` black pixels around each (as torchvision's make_grid)."""
-    from PIL import Image
-    w, h = images[0].size
-    grid = Image.new("RGB", (len(images) * (w + padding) + padding, h + 2 * padding))
-    for i, image in enumerate(images):
-        grid.paste(image, (padding + i * (w + padding), padding))
-    return grid
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -207,17 +156,18 @@ def main(argv: list[str] | None = None) -> list[Path]:
             args.ckpt = str(WORLD_SD)
             print(f"no --ckpt: sampling the embedded tiny model {WORLD_SD} (coloured shapes only)", file=sys.stderr)
         check_args(args)
+        from diffusion.checkpoints.configs import read_configs   # imports torch: after the cheap checks
         configs = read_configs(args.ckpt, args.config_dir)
         if configs is not None:
-            check_size(args, configs)
-    except UsageError as e:
+            image_size(args, configs)
+    except ValueError as e:   # UsageError, and read_configs' errors, which name the flag
         raise SystemExit(f"sample.py: error: {e}")
 
     import torch
     from common.state_dict import CheckpointError
     from diffusion.layout import arrange_for_speed
-    from diffusion.pipeline import generate
-    from diffusion.weights import load_stable_diffusion
+    from diffusion.pipeline import generate, make_grid
+    from diffusion.checkpoints.load import load_stable_diffusion
 
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -231,7 +181,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise SystemExit(f"sample.py: error: --ckpt {args.ckpt}: {e}")
     if configs is None:  # a .ckpt: its architecture is known now, before any sampling
         try:
-            check_size(args, (models.unet.config, models.vae.config))
+            image_size(args, (models.unet.config, models.vae.config))
         except UsageError as e:
             raise SystemExit(f"sample.py: error: {e}")
     for module in (models.unet, models.vae, models.text_encoder):

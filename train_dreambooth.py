@@ -1,5 +1,6 @@
-"""DreamBooth (Ruiz et al. 2022) for Stable Diffusion v1, with class-prior preservation. The whole loop is
-in `main`, top to bottom; the flags are those of diffusers' examples/dreambooth/train_dreambooth.py.
+"""DreamBooth (Ruiz et al. 2022) for Stable Diffusion v1, with class-prior preservation. The loop is in
+`main`, top to bottom, as named steps (dreambooth/steps.py); the flags are those of diffusers'
+examples/dreambooth/train_dreambooth.py.
 
     python train_dreambooth.py --pretrained_model_name_or_path stable-diffusion-v1-5/ \\
         --instance_data_dir dog/ --instance_prompt "a photo of sks dog" \\
@@ -23,8 +24,6 @@ in the original single-file layout (fp16, weights only), `checkpoint-<step>.pt` 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import resource
 import sys
 import time
@@ -32,20 +31,21 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint as recompute
 from tqdm import tqdm
 
+from common.precision import MIXED_PRECISION, autocast
 from common.run_config import check_resume_config, finish_run_record, parse_args_with_config, start_run_record
 from common.state_dict import CheckpointError
-from common.training import (MIXED_PRECISION, PRECISION_NAME, MetricsLog, StopOnSignal, all_reduce_sum, autocast,
-                             barrier, grad_scaler, load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint,
-                             seed_everything, set_rng_state, setup_distributed, stop_requested,
-                             teardown_distributed)
-from diffusion.dreambooth_data import (DataError, check_model_size, check_writable, crop, example_generator,
-                                       generate_class_images, image_files, load_image, missing_class_indices)
-from diffusion.layout import arrange_for_speed
+from common.training import (LR_SCHEDULERS, REPORT_TO, MetricsLog, StopOnSignal, all_reduce_sum, barrier,
+                             grad_scaler, gradient_sync, learning_rate, load_checkpoint, resolve_checkpoint,
+                             rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
+                             stop_requested, teardown_distributed)
+from diffusion.schedule import NoiseSchedule, ScheduleConfig
+from dreambooth.data import (DataError, check_model_size, check_writable, generate_class_images, image_files,
+                             load_image, missing_class_indices)
+from dreambooth.steps import (OFFSET_NOISE_SCALE, denoising_loss, denoising_prediction, load_models, make_batch,
+                              optimizer_step, restore_training_state, trainable_parameters, training_state)
 
 # The settings that shape a run: resuming with any of them changed needs --allow_config_change.
 RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instance_data_dir", "instance_prompt",
@@ -54,8 +54,6 @@ RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instan
                "world_size", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
                "num_train_epochs", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
                "mixed_precision", "seed", "offset_noise", "snr_gamma")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-OFFSET_NOISE_SCALE = 0.1        # diffusers' --offset_noise strength (Guttenberg 2023, "Diffusion with Offset Noise")
 CLASS_SAMPLING = dict(steps=50, guidance_scale=7.5)        # StableDiffusionPipeline's defaults, as diffusers uses
 VALIDATION_SAMPLING = dict(steps=25, guidance_scale=7.5)   # diffusers' DreamBooth validation settings
 
@@ -94,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adam_weight_decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
     a("--adam_epsilon", type=float, default=1e-8)
     a("--mixed_precision", default="no", choices=list(MIXED_PRECISION), help="autocast dtype of the forward pass")
+    a("--report_to", default="jsonl", choices=REPORT_TO,
+      help="metrics.jsonl is always written; 'tensorboard' adds event files (needs the tensorboard package)")
     a("--checkpointing_steps", type=int, default=500, help="save the full training state every N steps")
     a("--checkpoints_total_limit", type=int, help="keep only the newest N checkpoints")
     a("--resume_from_checkpoint", help="a checkpoint file, or 'latest' in --output_dir")
@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Flags that need neither files nor a model."""
+    try:
+        MetricsLog.check(args.report_to)
+    except ValueError as e:
+        parser.error(str(e))
     for name in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"):
         if not getattr(args, name):
             parser.error(f"--{name} is required")
@@ -134,35 +138,18 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--snr_gamma {args.snr_gamma}: must be > 0")
 
 
-def learning_rate(step: int, total: int, peak: float, args) -> float:
-    """diffusers' get_scheduler: constant; constant after a linear warmup from 0; or warmup then a
-    linear decay to 0, or half a cosine to 0 (Loshchilov & Hutter 2017, eq. 5), at `total`."""
-    warm = args.lr_warmup_steps
-    if args.lr_scheduler == "constant":
-        return peak
-    if step < warm:
-        return peak * step / warm
-    progress = (step - warm) / max(1, total - warm)
-    if args.lr_scheduler == "linear":
-        return peak * max(0.0, 1.0 - progress)
-    if args.lr_scheduler == "cosine":
-        return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return peak
-
-
-def checkpoint_text_encoder_layers(text_encoder: torch.nn.Module) -> None:
-    """Gradient checkpointing for the CLIP text encoder: each layer recomputed in the backward pass
-    (the instance's forward is wrapped; weights and key names are untouched)."""
-    for layer in text_encoder.layers:
-        plain = layer.forward
-        layer.forward = lambda x, plain=plain: (recompute(plain, x, use_reentrant=False)
-                                                if torch.is_grad_enabled() else plain(x))
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux reports KiB: the peak RSS
+
+
+def fail(message: str, dist=None) -> int:
+    """A user mistake: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    if dist is not None:
+        teardown_distributed(dist)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args_with_config(parser, argv)
     check_args(args, parser)
     output_dir, class_dir = Path(args.output_dir), Path(args.class_data_dir or ".")
+    precision = MIXED_PRECISION[args.mixed_precision]          # "fp32", "bf16" or "fp16"
+    prior = args.with_prior_preservation
 
     # ---- every input problem is reported here, before any model is loaded ----------------------------
     try:
@@ -178,72 +167,48 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"--instance_data_dir {args.instance_data_dir}: no images in this folder")
         check_model_size(args)
         check_writable(output_dir, "--output_dir")
-        missing = missing_class_indices(class_dir, args.num_class_images) if args.with_prior_preservation else []
+        missing = missing_class_indices(class_dir, args.num_class_images) if prior else []
         if missing:
             check_writable(class_dir, "--class_data_dir")
         instance_images = [load_image(f, args.resolution) for f in instance_files]   # (3, H, W) uint8 each
         dist = setup_distributed(args.device)
     except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
 
+    # ---- the base model, and the class images it generates (one fixed seed per index) -----------------
     seed_everything(args.seed)
-    from diffusion.schedule import NoiseSchedule, ScheduleConfig
-    from diffusion.weights import load_stable_diffusion
     try:
-        models = load_stable_diffusion(args.pretrained_model_name_or_path, config_dir=args.pretrained_config_dir)
-        from diffusion.pipeline import check_size  # a .ckpt's architecture is known only now
-        check_size(args.resolution, args.resolution, models.unet.config, models.vae.config,
-                   names=("--resolution", "--resolution"))
+        models, layouts = load_models(args.pretrained_model_name_or_path, config_dir=args.pretrained_config_dir,
+                                      resolution=args.resolution, device=dist.device, precision=precision)
     except (CheckpointError, OSError, ValueError) as e:
-        print(f"error: --pretrained_model_name_or_path {args.pretrained_model_name_or_path}: {e}", file=sys.stderr)
-        teardown_distributed(dist)
-        return 2
+        return fail(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: {e}", dist)
     unet, vae, text_encoder, tokenizer = models.unet, models.vae, models.text_encoder, models.tokenizer
-    for m in (unet, vae, text_encoder):
-        m.to(dist.device)
-    # channels-last where diffusion/layout.py measured it faster: on a CPU, the UNet under bf16 (the
-    # training step too: 1.35x, bench/train_sd.py) and the frozen VAE
-    layouts = arrange_for_speed(models, device=dist.device, precision=PRECISION_NAME[args.mixed_precision])
     schedule = NoiseSchedule(config=ScheduleConfig.from_dict(models.scheduler_config))
-
-    # ---- class images: generated by the base model, one fixed seed per index, shared among processes --
     if missing:
         generate_class_images(models, class_dir, missing, prompt=args.class_prompt, resolution=args.resolution,
-                              seed=args.seed, batch_size=args.sample_batch_size,
-                              precision=PRECISION_NAME[args.mixed_precision],
+                              seed=args.seed, batch_size=args.sample_batch_size, precision=precision,
                               share=(dist.rank, dist.world_size), progress=dist.is_main,
                               sampler="plms" if args.plms else "ddim", **CLASS_SAMPLING)
     barrier(dist)
     class_images = ([load_image(f, args.resolution) for f in
-                     image_files(class_dir, flag="--class_data_dir")[:args.num_class_images]]
-                    if args.with_prior_preservation else [])
+                     image_files(class_dir, flag="--class_data_dir")[:args.num_class_images]] if prior else [])
 
-    # ---- what is trained: the UNet (and the text encoder), fp32 weights; the VAE is frozen -------------
-    vae.requires_grad_(False)                      # never in the optimizer; eval mode throughout
-    text_encoder.requires_grad_(args.train_text_encoder)
-    unet.train()
-    text_encoder.train(args.train_text_encoder)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            checkpoint_text_encoder_layers(text_encoder)
-    params = list(unet.parameters()) + (list(text_encoder.parameters()) if args.train_text_encoder else [])
-
-    global_batch = args.train_batch_size * args.gradient_accumulation_steps * dist.world_size
+    # ---- what is trained, the schedule of steps, the optimizer ------------------------------------------
+    params = trainable_parameters(models, train_text_encoder=args.train_text_encoder,
+                                  gradient_checkpointing=args.gradient_checkpointing)
+    B, accumulation = args.train_batch_size, args.gradient_accumulation_steps
+    global_batch = B * accumulation * dist.world_size
     # As diffusers: an epoch pairs instance i % n_inst with class image i % n_class, for max(n_inst, n_class) i.
     epoch_length = max(len(instance_images), len(class_images))
     steps_per_epoch = epoch_length // global_batch
     if steps_per_epoch == 0:
-        print(f"error: {epoch_length} training examples are fewer than one global batch of {global_batch} "
-              "(--train_batch_size x --gradient_accumulation_steps x processes)", file=sys.stderr)
-        teardown_distributed(dist)
-        return 2
+        return fail(f"{epoch_length} training examples are fewer than one global batch of {global_batch} "
+                    "(--train_batch_size x --gradient_accumulation_steps x processes)", dist)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     peak_lr = args.learning_rate * (global_batch if args.scale_lr else 1)   # --scale_lr: x the global batch
     optimizer = torch.optim.AdamW(params, lr=peak_lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    scaler = grad_scaler(dist.device, args.mixed_precision)
+    scaler = grad_scaler(dist.device, precision)
 
     # ---- resume: weights, optimizer, scaler, step and RNG state (the data stream follows from the step) ---
     run_settings = {**vars(args), "world_size": dist.world_size}
@@ -252,68 +217,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume_from_checkpoint and resume_path is None:
         print(f"no checkpoint in {output_dir}; starting from scratch", file=sys.stderr)
     if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
+        state = load_checkpoint(resume_path)
         try:
-            for line in check_resume_config(ckpt["run_settings"], run_settings, RUN_SHAPING,
+            for line in check_resume_config(state["run_settings"], run_settings, RUN_SHAPING,
                                             checkpoint=resume_path, allow_change=args.allow_config_change):
                 print(f"warning: changed since the checkpoint:{line}", file=sys.stderr)
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            teardown_distributed(dist)
-            return 2
-        unet.load_state_dict(ckpt["unet"])
-        if args.train_text_encoder:
-            text_encoder.load_state_dict(ckpt["text_encoder"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
+            return fail(str(e), dist)
+        step = restore_training_state(state, models, optimizer, scaler, train_text_encoder=args.train_text_encoder)
+        set_rng_state(state["rng"])
         print(f"resumed from {resume_path} at step {step}", file=sys.stderr)
 
     # DDP averages the gradients over processes in backward.
-    ddp_unet = DDP(unet) if dist.enabled else unet
-    ddp_text = DDP(text_encoder) if dist.enabled and args.train_text_encoder else text_encoder
-    log = MetricsLog(output_dir, enabled=dist.is_main)
+    unet_ddp = DDP(unet) if dist.enabled else unet
+    text_encoder_ddp = DDP(text_encoder) if dist.enabled and args.train_text_encoder else text_encoder
+    log = MetricsLog(output_dir, enabled=dist.is_main, report_to=args.report_to)
     info = (start_run_record(output_dir, args, parser, device=str(dist.device), world_size=dist.world_size,
-                             dtype=PRECISION_NAME[args.mixed_precision], argv=argv, memory_format=layouts)
-            if dist.is_main else None)
+                             dtype=precision, argv=argv, memory_format=layouts) if dist.is_main else None)
 
     def text_states(prompt: str, n: int) -> torch.Tensor:
         """(n, 77, D) CLIP states of `prompt`; with gradients only when the text encoder is trained."""
         ids = tokenizer([prompt] * n, padding=True, max_length=tokenizer.model_max_length).to(dist.device)
-        with torch.set_grad_enabled(args.train_text_encoder), autocast(dist.device, args.mixed_precision):
-            return ddp_text(ids).last_hidden_state
-
-    def checkpoint() -> None:
-        state = {"unet": unet.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "step": step, "rng": rng_state(), "run_settings": run_settings}
-        if args.train_text_encoder:
-            state["text_encoder"] = text_encoder.state_dict()
-        if dist.is_main:
-            save_checkpoint(output_dir, step, state, total_limit=args.checkpoints_total_limit)
-        barrier(dist)
-
-    def validate() -> None:
-        """--num_validation_images of --validation_prompt, one fixed seed, saved as one grid."""
-        if dist.is_main and args.validation_prompt:
-            from diffusion.pipeline import generate
-            from sample import make_grid
-            unet.eval()
-            text_encoder.eval()
-            images = generate(models, [args.validation_prompt], num_images_per_prompt=args.num_validation_images,
-                              height=args.resolution, width=args.resolution, seed=args.seed, progress=False,
-                              precision=PRECISION_NAME[args.mixed_precision],
-                              output="pil", sampler="plms" if args.plms else "ddim", **VALIDATION_SAMPLING)
-            unet.train()
-            text_encoder.train(args.train_text_encoder)
-            (output_dir / "validation").mkdir(exist_ok=True)
-            make_grid(images).save(output_dir / "validation" / f"step-{step:06d}.png")
-        barrier(dist)
+        with torch.set_grad_enabled(args.train_text_encoder), autocast(precision, dist.device):
+            return text_encoder_ddp(ids).last_hidden_state
 
     # ---- the loop ---------------------------------------------------------------------------------------
-    B, C, L = args.train_batch_size, unet.config.in_channels, vae.config.latent_channels
-    f, T = vae.config.spatial_factor, schedule.num_train_timesteps
-    prior = args.with_prior_preservation
     bar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     stopped_by = None
     with StopOnSignal() as stop:
@@ -322,83 +250,36 @@ def main(argv: list[str] | None = None) -> int:
             epoch, s = divmod(step, steps_per_epoch)
             order = torch.randperm(epoch_length, generator=torch.Generator().manual_seed(args.seed + epoch))
             sums = torch.zeros(2, device=dist.device)                     # instance loss, prior loss
-            for micro in range(args.gradient_accumulation_steps):
-                # Example positions in the epoch's order: this process's share of the global batch.
+            for micro in range(accumulation):
+                # This process's share of the global batch: B examples at these positions of the epoch.
                 first = s * global_batch + (micro * dist.world_size + dist.rank) * B
-                positions = range(first, first + B)
-                gens = [example_generator(args.seed, epoch, k) for k in positions]
-                ids = [int(order[k]) for k in positions]
-                pixels = [crop(instance_images[i % len(instance_images)], args.resolution, center=args.center_crop,
-                               generator=g) for i, g in zip(ids, gens)]
-                if prior:   # class examples after the instance examples, one batch
-                    pixels += [crop(class_images[i % len(class_images)], args.resolution, center=args.center_crop,
-                                    generator=g) for i, g in zip(ids, gens)]
-                pixels = torch.stack(pixels).to(dist.device)              # (N, 3, r, r), N = B or 2B
-                per_example = gens * (2 if prior else 1)                  # example i's generator for both images
-
-                # Latents: a sample of the frozen VAE's posterior q(z|x), z = mean + std * e (row by row
-                # what posterior.sample(generator) draws), times the scaling factor (0.18215 for SD v1).
-                with torch.no_grad(), autocast(dist.device, args.mixed_precision):
-                    posterior = vae.encode(pixels)                        # (N, L, r/f, r/f) moments
-                z_noise = torch.cat([torch.randn((1, L, args.resolution // f, args.resolution // f), generator=g)
-                                     for g in per_example]).to(dist.device)
-                latents = (posterior.mean.float() + posterior.std.float() * z_noise) * vae.config.scaling_factor
-
-                # Forward process (DDPM eq. 4) at a random timestep per image.
-                noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=g) for g in per_example])
-                if args.offset_noise:     # a per-image, per-channel constant: lets the model shift brightness
-                    noise = noise + OFFSET_NOISE_SCALE * torch.cat([torch.randn((1, C, 1, 1), generator=g)
-                                                                    for g in per_example])
-                t = torch.cat([torch.randint(0, T, (1,), generator=g) for g in per_example]).to(dist.device)  # (N,)
-                noise = noise.to(dist.device)
-                noisy = schedule.add_noise(latents, noise, t)
-
-                last_micro = micro == args.gradient_accumulation_steps - 1
-                with contextlib.ExitStack() as no_sync:
-                    if dist.enabled and not last_micro:   # gradients are all-reduced on the last micro-batch only
-                        no_sync.enter_context(ddp_unet.no_sync())
-                        if args.train_text_encoder:
-                            no_sync.enter_context(ddp_text.no_sync())
+                batch = make_batch(range(first, first + B), order=order, epoch=epoch, seed=args.seed,
+                                   instance_images=instance_images, class_images=class_images,
+                                   resolution=args.resolution, center_crop=args.center_crop)
+                batch.pixels = batch.pixels.to(dist.device)               # (N, 3, r, r), N = B or 2B
+                # Gradients are all-reduced over processes on the last micro-batch only.
+                with gradient_sync([unet_ddp, text_encoder_ddp], sync=micro == accumulation - 1):
                     states = torch.cat([text_states(args.instance_prompt, B)]
                                        + ([text_states(args.class_prompt, B)] if prior else []))  # (N, 77, D)
-                    with autocast(dist.device, args.mixed_precision):
-                        pred = ddp_unet(noisy, t, states)                 # (N, C, h, w), one UNet call
-                    if schedule.config.prediction_type == "v_prediction":
-                        target = schedule.get_velocity(latents, noise, t)
-                    else:
-                        target = noise
-                    per_image = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (N,)
-                    if args.snr_gamma is not None:
-                        # Min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
-                        # Weighting Strategy"): weight min(SNR, gamma) on the x_0 loss, which is
-                        # min(SNR, gamma) / SNR on the epsilon loss and min(SNR, gamma) / (SNR + 1) on the v loss,
-                        # with SNR(t) = alpha_bar_t / (1 - alpha_bar_t).
-                        a = schedule.alphas_cumprod.to(dist.device)[t]
-                        snr = a / (1 - a)
-                        v = schedule.config.prediction_type == "v_prediction"
-                        per_image = per_image * torch.clamp(snr, max=args.snr_gamma) / (snr + 1 if v else snr)
-                    instance_loss, prior_loss = (per_image.chunk(2) if prior else (per_image, per_image[:0]))
+                    pred, target, t = denoising_prediction(unet_ddp, vae, schedule, batch, states,
+                                                           precision=precision, offset_noise=args.offset_noise)
+                    per_image = denoising_loss(pred, target, t, schedule=schedule, snr_gamma=args.snr_gamma)
+                    instance_loss, prior_loss = per_image.chunk(2) if prior else (per_image, per_image[:0])
                     # DreamBooth eq. 2: the instance loss plus lambda times the loss on the class images.
                     loss = instance_loss.mean() + (args.prior_loss_weight * prior_loss.mean() if prior else 0.0)
-                    scaler.scale(loss / args.gradient_accumulation_steps).backward()
+                    scaler.scale(loss / accumulation).backward()
                 sums += torch.stack([instance_loss.mean().detach(),
                                      prior_loss.mean().detach() if prior else torch.zeros((), device=dist.device)])
 
-            lr = learning_rate(step, max_steps, peak_lr, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            scaler.unscale_(optimizer)                      # so clipping sees the true gradient
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-            scaler.step(optimizer)                          # skipped if fp16 gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            lr = learning_rate(step, total=max_steps, peak=peak_lr, schedule=args.lr_scheduler,
+                               warmup=args.lr_warmup_steps)
+            grad_norm = optimizer_step(optimizer, scaler, params, lr=lr, max_grad_norm=args.max_grad_norm)
             step += 1
 
-            means = all_reduce_sum(sums, dist).cpu() / (dist.world_size * args.gradient_accumulation_steps)
+            means = all_reduce_sum(sums, dist).cpu() / (dist.world_size * accumulation)
             record = {"step": step, "epoch": epoch, "loss": (means[0] + args.prior_loss_weight * means[1]).item(),
-                      "instance_loss": means[0].item(), "lr": lr,
-                      "grad_norm": grad_norm.item(), "step_time_s": time.perf_counter() - t0,
-                      "peak_memory_mb": peak_memory_mb(dist.device)}
+                      "instance_loss": means[0].item(), "lr": lr, "grad_norm": grad_norm.item(),
+                      "step_time_s": time.perf_counter() - t0, "peak_memory_mb": peak_memory_mb(dist.device)}
             if prior:
                 record["prior_loss"] = means[1].item()
             log.log(record)
@@ -408,9 +289,11 @@ def main(argv: list[str] | None = None) -> int:
             if stop_requested(stop, dist):
                 stopped_by = stop.signum or 15
             if step % args.checkpointing_steps == 0 or (stopped_by and step < max_steps):
-                checkpoint()
+                save_state(dist, output_dir, step, args, training_state(
+                    models, optimizer, scaler, step=step, rng=rng_state(), run_settings=run_settings,
+                    train_text_encoder=args.train_text_encoder))
             if step % args.validation_steps == 0:
-                validate()
+                validate(dist, models, args, output_dir, step)
     bar.close()
 
     if stopped_by and step < max_steps:
@@ -422,19 +305,47 @@ def main(argv: list[str] | None = None) -> int:
         teardown_distributed(dist)
         return 128 + stopped_by
 
-    # ---- export: a diffusers folder (untrained parts as they came) and the single file ---------------
     if dist.is_main:
-        from diffusion.save import save_diffusers_folder, save_single_file
-        trained = {"unet"} | ({"text_encoder"} if args.train_text_encoder else set())
-        save_diffusers_folder(models, output_dir, trained=trained, config_dir=args.pretrained_config_dir)
-        written = [output_dir]
-        if args.save_single_file:
-            written.append(save_single_file(models, output_dir / f"{output_dir.resolve().name}.safetensors"))
+        export(models, args, output_dir)
         finish_run_record(output_dir, info, step=step)
-        print("model written to " + ", ".join(map(str, written)) + f" (use: python sample.py --ckpt {output_dir})")
     log.close()
     teardown_distributed(dist)
     return 0
+
+
+def save_state(dist, output_dir: Path, step: int, args, state: dict) -> None:
+    """checkpoint-<step>.pt (the main process writes it), then every process waits for it."""
+    if dist.is_main:
+        save_checkpoint(output_dir, step, state, total_limit=args.checkpoints_total_limit)
+    barrier(dist)
+
+
+def validate(dist, models, args, output_dir: Path, step: int) -> None:
+    """--num_validation_images of --validation_prompt, one fixed seed, saved as one grid."""
+    if dist.is_main and args.validation_prompt:
+        from diffusion.pipeline import generate, make_grid
+        models.unet.eval()
+        models.text_encoder.eval()
+        images = generate(models, [args.validation_prompt], num_images_per_prompt=args.num_validation_images,
+                          height=args.resolution, width=args.resolution, seed=args.seed, progress=False,
+                          precision=MIXED_PRECISION[args.mixed_precision], output="pil",
+                          sampler="plms" if args.plms else "ddim", **VALIDATION_SAMPLING)
+        models.unet.train()
+        models.text_encoder.train(args.train_text_encoder)
+        (output_dir / "validation").mkdir(exist_ok=True)
+        make_grid(images).save(output_dir / "validation" / f"step-{step:06d}.png")
+    barrier(dist)
+
+
+def export(models, args, output_dir: Path) -> None:
+    """A diffusers folder (untrained parts as they came) and, with --save_single_file, the original layout."""
+    from diffusion.checkpoints.save import save_diffusers_folder, save_single_file
+    trained = {"unet"} | ({"text_encoder"} if args.train_text_encoder else set())
+    save_diffusers_folder(models, output_dir, trained=trained, config_dir=args.pretrained_config_dir)
+    written = [output_dir]
+    if args.save_single_file:
+        written.append(save_single_file(models, output_dir / f"{output_dir.resolve().name}.safetensors"))
+    print("model written to " + ", ".join(map(str, written)) + f" (use: python sample.py --ckpt {output_dir})")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ from tqdm import tqdm
 
 from common.run_config import check_resume_config, finish_run_record, parse_args_with_config, start_run_record
 from common.state_dict import CheckpointError
-from common.training import (MIXED_PRECISION, PRECISION_NAME, MetricsLog, StopOnSignal, all_reduce_sum, autocast,
-                             barrier, grad_scaler, load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint,
+from common.precision import MIXED_PRECISION, autocast
+from common.training import (LR_SCHEDULERS, REPORT_TO, MetricsLog, StopOnSignal, all_reduce_sum, barrier,
+                             grad_scaler, learning_rate, load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint,
                              seed_everything, set_rng_state, setup_distributed, stop_requested,
                              teardown_distributed)
 from vit.emotion_data import (Augment, DataError, FaceDataset, balanced_class_weights, load_folder_items,
@@ -64,12 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--train_batch_size", type=int, default=32, help="images per process per micro-batch")
     a("--eval_batch_size", type=int, default=128, help="images per process per evaluation batch")
     a("--learning_rate", type=float, default=5e-4, help="peak learning rate of AdamW (the small ViT stalls at 1e-3)")
-    a("--lr_scheduler", default="cosine", choices=["linear", "cosine", "constant"], help="decay after warmup")
+    a("--lr_scheduler", default="cosine", choices=LR_SCHEDULERS, help="learning-rate schedule (diffusers' and transformers' get_scheduler)")
     a("--lr_warmup_steps", type=int, default=100, help="steps of linear warmup from 0 to --learning_rate")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     a("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm to this (0: no clipping)")
     a("--weight_decay", type=float, default=0.05, help="AdamW decoupled weight decay on weight matrices")
     a("--mixed_precision", default="no", choices=list(MIXED_PRECISION), help="autocast dtype for the forward pass")
+    a("--report_to", default="jsonl", choices=REPORT_TO,
+      help="metrics.jsonl is always written; 'tensorboard' adds event files (needs the tensorboard package)")
     a("--checkpointing_steps", type=int, default=500, help="save the full training state every N steps")
     a("--checkpoints_total_limit", type=int, help="keep only the newest N checkpoints")
     a("--resume_from_checkpoint", help="a checkpoint file, or 'latest' in --output_dir")
@@ -88,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    try:
+        MetricsLog.check(args.report_to)
+    except ValueError as e:
+        parser.error(str(e))
     for name in ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
                  "num_train_epochs"):
         if getattr(args, name) < 1:
@@ -99,18 +106,6 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--learning_rate must be > 0; --lr_warmup_steps, --weight_decay, --max_grad_norm >= 0")
     if not 0.0 <= args.validation_split < 1.0:
         parser.error(f"--validation_split {args.validation_split}: must be in [0, 1)")
-
-
-def learning_rate(step: int, total: int, args) -> float:
-    """Linear warmup over lr_warmup_steps, then linear or cosine decay to 0 at `total` (or constant)."""
-    if step < args.lr_warmup_steps:
-        return args.learning_rate * (step + 1) / args.lr_warmup_steps
-    progress = (step - args.lr_warmup_steps) / max(1, total - args.lr_warmup_steps)
-    if args.lr_scheduler == "linear":
-        return args.learning_rate * max(0.0, 1.0 - progress)
-    if args.lr_scheduler == "cosine":   # Loshchilov & Hutter 2017 (SGDR), eq. 5 without restarts
-        return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return args.learning_rate
 
 
 def build_model(args, labels: list[str]) -> tuple[ViTForImageClassification, PreprocessConfig]:
@@ -135,7 +130,7 @@ def evaluate(model, dataset, args, dist) -> dict:
     n = model.config.num_labels
     cm = torch.zeros(n, n, dtype=torch.long)
     for pixels, targets in loader:
-        with autocast(dist.device, args.mixed_precision):
+        with autocast(MIXED_PRECISION[args.mixed_precision], dist.device):
             logits = model(pixels.to(dist.device))
         cm += confusion_matrix(logits.argmax(-1).cpu(), targets, n)
     model.train()
@@ -212,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and n not in ("cls_token", "pos_embed"))]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.learning_rate)
-    scaler = grad_scaler(dist.device, args.mixed_precision)
+    scaler = grad_scaler(dist.device, MIXED_PRECISION[args.mixed_precision])
 
     # ---- resume: model, optimizer, scaler, step, data position and every RNG state -----------------
     run_settings = {**vars(args), "world_size": dist.world_size}
@@ -243,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resumed from {resume_path} at step {step}", file=sys.stderr)
 
     ddp_model = DDP(model) if dist.enabled else model   # averages gradients over processes in backward
-    log = MetricsLog(output_dir, enabled=dist.is_main)
+    log = MetricsLog(output_dir, enabled=dist.is_main, report_to=args.report_to)
     info = (start_run_record(output_dir, args, parser, device=str(dist.device), world_size=dist.world_size,
-                             dtype=PRECISION_NAME[args.mixed_precision], argv=argv)
+                             dtype=MIXED_PRECISION[args.mixed_precision], argv=argv)
             if dist.is_main else None)
 
     def checkpoint() -> None:
@@ -281,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 last_micro = position % args.gradient_accumulation_steps == 0
                 # Gradients are all-reduced only on the last micro-batch of an accumulation.
                 with (ddp_model.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()):
-                    with autocast(dist.device, args.mixed_precision):
+                    with autocast(MIXED_PRECISION[args.mixed_precision], dist.device):
                         logits = ddp_model(pixels)                                   # (B, num_labels)
                     # Per-sample cross-entropy in fp32, weighted per class, averaged over the micro-batch
                     # (divided by the sample count, not the weight sum, so micro-batches and processes
@@ -293,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not last_micro:
                     continue
 
-                lr = learning_rate(step, max_steps, args)
+                lr = learning_rate(step, total=max_steps, peak=args.learning_rate, schedule=args.lr_scheduler,
+                                   warmup=args.lr_warmup_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 scaler.unscale_(optimizer)                  # so clipping sees the true gradient

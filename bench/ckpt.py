@@ -6,7 +6,7 @@ Writes (once, into --workdir) a checkpoint with every tensor of the public SD v1
 (tests/manifests/sd_v1_single_file.json), random values, as a Lightning-style dict without callbacks
 (so that `torch.load(weights_only=True)` accepts it too), and its safetensors twin. Then times, each
 run in a fresh subprocess (peak RSS is its own, the OS page cache is warm for all after the first):
-- ours: `diffusion.ckpt.read_checkpoint` (zip + restricted unpickler + CRC check);
+- ours: `diffusion.checkpoints.ckpt.read_checkpoint` (zip + restricted unpickler + CRC check);
 - torch: `torch.load(path, weights_only=True, map_location="cpu")`, torch's allowlisting loader;
 - safetensors: `common.state_dict.read_safetensors` of the twin, for scale.
 Prints medians of --repeats runs and ratios torch / ours (> 1: ours is faster). Needs only the
@@ -48,7 +48,7 @@ def worker(kind: str, path: str) -> None:
     import torch
 
     from common.state_dict import read_safetensors
-    from diffusion.ckpt import read_checkpoint
+    from diffusion.checkpoints.ckpt import read_checkpoint
 
     start = time.perf_counter()
     if kind == "ours":

@@ -56,8 +56,8 @@ def build(impl: str, model: str, precision: str, their_layout: str) -> torch.nn.
     torch.manual_seed(0)
     if impl == "ours":
         from diffusion.layout import fastest_memory_format
-        from diffusion.unet import UNet2DConditionModel, UNetConfig
-        from diffusion.vae import AutoencoderKL, VAEConfig
+        from diffusion.models.unet import UNet2DConditionModel, UNetConfig
+        from diffusion.models.vae import AutoencoderKL, VAEConfig
         net = (UNet2DConditionModel(config=UNetConfig.sd_v1()) if model == "unet"
                else AutoencoderKL(config=VAEConfig.sd_v1()))
         memory_format = fastest_memory_format(model, device=torch.device("cpu"), precision=precision)

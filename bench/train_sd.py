@@ -44,7 +44,7 @@ def build(impl: str, their_layout: str) -> tuple[torch.nn.Module, callable]:
     torch.manual_seed(0)
     if impl == "ours":
         from diffusion.layout import fastest_memory_format
-        from diffusion.unet import UNet2DConditionModel, UNetConfig
+        from diffusion.models.unet import UNet2DConditionModel, UNetConfig
         unet = UNet2DConditionModel(config=UNetConfig.sd_v1())
         unet.to(memory_format=fastest_memory_format("unet", device=torch.device("cpu"), precision="bf16"))
         return unet, lambda x, t, c: unet(x, t, c)

@@ -16,13 +16,15 @@ removed, so `clip/weights.py` maps a checkpoint with a handful of prefix rules.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common.files import read_json
+from common.recompute import maybe_recompute
 
 LEGACY_EOS_TOKEN_ID = 2  # see CLIPTextModel.pool
 
@@ -74,11 +76,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "CLIPTextConfig":
-        path = Path(path)
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a readable config.json ({e})") from e
+        config = read_json(path)
         try:
             return cls.from_dict(config)
         except (TypeError, ValueError) as e:
@@ -162,6 +160,13 @@ class CLIPTextModel(nn.Module):
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False   # recompute each layer in the backward pass (common/recompute.py)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, *, output_hidden_states: bool = False) -> CLIPTextOutput:
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
@@ -175,7 +180,7 @@ class CLIPTextModel(nn.Module):
         x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, T, D)
         hidden_states = [x]
         for layer in self.layers:
-            x = layer(x)
+            x = maybe_recompute(layer, self.gradient_checkpointing, x)
             hidden_states.append(x)
         last = self.final_layer_norm(x)
         return CLIPTextOutput(last_hidden_state=last, pooled_output=self.pool(last, input_ids),

@@ -35,6 +35,8 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from common.files import read_json
+
 SHIPPED_VOCAB = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 # OpenAI's CLIP keeps the first 48,894 merges of that file: a budget of 49,152 BPE tokens minus the 256
 # byte tokens and the 2 special tokens. 256 bytes + 256 "byte</w>" + 48,894 merges + 2 specials = 49,408.
@@ -205,13 +207,6 @@ def _check_vocab(vocab: dict, merges: list[tuple[str, str]], special: dict[str, 
             raise TokenizerFileError(f"{source}: the {role} {tok.content!r} is not in the vocabulary")
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerFileError(f"{path}: not a readable JSON file ({e})") from e
-
-
 def _read_special_tokens(folder: Path) -> dict:
     """Special tokens and model_max_length from tokenizer_config.json, overridden by special_tokens_map.json.
 
@@ -222,7 +217,7 @@ def _read_special_tokens(folder: Path) -> dict:
         file = folder / name
         if not file.exists():
             continue
-        config = _read_json(file)
+        config = read_json(file, error=TokenizerFileError, missing=TokenizerFileError)
         special.update({role: _special(config[role], where=f"{file} {role}") for role in SPECIAL_ROLES
                         if config.get(role) is not None})
         limit = config.get("model_max_length")
@@ -248,7 +243,7 @@ def _read_vocab_and_merges(folder: Path) -> dict:
         if not (folder / name).exists():
             raise TokenizerFileError(f"{folder}: {name} is missing; a CLIP tokenizer folder needs both vocab.json "
                                      "and merges.txt (or a tokenizer.json)")
-    vocab = _read_json(folder / "vocab.json")
+    vocab = read_json(folder / "vocab.json", error=TokenizerFileError, missing=TokenizerFileError)
     if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
         raise TokenizerFileError(f"{folder / 'vocab.json'}: expected an object mapping token strings to integer ids")
     text = (folder / "merges.txt").read_text(encoding="utf-8")
@@ -258,7 +253,7 @@ def _read_vocab_and_merges(folder: Path) -> dict:
 
 def _read_tokenizer_json(path: Path, special: dict) -> dict:
     """The BPE vocabulary and merges of a tokenizers-library file; its added tokens give the flags."""
-    data = _read_json(path)
+    data = read_json(path, error=TokenizerFileError, missing=TokenizerFileError)
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise TokenizerFileError(f"{path}: not a BPE tokenizer.json (no model.type == 'BPE' with a vocab)")

@@ -48,7 +48,7 @@ def text_encoder_state_dict(state_dict: dict[str, torch.Tensor], *, source: str)
     """A CLIP text tower in any of the layouts above -> tensors under our names.
 
     For an SD v1 single file pass the whole file: only its `cond_stage_model.` keys are the text
-    encoder's (the UNet and VAE keys belong to diffusion/weights.py). Any other key that no rule
+    encoder's (the UNet and VAE keys belong to diffusion/checkpoints/load.py). Any other key that no rule
     recognises stops the load with a CheckpointError naming it; `source` names the file in messages.
     """
     if any(k.startswith(SD_PREFIX) for k in state_dict):

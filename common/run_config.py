@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.training import atomic_write
+from common.files import atomic_write
 
 SKIPPED_IN_RECORD = ("config",)   # `--config` names the file that was read, not a setting of the run
 

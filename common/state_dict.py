@@ -32,7 +32,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix in PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{path}: pickle checkpoints ({path.suffix}) are refused here, because loading a pickle can run "
-            f"arbitrary code. Convert it once with `python -m diffusion.convert {path} "
+            f"arbitrary code. Convert it once with `python -m diffusion.checkpoints.convert {path} "
             f"{path.with_suffix('.safetensors')}` (a restricted reader that runs nothing from the file), "
             "or take the model.safetensors that the model's publisher ships.")
     try:

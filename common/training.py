@@ -1,5 +1,5 @@
-"""What every training script here shares: mixed precision, DDP, seeding and RNG state, atomic
-checkpoints, stop-on-signal, and a JSON-lines metrics log.
+"""What every training script here shares: the learning-rate schedule, the fp16 loss scaler, DDP,
+seeding and RNG state, checkpoints, stop-on-signal, and the metrics log.
 
 The training loops themselves (train_emotion.py, train_dreambooth.py) stay in their scripts, top to
 bottom; this file only holds the small pieces that would otherwise be copied between them.
@@ -12,50 +12,57 @@ loaded. Model weights meant for other programs are exported as safetensors inste
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
+import math
 import os
 import random
 import re
 import signal
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
-PRECISION_NAME = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}  # --mixed_precision -> the dtype name runs record
+from common.files import atomic_write
+
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pt")
 
-# Test hook, used only by tests/test_train_emotion.py to simulate a crash in the middle of a checkpoint
-# write: when this variable holds "NAME:SECONDS", `atomic_write` sleeps SECONDS after the temporary file
-# for a destination whose name contains NAME is written and before it is renamed, so a test can SIGKILL
-# the process at exactly that moment.
-PAUSE_HOOK = "TRAINING_TEST_PAUSE_BEFORE_RENAME"
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+REPORT_TO = ("jsonl", "tensorboard")
+
+
+# ---- learning rate -----------------------------------------------------------------------------------
+def learning_rate(step: int, *, total: int, peak: float, schedule: str, warmup: int) -> float:
+    """The learning rate of optimizer step `step` (0-based), as diffusers' and transformers'
+    get_scheduler compute it: "constant" ignores the warmup; the others rise linearly from 0 over
+    `warmup` steps (step / warmup), then stay ("constant_with_warmup"), or fall to 0 at `total` in a
+    straight line ("linear") or along half a cosine ("cosine", Loshchilov & Hutter 2017, eq. 5
+    without restarts)."""
+    if schedule not in LR_SCHEDULERS:
+        raise ValueError(f"--lr_scheduler {schedule!r}: choose one of {', '.join(LR_SCHEDULERS)}")
+    if schedule == "constant":
+        return peak
+    if step < warmup:
+        return peak * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return peak * (1.0 - progress)
+    if schedule == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak
 
 
 # ---- mixed precision -------------------------------------------------------------------------------
-def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
-    """torch.amp autocast for the forward pass: bf16 on CPU or CUDA, fp16 on CUDA (and on CPU, where
-    it runs but is slow), or nothing for "no". Weights and optimizer state stay fp32 either way."""
-    if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"--mixed_precision {mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}")
-    if mixed_precision == "no":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if mixed_precision == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def grad_scaler(device: torch.device, mixed_precision: str) -> torch.amp.GradScaler:
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """A loss scaler for fp16 on CUDA (fp16 gradients underflow without it); a pass-through otherwise.
 
     bf16 has fp32's exponent range and needs no scaling. On CPU, fp16 autocast runs without a scaler.
     """
-    enabled = mixed_precision == "fp16" and device.type == "cuda"
+    enabled = precision == "fp16" and device.type == "cuda"
     return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
@@ -117,6 +124,19 @@ def barrier(dist: Distributed) -> None:
         torch_dist.barrier()
 
 
+@contextlib.contextmanager
+def gradient_sync(models: list[torch.nn.Module], *, sync: bool):
+    """DDP all-reduces gradients during backward. With gradient accumulation only the last micro-batch
+    needs that: for the others (`sync=False`) every DDP-wrapped model in `models` skips it (no_sync);
+    the gradients stay local and are summed into the next backward. Plain modules are left alone."""
+    with contextlib.ExitStack() as stack:
+        if not sync:
+            for model in models:
+                if isinstance(model, DDP):
+                    stack.enter_context(model.no_sync())
+        yield
+
+
 # ---- seeds and RNG state -----------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -143,34 +163,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ---- atomic files and checkpoints ---------------------------------------------------------------------
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Write `path` so that it is either the old file or the complete new one, never a torn one:
-    `write(tmp)` fills a temporary file in the same folder, which is fsynced and then renamed over
-    `path` with os.replace (atomic on POSIX and Windows). A crash leaves at most a stray `.tmp` file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        hook = os.environ.get(PAUSE_HOOK, "")
-        if hook and hook.rsplit(":", 1)[0] in path.name:
-            time.sleep(float(hook.rsplit(":", 1)[1]))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every OS)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
+# ---- checkpoints ---------------------------------------------------------------------
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every complete checkpoint in `folder`, oldest first. Temporary files of an
     interrupted write start with a dot and never match."""
@@ -253,21 +246,30 @@ def stop_requested(stop: StopOnSignal, dist: Distributed) -> bool:
 
 # ---- metrics -------------------------------------------------------------------------------------------
 class MetricsLog:
-    """One JSON object per line in `metrics.jsonl` (appended to on resume), and TensorBoard event files
-    when the `tensorboard` package happens to be installed. Only the main process writes."""
+    """One JSON object per line in `metrics.jsonl` (appended to on resume), always; with
+    report_to="tensorboard" also TensorBoard event files in `tensorboard/` (needs the optional
+    tensorboard package, imported only then). Only the main process writes."""
 
-    def __init__(self, folder: str | Path, *, enabled: bool = True):
+    def __init__(self, folder: str | Path, *, enabled: bool = True, report_to: str = "jsonl"):
+        self.check(report_to)
         self.file, self.tensorboard = None, None
         if not enabled:
             return
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.file = open(folder / "metrics.jsonl", "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(str(folder / "tensorboard"))
-        except ImportError:
-            pass
+
+    @staticmethod
+    def check(report_to: str) -> None:
+        """--report_to before any work: a known value, and tensorboard installed when it is asked for."""
+        if report_to not in REPORT_TO:
+            raise ValueError(f"--report_to {report_to!r}: choose one of {', '.join(REPORT_TO)}")
+        if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--report_to tensorboard: the tensorboard package is not installed "
+                             "(pip install tensorboard); the default, --report_to jsonl, needs nothing")
 
     def log(self, record: dict) -> None:
         if self.file is None:

@@ -1,2 +1,9 @@
-"""Stable Diffusion v1: hand-written UNet (`unet.py`), VAE (`vae.py`), their loading from a diffusers
-folder or an original single file (`weights.py`, `single_file.py`), and the sampler and pipeline."""
+"""Stable Diffusion v1, by folder:
+
+    models/        the UNet, its blocks and attention, the VAE
+    samplers/      DDIM, PLMS, behind one interface and a registry (`make_sampler`)
+    checkpoints/   loading and saving both public layouts, the safe .ckpt reader, conversion
+    schedule.py    the noise schedule and the forward process (DDPM eq. 4)
+    pipeline.py    text to image: prompts -> text states -> sampled latents -> pixels
+    layout.py      the speed transformations (memory layout) applied to built models
+"""

@@ -3,7 +3,7 @@
 Seed for seed equal to diffusers' `StableDiffusionPipeline` (same starting noise, same schedule, same
 guidance, same uint8 conversion; tested on tiny random checkpoints within 2/255 per pixel).
 
-    models = load_stable_diffusion("path/to/sd-v1-5")          # diffusion/weights.py
+    models = load_stable_diffusion("path/to/sd-v1-5")          # diffusion/checkpoints/load.py
     images = generate(models, ["a photo of a cat"], steps=50, guidance_scale=7.5, seed=42)
     # images: (N, H, W, 3) uint8; to_pil(images) for PIL images
 
@@ -22,17 +22,15 @@ generation can reuse them):
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from diffusion.ddim import DDIMSampler
-from diffusion.plms import PLMSSampler
+from common.precision import autocast
+from diffusion.samplers import make_sampler
+from diffusion.samplers.ddim import DDIMSampler
+from diffusion.samplers.plms import PLMSSampler
 from diffusion.schedule import randn
-
-SAMPLERS = ("ddim", "plms")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def size_multiple(unet_config: Any, vae_config: Any) -> int:
@@ -49,28 +47,6 @@ def check_size(height: int, width: int, unet_config: Any, vae_config: Any, *, na
             raise ValueError(f"{name}={value}: must be a positive multiple of {m} (the VAE factor "
                              f"{vae_config.spatial_factor} times 2^{len(unet_config.block_out_channels) - 1} "
                              "UNet down-samplings)")
-
-
-def make_sampler(scheduler_config: dict, sampler: str) -> DDIMSampler | PLMSSampler:
-    """The sampler named by `sampler`, on the checkpoint's own noise schedule."""
-    if sampler == "ddim":
-        return DDIMSampler.from_config(scheduler_config)
-    if sampler == "plms":
-        return PLMSSampler.from_config(scheduler_config)
-    raise ValueError(f"sampler={sampler!r}: must be one of {SAMPLERS}")
-
-
-@contextlib.contextmanager
-def precision_context(precision: str, device: torch.device) -> Iterator[None]:
-    """fp32: nothing; bf16/fp16: torch.autocast on `device` (weights stay fp32, matmuls/convs run in
-    the low precision). The sampler's arithmetic always stays fp32 (see `denoise`)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: must be one of {tuple(PRECISIONS)}")
-    if precision == "fp32":
-        yield
-        return
-    with torch.autocast(device_type=device.type, dtype=PRECISIONS[precision]):
-        yield
 
 
 def encode_prompts(models: Any, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
@@ -134,6 +110,16 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(im.numpy()) for im in images]
 
 
+def make_grid(images: Sequence, *, padding: int = 2):
+    """One row of PIL images with `padding` black pixels around each (as torchvision's make_grid)."""
+    from PIL import Image
+    w, h = images[0].size
+    grid = Image.new("RGB", (len(images) * (w + padding) + padding, h + 2 * padding))
+    for i, image in enumerate(images):
+        grid.paste(image, (padding + i * (w + padding), padding))
+    return grid
+
+
 def _module_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -194,7 +180,7 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
             raise ValueError(f"negative_prompt: {len(negatives)} given for {len(prompts)} prompts")
 
     n = num_images_per_prompt
-    with precision_context(precision, device):
+    with autocast(precision, device):
         states = encode_prompts(models, (negatives + prompts) if use_guidance else prompts, device)
         states = states.float().repeat_interleave(n, dim=0)           # (k*B*n, 77, D), prompt by prompt
         uncond, cond = states.chunk(2) if use_guidance else (None, states)

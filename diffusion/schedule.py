@@ -15,7 +15,6 @@ Stable Diffusion folder loads as is. SD v1's values are in `ScheduleConfig.sd_v1
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+
+from common.files import read_json
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -58,7 +59,7 @@ class ScheduleConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "ScheduleConfig":
         """Read a diffusers `scheduler/scheduler_config.json`."""
-        return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], *, source: str = "scheduler config") -> "ScheduleConfig":

@@ -1,4 +1,4 @@
-"""The safe `.ckpt` reader (diffusion/ckpt.py) and the converter (diffusion/convert.py).
+"""The safe `.ckpt` reader (diffusion/checkpoints/ckpt.py) and the converter (diffusion/checkpoints/convert.py).
 
 * A Lightning-style checkpoint written by the dev generator (tools/make_reference_ckpt.py, another
   torch version) reads back to exactly the tensors and training state the generator recorded.
@@ -26,9 +26,9 @@ import pytest
 import torch
 
 from common.state_dict import CheckpointError, read_safetensors, safetensors_metadata
-from diffusion import ckpt
-from diffusion import convert as convert_module
-from diffusion.ckpt import InertObject, UnsafeCheckpointError, read_checkpoint, read_checkpoint_full
+from diffusion.checkpoints import ckpt
+from diffusion.checkpoints import convert as convert_module
+from diffusion.checkpoints.ckpt import InertObject, UnsafeCheckpointError, read_checkpoint, read_checkpoint_full
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ckpt"
 SMALL_CKPT = FIXTURES / "lightning_small.ckpt"
@@ -160,8 +160,8 @@ def test_tiny_sd_ckpt_samples_the_same_image_as_its_safetensors_twin(tiny_single
 def test_full_ema_ckpt_converts_with_and_without_its_ema_copy(tmp_path):
     """A "full-ema" file: the .ckpt, and its conversion with --keep_ema, load the same EMA UNet
     through load_stable_diffusion(use_ema=True); the default conversion drops the copy."""
-    from diffusion.single_file import ema_name
-    from diffusion.weights import load_stable_diffusion
+    from diffusion.checkpoints.single_file import ema_name
+    from diffusion.checkpoints.load import load_stable_diffusion
 
     folder = SINGLE.parent / "tiny_diffusers"
     tensors = read_safetensors(SINGLE)
@@ -454,7 +454,7 @@ def test_failed_conversion_keeps_the_old_output(tmp_path, monkeypatch, capsys):
 
 def test_convert_runs_as_a_module(tmp_path):
     out = tmp_path / "m.safetensors"
-    run = subprocess.run([sys.executable, "-m", "diffusion.convert", str(SMALL_CKPT), str(out), "--half"],
+    run = subprocess.run([sys.executable, "-m", "diffusion.checkpoints.convert", str(SMALL_CKPT), str(out), "--half"],
                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert run.returncode == 0, run.stderr
     assert f"wrote {out}" in run.stdout and out.exists()

@@ -18,7 +18,8 @@ from PIL import Image
 import sample
 from diffusion.layout import arrange_for_speed
 from diffusion.pipeline import decode_to_uint8, generate
-from diffusion.weights import load_stable_diffusion
+from diffusion.checkpoints.configs import configs_from_shapes
+from diffusion.checkpoints.load import load_stable_diffusion
 
 SD = Path(__file__).parent / "fixtures" / "sd"
 FOLDER = SD / "tiny_diffusers"
@@ -191,11 +192,11 @@ def test_numbering_continues_and_nothing_is_overwritten(tmp_path):
 @pytest.fixture
 def no_model_work(monkeypatch):
     """Fail the test if sample.py gets as far as loading the models."""
-    import diffusion.weights
+    import diffusion.checkpoints.load
 
     def refuse(*args, **kwargs):
         raise AssertionError("models were loaded before the bad input was reported")
-    monkeypatch.setattr(diffusion.weights, "load_stable_diffusion", refuse)
+    monkeypatch.setattr(diffusion.checkpoints.load, "load_stable_diffusion", refuse)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -226,12 +227,12 @@ def test_size_check_of_a_real_sd_v1_single_file_from_its_shapes():
     """The public v1-5-pruned-emaonly file's names and shapes (tests/manifests): 64-pixel multiples."""
     manifest = json.loads((Path(__file__).parent / "manifests" / "sd_v1_single_file.json").read_text())
     shapes = {k: tuple(s) for k, s in manifest["model_tensors"].items()}
-    configs = sample.configs_from_shapes(shapes, source="v1-5-pruned-emaonly.safetensors")
+    configs = configs_from_shapes(shapes, source="v1-5-pruned-emaonly.safetensors")
     ok = sample.build_parser().parse_args(["--ckpt", "x", "--H", "512", "--W", "768"])
-    sample.check_size(ok, configs)
+    sample.image_size(ok, configs)
     bad = sample.build_parser().parse_args(["--ckpt", "x", "--H", "512", "--W", "520"])
     with pytest.raises(sample.UsageError, match="--W=520: must be a positive multiple of 64"):
-        sample.check_size(bad, configs)
+        sample.image_size(bad, configs)
 
 
 def test_empty_prompt_file_is_reported(tmp_path, no_model_work):

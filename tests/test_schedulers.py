@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion.ddim import DDIMSampler
-from diffusion.plms import PLMSSampler
+from diffusion.samplers.ddim import DDIMSampler
+from diffusion.samplers.plms import PLMSSampler
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sampling"

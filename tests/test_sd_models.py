@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from common.state_dict import read_safetensors
-from diffusion import single_file as sf
+from diffusion.checkpoints import single_file as sf
 from diffusion.layout import memory_format_of
-from diffusion.unet import UNet2DConditionModel, UNetConfig
-from diffusion.unet_blocks import timestep_embedding, upsample2x_conv3x3
-from diffusion.vae import AutoencoderKL, VAEConfig
-from diffusion.weights import (load_unet_folder, load_unet_single_file, load_vae_folder, load_vae_single_file)
+from diffusion.models.unet import UNet2DConditionModel, UNetConfig
+from diffusion.models.unet_blocks import timestep_embedding, upsample2x_conv3x3
+from diffusion.models.vae import AutoencoderKL, VAEConfig
+from diffusion.checkpoints.load import (load_unet_folder, load_unet_single_file, load_vae_folder, load_vae_single_file)
 
 FIX = Path(__file__).parent / "fixtures" / "sd"
 FOLDER, SINGLE = FIX / "tiny_diffusers", FIX / "tiny_single.safetensors"

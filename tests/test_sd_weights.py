@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from common.state_dict import CheckpointError, check_keys, read_safetensors, rename_keys
-from diffusion import single_file as sf
-from diffusion.unet import UNet2DConditionModel, UNetConfig
-from diffusion.vae import AutoencoderKL, VAEConfig
-from diffusion.weights import (load_stable_diffusion, load_unet_folder, load_unet_single_file, load_vae_folder,
+from diffusion.checkpoints import single_file as sf
+from diffusion.models.unet import UNet2DConditionModel, UNetConfig
+from diffusion.models.vae import AutoencoderKL, VAEConfig
+from diffusion.checkpoints.load import (load_stable_diffusion, load_unet_folder, load_unet_single_file, load_vae_folder,
                                load_vae_single_file)
 
 ROOT = Path(__file__).parent
@@ -187,7 +187,7 @@ def test_load_stable_diffusion_both_layouts_and_ckpt(tmp_path, tiny_tensors):
     assert single.layout == "single_file" and single.scheduler_config["steps_offset"] == 1
     assert_same_models(folder, single)
     assert not single.unet.training
-    # a Lightning-style .ckpt with EMA weights, read by diffusion/ckpt.py's restricted unpickler
+    # a Lightning-style .ckpt with EMA weights, read by diffusion/checkpoints/ckpt.py's restricted unpickler
     ckpt = tmp_path / "full.ckpt"
     full = with_ema(tiny_tensors)
     torch.save({"state_dict": full, "global_step": 10}, ckpt)

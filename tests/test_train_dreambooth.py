@@ -21,9 +21,9 @@ import sample
 import train_dreambooth
 from common.state_dict import read_safetensors
 from common.training import list_checkpoints, load_checkpoint
-from diffusion.dreambooth_data import generate_class_images, missing_class_indices
+from dreambooth.data import generate_class_images, missing_class_indices
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
-from diffusion.weights import load_stable_diffusion
+from diffusion.checkpoints.load import load_stable_diffusion
 
 ROOT = Path(__file__).resolve().parent.parent
 SD = ROOT / "tests" / "fixtures" / "sd"
@@ -95,7 +95,7 @@ def trained(data, tmp_path_factory) -> Path:
 # ---- training -------------------------------------------------------------------------------------------
 def fixed_instance_loss(model_path: Path, data: Path) -> float:
     """The epsilon loss on the instance photos (centre crops) over 8 fixed noise/timestep draws each."""
-    from diffusion.dreambooth_data import crop, load_image
+    from dreambooth.data import crop, load_image
     models = load_stable_diffusion(model_path)
     schedule = NoiseSchedule(config=ScheduleConfig.from_dict(models.scheduler_config))
     g = torch.Generator().manual_seed(0)
@@ -278,7 +278,7 @@ def test_class_images_are_deterministic_and_resumable(tmp_path):
 def no_model_load(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded")
-    monkeypatch.setattr("diffusion.weights.load_stable_diffusion", refuse)
+    monkeypatch.setattr("diffusion.checkpoints.load.load_stable_diffusion", refuse)
 
 
 def test_bad_input_is_refused_before_any_model_loads(data, tmp_path, capsys, no_model_load):
@@ -313,10 +313,10 @@ def test_saver_writes_the_real_sd_v1_key_layouts():
     """Our SD v1 models (meta device) written back through the inverted rules give exactly the published
     files' tensor names and shapes (the single file without its schedule buffers and position_ids)."""
     from clip.text_model import CLIPTextConfig, CLIPTextModel
-    from diffusion import single_file as sf
-    from diffusion.save import TEXT_FOLDER_PREFIX, _text_rules, _vae_attention_as_conv, to_layout
-    from diffusion.unet import UNet2DConditionModel, UNetConfig
-    from diffusion.vae import AutoencoderKL, VAEConfig
+    from diffusion.checkpoints import single_file as sf
+    from diffusion.checkpoints.save import TEXT_FOLDER_PREFIX, _text_rules, _vae_attention_as_conv, to_layout
+    from diffusion.models.unet import UNet2DConditionModel, UNetConfig
+    from diffusion.models.vae import AutoencoderKL, VAEConfig
     with torch.device("meta"):
         unet, vae = UNet2DConditionModel(config=UNetConfig.sd_v1()), AutoencoderKL(config=VAEConfig.sd_v1())
         text = CLIPTextModel(CLIPTextConfig.vit_l14())

@@ -5,7 +5,6 @@ Every run here is tiny (a 32x32 input to the small preset, a few dozen images, a
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_emotion
-from common.training import PAUSE_HOOK, list_checkpoints, load_checkpoint
+from common.training import list_checkpoints, load_checkpoint
 from vit.model import EMOTION_LABELS
 from vit.synthetic_faces import make_face, synthetic_faces
 from vit.weights import load_vit
@@ -53,10 +52,13 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
-def start(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train_emotion.py", *TINY, "--output_dir", str(out), *extra],
-                            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def start(out: Path, *extra: str, pause_before_rename: str) -> subprocess.Popen:
+    """train_emotion.py in a subprocess, pausing before the rename of a file whose name contains
+    NAME for SECONDS (pause_before_rename="NAME:SECONDS"; tests/pause_before_rename.py)."""
+    name, seconds = pause_before_rename.rsplit(":", 1)
+    return subprocess.Popen([sys.executable, "tests/pause_before_rename.py", name, seconds, "train_emotion.py",
+                             *TINY, "--output_dir", str(out), *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -120,7 +122,7 @@ def test_run_config_repeats_the_run_bit_for_bit(finished_run, tmp_path):
 def test_sigkill_during_checkpoint_write_then_resume_is_exact(finished_run, tmp_path):
     out = tmp_path / "killed"
     proc = start(out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
-                 env={PAUSE_HOOK: "checkpoint-4:60"})
+                 pause_before_rename="checkpoint-4:60")
     wait_for(lambda: any(p.name.startswith(".checkpoint-4.pt.") for p in out.glob(".*")), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -138,7 +140,7 @@ def test_sigkill_during_checkpoint_write_then_resume_is_exact(finished_run, tmp_
 def test_sigterm_saves_a_checkpoint_and_resume_is_exact(finished_run, tmp_path):
     out = tmp_path / "stopped"
     proc = start(out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
-                 env={PAUSE_HOOK: "checkpoint-2:2"})
+                 pause_before_rename="checkpoint-2:2")
     wait_for(lambda: any(p.name.startswith(".checkpoint-2.pt.") for p in out.glob(".*")), proc)
     proc.send_signal(signal.SIGTERM)              # lands during the paused write of checkpoint 2
     output, _ = proc.communicate(timeout=120)

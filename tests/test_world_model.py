@@ -1,7 +1,6 @@
 """The embedded tiny text-to-image model (embedded/world_sd) and what is built around it: the world's
 CLIP-format vocabulary, the DreamBooth demo's subject and scores, and the default commands."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +66,7 @@ def test_subject_images_deterministic_and_scored_apart_from_plain_stars():
 # ---- the shipped model -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def models():
-    from diffusion.weights import load_stable_diffusion
+    from diffusion.checkpoints.load import load_stable_diffusion
     models = load_stable_diffusion(WORLD_SD)   # the same strict loader as a real SD v1 folder
     for m in (models.unet, models.vae, models.text_encoder):
         m.eval()
@@ -141,8 +140,7 @@ def test_demo_end_to_end_in_small(tmp_path, monkeypatch):
 
 # ---- pretraining: deterministic and resumable ----------------------------------------------------------
 def test_pretraining_resumes_bit_for_bit(tmp_path, monkeypatch):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import pretrain_world
+    import world.pretrain as pretrain_world
     monkeypatch.setattr(pretrain_world, "WARMUP", 2)
     monkeypatch.setattr(pretrain_world, "measure_scaling_factor",
                         lambda vae, world: round(1 / vae.encode(pretrain_world.to_pixels(world.batch(0, 16).images))

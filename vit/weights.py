@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.state_dict import CheckpointError, check_keys, load_strict, read_safetensors
-from common.training import atomic_write
+from common.files import atomic_write
 from vit.model import ViTConfig, ViTForImageClassification, default_labels
 from vit.preprocess import PreprocessConfig
 

@@ -46,7 +46,7 @@ def score(models, *, seeds: int = 4, steps: int = 50, guidance_scale: float = 7.
 
 
 def main(argv: list[str] | None = None) -> None:
-    from diffusion.weights import load_stable_diffusion
+    from diffusion.checkpoints.load import load_stable_diffusion
     from embedded import WORLD_SD
 
     parser = argparse.ArgumentParser(prog="python -m world.score", description=__doc__,

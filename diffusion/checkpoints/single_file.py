@@ -32,8 +32,8 @@ import re
 import torch
 
 from common.state_dict import CheckpointError, Rule
-from diffusion.unet import CROSS_DOWN, CROSS_UP, UNetConfig
-from diffusion.vae import VAEConfig
+from diffusion.models.unet import CROSS_DOWN, CROSS_UP, UNetConfig
+from diffusion.models.vae import VAEConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -7,22 +7,22 @@
                                                                        (and sd15/tokenizer/ when present)
 
 A diffusers folder needs no renaming at all (our attributes carry diffusers' names), except old VAE
-folders' attention names; the single file goes through the rules in `diffusion/single_file.py`.
+folders' attention names; the single file goes through the rules in `diffusion/checkpoints/single_file.py`.
 Every model is loaded with `common.state_dict.load_strict`: a missing, unexpected or mis-shaped
 tensor stops the load with an error that names it.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from common.files import read_json
 from common.state_dict import CheckpointError, load_strict, read_safetensors, rename_keys
-from diffusion import single_file as sf
-from diffusion.unet import UNet2DConditionModel, UNetConfig
-from diffusion.vae import AutoencoderKL, VAEConfig
+from diffusion.checkpoints import single_file as sf
+from diffusion.models.unet import UNet2DConditionModel, UNetConfig
+from diffusion.models.vae import AutoencoderKL, VAEConfig
 
 # SD v1's scheduler/scheduler_config.json (runwayml/stable-diffusion-v1-5), for single files, which
 # carry no scheduler config of their own (their schedule buffers say the same: scaled_linear).
@@ -68,15 +68,6 @@ def load_stable_diffusion(path: str | Path, *, config_dir: str | Path | None = N
 
 
 # ------------------------------------------------------------------------------ diffusers folder
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (expected in an SD v1 diffusers folder)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-
-
 def _weights_file(folder: Path, name: str) -> Path:
     file = folder / name / FOLDER_FILES[name]
     if not file.is_file():
@@ -105,7 +96,7 @@ def _load_folder(folder: Path) -> StableDiffusionModels:
     from clip.tokenizer import CLIPTokenizer
     from clip.weights import load_text_encoder
 
-    index = _read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json")
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if name not in index:
             raise ValueError(f"{folder / 'model_index.json'}: no {name!r} entry; not an SD v1 pipeline folder")
@@ -114,7 +105,7 @@ def _load_folder(folder: Path) -> StableDiffusionModels:
         unet=load_unet_folder(folder), vae=load_vae_folder(folder),
         text_encoder=load_text_encoder(folder / "text_encoder"),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        scheduler_config=_read_json(folder / "scheduler" / "scheduler_config.json"),
+        scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
         source=str(folder), layout="diffusers")
 
 
@@ -126,7 +117,7 @@ def read_single_file(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected a diffusers folder "
                               f"or one of {', '.join(SINGLE_FILE_SUFFIXES)}")
     try:
-        from diffusion.ckpt import read_checkpoint  # a restricted unpickler: never runs code from the file
+        from diffusion.checkpoints.ckpt import read_checkpoint  # a restricted unpickler: never runs code from the file
     except ImportError:
         raise CheckpointError(f"{path}: .ckpt files are not supported yet; convert it to .safetensors") from None
     return read_checkpoint(path)

@@ -1,8 +1,8 @@
 """Pretrain the tiny world's text-to-image model: an SD v1-family VAE, CLIP text encoder and UNet,
 built from this project's own modules and trained from scratch on world/'s captioned scenes.
 
-    python tools/pretrain_world.py --out runs/world                     # both stages, resumable
-    python tools/pretrain_world.py --out runs/world --export embedded/tiny_world_sd   # ship (fp16)
+    python -m world.pretrain --out runs/world                     # both stages, resumable
+    python -m world.pretrain --out runs/world --export embedded/tiny_world_sd   # ship (fp16)
 
 Stage 1, "vae": the autoencoder alone (reconstruction + a tiny KL term, as LDM's first stage).
 Its latent scaling factor is then measured as 1 / std of the latents, as Rombach et al. did for SD
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 import time
 from dataclasses import asdict
@@ -34,18 +33,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from clip.text_model import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from common.training import (StopOnSignal, list_checkpoints, load_checkpoint, MetricsLog,  # noqa: E402
+from clip.text_model import CLIPTextConfig, CLIPTextModel
+from common.training import (MetricsLog, StopOnSignal, learning_rate, list_checkpoints, load_checkpoint,
                              save_checkpoint)
-from diffusion.save import save_models_folder  # noqa: E402
-from diffusion.schedule import NoiseSchedule, ScheduleConfig  # noqa: E402
-from diffusion.unet import CROSS_DOWN, CROSS_UP, PLAIN_DOWN, PLAIN_UP, UNet2DConditionModel, UNetConfig  # noqa: E402
-from diffusion.vae import DOWN, UP, AutoencoderKL, VAEConfig  # noqa: E402
-from diffusion.weights import StableDiffusionModels  # noqa: E402
-from world.vocabulary import MAX_LENGTH, build_tokenizer  # noqa: E402
-from world.world import World  # noqa: E402
+from diffusion.checkpoints.save import save_models_folder
+from diffusion.schedule import NoiseSchedule, ScheduleConfig
+from diffusion.models.unet import CROSS_DOWN, CROSS_UP, PLAIN_DOWN, PLAIN_UP, UNet2DConditionModel, UNetConfig
+from diffusion.models.vae import DOWN, UP, AutoencoderKL, VAEConfig
+from diffusion.checkpoints.load import StableDiffusionModels
+from world.vocabulary import MAX_LENGTH, build_tokenizer
+from world.world import World
 
 # ---- the architectures ------------------------------------------------------------------------------
 # 64x64 images -> 16x16x4 latents (three levels: spatial factor 4).
@@ -68,13 +65,6 @@ LOGVAR_INIT = -6.0      # initial log variance of the VAE posterior (see train_v
 MIN_SNR_GAMMA = 5.0     # Hang et al. 2023
 EMA_DECAY = 0.999
 WARMUP = 500
-
-
-def lr_at(step: int, total: int, peak: float) -> float:
-    """Linear warmup over WARMUP steps, then a cosine down to 0 at `total`."""
-    if step < WARMUP:
-        return peak * (step + 1) / WARMUP
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / max(1, total - WARMUP)))
 
 
 def to_pixels(images) -> torch.Tensor:
@@ -137,7 +127,8 @@ def train_vae(args, world: World) -> AutoencoderKL:
         while step < args.vae_steps and stop.signum is None:
             t0 = time.process_time()
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args.vae_steps, args.vae_lr)
+                group["lr"] = learning_rate(step, total=args.vae_steps, peak=args.vae_lr, schedule="cosine",
+                                            warmup=WARMUP)
             x = to_pixels(world.batch(step, args.vae_batch_size).images)            # (B, 3, 64, 64)
             with torch.autocast("cpu", dtype=torch.bfloat16):                        # 1.7x faster here
                 posterior = vae.encode(x)
@@ -201,13 +192,13 @@ def train_t2i(args, world: World, vae: AutoencoderKL) -> None:
     alphas_cumprod = schedule.alphas_cumprod
     models = StableDiffusionModels(unet=ema_unet, vae=vae, text_encoder=ema_text, tokenizer=tokenizer,
                                    scheduler_config={"_class_name": "PNDMScheduler", **asdict(SCHEDULE)},
-                                   source="tools/pretrain_world.py", layout="memory")
+                                   source="world/pretrain.py", layout="memory")
     log = MetricsLog(folder)
     with StopOnSignal() as stop:
         while step < args.steps and stop.signum is None:
             t0 = time.process_time()
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args.steps, args.lr)
+                group["lr"] = learning_rate(step, total=args.steps, peak=args.lr, schedule="cosine", warmup=WARMUP)
             g = generator(args.seed, 2, step)
             batch = world.batch(step, args.batch_size)
             B = len(batch.captions)
@@ -264,7 +255,7 @@ def load_trained_vae(args) -> AutoencoderKL:
 def export(args) -> None:
     """<out>/model (EMA weights), or with --weights live the newest checkpoint's own weights, to
     --export in fp16."""
-    from diffusion.weights import load_stable_diffusion
+    from diffusion.checkpoints.load import load_stable_diffusion
     models = load_stable_diffusion(args.out / "model")
     if args.weights == "live":
         step, path = list_checkpoints(args.out / "t2i")[-1]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.training import atomic_write
+from common.files import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CLASS_IMAGE_NAME = re.compile(r"class-(\d+)\.png")   # generated class image of index N: class-0000N.png
@@ -78,13 +78,13 @@ def example_generator(seed: int, epoch: int, position: int) -> torch.Generator:
 
 def check_model_size(args) -> None:
     """--resolution against the model's configs, read without loading weights (as sample.py does)."""
+    from diffusion.checkpoints.configs import read_configs
     from diffusion.pipeline import check_size
-    from sample import UsageError, read_configs
     try:
-        configs = read_configs(args.pretrained_model_name_or_path, args.pretrained_config_dir)
-    except UsageError as e:
-        raise DataError(str(e).replace("--ckpt", "--pretrained_model_name_or_path")
-                        .replace("--config", "--pretrained_config_dir")) from None
+        configs = read_configs(args.pretrained_model_name_or_path, args.pretrained_config_dir,
+                               flags=("--pretrained_model_name_or_path", "--pretrained_config_dir"))
+    except ValueError as e:
+        raise DataError(str(e)) from None
     if configs is not None:   # None: a .ckpt, whose shapes are checked once it is loaded
         check_size(args.resolution, args.resolution, *configs, names=("--resolution", "--resolution"))
 
@@ -130,8 +130,9 @@ def generate_class_images(models, folder: Path, indices: list[int], *, prompt: s
     with several processes, each makes every world-size-th group."""
     from tqdm import tqdm
 
-    from diffusion.pipeline import (decode_to_uint8, denoise, encode_prompts, initial_latents, make_sampler,
-                                    precision_context, to_pil)
+    from common.precision import autocast
+    from diffusion.pipeline import decode_to_uint8, denoise, encode_prompts, initial_latents, to_pil
+    from diffusion.samplers import make_sampler
     folder.mkdir(parents=True, exist_ok=True)
     device = next(models.unet.parameters()).device
     unet_config, vae_config = models.unet.config, models.vae.config
@@ -143,7 +144,7 @@ def generate_class_images(models, folder: Path, indices: list[int], *, prompt: s
                disable=not progress)
     for g in groups:
         group = list(range(g * batch_size, (g + 1) * batch_size))
-        with precision_context(precision, device):
+        with autocast(precision, device):
             uncond, cond = encode_prompts(models, ["", prompt], device).float().chunk(2)   # (1, 77, D) each
             latents = torch.cat([initial_latents(1, channels=unet_config.in_channels, height=resolution,
                                                  width=resolution, factor=vae_config.spatial_factor,

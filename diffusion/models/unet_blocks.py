@@ -3,7 +3,7 @@ and the UNet's per-resolution down, mid and up blocks.
 
 Attribute names follow diffusers (`resnets.0.norm1`, `attentions.0`, `downsamplers.0.conv`, ...), so
 the diffusers layout loads by identity and the original CompVis layout by the renaming rules in
-`diffusion/single_file.py`.
+`diffusion/checkpoints/single_file.py`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.attention import SpatialTransformer, maybe_checkpoint
+from common.recompute import maybe_recompute
+from diffusion.models.attention import SpatialTransformer
 from diffusion.layout import memory_format_of
 
 
@@ -178,7 +179,7 @@ class DownBlock(nn.Module):
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = maybe_checkpoint(resnet, self.gradient_checkpointing, x, temb)
+            x = maybe_recompute(resnet, self.gradient_checkpointing, x, temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
             skips.append(x)
@@ -203,9 +204,9 @@ class MidBlock(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = maybe_checkpoint(self.resnets[0], self.gradient_checkpointing, x, temb)
+        x = maybe_recompute(self.resnets[0], self.gradient_checkpointing, x, temb)
         x = self.attentions[0](x, context)
-        return maybe_checkpoint(self.resnets[1], self.gradient_checkpointing, x, temb)
+        return maybe_recompute(self.resnets[1], self.gradient_checkpointing, x, temb)
 
 
 class UpBlock(nn.Module):
@@ -236,7 +237,7 @@ class UpBlock(nn.Module):
                 upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = torch.cat([x, skips[i]], dim=1)  # (B, C + C_skip, H, W)
-            x = maybe_checkpoint(resnet, self.gradient_checkpointing, x, temb)
+            x = maybe_recompute(resnet, self.gradient_checkpointing, x, temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:

@@ -10,17 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from common.recompute import maybe_recompute
 from diffusion.layout import memory_format_of
-
-
-def maybe_checkpoint(module: nn.Module, on: bool, *args) -> torch.Tensor:
-    """Run `module`, recomputing its activations in the backward pass when checkpointing is on
-    (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost")."""
-    if on and torch.is_grad_enabled():
-        return checkpoint(module, *args, use_reentrant=False)
-    return module(*args)
 
 
 class Attention(nn.Module):
@@ -135,7 +127,7 @@ class SpatialTransformer(nn.Module):
         # token-major and nothing is copied.
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, C).contiguous()
         for block in self.transformer_blocks:
-            h = maybe_checkpoint(block, self.gradient_checkpointing, h, context)
+            h = maybe_recompute(block, self.gradient_checkpointing, h, context)
         # (B, C, H, W), stored in the layout of the input x. The permute leaves it channels-last in
         # memory; in a UNet stored channels-first (the default) that layout would spread through
         # oneDNN's convolutions into the rest of the network, a mix that measured 0.89x diffusers' bf16

@@ -15,7 +15,6 @@ Module attributes carry diffusers' key names, so a diffusers `unet/` folder load
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -23,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.files import read_json
 from diffusion.layout import in_layout_of
-from diffusion.unet_blocks import DownBlock, MidBlock, TimestepEmbedding, UpBlock, timestep_embedding
+from diffusion.models.unet_blocks import DownBlock, MidBlock, TimestepEmbedding, UpBlock, timestep_embedding
 
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -122,7 +122,7 @@ class UNetConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "UNetConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,4 +1,4 @@
-"""What a checkpoint's pickle may name: the allowlist that `diffusion/ckpt.py` answers `find_class` from.
+"""What a checkpoint's pickle may name: the allowlist that `diffusion/checkpoints/ckpt.py` answers `find_class` from.
 
 Three kinds of entries, and nothing else:
 * our own functions standing in for the rebuild functions torch, numpy and pathlib pickle
@@ -7,7 +7,7 @@ Three kinds of entries, and nothing else:
   number and container types, all immutable;
 * `INERT_CLASSES`, training-state classes that become placeholders (`InertObject`) holding their
   pickled data and running nothing.
-The argument for why this runs nothing from the file is in `diffusion/ckpt.py`.
+The argument for why this runs nothing from the file is in `diffusion/checkpoints/ckpt.py`.
 """
 from __future__ import annotations
 

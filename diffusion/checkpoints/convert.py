@@ -1,8 +1,8 @@
 """Convert a `.ckpt`/`.pt` checkpoint to `.safetensors` once, so no pickle is ever opened again.
 
-    python -m diffusion.convert IN.ckpt OUT.safetensors [--half] [--keep_ema] [--inert module.Name ...]
+    python -m diffusion.checkpoints.convert IN.ckpt OUT.safetensors [--half] [--keep_ema] [--inert module.Name ...]
 
-The input is read by `diffusion.ckpt.read_checkpoint`, which runs nothing from the file (see there).
+The input is read by `diffusion.checkpoints.ckpt.read_checkpoint`, which runs nothing from the file (see there).
 Only the model tensors are written (Lightning's `state_dict`; optimizer states, callbacks and the
 like are left behind). Stable Diffusion's "full-ema" files carry a second copy of the UNet under
 `model_ema.*` (names without dots, plus `model_ema.decay` and `model_ema.num_updates`); it is
@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from common.state_dict import CheckpointError
-from common.training import atomic_write
-from diffusion.ckpt import read_checkpoint_full, state_dict_of
+from common.files import atomic_write
+from diffusion.checkpoints.ckpt import read_checkpoint_full, state_dict_of
 
 EMA_PREFIX = "model_ema."
 
@@ -91,7 +91,7 @@ def convert(src: str | Path, dst: str | Path, *, half: bool = False, keep_ema: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffusion.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m diffusion.checkpoints.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", metavar="IN", help="a .ckpt/.pt/.pth/.bin (or .safetensors) checkpoint")
     parser.add_argument("dst", metavar="OUT", help="the .safetensors file to write")
     parser.add_argument("--half", action="store_true", help="store floating-point tensors as float16")

@@ -11,7 +11,7 @@ state such as `pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint`.
 The choice. We read the zip ourselves and run the pickle through `pickle.Unpickler` with the two
 hooks through which a pickle reaches Python code replaced by our own:
 
-* `find_class(module, name)` looks the name up in `ALLOWED` (diffusion/pickle_allowlist.py), a table, and
+* `find_class(module, name)` looks the name up in `ALLOWED` (diffusion/checkpoints/pickle_allowlist.py), a table, and
   returns *our* function for it (tensor rebuilding, OrderedDict, a numpy scalar, ...), or a fresh
   inert placeholder class for the short list of known training-state classes (`INERT_CLASSES`). It
   never imports anything. Every other name raises `UnsafeCheckpointError`, naming the global.
@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from common.state_dict import CheckpointError, read_safetensors
-from diffusion.pickle_allowlist import (ALLOWED, CODE_RUNNING, INERT_CLASSES, InertObject, StorageType,
+from diffusion.checkpoints.pickle_allowlist import (ALLOWED, CODE_RUNNING, INERT_CLASSES, InertObject, StorageType,
                                        placeholder_class)
 
 __all__ = ["read_checkpoint", "read_checkpoint_full", "state_dict_of", "UnsafeCheckpointError", "InertObject",
@@ -75,7 +75,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 def _refusal(path: Path, global_name: str) -> UnsafeCheckpointError:
     head = (f"{path}: refused to unpickle the global {global_name!r}: it is not on the allowlist of tensor "
-            f"rebuilders, plain containers and inert training-state classes (diffusion/pickle_allowlist.py). "
+            f"rebuilders, plain containers and inert training-state classes (diffusion/checkpoints/pickle_allowlist.py). "
             f"Nothing from the file was run. ")
     if global_name.startswith(CODE_RUNNING):
         return UnsafeCheckpointError(head + f"{global_name!r} is how a pickle runs code: the file is malicious "
@@ -83,7 +83,7 @@ def _refusal(path: Path, global_name: str) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         head + "If it is harmless training state (say a Lightning callback) and you trust the file, convert "
         "the file once to safetensors, reading that class as an inert placeholder (still running nothing): "
-        f"`python -m diffusion.convert {path} OUT.safetensors --inert {global_name}`; then use OUT.safetensors.")
+        f"`python -m diffusion.checkpoints.convert {path} OUT.safetensors --inert {global_name}`; then use OUT.safetensors.")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

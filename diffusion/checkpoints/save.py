@@ -4,7 +4,7 @@
     save_single_file(models, "out/model.safetensors")           the CompVis/LDM layout, fp16, weights only
 
 No mapping is written twice. Loading renames checkpoint keys onto ours with the regex rules of
-`diffusion/single_file.py` and `clip/weights.py`; saving runs the same rules backwards:
+`diffusion/checkpoints/single_file.py` and `clip/weights.py`; saving runs the same rules backwards:
 
 - when the output has the layout of the checkpoint that was loaded, every tensor goes back under the
   key it was read from (`under_source_names`), so the file keeps its exact key set (old VAE attention
@@ -30,11 +30,11 @@ import torch
 from safetensors.torch import save_file
 
 from common.state_dict import CheckpointError, Rule, check_keys, read_safetensors, rename_keys
-from common.training import atomic_write
-from diffusion import single_file as sf
-from diffusion import unet as unet_module
-from diffusion import vae as vae_module
-from diffusion.weights import FOLDER_FILES, read_single_file
+from common.files import atomic_write
+from diffusion.checkpoints import single_file as sf
+from diffusion.models import unet as unet_module
+from diffusion.models import vae as vae_module
+from diffusion.checkpoints.load import FOLDER_FILES, read_single_file
 
 PARTS = ("unet", "vae", "text_encoder")
 TEXT_FOLDER_PREFIX = "text_model."    # transformers 4's CLIPTextModel names, as in SD v1's text_encoder/

@@ -11,11 +11,10 @@ Two things here are NOT done inside the model, on purpose:
 - nothing is edited in place, so the caller's tensors never change.
 
 Attribute names are diffusers', so a diffusers `vae/` folder loads by identity; the original
-checkpoint's names (and its 1x1-conv attention weights) are mapped in `diffusion/single_file.py`.
+checkpoint's names (and its 1x1-conv attention weights) are mapped in `diffusion/checkpoints/single_file.py`.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.files import read_json
 from diffusion.layout import in_layout_of
-from diffusion.unet import config_from_dict
-from diffusion.unet_blocks import Downsample2D, ResnetBlock2D, Upsample2D
+from diffusion.models.unet import config_from_dict
+from diffusion.models.unet_blocks import Downsample2D, ResnetBlock2D, Upsample2D
 
 DOWN, UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
 RESNET_EPS = 1e-6  # every GroupNorm of LDM's autoencoder uses eps 1e-6 (diffusers follows)
@@ -71,7 +71,7 @@ class VAEConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "VAEConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,12 +88,20 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         return self.mean
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """z = mean + std * noise. The noise is drawn exactly as diffusers draws it: one randn of the
-        latent shape on the generator's device, in the moments' dtype, then moved to their device."""
+        latent shape on the generator's device, in the moments' dtype, then moved to their device.
+        With a list of generators, one per row, row i's noise is a (1, L, h, w) draw from generator i
+        (as if each image had been encoded alone)."""
+        if isinstance(generator, (list, tuple)):
+            noise = torch.cat([self._noise(g, (1, *self.mean.shape[1:])) for g in generator])
+        else:
+            noise = self._noise(generator, self.mean.shape)
+        return self.mean + self.std * noise
+
+    def _noise(self, generator: torch.Generator | None, shape: tuple[int, ...]) -> torch.Tensor:
         device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise.to(self.mean.device)
+        return torch.randn(shape, generator=generator, device=device, dtype=self.mean.dtype).to(self.mean.device)
 
 
 class VAEAttention(nn.Module):

@@ -1,0 +1,147 @@
+"""The named steps of train_dreambooth.py's loop, in the order the loop calls them:
+
+    models = load_models(...)                      the base model, checked and on the device
+    params = trainable_parameters(models, ...)     what the optimizer moves (LoRA plugs in here)
+    batch  = make_batch(...)                        instance (+ class) crops and their generators
+    pred, target, t = denoising_prediction(...)    VAE latents, forward process, one UNet call
+    per_image = denoising_loss(pred, target, ...)  MSE per image (with min-SNR weighting if asked)
+    grad_norm = optimizer_step(...)                 unscale, clip, step, zero
+    save_state / load_state                         the whole training state, for exact resume
+
+Every random draw of one training example (its crop, latent sample, noise and timestep) comes from
+that example's own generator (`dreambooth.data.example_generator`), so one process and N processes
+draw the same numbers, and a resumed run draws what the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common.precision import autocast
+from dreambooth.data import crop, example_generator
+
+OFFSET_NOISE_SCALE = 0.1        # diffusers' --offset_noise strength (Guttenberg 2023, "Diffusion with Offset Noise")
+
+
+def load_models(path: str, *, config_dir: str | None, resolution: int, device: torch.device, precision: str):
+    """The base model's parts on `device`, with --resolution checked against a .ckpt's architecture
+    (known only once it is read) and the memory layout that measured fastest (diffusion/layout.py).
+    Returns (models, the layouts chosen)."""
+    from diffusion.checkpoints.load import load_stable_diffusion
+    from diffusion.layout import arrange_for_speed
+    from diffusion.pipeline import check_size
+    models = load_stable_diffusion(path, config_dir=config_dir)
+    check_size(resolution, resolution, models.unet.config, models.vae.config, names=("--resolution", "--resolution"))
+    for m in (models.unet, models.vae, models.text_encoder):
+        m.to(device)
+    return models, arrange_for_speed(models, device=device, precision=precision)
+
+
+def trainable_parameters(models, *, train_text_encoder: bool, gradient_checkpointing: bool) -> list:
+    """Full fine-tuning: every UNet weight (and every text-encoder weight with --train_text_encoder),
+    in fp32; the VAE is frozen and stays in eval mode. Another way of training (LoRA) changes only this."""
+    unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(train_text_encoder)
+    unet.train()
+    text_encoder.train(train_text_encoder)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_text_encoder:
+            text_encoder.enable_gradient_checkpointing()
+    return list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor              # (N, 3, r, r) in [-1, 1]: the instance crops, then the class crops
+    generators: list                  # N generators: example i's for its instance and its class image
+
+
+def make_batch(positions: range, *, order: torch.Tensor, epoch: int, seed: int, instance_images: list,
+               class_images: list, resolution: int, center_crop: bool) -> Batch:
+    """The examples at `positions` of the epoch's `order`: example k pairs instance image k % n_inst
+    with class image k % n_class (as diffusers' DreamBooth dataset does); the class crops (prior
+    preservation) come after the instance crops, so one UNet call denoises both."""
+    generators = [example_generator(seed, epoch, k) for k in positions]
+    ids = [int(order[k]) for k in positions]
+    pixels = [crop(instance_images[i % len(instance_images)], resolution, center=center_crop, generator=g)
+              for i, g in zip(ids, generators)]
+    if class_images:
+        pixels += [crop(class_images[i % len(class_images)], resolution, center=center_crop, generator=g)
+                   for i, g in zip(ids, generators)]
+    return Batch(pixels=torch.stack(pixels), generators=generators * (2 if class_images else 1))
+
+
+def denoising_prediction(unet, vae, schedule, batch: Batch, states: torch.Tensor, *, precision: str,
+                         offset_noise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prediction, target, t) for one batch: the images' latents, noised to a random timestep t each
+    ((N,)), and what the UNet should predict there (the noise, or v for v-prediction models), (N, C, h, w)."""
+    device = batch.pixels.device
+    g = batch.generators
+    # Latents: a sample of the frozen VAE's posterior q(z|x), times the scaling factor (0.18215 for SD v1).
+    with torch.no_grad(), autocast(precision, device):
+        latents = vae.encode(batch.pixels).sample(g).float() * vae.config.scaling_factor   # (N, L, r/f, r/f)
+    noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=gen) for gen in g])
+    if offset_noise:     # a per-image, per-channel constant: lets the model shift brightness
+        noise = noise + OFFSET_NOISE_SCALE * torch.cat([torch.randn((1, latents.shape[1], 1, 1), generator=gen)
+                                                        for gen in g])
+    t = torch.cat([torch.randint(0, schedule.num_train_timesteps, (1,), generator=gen) for gen in g]).to(device)
+    noise = noise.to(device)
+    noisy = schedule.add_noise(latents, noise, t)                              # DDPM eq. 4, t: (N,)
+    with autocast(precision, device):
+        pred = unet(noisy, t, states)                                          # (N, C, h, w), one UNet call
+    if schedule.config.prediction_type == "v_prediction":
+        return pred, schedule.get_velocity(latents, noise, t), t
+    return pred, noise, t
+
+
+def denoising_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None, *, schedule=None,
+                   snr_gamma: float | None = None) -> torch.Tensor:
+    """(N,) mean squared error per image, in fp32.
+
+    With `snr_gamma`: min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via
+    Min-SNR Weighting Strategy"): weight min(SNR, gamma) on the x_0 loss, which is min(SNR, gamma) / SNR
+    on the epsilon loss and min(SNR, gamma) / (SNR + 1) on the v loss, with SNR(t) = a_t / (1 - a_t)."""
+    per_image = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))   # (N,)
+    if snr_gamma is None:
+        return per_image
+    a = schedule.alphas_cumprod.to(per_image.device)[t]
+    snr = a / (1 - a)
+    v = schedule.config.prediction_type == "v_prediction"
+    return per_image * torch.clamp(snr, max=snr_gamma) / (snr + 1 if v else snr)
+
+
+def optimizer_step(optimizer, scaler, params: list, *, lr: float, max_grad_norm: float) -> torch.Tensor:
+    """Set the learning rate, clip the global gradient norm (0: no clipping), step, zero the gradients.
+    Returns the gradient norm before clipping."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.unscale_(optimizer)                      # so clipping sees the true gradient
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    scaler.step(optimizer)                          # skipped if fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def training_state(models, optimizer, scaler, *, step: int, rng: dict, run_settings: dict,
+                   train_text_encoder: bool) -> dict:
+    """Everything a resumed run needs to continue bit for bit (the data stream follows from the step)."""
+    state = {"unet": models.unet.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "step": step, "rng": rng, "run_settings": run_settings}
+    if train_text_encoder:
+        state["text_encoder"] = models.text_encoder.state_dict()
+    return state
+
+
+def restore_training_state(state: dict, models, optimizer, scaler, *, train_text_encoder: bool) -> int:
+    """Load `training_state`'s dict back; returns the step it was saved at."""
+    models.unet.load_state_dict(state["unet"])
+    if train_text_encoder:
+        models.text_encoder.load_state_dict(state["text_encoder"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    return state["step"]
