@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.state_dict import read_safetensors
-from diffusion.checkpoints import single_file as sf
+from diffusion.checkpoints import single_file
 from diffusion.layout import memory_format_of
 from diffusion.models.unet import UNet2DConditionModel, UNetConfig
 from diffusion.models.unet_blocks import timestep_embedding, upsample2x_conv3x3
@@ -31,7 +31,7 @@ def ref():
 @pytest.fixture(scope="module")
 def models():
     """{layout: (unet, vae)}, both layouts of the same weights."""
-    unet_t, vae_t, _ = sf.split_single_file(read_safetensors(SINGLE), use_ema=False, source=str(SINGLE))
+    unet_t, vae_t, _ = single_file.split_single_file(read_safetensors(SINGLE), use_ema=False, source=str(SINGLE))
     unet_cfg = UNetConfig.from_json(FOLDER / "unet" / "config.json")
     vae_cfg = VAEConfig.from_json(FOLDER / "vae" / "config.json")
     return {"diffusers": (load_unet_folder(FOLDER).eval(), load_vae_folder(FOLDER).eval()),

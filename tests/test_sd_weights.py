@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.state_dict import CheckpointError, check_keys, read_safetensors, rename_keys
-from diffusion.checkpoints import single_file as sf
+from diffusion.checkpoints import single_file
 from diffusion.models.unet import UNet2DConditionModel, UNetConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
 from diffusion.checkpoints.load import (load_stable_diffusion, load_unet_folder, load_unet_single_file, load_vae_folder,
@@ -46,15 +46,15 @@ def test_single_file_manifest_is_covered_exactly(sd_v1_models):
     manifest = json.loads((MANIFESTS / "sd_v1_single_file.json").read_text())
     tensors = fake(manifest["model_tensors"]) | fake(manifest["schedule_buffers"])
     assert len(manifest["model_tensors"]) == 1131
-    unet_t, vae_t, text_t = sf.split_single_file(tensors, use_ema=False, source="manifest")
+    unet_t, vae_t, text_t = single_file.split_single_file(tensors, use_ema=False, source="manifest")
     assert (len(unet_t), len(vae_t), len(text_t)) == (686, 248, 197)
     # the shapes alone give back exactly SD v1's configs
-    assert sf.infer_unet_config(unet_t, source="manifest") == UNetConfig.sd_v1()
-    assert sf.infer_vae_config(vae_t, source="manifest") == VAEConfig.sd_v1()
+    assert single_file.infer_unet_config(unet_t, source="manifest") == UNetConfig.sd_v1()
+    assert single_file.infer_vae_config(vae_t, source="manifest") == VAEConfig.sd_v1()
     unet, vae = sd_v1_models
-    renamed_unet = rename_keys(unet_t, sf.unet_rules(UNetConfig.sd_v1()))
+    renamed_unet = rename_keys(unet_t, single_file.unet_rules(UNetConfig.sd_v1()))
     check_keys(shapes_of(unet), {k: tuple(v.shape) for k, v in renamed_unet.items()}, source="unet")
-    renamed_vae = sf.vae_attention_as_linear(rename_keys(vae_t, sf.vae_rules(VAEConfig.sd_v1())))
+    renamed_vae = single_file.vae_attention_as_linear(rename_keys(vae_t, single_file.vae_rules(VAEConfig.sd_v1())))
     check_keys(shapes_of(vae), {k: tuple(v.shape) for k, v in renamed_vae.items()}, source="vae")
 
 
@@ -63,8 +63,8 @@ def test_diffusers_manifest_is_covered_exactly(sd_v1_models):
     unet, vae = sd_v1_models
     check_keys(shapes_of(unet), {k: tuple(v) for k, v in files["unet/diffusion_pytorch_model.safetensors"].items()},
                source="unet")
-    vae_t = sf.vae_attention_as_linear(rename_keys(fake(files["vae/diffusion_pytorch_model.safetensors"]),
-                                                   sf.DEPRECATED_VAE_ATTENTION_RULES))
+    vae_t = single_file.vae_attention_as_linear(rename_keys(fake(files["vae/diffusion_pytorch_model.safetensors"]),
+                                                   single_file.DEPRECATED_VAE_ATTENTION_RULES))
     check_keys(shapes_of(vae), {k: tuple(v.shape) for k, v in vae_t.items()}, source="vae")
 
 
@@ -73,7 +73,7 @@ def test_text_encoder_manifests_are_covered_exactly():
     from clip.weights import config_from_state_dict, text_encoder_state_dict
     single = json.loads((MANIFESTS / "sd_v1_single_file.json").read_text())["model_tensors"]
     folder = json.loads((MANIFESTS / "sd_v1_diffusers.json").read_text())["files"]["text_encoder/model.safetensors"]
-    for shapes in ({k.removeprefix(sf.TEXT_PREFIX): v for k, v in single.items() if k.startswith(sf.TEXT_PREFIX)},
+    for shapes in ({k.removeprefix(single_file.TEXT_PREFIX): v for k, v in single.items() if k.startswith(single_file.TEXT_PREFIX)},
                    folder):
         ours = text_encoder_state_dict(fake(shapes), source="manifest")
         with torch.device("meta"):
@@ -83,7 +83,7 @@ def test_text_encoder_manifests_are_covered_exactly():
 
 # ------------------------------------------------------------------ strict loading names the culprit
 def test_single_file_errors_name_missing_unexpected_misshaped(tiny_tensors):
-    unet_t, vae_t, _ = sf.split_single_file(tiny_tensors, use_ema=False, source="tiny")
+    unet_t, vae_t, _ = single_file.split_single_file(tiny_tensors, use_ema=False, source="tiny")
     cfg = UNetConfig.from_json(FOLDER / "unet" / "config.json")
     key = "model.diffusion_model.input_blocks.1.0.in_layers.0.weight"
     with pytest.raises(CheckpointError, match=r"missing 1: down_blocks\.0\.resnets\.0\.norm1\.weight"):
@@ -101,10 +101,10 @@ def test_single_file_errors_name_missing_unexpected_misshaped(tiny_tensors):
 
 def test_single_file_refuses_unknown_prefixes(tiny_tensors):
     with pytest.raises(CheckpointError, match=r"unexpected 1 tensors .*: lora_unet_foo"):
-        sf.split_single_file({**tiny_tensors, "lora_unet_foo": torch.zeros(1)}, use_ema=False, source="tiny")
-    no_vae = {k: v for k, v in tiny_tensors.items() if not k.startswith(sf.VAE_PREFIX)}
+        single_file.split_single_file({**tiny_tensors, "lora_unet_foo": torch.zeros(1)}, use_ema=False, source="tiny")
+    no_vae = {k: v for k, v in tiny_tensors.items() if not k.startswith(single_file.VAE_PREFIX)}
     with pytest.raises(CheckpointError, match=r"no VAE \(first_stage_model\.\*\) tensors"):
-        sf.split_single_file(no_vae, use_ema=False, source="tiny")
+        single_file.split_single_file(no_vae, use_ema=False, source="tiny")
 
 
 def test_folder_errors_name_file_and_tensor(tmp_path):
@@ -141,35 +141,35 @@ def test_folder_with_deprecated_vae_attention_names_loads(tmp_path):
 # ------------------------------------------------------------------ EMA and inference
 def with_ema(tensors: dict) -> dict:
     """A full (non-pruned) LDM checkpoint: EMA copies of the UNet, named as LitEma names them."""
-    ema = {sf.ema_name(k): v + 1.0 for k, v in tensors.items() if k.startswith(sf.UNET_PREFIX)}
+    ema = {single_file.ema_name(k): v + 1.0 for k, v in tensors.items() if k.startswith(single_file.UNET_PREFIX)}
     return {**tensors, **ema, "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(5)}
 
 
 def test_use_ema_selects_the_ema_weights(tiny_tensors):
     full = with_ema(tiny_tensors)
     assert "model_ema.diffusion_modelinput_blocks00weight" in full
-    plain, _, _ = sf.split_single_file(full, use_ema=False, source="full")
-    ema, _, _ = sf.split_single_file(full, use_ema=True, source="full")
+    plain, _, _ = single_file.split_single_file(full, use_ema=False, source="full")
+    ema, _, _ = single_file.split_single_file(full, use_ema=True, source="full")
     key = "model.diffusion_model.out.2.weight"
     assert plain.keys() == ema.keys() and torch.equal(ema[key], tiny_tensors[key] + 1.0)
     with pytest.raises(CheckpointError, match=r"--use_ema given but the file has no EMA weights"):
-        sf.split_single_file(tiny_tensors, use_ema=True, source="pruned")
+        single_file.split_single_file(tiny_tensors, use_ema=True, source="pruned")
     broken = {k: v for k, v in full.items() if k != "model_ema.diffusion_modelout2bias"}
     with pytest.raises(CheckpointError, match=r"EMA copy missing for 1 UNet tensors: model_ema\.diffusion_modelout2bias"):
-        sf.split_single_file(broken, use_ema=True, source="full")
+        single_file.split_single_file(broken, use_ema=True, source="full")
 
 
 def test_architecture_inferred_from_tiny_shapes(tiny_tensors, monkeypatch):
-    unet_t, vae_t, _ = sf.split_single_file(tiny_tensors, use_ema=False, source="tiny")
+    unet_t, vae_t, _ = single_file.split_single_file(tiny_tensors, use_ema=False, source="tiny")
     # (pretend the GroupNorm check passes: the tiny widths do not divide by SD v1's 32 groups)
-    monkeypatch.setattr(sf, "_check_groups", lambda *a, **k: None)
+    monkeypatch.setattr(single_file, "_check_groups", lambda *a, **k: None)
     want = UNetConfig.from_json(FOLDER / "unet" / "config.json")
-    got = sf.infer_unet_config(unet_t, source="tiny")
+    got = single_file.infer_unet_config(unet_t, source="tiny")
     # shapes cannot tell the head count or the GroupNorm groups: SD v1's 8 and 32 are assumed
     assert got.attention_head_dim == 8 and got.norm_num_groups == 32
     assert got == UNetConfig(**{**want.to_dict(), "attention_head_dim": 8, "norm_num_groups": 32, "sample_size": 64})
     vwant = VAEConfig.from_json(FOLDER / "vae" / "config.json")
-    assert sf.infer_vae_config(vae_t, source="tiny") == VAEConfig(**{**vwant.to_dict(), "norm_num_groups": 32,
+    assert single_file.infer_vae_config(vae_t, source="tiny") == VAEConfig(**{**vwant.to_dict(), "norm_num_groups": 32,
                                                                      "sample_size": 512})
 
 

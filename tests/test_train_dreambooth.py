@@ -313,7 +313,7 @@ def test_saver_writes_the_real_sd_v1_key_layouts():
     """Our SD v1 models (meta device) written back through the inverted rules give exactly the published
     files' tensor names and shapes (the single file without its schedule buffers and position_ids)."""
     from clip.text_model import CLIPTextConfig, CLIPTextModel
-    from diffusion.checkpoints import single_file as sf
+    from diffusion.checkpoints import single_file
     from diffusion.checkpoints.save import TEXT_FOLDER_PREFIX, _text_rules, _vae_attention_as_conv, to_layout
     from diffusion.models.unet import UNet2DConditionModel, UNetConfig
     from diffusion.models.vae import AutoencoderKL, VAEConfig
@@ -321,9 +321,9 @@ def test_saver_writes_the_real_sd_v1_key_layouts():
         unet, vae = UNet2DConditionModel(config=UNetConfig.sd_v1()), AutoencoderKL(config=VAEConfig.sd_v1())
         text = CLIPTextModel(CLIPTextConfig.vit_l14())
     shapes = lambda d: {k: list(v.shape) for k, v in d.items()}
-    single = {**to_layout(unet.state_dict(), sf.unet_rules(unet.config), what="unet"),
-              **to_layout(_vae_attention_as_conv(vae.state_dict()), sf.vae_rules(vae.config), what="vae"),
-              **to_layout(text.state_dict(), _text_rules(sf.TEXT_PREFIX + TEXT_FOLDER_PREFIX), what="text")}
+    single = {**to_layout(unet.state_dict(), single_file.unet_rules(unet.config), what="unet"),
+              **to_layout(_vae_attention_as_conv(vae.state_dict()), single_file.vae_rules(vae.config), what="vae"),
+              **to_layout(text.state_dict(), _text_rules(single_file.TEXT_PREFIX + TEXT_FOLDER_PREFIX), what="text")}
     published = json.loads((MANIFESTS / "sd_v1_single_file.json").read_text())["model_tensors"]
     published.pop("cond_stage_model.transformer.text_model.embeddings.position_ids")
     assert shapes(single) == published

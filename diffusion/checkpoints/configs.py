@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion.checkpoints import single_file as sf
+from diffusion.checkpoints import single_file
 from diffusion.models.unet import UNetConfig
 from diffusion.models.vae import VAEConfig
 
@@ -46,6 +46,6 @@ def configs_from_shapes(shapes: dict[str, tuple[int, ...]], *, source: str) -> t
     """(UNetConfig, VAEConfig) of an original single file from its tensor names and shapes alone
     (tensors on the meta device: no memory), by the loader's own shape inference."""
     meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    unet = {k: v for k, v in meta.items() if k.startswith(sf.UNET_PREFIX)}
-    vae = {k: v for k, v in meta.items() if k.startswith(sf.VAE_PREFIX)}
-    return sf.infer_unet_config(unet, source=source), sf.infer_vae_config(vae, source=source)
+    unet = {k: v for k, v in meta.items() if k.startswith(single_file.UNET_PREFIX)}
+    vae = {k: v for k, v in meta.items() if k.startswith(single_file.VAE_PREFIX)}
+    return single_file.infer_unet_config(unet, source=source), single_file.infer_vae_config(vae, source=source)

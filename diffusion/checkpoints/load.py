@@ -20,7 +20,7 @@ import torch
 
 from common.files import read_json
 from common.state_dict import CheckpointError, load_strict, read_safetensors, rename_keys
-from diffusion.checkpoints import single_file as sf
+from diffusion.checkpoints import single_file
 from diffusion.models.unet import UNet2DConditionModel, UNetConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
 
@@ -87,8 +87,8 @@ def load_unet_folder(folder: Path) -> UNet2DConditionModel:
 def load_vae_folder(folder: Path) -> AutoencoderKL:
     vae = AutoencoderKL(config=VAEConfig.from_json(folder / "vae" / "config.json"))
     file = _weights_file(folder, "vae")
-    tensors = rename_keys(read_safetensors(file), sf.DEPRECATED_VAE_ATTENTION_RULES)
-    load_strict(vae, sf.vae_attention_as_linear(tensors), source=str(file))
+    tensors = rename_keys(read_safetensors(file), single_file.DEPRECATED_VAE_ATTENTION_RULES)
+    load_strict(vae, single_file.vae_attention_as_linear(tensors), source=str(file))
     return vae
 
 
@@ -125,13 +125,13 @@ def read_single_file(path: Path) -> dict[str, torch.Tensor]:
 
 def load_unet_single_file(unet_tensors: dict, config: UNetConfig, *, source: str) -> UNet2DConditionModel:
     unet = UNet2DConditionModel(config=config)
-    load_strict(unet, rename_keys(unet_tensors, sf.unet_rules(config)), source=f"{source} (UNet)")
+    load_strict(unet, rename_keys(unet_tensors, single_file.unet_rules(config)), source=f"{source} (UNet)")
     return unet
 
 
 def load_vae_single_file(vae_tensors: dict, config: VAEConfig, *, source: str) -> AutoencoderKL:
     vae = AutoencoderKL(config=config)
-    tensors = sf.vae_attention_as_linear(rename_keys(vae_tensors, sf.vae_rules(config)))
+    tensors = single_file.vae_attention_as_linear(rename_keys(vae_tensors, single_file.vae_rules(config)))
     load_strict(vae, tensors, source=f"{source} (VAE)")
     return vae
 
@@ -152,7 +152,7 @@ def _load_single_file(path: Path, *, config_dir: Path | None, use_ema: bool) -> 
     from clip.tokenizer import CLIPTokenizer
 
     source = str(path)
-    unet_t, vae_t, text_t = sf.split_single_file(read_single_file(path), use_ema=use_ema, source=source)
+    unet_t, vae_t, text_t = single_file.split_single_file(read_single_file(path), use_ema=use_ema, source=source)
     if config_dir is not None:
         for name in ("unet", "vae", "text_encoder"):
             if not (config_dir / name / "config.json").is_file():
@@ -162,8 +162,8 @@ def _load_single_file(path: Path, *, config_dir: Path | None, use_ema: bool) -> 
         vae_cfg = VAEConfig.from_json(config_dir / "vae" / "config.json")
         text_cfg = CLIPTextConfig.from_json(config_dir / "text_encoder" / "config.json")
     else:  # SD v1 conventions for what the shapes cannot say (8 UNet heads, 64-wide CLIP heads)
-        unet_cfg = sf.infer_unet_config(unet_t, source=source)
-        vae_cfg = sf.infer_vae_config(vae_t, source=source)
+        unet_cfg = single_file.infer_unet_config(unet_t, source=source)
+        vae_cfg = single_file.infer_vae_config(vae_t, source=source)
         text_cfg = None  # inferred by clip/ from the shapes
     return StableDiffusionModels(
         unet=load_unet_single_file(unet_t, unet_cfg, source=source),

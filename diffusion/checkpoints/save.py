@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from common.state_dict import CheckpointError, Rule, check_keys, read_safetensors, rename_keys
 from common.files import atomic_write
-from diffusion.checkpoints import single_file as sf
+from diffusion.checkpoints import single_file
 from diffusion.models import unet as unet_module
 from diffusion.models import vae as vae_module
 from diffusion.checkpoints.load import FOLDER_FILES, read_single_file
@@ -130,7 +130,7 @@ def _text_rules(prefix: str) -> list[Rule]:
 
 def _vae_attention_as_conv(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of `single_file.vae_attention_as_linear`: (C, C) -> (C, C, 1, 1)."""
-    return {k: (v[:, :, None, None] if sf.VAE_ATTENTION_LINEAR.fullmatch(k) and v.ndim == 2 else v)
+    return {k: (v[:, :, None, None] if single_file.VAE_ATTENTION_LINEAR.fullmatch(k) and v.ndim == 2 else v)
             for k, v in tensors.items()}
 
 
@@ -188,10 +188,10 @@ def save_diffusers_folder(models, out: str | Path, *, trained: set[str], config_
 
     # A single file: every part written from the models in memory (untrained parts from the file's tensors).
     from clip.weights import text_encoder_state_dict
-    unet_t, vae_t, text_t = sf.split_single_file(read_single_file(source), use_ema=False, source=str(source))
+    unet_t, vae_t, text_t = single_file.split_single_file(read_single_file(source), use_ema=False, source=str(source))
     unet = (models.unet.state_dict() if "unet" in trained
-            else rename_keys(unet_t, sf.unet_rules(models.unet.config)))
-    vae = sf.vae_attention_as_linear(rename_keys(vae_t, sf.vae_rules(models.vae.config)))
+            else rename_keys(unet_t, single_file.unet_rules(models.unet.config)))
+    vae = single_file.vae_attention_as_linear(rename_keys(vae_t, single_file.vae_rules(models.vae.config)))
     text = (models.text_encoder.state_dict() if "text_encoder" in trained
             else text_encoder_state_dict(text_t, source=str(source)))
     return _write_folder(models, out, {"unet": unet, "vae": vae, "text_encoder": text},
@@ -244,11 +244,11 @@ MODEL_INDEX = {
 
 
 def _unet_config(config) -> dict:
-    return {"_class_name": "UNet2DConditionModel", **unet_module.FIXED_FIELDS, **asdict(config)}
+    return {"_class_name": "UNet2DConditionModel", **unet_module.SD_V1_ONLY_FIELDS, **asdict(config)}
 
 
 def _vae_config(config) -> dict:
-    return {"_class_name": "AutoencoderKL", **vae_module.FIXED_FIELDS, **asdict(config)}
+    return {"_class_name": "AutoencoderKL", **vae_module.SD_V1_ONLY_FIELDS, **asdict(config)}
 
 
 def _text_config(config) -> dict:
@@ -276,16 +276,16 @@ def save_single_file(models, path: str | Path, *, dtype: torch.dtype = torch.flo
     unet, vae, text = models.unet.state_dict(), models.vae.state_dict(), models.text_encoder.state_dict()
     if models.layout == "single_file":
         source = read_single_file(Path(models.source))
-        unet_s, vae_s, text_s = sf.split_single_file(source, use_ema=False, source=models.source)
+        unet_s, vae_s, text_s = single_file.split_single_file(source, use_ema=False, source=models.source)
         from clip.weights import DROPPED, TEXT_RULES
-        tensors = {**under_source_names(unet, unet_s, sf.unet_rules(models.unet.config), what="UNet"),
-                   **under_source_names(vae, vae_s, sf.vae_rules(models.vae.config), what="VAE"),
+        tensors = {**under_source_names(unet, unet_s, single_file.unet_rules(models.unet.config), what="UNet"),
+                   **under_source_names(vae, vae_s, single_file.vae_rules(models.vae.config), what="VAE"),
                    **under_source_names(text, text_s, TEXT_RULES, drop=DROPPED, what="text encoder"),
-                   **{k: v for k, v in source.items() if k in sf.IGNORED and not k.startswith(sf.EMA_PREFIX)}}
+                   **{k: v for k, v in source.items() if k in single_file.IGNORED and not k.startswith(single_file.EMA_PREFIX)}}
     else:
-        tensors = {**to_layout(unet, sf.unet_rules(models.unet.config), what="UNet"),
-                   **to_layout(_vae_attention_as_conv(vae), sf.vae_rules(models.vae.config), what="VAE"),
-                   **to_layout(text, _text_rules(sf.TEXT_PREFIX + TEXT_FOLDER_PREFIX), what="text encoder")}
+        tensors = {**to_layout(unet, single_file.unet_rules(models.unet.config), what="UNet"),
+                   **to_layout(_vae_attention_as_conv(vae), single_file.vae_rules(models.vae.config), what="VAE"),
+                   **to_layout(text, _text_rules(single_file.TEXT_PREFIX + TEXT_FOLDER_PREFIX), what="text encoder")}
     _write_safetensors(path, _contiguous(tensors, dtype), {"format": "pt"})
     return path
 

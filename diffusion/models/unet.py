@@ -32,7 +32,7 @@ CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 # diffusers `unet/config.json` fields this implementation does not model, with the only value it
 # accepts (SD v1's). A config that sets one of them to anything else is refused by name, instead of
 # silently building a different network.
-FIXED_FIELDS = {
+SD_V1_ONLY_FIELDS = {
     "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
     "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "transformer_layers_per_block": 1,
     "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
@@ -118,7 +118,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, config: dict, *, source: str = "unet config") -> "UNetConfig":
-        return config_from_dict(cls, config, FIXED_FIELDS, source=source)
+        return config_from_dict(cls, config, SD_V1_ONLY_FIELDS, source=source)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "UNetConfig":
@@ -204,14 +204,11 @@ class UNet2DConditionModel(nn.Module):
         context = encoder_hidden_states
 
         x = self.conv_in(in_layout_of(sample, self.conv_in))                             # (B, 320, H, W)
-        skips = [x]
+        skips = [x]                      # a stack: the down path pushes every output, the up path pops them
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context)
             skips += block_skips
         x = self.mid_block(x, temb, context)                                             # (B, 1280, H/8, W/8)
         for block in self.up_blocks:
-            n = len(block.resnets)
-            block_skips, skips = skips[:-n - 1:-1], skips[:-n]  # the n latest skips, latest first
-            size = tuple(skips[-1].shape[-2:]) if skips else None
-            x = block(x, block_skips, temb, context, upsample_size=size)
+            x = block(x, skips, temb, context)          # each of its ResNets pops one skip, latest first
         return self.conv_out(F.silu(self.conv_norm_out(x)))                              # (B, 4, H, W)

@@ -233,13 +233,15 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(channels=out_channels)]) if upsample else None
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor,
-                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor,
+                context: torch.Tensor) -> torch.Tensor:
+        """`skips` is the UNet's stack of down-path outputs: each ResNet pops the latest one."""
         for i, resnet in enumerate(self.resnets):
-            x = torch.cat([x, skips[i]], dim=1)  # (B, C + C_skip, H, W)
+            x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             x = maybe_recompute(resnet, self.gradient_checkpointing, x, temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x, upsample_size)
+            # to the size of the skip the next block concatenates first (2x for the sizes the UNet takes)
+            x = self.upsamplers[0](x, tuple(skips[-1].shape[-2:]))
         return x

@@ -30,7 +30,7 @@ from diffusion.models.unet_blocks import Downsample2D, ResnetBlock2D, Upsample2D
 DOWN, UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
 RESNET_EPS = 1e-6  # every GroupNorm of LDM's autoencoder uses eps 1e-6 (diffusers follows)
 
-FIXED_FIELDS = {  # diffusers `vae/config.json` fields accepted only at SD v1's value (see unet.py)
+SD_V1_ONLY_FIELDS = {  # diffusers `vae/config.json` fields accepted only at SD v1's value (see unet.py)
     "act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None, "force_upcast": True,
     "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
 }
@@ -67,7 +67,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, config: dict, *, source: str = "vae config") -> "VAEConfig":
-        return config_from_dict(cls, config, FIXED_FIELDS, source=source)
+        return config_from_dict(cls, config, SD_V1_ONLY_FIELDS, source=source)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "VAEConfig":
@@ -138,30 +138,43 @@ class VAEMidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
-class CoderLevel(nn.Module):
-    """One resolution of the encoder (ResNets, then a stride-2 downsampler) or of the decoder
-    (ResNets, then a 2x upsampler); `resample` is None on the level that keeps its size."""
+def resnet_stack(*, in_channels: int, out_channels: int, layers: int, groups: int) -> nn.ModuleList:
+    """`layers` ResNet blocks without a timestep input, the first changing the width."""
+    return nn.ModuleList([ResnetBlock2D(in_channels=in_channels if i == 0 else out_channels, out_channels=out_channels,
+                                        temb_channels=None, groups=groups, eps=RESNET_EPS) for i in range(layers)])
 
-    def __init__(self, *, in_channels: int, out_channels: int, layers: int, groups: int, resample: str | None):
+
+class DownEncoderBlock(nn.Module):
+    """One resolution of the encoder (diffusers' DownEncoderBlock2D): ResNets, then a stride-2
+    downsampler, except on the last level."""
+
+    def __init__(self, *, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels=in_channels if i == 0 else out_channels, out_channels=out_channels,
-                          temb_channels=None, groups=groups, eps=RESNET_EPS) for i in range(layers)])
-        if resample == "down":
-            self.downsamplers = nn.ModuleList([Downsample2D(channels=out_channels, asymmetric_pad=True)])
-        if resample == "up":
-            # the sub-pixel form: the same map, 2.25x fewer multiply-adds (unet_blocks.upsample2x_conv3x3)
-            self.upsamplers = nn.ModuleList([Upsample2D(channels=out_channels, subpixel=True)])
-        self.resample = resample
+        self.resnets = resnet_stack(in_channels=in_channels, out_channels=out_channels, layers=layers, groups=groups)
+        self.downsamplers = (nn.ModuleList([Downsample2D(channels=out_channels, asymmetric_pad=True)])
+                             if downsample else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
             x = resnet(x)
-        if self.resample == "down":
-            x = self.downsamplers[0](x)
-        if self.resample == "up":
-            x = self.upsamplers[0](x)
-        return x
+        return self.downsamplers[0](x) if self.downsamplers is not None else x
+
+
+class UpDecoderBlock(nn.Module):
+    """One resolution of the decoder (diffusers' UpDecoderBlock2D): ResNets, then a 2x upsampler,
+    except on the last level."""
+
+    def __init__(self, *, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = resnet_stack(in_channels=in_channels, out_channels=out_channels, layers=layers, groups=groups)
+        # the sub-pixel form: the same map, 2.25x fewer multiply-adds (unet_blocks.upsample2x_conv3x3)
+        self.upsamplers = (nn.ModuleList([Upsample2D(channels=out_channels, subpixel=True)])
+                           if upsample else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return self.upsamplers[0](x) if self.upsamplers is not None else x
 
 
 class Encoder(nn.Module):
@@ -172,8 +185,8 @@ class Encoder(nn.Module):
         ch, g, n = config.block_out_channels, config.norm_num_groups, len(config.block_out_channels)
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], kernel_size=3, padding=1)
         self.down_blocks = nn.ModuleList([
-            CoderLevel(in_channels=ch[max(i - 1, 0)], out_channels=ch[i], layers=config.layers_per_block,
-                       groups=g, resample="down" if i < n - 1 else None) for i in range(n)])
+            DownEncoderBlock(in_channels=ch[max(i - 1, 0)], out_channels=ch[i], layers=config.layers_per_block,
+                             groups=g, downsample=i < n - 1) for i in range(n)])
         self.mid_block = VAEMidBlock(channels=ch[-1], groups=g)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=RESNET_EPS)
         self.conv_out = nn.Conv2d(ch[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
@@ -195,8 +208,8 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(config.latent_channels, ch[0], kernel_size=3, padding=1)
         self.mid_block = VAEMidBlock(channels=ch[0], groups=g)
         self.up_blocks = nn.ModuleList([
-            CoderLevel(in_channels=ch[max(i - 1, 0)], out_channels=ch[i], layers=config.layers_per_block + 1,
-                       groups=g, resample="up" if i < n - 1 else None) for i in range(n)])
+            UpDecoderBlock(in_channels=ch[max(i - 1, 0)], out_channels=ch[i], layers=config.layers_per_block + 1,
+                           groups=g, upsample=i < n - 1) for i in range(n)])
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=RESNET_EPS)
         self.conv_out = nn.Conv2d(ch[-1], config.out_channels, kernel_size=3, padding=1)
 
