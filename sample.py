@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from common.run_config import finish_run_record, read_config, start_run_record
+from common.run_config import finish_run_record, finite_float, read_config, start_run_record
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"  # the CompVis script's default
 EMBEDDED_PROMPT = "a large yellow star on a blue background"     # a sentence the embedded model knows
@@ -44,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", default="outputs/txt2img-samples", help="where to write samples/ and the grids")
     p.add_argument("--n_samples", type=int, default=3, help="images per prompt, sampled as one batch")
     p.add_argument("--ddim_steps", type=int, default=50, help="sampling steps (DDIM or PLMS)")
-    p.add_argument("--ddim_eta", type=float, default=None,
+    p.add_argument("--ddim_eta", type=finite_float, default=None,
                    help="DDIM eta: 0.0 (default) deterministic, 1.0 as DDPM; not allowed with --plms")
     p.add_argument("--plms", action="store_true", help="sample with PLMS instead of DDIM")
-    p.add_argument("--scale", type=float, default=7.5,
+    p.add_argument("--scale", type=finite_float, default=7.5,
                    help="classifier-free guidance scale: eps = eps(x, uncond) + scale * (eps(x, cond) - "
                         "eps(x, uncond)); <= 1 samples without guidance")
     p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's, "

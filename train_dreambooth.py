@@ -35,15 +35,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common.precision import MIXED_PRECISION, autocast
-from common.run_config import check_resume_config, finish_run_record, parse_args_with_config, start_run_record
+from common.run_config import (check_resume_config, finish_run_record, finite_float, parse_args_with_config,
+                               start_run_record)
 from common.state_dict import CheckpointError
-from common.training import (LR_SCHEDULERS, REPORT_TO, MetricsLog, StopOnSignal, all_reduce_sum, barrier,
-                             grad_scaler, gradient_sync, learning_rate, load_checkpoint, resolve_checkpoint,
-                             rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
-                             stop_requested, teardown_distributed)
+from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, MetricsLog, StopOnSignal, all_reduce_sum,
+                             barrier, check_output_dir, grad_scaler, gradient_sync, learning_rate, rng_state,
+                             seed_everything, set_rng_state, setup_distributed, stop_requested, teardown_distributed)
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
-from dreambooth.data import (DataError, check_model_size, check_writable, generate_class_images, image_files,
-                             load_image, missing_class_indices)
+from common.files import check_writable, remove_stale_temporaries
+from dreambooth.data import (DataError, check_model_size, generate_class_images, image_files, load_image,
+                             missing_class_indices)
 from dreambooth.steps import (OFFSET_NOISE_SCALE, denoising_loss, denoising_prediction, load_models, make_batch,
                               optimizer_step, restore_training_state, trainable_parameters, training_state)
 
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--class_data_dir", help="class images; the missing ones are generated here by the base model")
     a("--class_prompt", help="prompt of the class, e.g. 'a photo of dog'")
     a("--with_prior_preservation", action="store_true", help="add the class-prior preservation loss")
-    a("--prior_loss_weight", type=float, default=1.0, help="weight of the prior preservation loss")
+    a("--prior_loss_weight", type=finite_float, default=1.0, help="weight of the prior preservation loss")
     a("--num_class_images", type=int, default=100, help="class images wanted in --class_data_dir")
     a("--sample_batch_size", type=int, default=4, help="batch size for generating class images")
     a("--plms", action="store_true", help="class and validation images with PLMS instead of DDIM (as sample.py)")
@@ -82,21 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_train_steps", type=int, help="optimizer steps in all (overrides --num_train_epochs)")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     a("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    a("--learning_rate", type=float, default=5e-6, help="peak learning rate of AdamW")
+    a("--learning_rate", type=finite_float, default=5e-6, help="peak learning rate of AdamW")
     a("--scale_lr", action="store_true", help="multiply the learning rate by the global batch size")
     a("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="learning rate schedule")
     a("--lr_warmup_steps", type=int, default=500, help="linear warmup steps (not used by 'constant')")
-    a("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm to this (0: no clipping)")
-    a("--adam_beta1", type=float, default=0.9)
-    a("--adam_beta2", type=float, default=0.999)
-    a("--adam_weight_decay", type=float, default=1e-2, help="AdamW decoupled weight decay")
-    a("--adam_epsilon", type=float, default=1e-8)
+    a("--max_grad_norm", type=finite_float, default=1.0, help="clip the global gradient norm to this (0: no clipping)")
+    a("--adam_beta1", type=finite_float, default=0.9)
+    a("--adam_beta2", type=finite_float, default=0.999)
+    a("--adam_weight_decay", type=finite_float, default=1e-2, help="AdamW decoupled weight decay")
+    a("--adam_epsilon", type=finite_float, default=1e-8)
     a("--mixed_precision", default="no", choices=list(MIXED_PRECISION), help="autocast dtype of the forward pass")
     a("--report_to", default="jsonl", choices=REPORT_TO,
       help="metrics.jsonl is always written; 'tensorboard' adds event files (needs the tensorboard package)")
     a("--checkpointing_steps", type=int, default=500, help="save the full training state every N steps")
     a("--checkpoints_total_limit", type=int, help="keep only the newest N checkpoints")
-    a("--resume_from_checkpoint", help="a checkpoint file, or 'latest' in --output_dir")
+    a("--resume_from_checkpoint", help="a checkpoint file, or 'latest' in --output_dir (the newest that reads)")
+    a("--overwrite_output_dir", action="store_true",
+      help="write into an --output_dir that holds another run's state (its checkpoints are never pruned)")
+    a("--skip_nonfinite_steps", action="store_true",
+      help="skip an optimizer step whose loss is NaN/inf (counted in metrics.jsonl) instead of stopping the run")
     a("--allow_config_change", action="store_true", help="resume even when run-shaping settings changed")
     a("--output_dir", default="dreambooth-model", help="model, checkpoints, metrics and run record go here")
     a("--seed", type=int, default=0, help="data order, crops, noise, timesteps, class and validation images")
@@ -104,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_validation_images", type=int, default=4, help="images per validation grid")
     a("--validation_steps", type=int, default=100, help="validate every N steps")
     a("--offset_noise", action="store_true", help=f"add {OFFSET_NOISE_SCALE} x per-channel offset noise")
-    a("--snr_gamma", type=float, help="min-SNR loss weighting with this gamma (5.0 is recommended)")
+    a("--snr_gamma", type=finite_float, help="min-SNR loss weighting with this gamma (5.0 is recommended)")
     a("--save_single_file", action="store_true", help="also write the original single-file layout (fp16)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
@@ -166,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         if not instance_files:
             raise DataError(f"--instance_data_dir {args.instance_data_dir}: no images in this folder")
         check_model_size(args)
+        check_output_dir(output_dir, resuming=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir)
         check_writable(output_dir, "--output_dir")
         missing = missing_class_indices(class_dir, args.num_class_images) if prior else []
         if missing:
@@ -174,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         dist = setup_distributed(args.device)
     except (DataError, ValueError) as e:
         return fail(str(e))
+    if dist.is_main:   # a crash mid-write leaves temporaries (GBs at SD scale): ours are found by name
+        for stale in remove_stale_temporaries(output_dir) + remove_stale_temporaries(class_dir):
+            print(f"removed {stale}, a temporary file left by an interrupted write", file=sys.stderr)
 
     # ---- the base model, and the class images it generates (one fixed seed per index) -----------------
     seed_everything(args.seed)
@@ -212,26 +221,29 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- resume: weights, optimizer, scaler, step and RNG state (the data stream follows from the step) ---
     run_settings = {**vars(args), "world_size": dist.world_size}
-    step = 0
-    resume_path = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-    if args.resume_from_checkpoint and resume_path is None:
-        print(f"no checkpoint in {output_dir}; starting from scratch", file=sys.stderr)
-    if resume_path is not None:
-        state = load_checkpoint(resume_path)
-        try:
-            for line in check_resume_config(state["run_settings"], run_settings, RUN_SHAPING,
-                                            checkpoint=resume_path, allow_change=args.allow_config_change):
+    step, skipped = 0, 0               # skipped: optimizer steps whose loss was not finite (--skip_nonfinite_steps)
+    checkpoints = Checkpoints(output_dir, total_limit=args.checkpoints_total_limit)
+    try:
+        resumed = checkpoints.resume(args.resume_from_checkpoint)
+        if resumed is not None:
+            for line in check_resume_config(resumed[1]["run_settings"], run_settings, RUN_SHAPING,
+                                            checkpoint=resumed[0], allow_change=args.allow_config_change):
                 print(f"warning: changed since the checkpoint:{line}", file=sys.stderr)
-        except ValueError as e:
-            return fail(str(e), dist)
+    except (FileNotFoundError, ValueError) as e:
+        return fail(str(e), dist)
+    if args.resume_from_checkpoint and resumed is None:
+        print(f"no checkpoint in {output_dir}; starting from scratch", file=sys.stderr)
+    if resumed is not None:
+        path, state = resumed
         step = restore_training_state(state, models, optimizer, scaler, train_text_encoder=args.train_text_encoder)
+        skipped = state.get("skipped_nonfinite_steps", 0)
         set_rng_state(state["rng"])
-        print(f"resumed from {resume_path} at step {step}", file=sys.stderr)
+        print(f"resumed from {path} at step {step}", file=sys.stderr)
 
     # DDP averages the gradients over processes in backward.
     unet_ddp = DDP(unet) if dist.enabled else unet
     text_encoder_ddp = DDP(text_encoder) if dist.enabled and args.train_text_encoder else text_encoder
-    log = MetricsLog(output_dir, enabled=dist.is_main, report_to=args.report_to)
+    log = MetricsLog(output_dir, enabled=dist.is_main, report_to=args.report_to, start_step=step)
     info = (start_run_record(output_dir, args, parser, device=str(dist.device), world_size=dist.world_size,
                              dtype=precision, argv=argv, memory_format=layouts) if dist.is_main else None)
 
@@ -271,17 +283,32 @@ def main(argv: list[str] | None = None) -> int:
                 sums += torch.stack([instance_loss.mean().detach(),
                                      prior_loss.mean().detach() if prior else torch.zeros((), device=dist.device)])
 
+            means = all_reduce_sum(sums, dist).cpu() / (dist.world_size * accumulation)
             lr = learning_rate(step, total=max_steps, peak=peak_lr, schedule=args.lr_scheduler,
                                warmup=args.lr_warmup_steps)
-            grad_norm = optimizer_step(optimizer, scaler, params, lr=lr, max_grad_norm=args.max_grad_norm)
+            if not torch.isfinite(means).all():      # the same verdict on every process (all-reduced)
+                if not args.skip_nonfinite_steps:
+                    message = (f"the loss at step {step + 1} is not finite ({means.tolist()}); stopped. The last "
+                               "checkpoint is kept; resume from it with a lower --learning_rate, or pass "
+                               "--skip_nonfinite_steps")
+                    if dist.is_main:
+                        finish_run_record(output_dir, info, status="failed: non-finite loss", step=step)
+                    log.close()
+                    return fail(message, dist)
+                optimizer.zero_grad(set_to_none=True)
+                skipped, grad_norm = skipped + 1, torch.tensor(float("nan"))
+            else:
+                grad_norm = optimizer_step(optimizer, scaler, params, lr=lr, max_grad_norm=args.max_grad_norm)
             step += 1
 
-            means = all_reduce_sum(sums, dist).cpu() / (dist.world_size * accumulation)
-            record = {"step": step, "epoch": epoch, "loss": (means[0] + args.prior_loss_weight * means[1]).item(),
-                      "instance_loss": means[0].item(), "lr": lr, "grad_norm": grad_norm.item(),
+            finite = torch.isfinite(means).all()
+            record = {"step": step, "epoch": epoch,
+                      "loss": (means[0] + args.prior_loss_weight * means[1]).item() if finite else None,
+                      "instance_loss": means[0].item() if finite else None, "lr": lr,
+                      "grad_norm": grad_norm.item() if finite else None, "skipped_nonfinite_steps": skipped,
                       "step_time_s": time.perf_counter() - t0, "peak_memory_mb": peak_memory_mb(dist.device)}
             if prior:
-                record["prior_loss"] = means[1].item()
+                record["prior_loss"] = means[1].item() if finite else None
             log.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{means[0].item():.4f}", lr=f"{lr:.2e}")
@@ -289,9 +316,14 @@ def main(argv: list[str] | None = None) -> int:
             if stop_requested(stop, dist):
                 stopped_by = stop.signum or 15
             if step % args.checkpointing_steps == 0 or (stopped_by and step < max_steps):
-                save_state(dist, output_dir, step, args, training_state(
-                    models, optimizer, scaler, step=step, rng=rng_state(), run_settings=run_settings,
-                    train_text_encoder=args.train_text_encoder))
+                state = training_state(models, optimizer, scaler, step=step, rng=rng_state(),
+                                       run_settings=run_settings, train_text_encoder=args.train_text_encoder)
+                error = save_state(dist, checkpoints, step, {**state, "skipped_nonfinite_steps": skipped})
+                if error is not None:   # a full disk, say: the previous checkpoint is intact
+                    if dist.is_main:
+                        finish_run_record(output_dir, info, status=f"failed: {error}", step=step)
+                    log.close()
+                    return fail(error, dist)
             if step % args.validation_steps == 0:
                 validate(dist, models, args, output_dir, step)
     bar.close()
@@ -313,11 +345,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def save_state(dist, output_dir: Path, step: int, args, state: dict) -> None:
-    """checkpoint-<step>.pt (the main process writes it), then every process waits for it."""
+def save_state(dist, checkpoints: Checkpoints, step: int, state: dict) -> str | None:
+    """checkpoint-<step>.pt, written by the main process. Returns None, or on every process the reason
+    the write failed (the checkpoint before it is intact), so that all of them stop together."""
+    error = None
     if dist.is_main:
-        save_checkpoint(output_dir, step, state, total_limit=args.checkpoints_total_limit)
-    barrier(dist)
+        try:
+            checkpoints.save(step, state)
+        except OSError as e:
+            error = e.strerror or str(e)
+    failed = all_reduce_sum(torch.tensor([1.0 if error else 0.0]), dist).item() > 0
+    return (error or "the main process could not write its checkpoint") if failed else None
 
 
 def validate(dist, models, args, output_dir: Path, step: int) -> None:

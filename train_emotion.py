@@ -31,10 +31,9 @@ from tqdm import tqdm
 from common.run_config import check_resume_config, finish_run_record, parse_args_with_config, start_run_record
 from common.state_dict import CheckpointError
 from common.precision import MIXED_PRECISION, autocast
-from common.training import (LR_SCHEDULERS, REPORT_TO, MetricsLog, StopOnSignal, all_reduce_sum, barrier,
-                             grad_scaler, learning_rate, load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint,
-                             seed_everything, set_rng_state, setup_distributed, stop_requested,
-                             teardown_distributed)
+from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, MetricsLog, StopOnSignal, all_reduce_sum,
+                             barrier, grad_scaler, learning_rate, rng_state, seed_everything, set_rng_state,
+                             setup_distributed, stop_requested, teardown_distributed)
 from vit.emotion_data import (Augment, DataError, FaceDataset, balanced_class_weights, load_folder_items,
                               synthetic_items)
 from vit.emotion_eval import confusion_matrix, draw_confusion_matrix, format_report, report
@@ -212,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     # ---- resume: model, optimizer, scaler, step, data position and every RNG state -----------------
     run_settings = {**vars(args), "world_size": dist.world_size}
     step, epoch, position = 0, 0, 0       # position: micro-batches of `epoch` already consumed
+    checkpoints = Checkpoints(output_dir, total_limit=args.checkpoints_total_limit)
     try:
-        resume_path = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
-        ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+        resume_path, ckpt = checkpoints.resume(args.resume_from_checkpoint) or (None, None)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         teardown_distributed(dist)
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resumed from {resume_path} at step {step}", file=sys.stderr)
 
     ddp_model = DDP(model) if dist.enabled else model   # averages gradients over processes in backward
-    log = MetricsLog(output_dir, enabled=dist.is_main, report_to=args.report_to)
+    log = MetricsLog(output_dir, enabled=dist.is_main, report_to=args.report_to, start_step=step)
     info = (start_run_record(output_dir, args, parser, device=str(dist.device), world_size=dist.world_size,
                              dtype=MIXED_PRECISION[args.mixed_precision], argv=argv)
             if dist.is_main else None)
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                  "step": step, "epoch": epoch, "position": position, "rng": rng_state(),
                  "run_settings": run_settings, "model_config": model.config.to_dict()}
         if dist.is_main:
-            save_checkpoint(output_dir, step, state, total_limit=args.checkpoints_total_limit)
+            checkpoints.save(step, state)
         barrier(dist)
 
     # ---- the loop -------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""Files written so that a crash never leaves a torn one."""
+"""Files: written so that a crash never leaves a torn one, temporaries of a crashed write found again,
+output folders checked before any work, and JSON read with errors that name the file."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -17,6 +19,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes 0600; the file gets what open() would give it
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -31,6 +34,51 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux: /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)   # elsewhere: set and restore (not thread-safe, but done once per write)
+    os.umask(mask)
+    return mask
+
+
+TEMPORARY = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")   # what atomic_write's mkstemp names its files
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries an interrupted `atomic_write` left in `folder` (a crash mid-write can
+    leave gigabytes at SD scale); returns what was removed, so the caller can say so. Call it only
+    where no other process of the run is writing (at the start of a run, on the main process)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.iterdir() if p.is_file() and TEMPORARY.fullmatch(p.name))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def check_writable(folder: str | Path, flag: str) -> None:
+    """Create `folder` if needed and prove a file can be written in it; a ValueError naming the flag
+    otherwise (a path that is a file, one under a file, a read-only folder, no permission)."""
+    folder = Path(folder)
+    for parent in [folder, *folder.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "it is a file" if parent == folder else f"it is under {parent}, which is a file"
+            raise ValueError(f"{flag} {folder}: cannot write there: {where}, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
 
 
 def read_json(path: str | Path, *, error: type[Exception] = ValueError,

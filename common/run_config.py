@@ -35,6 +35,15 @@ from common.files import atomic_write
 SKIPPED_IN_RECORD = ("config",)   # `--config` names the file that was read, not a setting of the run
 
 
+def finite_float(text: str) -> float:
+    """argparse type of a number flag that must be finite (a learning rate, a guidance scale, ...):
+    'nan' and 'inf' are refused by name before any work, as any other bad value."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """flag name without dashes -> its action, for every --long option except --help and --config."""
     out = {}
@@ -53,7 +62,7 @@ def _line_of(text: str, key: str) -> int | None:
 def _type_name(action: argparse.Action) -> str:
     if action.nargs == 0:
         return "true or false"
-    return {int: "an integer", float: "a number"}.get(action.type, "a string")
+    return {int: "an integer", float: "a number", finite_float: "a finite number"}.get(action.type, "a string")
 
 
 def _check_one(value, action: argparse.Action):
@@ -67,10 +76,12 @@ def _check_one(value, action: argparse.Action):
     if action.type is int:
         if not isinstance(value, int):
             raise ValueError(f"expected an integer, got {value!r}")
-    elif action.type is float:
+    elif action.type in (float, finite_float):
         if not isinstance(value, (int, float)):
             raise ValueError(f"expected a number, got {value!r}")
         value = float(value)
+        if action.type is finite_float and not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
     elif not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
     elif action.type is not None and action.type is not str:
@@ -91,6 +102,8 @@ def read_config(path: str | Path, parser: argparse.ArgumentParser) -> dict:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         parser.error(f"--config {path}: not valid TOML ({e})")
+    except RecursionError:
+        parser.error(f"--config {path}: nested too deeply to read (config files are flat: `flag = value` lines)")
     flags, values = _flags(parser), {}
     for key, value in data.items():
         where = f"{path}, line {_line_of(text, key) or '?'}"

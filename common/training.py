@@ -19,6 +19,7 @@ import os
 import random
 import re
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,34 +175,83 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_checkpoint(value: str | None, output_dir: str | Path) -> Path | None:
-    """--resume_from_checkpoint: a path, or "latest" (the newest in output_dir; None when there is none)."""
-    if not value:
-        return None
-    if value == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
-    path = Path(value)
-    if path.is_dir():  # a folder: its newest checkpoint
-        found = list_checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-<step>.pt in this folder")
-        return found[-1][1]
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such file")
-    return path
+RUN_MARKERS = ("run_info.json", "metrics.jsonl", "model_index.json", "model.safetensors")  # what any run leaves
 
 
-def save_checkpoint(folder: str | Path, step: int, state: dict, *, total_limit: int | None = None) -> Path:
-    """Write `folder/checkpoint-<step>.pt` atomically, then delete the oldest beyond `total_limit`."""
+def check_output_dir(folder: str | Path, *, resuming: bool, overwrite: bool) -> None:
+    """A new run refuses an output folder that holds another run's state (checkpoints, a run record,
+    metrics, a model), which it would otherwise overwrite or prune, unless it resumes that run or
+    --overwrite_output_dir says to write over it. A ValueError naming what was found."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"checkpoint-{step}.pt"
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-    if total_limit is not None and total_limit > 0:
-        for _, old in list_checkpoints(folder)[:-total_limit]:
-            old.unlink(missing_ok=True)
-    return path
+    if resuming or overwrite or not folder.is_dir():
+        return
+    found = [p.name for _, p in list_checkpoints(folder)] + [m for m in RUN_MARKERS if (folder / m).exists()]
+    if found:
+        raise ValueError(f"--output_dir {folder}: holds another run's state ({', '.join(found[:6])}"
+                         f"{', ...' if len(found) > 6 else ''}); continue it with --resume_from_checkpoint latest, "
+                         "write over it with --overwrite_output_dir, or choose another folder")
+
+
+class Checkpoints:
+    """This run's `checkpoint-<step>.pt` files in its output folder.
+
+    Each is written atomically. `total_limit` prunes to the newest N checkpoints OF THIS RUN: the
+    steps it saved are kept in every checkpoint ("checkpoint_steps") and carried across resumes, and
+    no other file of the folder is ever deleted. `resume` finds the state to continue from, skipping
+    (and naming) a newest checkpoint that does not read, e.g. one torn by a full disk."""
+
+    def __init__(self, folder: str | Path, *, total_limit: int | None = None):
+        self.folder, self.total_limit, self.steps = Path(folder), total_limit, []
+
+    def save(self, step: int, state: dict) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"checkpoint-{step}.pt"
+        steps = [s for s in self.steps if s != step] + [step]
+        try:
+            atomic_write(path, lambda tmp: torch.save({**state, "checkpoint_steps": steps}, tmp))
+        except OSError as e:
+            kept = f"checkpoint-{self.steps[-1]}.pt is intact" if self.steps else "no earlier checkpoint was saved"
+            raise OSError(e.errno, f"cannot write {path} ({e.strerror or e}); {kept}") from None
+        self.steps = steps
+        if self.total_limit:
+            for old in self.steps[:-self.total_limit]:
+                (self.folder / f"checkpoint-{old}.pt").unlink(missing_ok=True)
+            self.steps = self.steps[-self.total_limit:]
+        return path
+
+    def resume(self, value: str | None) -> tuple[Path, dict] | None:
+        """--resume_from_checkpoint: a file, a folder (its newest readable checkpoint) or "latest" (the
+        newest readable one in the output folder; None when there is none). Warnings name what was skipped."""
+        if not value:
+            return None
+        path = Path(value)
+        if value != "latest" and not path.is_dir():
+            if not path.is_file():
+                raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such file")
+            return self._adopt(path, load_checkpoint(path))
+        folder = self.folder if value == "latest" else path
+        found = list_checkpoints(folder)
+        if not found and value != "latest":
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-<step>.pt in this folder")
+        skipped = []
+        for _, candidate in reversed(found):
+            try:
+                state = load_checkpoint(candidate)
+            except ValueError as e:
+                print(f"warning: skipping {candidate}, which does not read: {e}", file=sys.stderr)
+                skipped.append(candidate.name)
+                continue
+            return self._adopt(candidate, state)
+        if skipped:
+            raise ValueError(f"--resume_from_checkpoint {value}: no checkpoint in {folder} reads "
+                             f"({', '.join(skipped)} skipped)")
+        return None
+
+    def _adopt(self, path: Path, state: dict) -> tuple[Path, dict]:
+        named = CHECKPOINT_NAME.fullmatch(path.name)
+        if path.parent.resolve() == self.folder.resolve() and named:   # this run's own earlier checkpoints
+            self.steps = list(state.get("checkpoint_steps", [int(named[1])]))
+        return path, state
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -246,18 +296,26 @@ def stop_requested(stop: StopOnSignal, dist: Distributed) -> bool:
 
 # ---- metrics -------------------------------------------------------------------------------------------
 class MetricsLog:
-    """One JSON object per line in `metrics.jsonl` (appended to on resume), always; with
-    report_to="tensorboard" also TensorBoard event files in `tensorboard/` (needs the optional
-    tensorboard package, imported only then). Only the main process writes."""
+    """One JSON object per line in `metrics.jsonl`, always; with report_to="tensorboard" also
+    TensorBoard event files in `tensorboard/` (needs the optional tensorboard package, imported only
+    then). Only the main process writes.
 
-    def __init__(self, folder: str | Path, *, enabled: bool = True, report_to: str = "jsonl"):
+    The log continues from `start_step`: records of later steps (written before a crash by the run
+    being resumed, or by an earlier run in the folder) are dropped first, so every step appears once.
+    Values must be finite: the file is strict JSON (no NaN or Infinity)."""
+
+    def __init__(self, folder: str | Path, *, enabled: bool = True, report_to: str = "jsonl", start_step: int = 0):
         self.check(report_to)
         self.file, self.tensorboard = None, None
         if not enabled:
             return
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.file = open(folder / "metrics.jsonl", "a")
+        path = folder / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= start_step]
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+        self.file = open(path, "a")
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(str(folder / "tensorboard"))
@@ -274,7 +332,11 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps(record) + "\n")
+        try:
+            line = json.dumps(record, allow_nan=False)
+        except ValueError:
+            raise ValueError(f"metrics.jsonl: a value of step {record.get('step')} is not finite: {record}") from None
+        self.file.write(line + "\n")
         self.file.flush()
         if self.tensorboard is not None and "step" in record:
             for key, value in record.items():
@@ -286,3 +348,11 @@ class MetricsLog:
             self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of one metrics.jsonl line (infinity for a line that does not parse: a torn last line)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf

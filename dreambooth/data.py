@@ -10,7 +10,6 @@ centre (--center_crop) or at a random offset, and scaled to [-1, 1].
 from __future__ import annotations
 
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -87,15 +86,6 @@ def check_model_size(args) -> None:
         raise DataError(str(e)) from None
     if configs is not None:   # None: a .ckpt, whose shapes are checked once it is loaded
         check_size(args.resolution, args.resolution, *configs, names=("--resolution", "--resolution"))
-
-
-def check_writable(folder: Path, flag: str) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise DataError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
 
 
 # ---- class images -----------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def run(out: Path = OUT) -> int:
     runs = {"with_prior": [*TRAINING, *PRIOR, "--class_data_dir", str(out / "class_images")], "no_prior": TRAINING}
     for name, flags in runs.items():
         argv = ["--pretrained_model_name_or_path", str(WORLD_SD), "--instance_data_dir", str(instance_dir),
-                "--instance_prompt", INSTANCE_PROMPT, "--output_dir", str(out / name), *flags]
+                "--instance_prompt", INSTANCE_PROMPT, "--output_dir", str(out / name), "--overwrite_output_dir", *flags]
         print(f"\n[{name}] python train_dreambooth.py " + " ".join(f"'{a}'" if " " in a else a for a in argv))
         code = subprocess.run([sys.executable, str(ROOT / "train_dreambooth.py"), *argv]).returncode
         if code != 0:

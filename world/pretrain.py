@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from clip.text_model import CLIPTextConfig, CLIPTextModel
-from common.training import (MetricsLog, StopOnSignal, learning_rate, list_checkpoints, load_checkpoint,
-                             save_checkpoint)
+from common.training import (CHECKPOINT_NAME, Checkpoints, MetricsLog, StopOnSignal, learning_rate,
+                             list_checkpoints, load_checkpoint)
 from diffusion.checkpoints.save import save_models_folder
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from diffusion.models.unet import CROSS_DOWN, CROSS_UP, PLAIN_DOWN, PLAIN_UP, UNet2DConditionModel, UNetConfig
@@ -85,13 +85,13 @@ def generator(seed: int, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_000_019 + step)
 
 
-def resume(folder: Path, state: dict) -> int:
-    """Load the newest checkpoint in `folder` into the objects of `state`; return its step (0 if none)."""
-    found = list_checkpoints(folder)
-    if not found:
+def resume(checkpoints: Checkpoints, state: dict) -> int:
+    """Load the newest readable checkpoint into the objects of `state`; return its step (0 if none)."""
+    found = checkpoints.resume("latest")
+    if found is None:
         return 0
-    step, path = found[-1]
-    saved = load_checkpoint(path)
+    path, saved = found
+    step = int(CHECKPOINT_NAME.fullmatch(path.name)[1])
     for name, obj in state.items():
         if hasattr(obj, "load_state_dict"):
             obj.load_state_dict(saved[name])
@@ -101,11 +101,10 @@ def resume(folder: Path, state: dict) -> int:
     return step
 
 
-def checkpoint(folder: Path, step: int, state: dict) -> None:
+def checkpoint(checkpoints: Checkpoints, step: int, state: dict) -> None:
     """The objects of `state` (modules, optimizer: their state dicts; numbers as they are) to
-    folder/checkpoint-<step>.pt, atomically, keeping the newest two."""
-    save_checkpoint(folder, step, {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()},
-                    total_limit=2)
+    checkpoint-<step>.pt, atomically; the Checkpoints keep the newest two."""
+    checkpoints.save(step, {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in state.items()})
 
 
 # ---- stage 1: the VAE ------------------------------------------------------------------------------
@@ -121,8 +120,9 @@ def train_vae(args, world: World) -> AutoencoderKL:
         vae.quant_conv.bias[VAE.latent_channels:] = LOGVAR_INIT
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     state = {"vae": vae, "optimizer": optimizer, "cpu_seconds": 0.0, "scaling_factor": None}
-    step = resume(folder, state)
-    log = MetricsLog(folder)
+    checkpoints = Checkpoints(folder, total_limit=2)
+    step = resume(checkpoints, state)
+    log = MetricsLog(folder, start_step=step)
     with StopOnSignal() as stop:
         while step < args.vae_steps and stop.signum is None:
             t0 = time.process_time()
@@ -157,7 +157,7 @@ def train_vae(args, world: World) -> AutoencoderKL:
             if step % args.checkpoint_every == 0 or step == args.vae_steps or stop.signum is not None:
                 if step == args.vae_steps:
                     state["scaling_factor"] = measure_scaling_factor(vae, World(args.seed + 1))
-                checkpoint(folder, step, state)
+                checkpoint(checkpoints, step, state)
     log.close()
     if step < args.vae_steps:
         sys.exit(f"stopped at VAE step {step}; run the same command again to resume")
@@ -187,13 +187,14 @@ def train_t2i(args, world: World, vae: AutoencoderKL) -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     state = {"text_encoder": text_encoder, "unet": unet, "ema_text_encoder": ema_text, "ema_unet": ema_unet,
              "optimizer": optimizer, "cpu_seconds": 0.0}
-    step = resume(folder, state)
+    checkpoints = Checkpoints(folder, total_limit=2)
+    step = resume(checkpoints, state)
     schedule = NoiseSchedule(config=SCHEDULE)
     alphas_cumprod = schedule.alphas_cumprod
     models = StableDiffusionModels(unet=ema_unet, vae=vae, text_encoder=ema_text, tokenizer=tokenizer,
                                    scheduler_config={"_class_name": "PNDMScheduler", **asdict(SCHEDULE)},
                                    source="world/pretrain.py", layout="memory")
-    log = MetricsLog(folder)
+    log = MetricsLog(folder, start_step=step)
     with StopOnSignal() as stop:
         while step < args.steps and stop.signum is None:
             t0 = time.process_time()
@@ -232,7 +233,7 @@ def train_t2i(args, world: World, vae: AutoencoderKL) -> None:
                 print(f"t2i {step}/{args.steps} loss {loss.item():.4f} mse {per_image.mean().item():.4f} "
                       f"cpu {state['cpu_seconds'] / 60:.1f} min", flush=True)
             if step % args.checkpoint_every == 0 or step == args.steps or stop.signum is not None:
-                checkpoint(folder, step, state)
+                checkpoint(checkpoints, step, state)
                 save_models_folder(models, args.out / "model")
     log.close()
     if step < args.steps:
