@@ -1,6 +1,7 @@
 """The embedded tiny text-to-image model (embedded/world_sd) and what is built around it: the world's
 CLIP-format vocabulary, the DreamBooth demo's subject and scores, and the default commands."""
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
