@@ -38,14 +38,14 @@ from common.precision import MIXED_PRECISION, autocast
 from common.run_config import check_resume_config, finish_run_record, parse_args_with_config, start_run_record
 from common.state_dict import CheckpointError
 from common.training import (LR_SCHEDULERS, REPORT_TO, MetricsLog, StopOnSignal, all_reduce_sum, barrier,
-                             grad_scaler, gradient_sync, learning_rate, load_checkpoint, resolve_checkpoint,
-                             rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
-                             stop_requested, teardown_distributed)
+                             grad_scaler, gradient_sync, learning_rate, load_checkpoint, optimizer_step,
+                             resolve_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state,
+                             setup_distributed, stop_requested, teardown_distributed)
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from dreambooth.data import (DataError, check_model_size, check_writable, generate_class_images, image_files,
                              load_image, missing_class_indices)
 from dreambooth.steps import (OFFSET_NOISE_SCALE, denoising_loss, denoising_prediction, load_models, make_batch,
-                              optimizer_step, restore_training_state, trainable_parameters, training_state)
+                              restore_training_state, trainable_parameters, training_state)
 
 # The settings that shape a run: resuming with any of them changed needs --allow_config_change.
 RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instance_data_dir", "instance_prompt",

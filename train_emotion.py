@@ -32,9 +32,9 @@ from common.run_config import check_resume_config, finish_run_record, parse_args
 from common.state_dict import CheckpointError
 from common.precision import MIXED_PRECISION, autocast
 from common.training import (LR_SCHEDULERS, REPORT_TO, MetricsLog, StopOnSignal, all_reduce_sum, barrier,
-                             grad_scaler, learning_rate, load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint,
-                             seed_everything, set_rng_state, setup_distributed, stop_requested,
-                             teardown_distributed)
+                             grad_scaler, learning_rate, load_checkpoint, optimizer_step, resolve_checkpoint,
+                             rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
+                             stop_requested, teardown_distributed)
 from vit.emotion_data import (Augment, DataError, FaceDataset, balanced_class_weights, load_folder_items,
                               synthetic_items)
 from vit.emotion_eval import confusion_matrix, draw_confusion_matrix, format_report, report
@@ -290,13 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 lr = learning_rate(step, total=max_steps, peak=args.learning_rate, schedule=args.lr_scheduler,
                                    warmup=args.lr_warmup_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                scaler.unscale_(optimizer)                  # so clipping sees the true gradient
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-                scaler.step(optimizer)                      # skipped if fp16 gradients overflowed
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(optimizer, scaler, list(model.parameters()), lr=lr,
+                                           max_grad_norm=args.max_grad_norm)
                 step += 1
 
                 loss_value = all_reduce_sum(loss_sum, dist).item() / dist.world_size

@@ -1,5 +1,5 @@
-"""What every training script here shares: the learning-rate schedule, the fp16 loss scaler, DDP,
-seeding and RNG state, checkpoints, stop-on-signal, and the metrics log.
+"""What every training script here shares: the learning-rate schedule, the optimizer step, the fp16
+loss scaler, DDP, seeding and RNG state, checkpoints, stop-on-signal, and the metrics log.
 
 The training loops themselves (train_emotion.py, train_dreambooth.py) stay in their scripts, top to
 bottom; this file only holds the small pieces that would otherwise be copied between them.
@@ -54,6 +54,20 @@ def learning_rate(step: int, *, total: int, peak: float, schedule: str, warmup: 
     if schedule == "cosine":
         return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
     return peak
+
+
+# ---- the optimizer step ----------------------------------------------------------------------------
+def optimizer_step(optimizer, scaler, params: list, *, lr: float, max_grad_norm: float) -> torch.Tensor:
+    """Set the learning rate, clip the global gradient norm (0: no clipping), step, zero the gradients.
+    Returns the gradient norm before clipping."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.unscale_(optimizer)                      # so clipping sees the true gradient
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    scaler.step(optimizer)                          # skipped if fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 # ---- mixed precision -------------------------------------------------------------------------------
