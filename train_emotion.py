@@ -14,7 +14,6 @@ and `run_info.json`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -32,9 +31,9 @@ from common.run_config import check_resume_config, finish_run_record, parse_args
 from common.state_dict import CheckpointError
 from common.precision import MIXED_PRECISION, autocast
 from common.training import (LR_SCHEDULERS, REPORT_TO, MetricsLog, StopOnSignal, all_reduce_sum, barrier,
-                             grad_scaler, learning_rate, load_checkpoint, optimizer_step, resolve_checkpoint,
-                             rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
-                             stop_requested, teardown_distributed)
+                             grad_scaler, gradient_sync, learning_rate, load_checkpoint, optimizer_step,
+                             resolve_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state,
+                             setup_distributed, stop_requested, teardown_distributed)
 from vit.emotion_data import (Augment, DataError, FaceDataset, balanced_class_weights, load_folder_items,
                               synthetic_items)
 from vit.emotion_eval import confusion_matrix, draw_confusion_matrix, format_report, report
@@ -274,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                 pixels, targets = pixels.to(dist.device), targets.to(dist.device)
                 position += 1
                 last_micro = position % args.gradient_accumulation_steps == 0
-                # Gradients are all-reduced only on the last micro-batch of an accumulation.
-                with (ddp_model.no_sync() if dist.enabled and not last_micro else contextlib.nullcontext()):
+                # Gradients are all-reduced over processes on the last micro-batch of an accumulation only.
+                with gradient_sync([ddp_model], sync=last_micro):
                     with autocast(MIXED_PRECISION[args.mixed_precision], dist.device):
                         logits = ddp_model(pixels)                                   # (B, num_labels)
                     # Per-sample cross-entropy in fp32, weighted per class, averaged over the micro-batch
