@@ -14,7 +14,6 @@ and `run_info.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -36,7 +35,7 @@ from common.training import (LR_SCHEDULERS, REPORT_TO, MetricsLog, StopOnSignal,
                              setup_distributed, stop_requested, teardown_distributed)
 from vit.emotion_data import (Augment, DataError, FaceDataset, balanced_class_weights, load_folder_items,
                               synthetic_items)
-from vit.emotion_eval import confusion_matrix, draw_confusion_matrix, format_report, report
+from vit.emotion_eval import evaluate, write_report
 from vit.model import EMOTION_LABELS, ViTConfig, ViTForImageClassification
 from vit.preprocess import PreprocessConfig
 from vit.weights import load_vit, save_pretrained
@@ -118,31 +117,6 @@ def build_model(args, labels: list[str]) -> tuple[ViTForImageClassification, Pre
     return ViTForImageClassification(config), PreprocessConfig(size=(config.image_size, config.image_size))
 
 
-@torch.no_grad()
-def evaluate(model, dataset, args, dist) -> dict:
-    """Scores on `dataset`: each process takes every world_size-th image (no padding, so no image is
-    counted twice) and the confusion matrices are summed over processes."""
-    model.eval()
-    indices = list(range(dist.rank, len(dataset), dist.world_size))
-    loader = DataLoader(dataset, batch_size=args.eval_batch_size, sampler=indices,
-                        num_workers=args.dataloader_num_workers)
-    n = model.config.num_labels
-    cm = torch.zeros(n, n, dtype=torch.long)
-    for pixels, targets in loader:
-        with autocast(MIXED_PRECISION[args.mixed_precision], dist.device):
-            logits = model(pixels.to(dist.device))
-        cm += confusion_matrix(logits.argmax(-1).cpu(), targets, n)
-    model.train()
-    return report(all_reduce_sum(cm.to(dist.device), dist).cpu(), list(model.config.labels))
-
-
-def write_report(r: dict, output_dir: Path) -> None:
-    print(format_report(r))
-    (output_dir / "eval_report.json").write_text(json.dumps(r, indent=2) + "\n")
-    png = draw_confusion_matrix(r["confusion_matrix"], r["labels"], output_dir / "confusion_matrix.png")
-    print(f"evaluation report: {output_dir / 'eval_report.json'}, confusion matrix: {png}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
@@ -179,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             print("error: no held-out images (give test/ or --validation_split)", file=sys.stderr)
             teardown_distributed(dist)
             return 2
-        r = evaluate(model, eval_set, args, dist)
+        r = evaluate(model, eval_set, batch_size=args.eval_batch_size, num_workers=args.dataloader_num_workers,
+                     precision=MIXED_PRECISION[args.mixed_precision], dist=dist)
         if dist.is_main:
             output_dir.mkdir(parents=True, exist_ok=True)
             write_report(r, output_dir)
@@ -324,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + stopped_by
 
     # ---- evaluate and export --------------------------------------------------------------------------
-    r = evaluate(model, eval_set, args, dist) if eval_items else None
+    r = (evaluate(model, eval_set, batch_size=args.eval_batch_size, num_workers=args.dataloader_num_workers,
+                  precision=MIXED_PRECISION[args.mixed_precision], dist=dist) if eval_items else None)
     if dist.is_main:
         save_pretrained(model, preprocess_config, output_dir)
         if r is not None:
