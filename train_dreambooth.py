@@ -39,14 +39,16 @@ from common.run_config import (check_resume_config, finish_run_record, finite_fl
                                start_run_record)
 from common.state_dict import CheckpointError
 from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, MetricsLog, StopOnSignal, all_reduce_sum,
-                             barrier, check_output_dir, grad_scaler, gradient_sync, learning_rate, rng_state,
-                             seed_everything, set_rng_state, setup_distributed, stop_requested, teardown_distributed)
+                             barrier, check_output_dir, fail, fail_run, grad_scaler, gradient_sync, learning_rate,
+                             nonfinite_loss_message, optimizer_step, rng_state, save_training_state,
+                             seed_everything, set_rng_state, setup_distributed, stop_requested,
+                             teardown_distributed)
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from common.files import check_writable, remove_stale_temporaries
 from dreambooth.data import (DataError, check_model_size, generate_class_images, image_files, load_image,
                              missing_class_indices)
 from dreambooth.steps import (OFFSET_NOISE_SCALE, denoising_loss, denoising_prediction, load_models, make_batch,
-                              optimizer_step, restore_training_state, trainable_parameters, training_state)
+                              restore_training_state, trainable_parameters, training_state)
 
 # The settings that shape a run: resuming with any of them changed needs --allow_config_change.
 RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instance_data_dir", "instance_prompt",
@@ -147,14 +149,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux reports KiB: the peak RSS
-
-
-def fail(message: str, dist=None) -> int:
-    """A user mistake: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    if dist is not None:
-        teardown_distributed(dist)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,13 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                                warmup=args.lr_warmup_steps)
             if not torch.isfinite(means).all():      # the same verdict on every process (all-reduced)
                 if not args.skip_nonfinite_steps:
-                    message = (f"the loss at step {step + 1} is not finite ({means.tolist()}); stopped. The last "
-                               "checkpoint is kept; resume from it with a lower --learning_rate, or pass "
-                               "--skip_nonfinite_steps")
-                    if dist.is_main:
-                        finish_run_record(output_dir, info, status="failed: non-finite loss", step=step)
-                    log.close()
-                    return fail(message, dist)
+                    return fail_run(nonfinite_loss_message(step + 1, means.tolist()), reason="non-finite loss",
+                                    dist=dist, log=log, output_dir=output_dir, info=info, step=step)
                 optimizer.zero_grad(set_to_none=True)
                 skipped, grad_norm = skipped + 1, torch.tensor(float("nan"))
             else:
@@ -318,12 +307,10 @@ def main(argv: list[str] | None = None) -> int:
             if step % args.checkpointing_steps == 0 or (stopped_by and step < max_steps):
                 state = training_state(models, optimizer, scaler, step=step, rng=rng_state(),
                                        run_settings=run_settings, train_text_encoder=args.train_text_encoder)
-                error = save_state(dist, checkpoints, step, {**state, "skipped_nonfinite_steps": skipped})
+                error = save_training_state(dist, checkpoints, step, {**state, "skipped_nonfinite_steps": skipped})
                 if error is not None:   # a full disk, say: the previous checkpoint is intact
-                    if dist.is_main:
-                        finish_run_record(output_dir, info, status=f"failed: {error}", step=step)
-                    log.close()
-                    return fail(error, dist)
+                    return fail_run(error, reason=error, dist=dist, log=log, output_dir=output_dir, info=info,
+                                    step=step)
             if step % args.validation_steps == 0:
                 validate(dist, models, args, output_dir, step)
     bar.close()
@@ -343,19 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     log.close()
     teardown_distributed(dist)
     return 0
-
-
-def save_state(dist, checkpoints: Checkpoints, step: int, state: dict) -> str | None:
-    """checkpoint-<step>.pt, written by the main process. Returns None, or on every process the reason
-    the write failed (the checkpoint before it is intact), so that all of them stop together."""
-    error = None
-    if dist.is_main:
-        try:
-            checkpoints.save(step, state)
-        except OSError as e:
-            error = e.strerror or str(e)
-    failed = all_reduce_sum(torch.tensor([1.0 if error else 0.0]), dist).item() > 0
-    return (error or "the main process could not write its checkpoint") if failed else None
 
 
 def validate(dist, models, args, output_dir: Path, step: int) -> None:

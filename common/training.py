@@ -1,5 +1,5 @@
-"""What every training script here shares: the learning-rate schedule, the fp16 loss scaler, DDP,
-seeding and RNG state, checkpoints, stop-on-signal, and the metrics log.
+"""What every training script here shares: the learning-rate schedule, the optimizer step, the fp16
+loss scaler, DDP, seeding and RNG state, checkpoints, stop-on-signal, and the metrics log.
 
 The training loops themselves (train_emotion.py, train_dreambooth.py) stay in their scripts, top to
 bottom; this file only holds the small pieces that would otherwise be copied between them.
@@ -29,6 +29,7 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.files import atomic_write
+from common.run_config import finish_run_record
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pt")
 
@@ -55,6 +56,20 @@ def learning_rate(step: int, *, total: int, peak: float, schedule: str, warmup: 
     if schedule == "cosine":
         return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
     return peak
+
+
+# ---- the optimizer step ----------------------------------------------------------------------------
+def optimizer_step(optimizer, scaler, params: list, *, lr: float, max_grad_norm: float) -> torch.Tensor:
+    """Set the learning rate, clip the global gradient norm (0: no clipping), step, zero the gradients.
+    Returns the gradient norm before clipping."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.unscale_(optimizer)                      # so clipping sees the true gradient
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    scaler.step(optimizer)                          # skipped if fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 # ---- mixed precision -------------------------------------------------------------------------------
@@ -207,16 +222,15 @@ class Checkpoints:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"checkpoint-{step}.pt"
         steps = [s for s in self.steps if s != step] + [step]
+        kept = steps[-self.total_limit:] if self.total_limit else steps   # what this checkpoint says is the run's
         try:
-            atomic_write(path, lambda tmp: torch.save({**state, "checkpoint_steps": steps}, tmp))
+            atomic_write(path, lambda tmp: torch.save({**state, "checkpoint_steps": kept}, tmp))
         except OSError as e:
-            kept = f"checkpoint-{self.steps[-1]}.pt is intact" if self.steps else "no earlier checkpoint was saved"
-            raise OSError(e.errno, f"cannot write {path} ({e.strerror or e}); {kept}") from None
-        self.steps = steps
-        if self.total_limit:
-            for old in self.steps[:-self.total_limit]:
-                (self.folder / f"checkpoint-{old}.pt").unlink(missing_ok=True)
-            self.steps = self.steps[-self.total_limit:]
+            intact = f"checkpoint-{self.steps[-1]}.pt is intact" if self.steps else "no earlier checkpoint was saved"
+            raise OSError(e.errno, f"cannot write {path} ({e.strerror or e}); {intact}") from None
+        for old in steps[:len(steps) - len(kept)]:
+            (self.folder / f"checkpoint-{old}.pt").unlink(missing_ok=True)
+        self.steps = kept
         return path
 
     def resume(self, value: str | None) -> tuple[Path, dict] | None:
@@ -259,6 +273,44 @@ def load_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"{path}: not a readable training checkpoint ({e})") from e
+
+
+def save_training_state(dist: Distributed, checkpoints: Checkpoints, step: int, state: dict) -> str | None:
+    """checkpoint-<step>.pt, written by the main process (the RNG states saved are its own: every
+    process seeds the same way, and the data randomness is keyed by seed, epoch and position).
+    Returns None, or on every process the reason the write failed (the checkpoint before it is
+    intact), so that all of them stop together."""
+    error = None
+    if dist.is_main:
+        try:
+            checkpoints.save(step, state)
+        except OSError as e:
+            error = e.strerror or str(e)
+    failed = all_reduce_sum(torch.tensor([1.0 if error else 0.0]), dist).item() > 0
+    return (error or "the main process could not write its checkpoint") if failed else None
+
+
+# ---- ending a run -----------------------------------------------------------------------------------------
+def fail(message: str, dist: Distributed | None = None) -> int:
+    """A user mistake or a run that cannot go on: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    if dist is not None:
+        teardown_distributed(dist)
+    return 2
+
+
+def fail_run(message: str, *, reason: str, dist: Distributed, log: "MetricsLog", output_dir: str | Path,
+             info: dict | None, step: int) -> int:
+    """`fail` for a run that has started: run_info.json says it failed (and why), the log is closed."""
+    if dist.is_main:
+        finish_run_record(output_dir, info, status=f"failed: {reason}", step=step)
+    log.close()
+    return fail(message, dist)
+
+
+def nonfinite_loss_message(step: int, losses) -> str:
+    return (f"the loss at step {step} is not finite ({losses}); stopped, and the last checkpoint is kept: "
+            "resume from it with a lower --learning_rate, or pass --skip_nonfinite_steps")
 
 
 # ---- stop on SIGINT / SIGTERM -----------------------------------------------------------------------

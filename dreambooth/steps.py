@@ -5,7 +5,7 @@
     batch  = make_batch(...)                        instance (+ class) crops and their generators
     pred, target, t = denoising_prediction(...)    VAE latents, forward process, one UNet call
     per_image = denoising_loss(pred, target, ...)  MSE per image (with min-SNR weighting if asked)
-    grad_norm = optimizer_step(...)                 unscale, clip, step, zero
+    grad_norm = optimizer_step(...)                 unscale, clip, step, zero (common/training.py)
     save_state / load_state                         the whole training state, for exact resume
 
 Every random draw of one training example (its crop, latent sample, noise and timestep) comes from
@@ -112,19 +112,6 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor | N
     snr = a / (1 - a)
     v = schedule.config.prediction_type == "v_prediction"
     return per_image * torch.clamp(snr, max=snr_gamma) / (snr + 1 if v else snr)
-
-
-def optimizer_step(optimizer, scaler, params: list, *, lr: float, max_grad_norm: float) -> torch.Tensor:
-    """Set the learning rate, clip the global gradient norm (0: no clipping), step, zero the gradients.
-    Returns the gradient norm before clipping."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    scaler.unscale_(optimizer)                      # so clipping sees the true gradient
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
-    scaler.step(optimizer)                          # skipped if fp16 gradients overflowed
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
 
 
 def training_state(models, optimizer, scaler, *, step: int, rng: dict, run_settings: dict,

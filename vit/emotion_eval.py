@@ -1,12 +1,46 @@
 """Evaluation report for a classifier: accuracy, per-class precision / recall / F1 / support (the table
 the dima806 model card shows, as scikit-learn's `classification_report` prints it), macro F1, and a
-confusion matrix printed as text and drawn as a PNG with Pillow."""
+confusion matrix printed as text and drawn as a PNG with Pillow.
+
+    r = evaluate(model, dataset, ...)       the confusion matrix over a held-out set (all processes) -> report
+    write_report(r, output_dir)             printed, eval_report.json and confusion_matrix.png
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader
+
+from common.precision import autocast
+from common.training import Distributed, all_reduce_sum
+
+
+@torch.no_grad()
+def evaluate(model, dataset, *, batch_size: int, num_workers: int, precision: str, dist: Distributed) -> dict:
+    """Scores on `dataset`: each process takes every world_size-th image (no padding, so no image is
+    counted twice) and the confusion matrices are summed over processes."""
+    model.eval()
+    indices = list(range(dist.rank, len(dataset), dist.world_size))
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers)
+    n = model.config.num_labels
+    cm = torch.zeros(n, n, dtype=torch.long)
+    for pixels, targets in loader:
+        with autocast(precision, dist.device):
+            logits = model(pixels.to(dist.device))                            # (B, num_labels)
+        cm += confusion_matrix(logits.argmax(-1).cpu(), targets, n)
+    model.train()
+    return report(all_reduce_sum(cm.to(dist.device), dist).cpu(), list(model.config.labels))
+
+
+def write_report(r: dict, output_dir: Path) -> None:
+    """The report printed, saved as `eval_report.json`, and its confusion matrix drawn as `confusion_matrix.png`."""
+    print(format_report(r))
+    (output_dir / "eval_report.json").write_text(json.dumps(r, indent=2) + "\n")
+    png = draw_confusion_matrix(r["confusion_matrix"], r["labels"], output_dir / "confusion_matrix.png")
+    print(f"evaluation report: {output_dir / 'eval_report.json'}, confusion matrix: {png}")
 
 
 def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_labels: int) -> torch.Tensor:
