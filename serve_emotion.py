@@ -307,11 +307,12 @@ class EmotionServer(BoundedHTTPServer):
                 "max_image_pixels": self.max_image_pixels, "max_detect_side": self.max_detect_side,
                 "connections": self.connection_counts(), "batching": self.batcher.stats()}
 
-    def close(self) -> None:
-        """After shutdown(): stop listening; requests in flight get shutdown_grace_s to finish, then every
-        connection still open is closed (serving/connections.py); stop the batcher."""
+    def close(self, deadline: float | None = None) -> None:
+        """After shutdown(): stop listening; requests in flight get until `deadline` (time.monotonic(); by
+        default shutdown_grace_s from now) to finish, then every connection still open is closed
+        (serving/connections.py); stop the batcher."""
         self.server_close()
-        deadline = time.monotonic() + self.shutdown_grace_s
+        deadline = time.monotonic() + self.shutdown_grace_s if deadline is None else deadline
         left = self.close_connections(deadline)
         if left:
             print(f"closed {left} connection(s) still open after --shutdown_grace_s {self.shutdown_grace_s:g}",
@@ -396,7 +397,11 @@ def main(argv=None) -> int:
         print(f"error: --host {args.host} --port {args.port}: cannot listen ({e.strerror or e})", file=sys.stderr)
         return 2
 
+    deadline = None
+
     def stop(signum, frame):  # serve_forever() runs in this thread: shutdown() must be called from another
+        nonlocal deadline
+        deadline = time.monotonic() + args.shutdown_grace_s    # the grace counts from the signal
         print(f"{signal.Signals(signum).name}: finishing requests in flight (up to --shutdown_grace_s "
               f"{args.shutdown_grace_s:g}), then exiting (send it again to exit at once)", file=sys.stderr)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -406,8 +411,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     print(f"serving {args.model} on {server.url}/ (POST an image to /, GET /health)", flush=True)
-    server.serve_forever()
-    server.close()
+    server.serve_forever(poll_interval=0.1)   # how soon it sees shutdown() (socketserver's default: 0.5 s)
+    server.close(deadline)
     return 0
 
 

@@ -474,7 +474,7 @@ def test_sigterm_exits_within_the_grace_with_stuck_clients():
         proc.send_signal(signal.SIGTERM)
         assert slow.recv(1 << 16) == b""                                   # closed, nothing lost
         assert proc.wait(timeout=30) == 0
-        assert time.monotonic() - start < 1 + 2.5                          # the grace, and the interpreter's exit
+        assert time.monotonic() - start < 1 + 4     # the grace, then the interpreter's exit (0.7 s here, unloaded)
         assert stuck.recv(1 << 16) == b""                                  # closed unanswered
         assert "closed 1 connection(s) still open after --shutdown_grace_s 1" in proc.stderr.read()
     finally:
