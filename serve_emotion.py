@@ -53,7 +53,7 @@ from serving.batcher import Batcher
 from serving.body import HTTPError, parse_body
 from serving.connections import BoundedHTTPServer, DeadlineReader
 from serving.memory import release_freed_memory
-from vit.classifier import DTYPES, ImageClassifier, apply_function, rank
+from vit.classifier import DTYPES, NON_FINITE, ImageClassifier, apply_function, rank
 from vit.preprocess import ImageError, ImageTooLarge, load_image
 
 LINGER_S = 1.0  # after an error answer, how long to swallow what the client still sends (see linger)
@@ -62,8 +62,6 @@ MAX_DETECT_SIDE = 1280          # --max_detect_side: faces are found on a copy t
 MAX_CONNECTIONS = 64            # --max_connections
 SHUTDOWN_GRACE_S = 10.0         # --shutdown_grace_s
 LARGE_IMAGE_PIXELS = 4_000_000  # after closing a larger image, freed memory goes back to the OS (serving/memory.py)
-NON_FINITE = ("the model gave a non-finite score (NaN or infinity) for this image: its weights or its --dtype "
-              "overflowed")
 
 
 def decode_image(data: bytes, max_pixels: int | None) -> Image.Image:
