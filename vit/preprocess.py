@@ -117,7 +117,8 @@ def load_image(source: str | Path | bytes | Image.Image, *, name: str | None = N
             image.load()  # decode now, so a truncated file fails here and not later
             return _to_rgb(image, label, in_place=True)
     except UnidentifiedImageError as e:  # PIL's own message names a BytesIO object, not the input
-        raise ImageError(f"{label}: not a readable image (no image format recognised)") from e
+        raise ImageError(f"{label}: not a readable image: {len(data)} bytes beginning {data[:8]!r} are not an "
+                         "image in any format Pillow reads") from e
     except Image.DecompressionBombError as e:     # over twice Pillow's own limit: refused by Image.open
         limit = f"; the limit here is {max_pixels} pixels" if max_pixels else ""
         raise ImageTooLarge(f"{label}: image too large ({e}{limit})") from e
@@ -137,7 +138,7 @@ def _check_header(image: Image.Image, label: str, max_pixels: int | None) -> Non
     width, height = image.size
     if max_pixels and width * height > max_pixels:
         raise ImageTooLarge(f"{label}: image too large: {width}x{height} = {width * height} pixels, over "
-                            f"the limit of {max_pixels} pixels (checked from the header, before decoding)")
+                            f"the limit of {max_pixels} pixels")
 
 
 def _to_rgb(image: Image.Image, label: str, *, in_place: bool = False) -> Image.Image:
