@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from common.state_dict import CheckpointError
 from embedded import EMOTION_VIT
 from faces import detect_faces
 from faces.crops import DEFAULT_MARGIN, check_inside, crop, crop_box, draw_faces, parse_box
-from vit.classifier import DTYPES, ImageClassifier
+from vit.classifier import DTYPES, NON_FINITE, ImageClassifier
 from vit.preprocess import IMAGE_SUFFIXES, ImageError, load_image
 
 
@@ -49,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="classify this region, without detection (repeat for several)")
     p.add_argument("--draw", metavar="DIR", help="with --faces/--box: save each image with boxes and top labels")
     args = p.parse_args(argv)
+    for flag, value in (("--threshold", args.threshold), ("--face_margin", args.face_margin)):
+        if value is not None and not math.isfinite(value):   # nan passes every comparison below
+            p.error(f"{flag} {value}: must be a finite number")
     if args.top_k < 1:
         p.error(f"--top_k {args.top_k}: must be at least 1")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
@@ -170,10 +174,15 @@ def main(argv=None) -> int:
             predictions = classifier.predict(list(loaded.values()), top_k=args.top_k, threshold=args.threshold)
             results.update({path: {"image": path, "predictions": preds} for path, preds in zip(loaded, predictions)})
         for path in files[start:start + args.batch_size]:  # print in input order
+            try:
+                line = json.dumps(results[path], allow_nan=False)
+            except ValueError:      # a NaN or infinite score: this image's error, never a bare NaN (not JSON)
+                results[path] = {"image": path, "error": f"{path}: {NON_FINITE}"}
+                line = json.dumps(results[path])
             failed |= "error" in results[path]
             if args.draw and "error" not in results[path]:
                 save_drawing(loaded[path], results[path], Path(args.draw), drawn)
-            print(json.dumps(results[path]), flush=True)
+            print(line, flush=True)
     return 1 if failed else 0
 
 

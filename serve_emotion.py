@@ -3,150 +3,72 @@ image-classification format, with request batching. Standard library only (http.
 
     python serve_emotion.py [--model PATH] [--port 8000]
     curl --data-binary @face.jpg http://127.0.0.1:8000/
+    curl -F image=@face.jpg -F 'parameters={"top_k": 3}' http://127.0.0.1:8000/
 
-    POST /       the image bytes as the body, or JSON {"inputs": "<base64 image>",
-                 "parameters": {"top_k": 5, "function_to_apply": "softmax"}}
+    POST /       the image bytes as the body, JSON {"inputs": "<base64 image>", "parameters": {"top_k":
+                 5, "function_to_apply": "softmax"}}, or a multipart/form-data upload (the image in its
+                 file part, "parameters" an optional JSON field; serving/body.py)
                  -> 200 [{"label": ..., "score": ...}, ...] sorted by score; with "faces": true,
                  [{"box": [x, y, w, h], "predictions": [...]}, ...] per face found (faces/)
-    GET /health  the model, labels, device, dtype and the batching counters
-    errors       {"error": "..."} with 400, 404, 405, 408, 411, 413 (or 500 for a failed forward pass)
+    GET /health  the model, labels, device, dtype, limits, connection and batching counters
+    errors       {"error": "..."} with 400, 404, 405, 408, 411, 413, 503 (or 500 for a failed forward pass)
 
 How one request flows:
 
-    request thread   read the body (bounded in size and time) -> parse it -> decode and preprocess
-                     the image -> put (pixel_values, future) on the batcher's queue -> wait
+    request thread   read the request line and headers, then the body (each bounded in time, the body in
+                     size) -> parse it -> in one of the decode slots (one per core): decode the image
+                     (its pixel count checked from the header first), find faces, preprocess, close the
+                     image -> put (pixel_values, future) on the batcher's queue -> wait
     batcher thread   take the first waiting request, gather more for up to max_wait_ms (at most
                      max_batch_size in all), run ONE forward pass, hand each caller its own logits
                      (serving/batcher.py)
     request thread   scores (softmax / sigmoid / none) and top_k on its own row -> the JSON answer
 
-A bad image is refused before it reaches the queue, so it fails only its own request.
+A bad image is refused before it reaches the queue, so it fails only its own request. What is bounded,
+and what happens on SIGTERM, is in docs/reliability.md.
 """
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import io
 import json
+import math
+import os
 import signal
 import socket
 import sys
 import threading
 import time
 import traceback
-import warnings
-from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from http.server import BaseHTTPRequestHandler
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from common.state_dict import CheckpointError
 from embedded import EMOTION_VIT
 from faces.crops import face_crops
 from serving.batcher import Batcher
-from vit.classifier import DTYPES, FUNCTIONS, ImageClassifier, apply_function, rank
-from vit.preprocess import ImageError, load_image
+from serving.body import HTTPError, parse_body
+from serving.connections import BoundedHTTPServer, DeadlineReader
+from serving.memory import release_freed_memory
+from vit.classifier import DTYPES, NON_FINITE, ImageClassifier, apply_function, rank
+from vit.preprocess import ImageError, ImageTooLarge, load_image
 
 LINGER_S = 1.0  # after an error answer, how long to swallow what the client still sends (see linger)
+MAX_IMAGE_PIXELS = 25_000_000   # --max_image_pixels: a 24-megapixel photo (6000x4000, 6016x4016) and some room
+MAX_DETECT_SIDE = 1280          # --max_detect_side: faces are found on a copy this size, boxes mapped back
+MAX_CONNECTIONS = 64            # --max_connections
+SHUTDOWN_GRACE_S = 10.0         # --shutdown_grace_s
+LARGE_IMAGE_PIXELS = 4_000_000  # after closing a larger image, freed memory goes back to the OS (serving/memory.py)
 
 
-class HTTPError(Exception):
-    """A request we refuse: the status and the message sent back as {"error": message}."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-# ---- the request's parameters: one row per name -----------------------------------------------------
-@dataclass(frozen=True)
-class Parameter:
-    default: object
-    valid: Callable[[object], bool]
-    expected: str                      # said in the 400 answer when `valid` refuses a value
-
-
-def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-# The Inference API's image-classification parameters. A new option is one more row here.
-PARAMETERS = {
-    "top_k": Parameter(5, _positive_int, "an integer >= 1 (capped at the number of labels)"),
-    "function_to_apply": Parameter("softmax", lambda v: v in FUNCTIONS, f"one of {', '.join(FUNCTIONS)}"),
-    "faces": Parameter(False, lambda v: isinstance(v, bool), "true or false (classify each face crop)"),
-}
-TOP_LEVEL_KEYS = ("inputs", "parameters", "options")  # "options" (wait_for_model, use_cache): ignored here
-
-
-def parse_parameters(given) -> dict:
-    """The request's "parameters" object -> every parameter's value, defaults filled in."""
-    given = {} if given is None else given
-    if not isinstance(given, dict):
-        raise HTTPError(400, f'"parameters" must be a JSON object, not {type(given).__name__}')
-    unknown = sorted(set(given) - set(PARAMETERS))
-    if unknown:
-        raise HTTPError(400, f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(PARAMETERS)}")
-    values = {}
-    for name, parameter in PARAMETERS.items():
-        value = given.get(name, parameter.default)
-        if not parameter.valid(value):
-            raise HTTPError(400, f"parameters.{name} = {json.dumps(value)}: must be {parameter.expected}")
-        values[name] = value
-    return values
-
-
-def parse_body(body: bytes, content_type: str) -> tuple[bytes, dict]:
-    """A raw-image or JSON body -> (image bytes, parameters). JSON is told by its Content-Type or by
-    its first byte ("{" begins no image format), so `curl -d @request.json` works too."""
-    if content_type.split(";")[0].strip().lower() != "application/json" and body.lstrip()[:1] != b"{":
-        return body, parse_parameters(None)
+def decode_image(data: bytes, max_pixels: int | None) -> Image.Image:
+    """Image bytes -> RGB image. The format and the pixel count are checked from the header before any
+    pixel is decoded (vit/preprocess.py): a small PNG can claim 400 megapixels."""
     try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HTTPError(400, f"body is not valid JSON ({e})") from e
-    if not isinstance(doc, dict):
-        raise HTTPError(400, f"JSON body must be an object with \"inputs\", not {type(doc).__name__}")
-    unknown = sorted(set(doc) - set(TOP_LEVEL_KEYS))
-    if unknown:
-        raise HTTPError(400, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(TOP_LEVEL_KEYS)}")
-    inputs = doc.get("inputs")
-    if not isinstance(inputs, str):
-        raise HTTPError(400, '"inputs" must be a string: the image bytes, base64-encoded')
-    if inputs.startswith(("http://", "https://")):
-        raise HTTPError(400, '"inputs" is a URL; this server fetches nothing: send the image bytes base64-encoded')
-    if inputs.startswith("data:") and "," in inputs:  # a data URL: data:image/png;base64,....
-        inputs = inputs.split(",", 1)[1]
-    try:
-        image = base64.b64decode("".join(inputs.split()), validate=True)  # line breaks of `base64` allowed
-    except (binascii.Error, ValueError) as e:
-        raise HTTPError(400, f'"inputs" is not valid base64 ({e})') from e
-    return image, parse_parameters(doc.get("parameters"))
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Image bytes -> RGB image. Refuses images over Pillow's pixel limit (decompression bombs) from the
-    header alone, before decoding: Pillow itself only warns below twice its limit."""
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"request body: image too large ({e})") from e
-    except UnidentifiedImageError:
-        raise ImageError(f"request body: not an image in any format Pillow reads ({len(data)} bytes "
-                         f"beginning {data[:8]!r})") from None
-    except Exception:   # a known format but a broken file; load_image below says what is wrong
-        width = height = 0
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and width * height > limit:
-        raise ImageError(f"request body: image too large ({width}x{height} = {width * height} pixels, "
-                         f"over Pillow's limit of {limit}: a possible decompression bomb)")
-    try:
-        return load_image(data, name="request body")
+        return load_image(data, name="request body", max_pixels=max_pixels)
     except ImageError:
         raise
     except Exception as e:  # a malformed file can trip an unexpected error deep in a decoder
@@ -161,14 +83,29 @@ class Handler(BaseHTTPRequestHandler):
     server: "EmotionServer"
 
     def setup(self) -> None:
-        self.timeout = self.server.read_timeout_s   # per socket read while reading the request line and headers
         super().setup()
+        self.rfile.close()    # StreamRequestHandler's reader, replaced by one that keeps a deadline
+        self.reader = DeadlineReader(self.connection)
+        self.reader.deadline = time.monotonic() + self.server.read_timeout_s   # for the request line and headers
+        self.rfile = io.BufferedReader(self.reader)
 
     def handle(self) -> None:
-        self.errored = False
+        self.errored = self.answered = False
+        self.requestline, self.request_version, self.command = "", "HTTP/1.1", None   # until a request line is read
         super().handle()
+        if self.reader.timed_out and not self.answered:     # the request line or headers came too slowly
+            self.send_json(408, {"error": f"request line and headers not received within "
+                                          f"{self.server.read_timeout_s:g} s (--read_timeout_s)"})
         if self.errored:
             self.linger()
+
+    def parse_request(self) -> bool:
+        """http.server's reading of the request line and headers. Once they are in, the request is in
+        flight: a shutdown waits for it (up to --shutdown_grace_s) instead of closing it at once."""
+        if not super().parse_request():
+            return False
+        self.server.request_started(self.connection)
+        return True
 
     # -- routes --
     def do_GET(self) -> None:
@@ -191,9 +128,12 @@ class Handler(BaseHTTPRequestHandler):
         try:
             body = self.read_body()
             image_bytes, parameters = parse_body(body, self.headers.get("Content-Type", ""))
-            predictions = self.server.predict(decode_image(image_bytes), parameters)
+            del body      # a multipart body's image is a copy: keep one of the two
+            predictions = self.server.predict(image_bytes, parameters)
         except HTTPError as e:
             self.send_json(e.status, {"error": e.message})
+        except ImageTooLarge as e:
+            self.send_json(413, {"error": f"{e} (--max_image_pixels)"})
         except ImageError as e:
             self.send_json(400, {"error": str(e)})
         except Exception as e:  # a failed forward pass: the server's fault, not the request's
@@ -232,13 +172,10 @@ class Handler(BaseHTTPRequestHandler):
         """Exactly Content-Length bytes, all within read_timeout_s (a slow sender cannot hold the thread)."""
         length = self.content_length()
         timeout = self.server.read_timeout_s
-        deadline, chunks, received = time.monotonic() + timeout, [], 0
+        self.reader.deadline = time.monotonic() + timeout
+        chunks, received = [], 0
         while received < length:
-            remaining = deadline - time.monotonic()
             try:
-                if remaining <= 0:
-                    raise TimeoutError
-                self.connection.settimeout(remaining)
                 chunk = self.rfile.read1(min(length - received, 1 << 16))
             except TimeoutError:
                 raise HTTPError(408, f"body not received within {timeout:g} s ({received} of {length} bytes); "
@@ -262,12 +199,13 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- answering --
     def send_json(self, status: int, payload, headers=()) -> None:
-        body = json.dumps(payload).encode()
-        self.errored = status >= 400
+        body = json.dumps(payload, allow_nan=False).encode()   # NaN and Infinity are not JSON: never sent
+        self.errored, self.answered = status >= 400, True
         self.close_connection = True
-        if getattr(self, "request_version", None) == "HTTP/0.9":  # a garbage request line parses as HTTP/0.9,
-            self.request_version = "HTTP/1.0"                     # which has no status line: give it one
+        if self.request_version == "HTTP/0.9":   # a garbage request line parses as HTTP/0.9,
+            self.request_version = "HTTP/1.0"    # which has no status line: give it one
         try:
+            self.connection.settimeout(self.server.read_timeout_s)   # a client that never reads cannot hold us
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -303,21 +241,23 @@ class Handler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
 
-class EmotionServer(ThreadingHTTPServer):
-    daemon_threads = False   # request threads are joined by server_close(): requests in flight finish
-    block_on_close = True
-    request_queue_size = 128  # listen backlog; socketserver's 5 overflows under 16 concurrent clients and the
-                              # dropped connections wait a 1 s SYN retransmission
-
+class EmotionServer(BoundedHTTPServer):
     def __init__(self, classifier: ImageClassifier, *, host: str = "127.0.0.1", port: int = 0,
                  max_batch_size: int = 16, max_wait_ms: float = 5, max_body_mb: float = 10,
-                 read_timeout_s: float = 10, quiet: bool = False):
+                 read_timeout_s: float = 10, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 max_detect_side: int = MAX_DETECT_SIDE, max_connections: int = MAX_CONNECTIONS,
+                 shutdown_grace_s: float = SHUTDOWN_GRACE_S, quiet: bool = False):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.classifier = classifier
         self.max_batch_size, self.max_wait_ms = max_batch_size, max_wait_ms
         self.max_body_bytes = int(max_body_mb * 1024 * 1024)
         self.read_timeout_s, self.quiet = read_timeout_s, quiet
-        super().__init__((host, port), Handler)
+        self.max_image_pixels, self.max_detect_side = max_image_pixels, max_detect_side or None
+        self.shutdown_grace_s = shutdown_grace_s
+        # At most one full-size image per core is decoded (and searched for faces) at once; the other
+        # requests wait for a slot, so a burst of large uploads holds a bounded amount of memory.
+        self.decode_slots = threading.BoundedSemaphore(os.cpu_count() or 1)
+        super().__init__((host, port), Handler, max_connections=max_connections)
         self.batcher = Batcher(classifier.logits, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
 
     @property
@@ -325,29 +265,57 @@ class EmotionServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    def predict(self, image: Image.Image, parameters: dict) -> list[dict]:
-        try:   # with "faces": each face crop is one more row for the batcher
-            regions = face_crops(image) if parameters["faces"] else [(None, image)]
-        except ValueError as e:                                           # e.g. smaller than the detector's window
-            raise ImageError(f"request body: {e}") from e
-        futures = [self.batcher.submit(self.classifier.pixel_values([crop])[0]) for _, crop in regions]  # (3, H, W)
-        ranked = [rank(apply_function(f.result()[None], parameters["function_to_apply"])[0],   # logits (num_labels,)
-                       self.classifier.labels, top_k=parameters["top_k"]) for f in futures]
+    # -- predictions --
+    def predict(self, image_bytes: bytes, parameters: dict) -> list[dict]:
+        regions = self.prepare(image_bytes, parameters)   # [(face box or None, (3, H, W) pixel values)]
+        futures = [self.batcher.submit(pixels) for _, pixels in regions]
+        scores = [apply_function(f.result()[None], parameters["function_to_apply"])[0]   # (num_labels,)
+                  for f in futures]
+        if not all(torch.isfinite(s).all() for s in scores):
+            raise ValueError(NON_FINITE)
+        ranked = [rank(s, self.classifier.labels, top_k=parameters["top_k"]) for s in scores]
         if not parameters["faces"]:
             return ranked[0]
         return [{"box": list(box), "predictions": r} for (box, _), r in zip(regions, ranked)]
+
+    def prepare(self, image_bytes: bytes, parameters: dict) -> list[tuple[tuple | None, torch.Tensor]]:
+        """Decode, find the faces, crop and preprocess: every step that holds the full-size image, in one
+        of the decode slots. Only the small pixel tensors leave; the image is closed before the slot is
+        given back (and long before the request waits for its batch)."""
+        with self.decode_slots:
+            image = decode_image(image_bytes, self.max_image_pixels)
+            try:
+                try:   # with "faces": each face crop is one more row for the batcher
+                    regions = (face_crops(image, max_detect_side=self.max_detect_side) if parameters["faces"]
+                               else [(None, image)])
+                except ValueError as e:                                   # e.g. smaller than the detector's window
+                    raise ImageError(f"request body: {e}") from e
+                return [(box, self.classifier.pixel_values([crop])[0]) for box, crop in regions]
+            finally:
+                large = image.width * image.height > LARGE_IMAGE_PIXELS
+                image.close()     # frees the pixels now, not when the last reference goes
+                if large:
+                    release_freed_memory()
 
     def health(self) -> dict:
         c = self.classifier
         return {"status": "ok", "model": c.path, "layout": c.layout, "labels": c.labels, "device": c.device,
                 "dtype": c.dtype_name, "quantize": c.quantize, "max_batch_size": self.max_batch_size,
                 "max_wait_ms": self.max_wait_ms, "cpu_threads": torch.get_num_threads(),
-                "batching": self.batcher.stats()}
+                "max_image_pixels": self.max_image_pixels, "max_detect_side": self.max_detect_side,
+                "connections": self.connection_counts(), "batching": self.batcher.stats()}
 
-    def close(self) -> None:
-        """After shutdown(): stop listening, wait for the requests in flight, then stop the batcher."""
+    def close(self, deadline: float | None = None) -> None:
+        """After shutdown(): stop listening; requests in flight get until `deadline` (time.monotonic(); by
+        default shutdown_grace_s from now) to finish, then every connection still open is closed
+        (serving/connections.py); stop the batcher."""
         self.server_close()
-        self.batcher.close()
+        deadline = time.monotonic() + self.shutdown_grace_s if deadline is None else deadline
+        left = self.close_connections(deadline)
+        if left:
+            print(f"closed {left} connection(s) still open after --shutdown_grace_s {self.shutdown_grace_s:g}",
+                  file=sys.stderr)
+        self.batcher.close(timeout=max(deadline - time.monotonic(), 0.0))
 
 
 # ---- command line -------------------------------------------------------------------------------------
@@ -364,7 +332,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_batch_size", type=int, default=16, help="images per forward pass at most")
     p.add_argument("--max_wait_ms", type=float, default=5, help="how long a batch waits for more requests")
     p.add_argument("--max_body_mb", type=float, default=10, help="larger request bodies get 413")
-    p.add_argument("--read_timeout_s", type=float, default=10, help="a request body must arrive within this")
+    p.add_argument("--read_timeout_s", type=float, default=10,
+                   help="the request line and headers must arrive within this many seconds, then the body within "
+                        "as many again (each a deadline for the whole, not a timeout per read); else 408")
+    p.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help="images with more pixels get 413, told from their header before decoding (default "
+                        f"{MAX_IMAGE_PIXELS:_}: a 24-megapixel photo and some room)")
+    p.add_argument("--max_detect_side", type=int, default=MAX_DETECT_SIDE,
+                   help='with "faces": true, find faces on a copy shrunk to at most this many pixels a side, the '
+                        "boxes mapped back (0: on the full image, OpenCV's exact boxes, slow on large photos)")
+    p.add_argument("--max_connections", type=int, default=MAX_CONNECTIONS,
+                   help="open connections at most; a connection beyond them gets 503 at once")
+    p.add_argument("--shutdown_grace_s", type=float, default=SHUTDOWN_GRACE_S,
+                   help="on SIGTERM or Ctrl-C, how long requests in flight may take to finish; then every "
+                        "connection still open is closed and the process exits")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch's own work (default: 1 with --device cuda, torch's default on "
                         "the CPU). On a GPU the CPU side of a request is small tensor work, and torch's pool of "
@@ -372,18 +353,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "throughput on a 16-core H100 machine (bench/serve.py)")
     p.add_argument("--quiet", action="store_true", help="no access log on stderr")
     args = p.parse_args(argv)
-    for flag, value, low in (("--max_batch_size", args.max_batch_size, 1), ("--port", args.port, 0)):
+    for flag, low in (("--max_batch_size", 1), ("--port", 0), ("--max_image_pixels", 1), ("--max_detect_side", 0),
+                      ("--max_connections", 1)):
+        value = getattr(args, flag[2:])
         if value < low:
             p.error(f"{flag} {value}: must be at least {low}")
     if args.port > 65535:
         p.error(f"--port {args.port}: must be at most 65535")
-    for flag, value in (("--max_body_mb", args.max_body_mb), ("--read_timeout_s", args.read_timeout_s)):
-        if value <= 0:
-            p.error(f"{flag} {value}: must be positive")
+    for flag, low in (("--max_body_mb", "positive"), ("--read_timeout_s", "positive"),
+                      ("--max_wait_ms", "zero or more"), ("--shutdown_grace_s", "zero or more")):
+        value = getattr(args, flag[2:])
+        if not math.isfinite(value):      # nan passes every comparison below; inf would wait forever
+            p.error(f"{flag} {value}: must be a finite number")
+        if value < 0 or (value == 0 and low == "positive"):
+            p.error(f"{flag} {value}: must be {low}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads {args.threads}: must be at least 1")
-    if args.max_wait_ms < 0:
-        p.error(f"--max_wait_ms {args.max_wait_ms}: must be zero or more")
     return args
 
 
@@ -397,18 +382,26 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # decode_image refuses those
+    # --max_image_pixels, checked from the header, replaces Pillow's own bomb check (a warning over its
+    # limit, an error over twice that), which would otherwise be a second limit with another message.
+    Image.MAX_IMAGE_PIXELS = None
     try:
         server = EmotionServer(classifier, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                                max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,
-                               read_timeout_s=args.read_timeout_s, quiet=args.quiet)
+                               read_timeout_s=args.read_timeout_s, max_image_pixels=args.max_image_pixels,
+                               max_detect_side=args.max_detect_side, max_connections=args.max_connections,
+                               shutdown_grace_s=args.shutdown_grace_s, quiet=args.quiet)
     except OSError as e:
         print(f"error: --host {args.host} --port {args.port}: cannot listen ({e.strerror or e})", file=sys.stderr)
         return 2
 
+    deadline = None
+
     def stop(signum, frame):  # serve_forever() runs in this thread: shutdown() must be called from another
-        print(f"{signal.Signals(signum).name}: finishing requests in flight, then exiting "
-              "(send it again to exit at once)", file=sys.stderr)
+        nonlocal deadline
+        deadline = time.monotonic() + args.shutdown_grace_s    # the grace counts from the signal
+        print(f"{signal.Signals(signum).name}: finishing requests in flight (up to --shutdown_grace_s "
+              f"{args.shutdown_grace_s:g}), then exiting (send it again to exit at once)", file=sys.stderr)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
         threading.Thread(target=server.shutdown).start()
@@ -416,8 +409,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     print(f"serving {args.model} on {server.url}/ (POST an image to /, GET /health)", flush=True)
-    server.serve_forever()
-    server.close()
+    server.serve_forever(poll_interval=0.1)   # how soon it sees shutdown() (socketserver's default: 0.5 s)
+    server.close(deadline)
     return 0
 
 

@@ -49,10 +49,13 @@ def crop(image: Image.Image, box: Box) -> Image.Image:
     return image.crop((x, y, x + w, y + h))
 
 
-def face_crops(image: Image.Image, margin: float = DEFAULT_MARGIN) -> list[tuple[Box, Image.Image]]:
+def face_crops(image: Image.Image, margin: float = DEFAULT_MARGIN, *,
+               max_detect_side: int | None = None) -> list[tuple[Box, Image.Image]]:
     """(detected box, crop grown by `margin`) for each face found in the image, with the detector's
-    default parameters. ValueError for an image smaller than the detection window."""
-    return [(box, crop(image, crop_box(box, margin, image.size))) for box in detect_faces(image)]
+    default parameters; detection on a copy of at most max_detect_side pixels a side, the crops cut
+    from the image itself. ValueError for an image smaller than the detection window."""
+    return [(box, crop(image, crop_box(box, margin, image.size)))
+            for box in detect_faces(image, max_side=max_detect_side)]
 
 
 def draw_faces(image: Image.Image, faces: list[dict]) -> Image.Image:

@@ -16,6 +16,12 @@ step by step, so both give the same boxes:
    round(24 * f), round(24 * f)) in the original image (faces/scan.py and faces/evaluate.py
    decide which windows pass);
 4. the boxes are grouped with eps 0.2 and `min_neighbors` (faces/group.py) and clipped to the image.
+
+`max_side` is ours, not OpenCV's: the work grows with the pixel count, so a 24-megapixel photo takes
+many seconds. With max_side set, a larger image is shrunk (area averaging, as OpenCV's INTER_AREA)
+until its longer side is max_side, the detector runs on that copy, and the boxes are scaled back to
+the image's own pixels. min_size and max_size keep meaning pixels of the image, but no face smaller
+than the 24-pixel window of the copy, scaled back, can be found.
 """
 from __future__ import annotations
 
@@ -124,12 +130,14 @@ def _clip(boxes: list[Box], width: int, height: int) -> list[Box]:
 
 def detect_faces(image, *, scale_factor: float = 1.1, min_neighbors: int = 3,
                  min_size: tuple[int, int] = (30, 30), max_size: tuple[int, int] | None = None,
-                 cascade: HaarCascade | None = None) -> list[Box]:
+                 cascade: HaarCascade | None = None, max_side: int | None = None) -> list[Box]:
     """Faces in `image` (PIL image or uint8 array) as (x, y, w, h) boxes in image pixels.
 
     Same parameters and meaning as OpenCV's detectMultiScale: `scale_factor` > 1 between pyramid
     levels, `min_neighbors` raw hits a box needs beyond itself, `min_size`/`max_size` (w, h) bounds
-    of the box (max_size None: the image). min_neighbors=0 returns the raw, ungrouped hits."""
+    of the box (max_size None: the image). min_neighbors=0 returns the raw, ungrouped hits.
+    `max_side`: detect on a copy shrunk to at most this many pixels on its longer side (see the
+    module docstring); None (the default) keeps OpenCV's exact behaviour."""
     if not scale_factor > 1:
         raise ValueError(f"scale_factor must be > 1, got {scale_factor}")
     if int(min_neighbors) != min_neighbors or min_neighbors < 0:
@@ -137,12 +145,27 @@ def detect_faces(image, *, scale_factor: float = 1.1, min_neighbors: int = 3,
     for name, size in (("min_size", min_size), ("max_size", max_size)):
         if size is not None and (len(size) != 2 or min(size) < 0):
             raise ValueError(f"{name} must be (width, height) with non-negative values, got {size}")
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be at least 1, got {max_side}")
     cascade = cascade or default_cascade()
     gray = to_gray(image)
     height, width = gray.shape
     if width < cascade.window[0] or height < cascade.window[1]:
         raise ValueError(f"image is {width}x{height}, smaller than the {cascade.window[0]}x"
                          f"{cascade.window[1]} detection window: it cannot hold a face")
+    scale_x = scale_y = 1.0
+    if max_side and max(width, height) > max_side:
+        shrink = max(width, height) / max_side
+        small = (max(1, round(width / shrink)), max(1, round(height / shrink)))
+        gray = np.asarray(Image.fromarray(gray).resize(small, Image.Resampling.BOX))   # (h', w')
+        scale_x, scale_y = width / small[0], height / small[1]
+        min_size = (round(min_size[0] / scale_x), round(min_size[1] / scale_y))
+        if max_size is not None:
+            max_size = (round(max_size[0] / scale_x), round(max_size[1] / scale_y))
     candidates = detect_candidates(gray, cascade, scale_factor=scale_factor,
                                    min_size=tuple(min_size), max_size=max_size)
-    return _clip(group_rectangles(candidates, int(min_neighbors)), width, height)
+    boxes = group_rectangles(candidates, int(min_neighbors))
+    if (scale_x, scale_y) != (1.0, 1.0):   # back to the image's own pixels
+        boxes = [(round(x * scale_x), round(y * scale_y), round(w * scale_x), round(h * scale_y))
+                 for x, y, w, h in boxes]
+    return _clip(boxes, width, height)

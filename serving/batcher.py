@@ -80,7 +80,8 @@ class Batcher:
                     "max_batch_size_seen": max(self.histogram, default=0),
                     "histogram": {str(size): n for size, n in sorted(self.histogram.items())}}
 
-    def close(self) -> None:
-        """Finish every batch already queued, then stop the worker."""
+    def close(self, timeout: float | None = None) -> None:
+        """Finish every batch already queued, then stop the worker (waiting at most `timeout` seconds:
+        the worker is a daemon thread, which does not keep the process alive)."""
         self.queue.put(None)
-        self.worker.join()
+        self.worker.join(timeout)

@@ -230,3 +230,22 @@ def test_stage_sum_shortcut_is_exact_or_not_taken(monkeypatch):
     raw = detect_faces(_gray("pasted_faces_on_coffee.jpg"), scale_factor=run["scale_factor"], min_neighbors=0,
                        min_size=tuple(run["min_size"]), cascade=load_cascade())   # a new object: packed anew
     assert sorted(map(list, raw)) == run["boxes"]
+
+
+def test_max_side_detects_on_a_shrunk_copy_and_maps_boxes_back(tmp_path, capsys):
+    """An image of 2x2 blocks shrunk back to half size is the original exactly, so the boxes found on
+    the copy, scaled back, are the original's doubled (min_size is in the big image's pixels)."""
+    from faces.__main__ import main
+    gray = _gray("pasted_faces_640x480.jpg")
+    double = np.repeat(np.repeat(gray, 2, axis=0), 2, axis=1)                     # (960, 1280)
+    expected = [tuple(2 * v for v in box) for box in detect_faces(gray)]
+    assert len(expected) == 4
+    assert detect_faces(double, max_side=640, min_size=(60, 60)) == expected
+    assert detect_faces(gray, max_side=640) == detect_faces(gray)                 # not over: untouched
+    path = tmp_path / "double.png"
+    Image.fromarray(double).save(path)
+    assert main([str(path), "--max_detect_side", "640", "--min_size", "60x60"]) == 0
+    assert json.loads(capsys.readouterr().out)["faces"] == [list(b) for b in expected]
+    with pytest.raises(SystemExit):
+        main([str(path), "--max_detect_side", "0"])
+    assert "--max_detect_side 0: must be at least 1" in capsys.readouterr().err

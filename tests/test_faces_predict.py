@@ -6,6 +6,7 @@ grown by --face_margin), and every bad input is named while the other images are
 """
 import base64
 import http.client
+import io
 import json
 import shutil
 import threading
@@ -160,3 +161,24 @@ def test_server_faces_bad_input(server, tmp_path):
     status, answer = post(server, Path(FOUR_FACES).read_bytes(), faces="yes")
     assert status == 400 and "parameters.faces" in answer["error"]
     assert post(server, Path(NO_FACE).read_bytes(), faces=True)[0] == 200     # still serving
+
+
+def test_server_detects_on_a_shrunk_copy_and_answers_in_the_image_pixels(classifier):
+    """--max_detect_side: an image of 2x2 blocks, shrunk to half, is the original exactly, so the boxes are
+    the original's (found with the shrunk min_size) doubled, and the crops are cut from the big image."""
+    image = load_image(FOUR_FACES)
+    double = image.resize((2 * image.width, 2 * image.height), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    double.save(buffer, "PNG")
+    srv = EmotionServer(classifier, port=0, max_batch_size=8, max_wait_ms=20, max_detect_side=640, quiet=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        status, faces = post(srv, buffer.getvalue(), faces=True, top_k=7)
+    finally:
+        srv.shutdown()
+        srv.close()
+        thread.join()
+    expected = [[2 * v for v in box] for box in detect_faces(image, min_size=(15, 15))]   # 30x30 in the big one
+    assert status == 200 and len(expected) == 4 and [f["box"] for f in faces] == expected
+    assert all(len(f["predictions"]) == 7 for f in faces)

@@ -82,3 +82,42 @@ def test_command_line_bf16_int8():
                               "tests/fixtures/images/rgb.jpg"], cwd=ROOT, capture_output=True, text=True, check=True)
         line = json.loads(out.stdout)
         assert line["predictions"][0]["label"] == META["pipeline_top_k_7"]["rgb.jpg"][0]["label"]
+
+
+@pytest.mark.parametrize("flag", ["--face_margin", "--threshold"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_flags_refused_by_name(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        predict_emotion.main(["--model", MODEL, "--faces", flag, value, str(FIX / "images/rgb.jpg")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{flag} {value}: must be" in err
+
+
+def test_non_finite_score_is_that_image_error_never_bare_nan(monkeypatch, capsys):
+    from vit.classifier import ImageClassifier
+    logits = ImageClassifier.logits
+
+    def first_row_nan(self, pixel_values):
+        out = logits(self, pixel_values).clone()
+        out[0] = float("nan")
+        return out
+    monkeypatch.setattr(ImageClassifier, "logits", first_row_nan)
+    code = predict_emotion.main(["--model", MODEL, str(FIX / "images/rgb.jpg"), str(FIX / "images/gray48.png")])
+    out = capsys.readouterr().out
+
+    def refuse(name):
+        raise AssertionError(f"{name} written in a JSON line")
+    lines = [json.loads(line, parse_constant=refuse) for line in out.splitlines()]
+    assert code == 1 and len(lines) == 2
+    assert lines[0]["error"].startswith(f"{FIX / 'images/rgb.jpg'}: the model gave a non-finite score (NaN or infinity)")
+    assert len(lines[1]["predictions"]) == 5
+
+
+def test_eps_refused_by_default(tmp_path, capsys):
+    """EPS would make Pillow run Ghostscript on the file; the other images are still classified."""
+    from PIL import Image
+    eps = tmp_path / "drawing.eps"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(eps, "EPS")
+    code, lines, _ = run(capsys, "--model", MODEL, str(eps), str(FIX / "images/rgb.jpg"))
+    assert code == 1 and "EPS images are not read here (Pillow would run Ghostscript" in lines[0]["error"]
+    assert len(lines[1]["predictions"]) == 5

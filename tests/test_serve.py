@@ -1,9 +1,12 @@
 """serve_emotion.py over real HTTP on loopback: the same scores as predict_emotion.py, batching under
-concurrency, every bad request answered with its status while the server keeps serving, and a clean
-shutdown on SIGTERM that finishes the request in flight."""
+concurrency, every bad request answered with its status while the server keeps serving, bounded
+resources (image size, decodes at once, connections, slow clients, memory after a burst), multipart
+uploads, and a clean shutdown on SIGTERM that finishes the request in flight and no more."""
 import base64
 import http.client
+import io
 import json
+import os
 import signal
 import socket
 import struct
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import predict_emotion
 import serve_emotion
@@ -172,7 +176,43 @@ def raw_exchange(srv, parts: list[bytes], *, pause: float = 0.0, half_close: boo
     return int(head.split(b" ")[1]), json.loads(body)
 
 
+def strict_json(data: bytes):
+    """json.loads that refuses NaN and Infinity, which are not JSON (Python's parser accepts them)."""
+    def refuse(name):
+        raise AssertionError(f"{name} in a JSON answer")
+    return json.loads(data, parse_constant=refuse)
+
+
+def form_body(files: dict, data: dict | None = None, boundary: str = "0f4a6c1e9b7d2a3c8e5f1b0d6a9c4e27"):
+    """The body and Content-Type that `requests.post(url, files=files, data=data)` sends, byte for byte
+    (requests 2.x builds it with urllib3's encode_multipart_formdata; its boundary is 32 random hex
+    digits): the data fields first, then the files. `files` maps a field name to (filename, bytes) or
+    (filename, bytes, content type); requests writes no Content-Type line without the third."""
+    body = b""
+    for name, value in (data or {}).items():
+        body += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+    for name, (filename, content, *content_type) in files.items():
+        body += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'.encode()
+        body += b"".join(f"Content-Type: {t}\r\n".encode() for t in content_type) + b"\r\n" + content + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def form(files: dict, data: dict | None = None, **options) -> bytes:
+    """A raw multipart request, as form_body builds it."""
+    body, content_type = form_body(files, data, **options)
+    return message(body, headers=(f"Content-Type: {content_type}",))
+
+
+def eps_image() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buffer, "EPS")   # Pillow writes EPS without Ghostscript
+    return buffer.getvalue()
+
+
 JSON = ("Content-Type: application/json",)
+FORM = "Content-Type: multipart/form-data; boundary=XyZ"
+DEEP = b"[" * 100_000 + b"]" * 100_000
 TOO_BIG = 2 * 1024 * 1024  # the test server's limit is 1 MB
 BAD = {
     # name: (request parts, options, expected status, a word the error names)
@@ -191,8 +231,10 @@ BAD = {
     "top_k a bool": ([message(as_json(JPEG, top_k=True))], {}, 400, "top_k"),
     "function_to_apply unknown": ([message(as_json(JPEG, function_to_apply="relu"))], {}, 400, "function_to_apply"),
     "parameters a list": ([message(b'{"inputs": "", "parameters": [1]}')], {}, 400, "parameters"),
-    "decompression bomb": ([message(png_header(20000, 20000))], {}, 400, "too large"),
-    "over Pillow's pixel limit": ([message(png_header(10000, 10000))], {}, 400, "too large"),
+    "decompression bomb": ([message(png_header(20000, 20000))], {}, 413, "too large"),
+    "over Pillow's pixel limit": ([message(png_header(10000, 10000))], {}, 413, "too large"),
+    "over --max_image_pixels": ([message(png_header(6000, 5000))], {}, 413,
+                                "6000x5000 = 30000000 pixels, over the limit of 25000000 pixels (--max_image_pixels)"),
     "body over the limit, announced": ([message(length=TOO_BIG)], {}, 413, "max_body_mb"),
     "body over the limit, sent": ([message(bytes(TOO_BIG))], {}, 413, "max_body_mb"),
     "empty body": ([message(b"")], {}, 400, "empty"),
@@ -211,6 +253,33 @@ BAD = {
     "POST /health": ([message(JPEG, path="/health")], {}, 405, "GET"),
     "invented method": ([message(method="BREW", length=None)], {}, 501, "BREW"),
     "garbage request line": ([b"HELLO\r\n\r\n"], {}, 400, "request"),
+    "JSON nested 10^5 deep": ([message(b'{"inputs": ' + DEEP + b"}", headers=JSON)], {}, 400, "nested too deeply"),
+    "JSON parameters nested 10^5 deep": ([message(b'{"inputs": "", "parameters": ' + DEEP + b"}")], {}, 400, "nested"),
+    "NaN in JSON": ([message(b'{"inputs": NaN}', headers=JSON)], {}, 400, "NaN is not a JSON value"),
+    "EPS image (needs Ghostscript)": ([message(eps_image())], {}, 400,
+                                      "EPS images are not read here (Pillow would run Ghostscript"),
+    "slow headers": ([b"POST / HTTP/1.1\r\n"] + [b"X-Slow: 1\r\n"] * 5, {"pause": 0.25}, 408,
+                     "request line and headers not received within 1 s"),
+    "multipart bomb": ([form({"image": ("bomb.png", png_header(10000, 10000))})], {}, 413, "too large"),
+    "multipart EPS": ([form({"image": ("a.eps", eps_image())})], {}, 400, "EPS"),
+    "multipart without a boundary": ([message(b"--x\r\n", headers=("Content-Type: multipart/form-data",))], {}, 400,
+                                     "no boundary parameter"),
+    "multipart boundary not in the body": ([message(JPEG, headers=(FORM,))], {}, 400, "'XyZ' of the Content-Type"),
+    "multipart cut short": ([message(form_body({"f": ("a.jpg", JPEG)}, boundary="XyZ")[0][:-9], headers=(FORM,))],
+                            {}, 400, "cut short"),
+    "multipart no file part": ([form({}, {"parameters": "{}"})], {}, 400,
+                               "expected one file part holding the image, found 0"),
+    "multipart two file parts": ([form({"a": ("a.jpg", JPEG), "b": ("b.jpg", JPEG)})], {}, 400, "found 2 (a, b)"),
+    "multipart unknown field": ([form({"f": ("a.jpg", JPEG)}, {"top_k": "3"})], {}, 400, "unknown field(s) top_k"),
+    "multipart bad parameters": ([form({"f": ("a.jpg", JPEG)}, {"parameters": "{top_k: 3}"})], {}, 400,
+                                 'form field "parameters" is not valid JSON'),
+    "multipart parameter refused": ([form({"f": ("a.jpg", JPEG)}, {"parameters": '{"top_k": 0}'})], {}, 400, "top_k"),
+    "multipart part without a disposition": (
+        [message(b"--XyZ\r\nContent-Type: image/jpeg\r\n\r\n" + JPEG + b"\r\n--XyZ--\r\n", headers=(FORM,))],
+        {}, 400, "no 'Content-Disposition: form-data'"),
+    "multipart part without a blank line": (
+        [message(b"--XyZ\r\nContent-Disposition: form-data; name=a\r\n--XyZ--\r\n", headers=(FORM,))],
+        {}, 400, "no blank line after its header lines"),
 }
 
 
@@ -225,7 +294,205 @@ def test_bad_request_answered_and_server_keeps_serving(server, name):
     assert request(server, body=JPEG)[0] == 200
 
 
+# ---- multipart/form-data ----------------------------------------------------------------------------------
+def test_form_body_is_what_requests_sends():
+    """Pinned to what requests 2.34.2 (urllib3 2.7.0) sent for files={"image": ("face.jpg", data,
+    "image/jpeg")}, data={"parameters": '{"top_k": 3}'} with urllib3's boundary fixed to "b0undary"."""
+    body, content_type = form_body({"image": ("face.jpg", b"\x00\r\n--x\xff", "image/jpeg")},
+                                   {"parameters": '{"top_k": 3}'}, boundary="b0undary")
+    assert content_type == "multipart/form-data; boundary=b0undary"
+    assert body == (b'--b0undary\r\nContent-Disposition: form-data; name="parameters"\r\n\r\n{"top_k": 3}\r\n'
+                    b'--b0undary\r\nContent-Disposition: form-data; name="image"; filename="face.jpg"\r\n'
+                    b'Content-Type: image/jpeg\r\n\r\n\x00\r\n--x\xff\r\n--b0undary--\r\n')
+    assert form_body({"file": ("photo.png", b"DATA")}, boundary="b0undary")[0] == (   # files={"file": open(...)}
+        b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="photo.png"\r\n\r\nDATA\r\n'
+        b"--b0undary--\r\n")
+
+
+def test_multipart_upload_equals_raw_body(server, classifier):
+    expected = classifier.predict([load_image(JPEG)], top_k=3, function_to_apply="sigmoid")[0]
+    for files, data in [({"image": ("face.jpg", JPEG, "image/jpeg")}, {"parameters": json.dumps(
+                            {"top_k": 3, "function_to_apply": "sigmoid"})}),
+                        ({"file": ("face.jpg", JPEG)}, {"parameters": '{"top_k": 3, "function_to_apply": "sigmoid"}'})]:
+        body, content_type = form_body(files, data)
+        status, got = request(server, body=body, content_type=content_type)
+        assert status == 200, got
+        assert_same(got, expected)
+    body, content_type = form_body({"upload": ("x", JPEG, "application/octet-stream")})   # no parameters: defaults
+    status, got = request(server, body=body, content_type=content_type)
+    assert status == 200 and len(got) == 5
+
+
+# ---- bounded resources ------------------------------------------------------------------------------------------
+def test_non_finite_scores_are_a_500_never_bare_nan(server, monkeypatch):
+    for logit in (float("nan"), float("inf")):
+        monkeypatch.setattr(server.batcher, "forward", lambda x, v=logit: torch.full((len(x), 7), v))
+        for function in ("softmax", "none"):
+            conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+            conn.request("POST", "/", body=as_json(JPEG, function_to_apply=function))
+            response = conn.getresponse()
+            status, payload = response.status, strict_json(response.read())
+            conn.close()
+            assert status == 500 and "non-finite score (NaN or infinity)" in payload["error"], payload
+    monkeypatch.undo()
+    assert request(server, body=JPEG)[0] == 200
+
+
+def test_decodes_at_once_bounded_by_the_cores(server, monkeypatch):
+    running, most, lock = [0], [0], threading.Lock()
+    decode = serve_emotion.decode_image
+
+    def counting(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.2)
+        try:
+            return decode(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+    monkeypatch.setattr(serve_emotion, "decode_image", counting)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: request(server, body=JPEG), range(8)))
+    assert all(status == 200 for status, _ in answers)
+    assert most[0] == min(os.cpu_count(), 8), most       # the others waited for a slot
+
+
+def test_connections_over_the_limit_get_503(classifier):
+    srv = EmotionServer(classifier, port=0, max_connections=2, read_timeout_s=5, quiet=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    idle = [socket.create_connection(srv.server_address[:2], timeout=10) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 10
+        while len(srv.connections) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for _ in range(2):
+            with socket.create_connection(srv.server_address[:2], timeout=10) as extra:
+                data = b""
+                while chunk := extra.recv(1 << 16):
+                    data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in head, data
+            assert "--max_connections" in json.loads(body)["error"]
+        assert request(srv, "GET", "/health")[0] == 503             # a client sending its request first
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while srv.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status, health = request(srv, "GET", "/health")
+        assert status == 200 and health["connections"]["refused"] == 3
+        assert request(srv, body=JPEG)[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        srv.shutdown()
+        srv.close()
+        thread.join()
+
+
+def start_server(*flags: str) -> tuple[subprocess.Popen, int]:
+    """serve_emotion.py as a user runs it, on a free loopback port -> (process, port)."""
+    proc = subprocess.Popen([sys.executable, "serve_emotion.py", "--model", str(MODEL), "--port", "0", "--quiet",
+                             *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if "http://127.0.0.1:" not in line:
+        proc.kill()
+        pytest.fail(f"serve_emotion.py did not start: {line}{proc.communicate()[1]}")
+    return proc, int(line.split("http://127.0.0.1:")[1].split("/")[0])
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the server's RSS from /proc")
+def test_burst_of_large_images_gives_its_memory_back():
+    """8 concurrent 12-megapixel PNGs (36 MB each once decoded): at most one decode per core holds
+    memory at a time, and afterwards the server's RSS is back within 100 MB of its level before."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (120, 80, 40)).save(buffer, "PNG")
+    big = buffer.getvalue()
+    proc, port = start_server()
+    try:
+        post = lambda body: call(port, body)
+        for _ in range(3):
+            assert post(JPEG) == 200
+        before, peak, done = rss_mb(proc.pid), [0.0], threading.Event()
+
+        def watch():
+            while not done.wait(0.01):
+                peak[0] = max(peak[0], rss_mb(proc.pid))
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(post, [big] * 8))
+        done.set()
+        watcher.join()
+        after = rss_mb(proc.pid)
+        assert statuses == [200] * 8
+        slots = min(os.cpu_count(), 8)
+        assert peak[0] - before < 100 * slots + 100, (before, peak[0], after)
+        assert after - before < 100, (before, peak[0], after)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def call(port: int, body: bytes) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/", body=body)
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_sigterm_exits_within_the_grace_with_stuck_clients():
+    """A client still sending its headers is closed at once; a request whose body never completes gets
+    --shutdown_grace_s, then is closed unanswered; the process exits 0 within the grace."""
+    proc, port = start_server("--shutdown_grace_s", "1", "--read_timeout_s", "60")
+    try:
+        slow = socket.create_connection(("127.0.0.1", port), timeout=30)
+        slow.sendall(b"POST / HTTP/1.1\r\nHost: localhost\r\n")          # the headers never end
+        stuck = socket.create_connection(("127.0.0.1", port), timeout=30)
+        stuck.sendall(message(JPEG)[:-100])                                # the body never ends
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:           # both accepted; the stuck one in flight (and /health itself)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", "/health")
+            connections = json.loads(conn.getresponse().read())["connections"]
+            conn.close()
+            if connections["open"] == 3 and connections["in_flight"] == 2:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"connections never reached 3 open, 2 in flight: {connections}")
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert slow.recv(1 << 16) == b""                                   # closed, nothing lost
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - start < 1 + 4     # the grace, then the interpreter's exit (0.7 s here, unloaded)
+        assert stuck.recv(1 << 16) == b""                                  # closed unanswered
+        assert "closed 1 connection(s) still open after --shutdown_grace_s 1" in proc.stderr.read()
+    finally:
+        slow.close()
+        stuck.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 # ---- the command line and shutdown ------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["--max_wait_ms", "--max_body_mb", "--read_timeout_s", "--shutdown_grace_s"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_flags_refused_by_name(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        serve_emotion.parse_args([flag, value])
+    assert f"{flag} {value}: must be a finite number" in capsys.readouterr().err
+
 def test_bad_model_flag_named(capsys, tmp_path):
     assert serve_emotion.main(["--model", str(tmp_path / "missing"), "--port", "0"]) == 2
     assert "--model" in capsys.readouterr().err

@@ -205,3 +205,76 @@ def test_truncated_safetensors(tmp_path):
     (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="t.safetensors"):
         load_vit(tmp_path / "t.safetensors")
+
+
+def test_non_finite_weights_refused_naming_the_tensor(tmp_path):
+    sd = load_file(VIT / "hf_classifier/model.safetensors")
+    name = "vit.encoder.layer.1.attention.output.dense.weight"
+    sd[name][0, 3] = float("nan")
+    sd["vit.layernorm.bias"][0] = float("inf")        # a later one: the first is named
+    shutil.copytree(VIT / "hf_classifier", tmp_path / "m")
+    save_file(sd, tmp_path / "m/model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor {name} holds non-finite values \(1 NaN"):
+        load_vit(tmp_path / "m")
+
+
+@pytest.mark.parametrize("change, words", [
+    ("{not json", "Expecting"),
+    ("[1, 2]", "JSON object"),
+    ({"num_attention_heads": 0}, "num_heads 0"),
+    ({"num_attention_heads": 5}, "not divisible"),
+    ({"image_size": "big"}, "big"),
+    ({"id2label": 5}, "id2label"),
+    ({"id2label": {"0": "a", "2": "b"}}, "id2label indices"),
+    ({"hidden_act": "swish"}, "hidden_act"),
+    ({"layer_norm_eps": -1}, "layer_norm_eps"),
+])
+def test_bad_config_json_named(tmp_path, change, words):
+    shutil.copytree(VIT / "hf_classifier", tmp_path / "m")
+    path = tmp_path / "m/config.json"
+    if isinstance(change, dict):
+        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    else:
+        path.write_text(change)
+    with pytest.raises(CheckpointError) as e:
+        load_vit(tmp_path / "m")
+    assert str(e.value).startswith(f"{path}: not a usable ViT config") and words in str(e.value)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"size": {"height": 0, "width": 224}}, "size 0x224"),
+    ({"size": -3}, "size -3x-3"),
+    ({"image_std": [0.5, 0, 0.5]}, "image_std"),
+    ({"image_mean": [0.5, 0.5]}, "image_mean"),
+    ({"size": None}, "size None"),
+])
+def test_bad_preprocessor_config_refused_at_load(tmp_path, change, words):
+    shutil.copytree(VIT / "hf_classifier", tmp_path / "m")
+    path = tmp_path / "m/preprocessor_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(CheckpointError) as e:
+        load_vit(tmp_path / "m")
+    assert str(e.value).startswith(f"{path}: ") and words in str(e.value)
+
+
+def test_formats_needing_an_external_program_refused(tmp_path):
+    """EPS would make Pillow run Ghostscript on the file: refused from its header, before decoding."""
+    from PIL import Image
+    from vit.preprocess import ImageError
+    eps = tmp_path / "drawing.eps"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(eps, "EPS")    # Pillow writes EPS without Ghostscript
+    with pytest.raises(ImageError, match=r"drawing.eps: EPS images are not read here \(Pillow would run "
+                                         r"Ghostscript, an external program.*send one of JPEG, MPO, PNG"):
+        load_image(eps)
+
+
+def test_pixel_limit_checked_from_the_header(monkeypatch):
+    from PIL import Image
+    from vit.preprocess import ImageTooLarge
+    data = (FIX / "images/rgb.jpg").read_bytes()
+    width, height = Image.open(FIX / "images/rgb.jpg").size
+    assert load_image(data, max_pixels=width * height).size == (width, height)
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an image over the limit"))
+    with pytest.raises(ImageTooLarge, match=f"upload: image too large: {width}x{height} = {width * height} "
+                                            f"pixels, over the limit of {width * height - 1} pixels"):
+        load_image(data, name="upload", max_pixels=width * height - 1)

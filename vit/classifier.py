@@ -17,6 +17,8 @@ from vit.weights import load_vit
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FUNCTIONS = ("softmax", "sigmoid", "none")
+# What predict_emotion.py and serve_emotion.py say instead of writing NaN or Infinity, which are not JSON.
+NON_FINITE = "the model gave a non-finite score (NaN or infinity): its weights or its --dtype overflowed"
 
 
 class ImageClassifier:

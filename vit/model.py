@@ -39,6 +39,19 @@ class ViTConfig:
     hidden_act: str = "gelu"         # exact (erf) GELU; "gelu_tanh" for the tanh approximation
     labels: list[str] = field(default_factory=lambda: list(EMOTION_LABELS))  # index -> label
 
+    def __post_init__(self):
+        """Refuse a config the model cannot be built from, with a message naming the value."""
+        for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_layers", "num_heads", "mlp_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} {value!r}: must be an integer >= 1")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if not (isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < math.inf):
+            raise ValueError(f"layer_norm_eps {self.layer_norm_eps!r}: must be a positive number")
+
     @property
     def num_labels(self) -> int:
         return len(self.labels)
@@ -79,7 +92,11 @@ class ViTConfig:
             return int(v)
         labels = None
         if "id2label" in d:
-            id2label = {int(k): v for k, v in d["id2label"].items()}
+            if not isinstance(d["id2label"], dict):
+                raise ValueError(f"id2label must map indices to labels, not {d['id2label']!r}")
+            id2label = {int(k): str(v) for k, v in d["id2label"].items()}
+            if sorted(id2label) != list(range(len(id2label))):
+                raise ValueError(f"id2label indices {sorted(id2label)} are not 0 .. {len(id2label) - 1}")
             labels = [id2label[i] for i in range(len(id2label))]
         return cls(image_size=square(d.get("image_size", 224), "image_size"),
                    patch_size=square(d.get("patch_size", 16), "patch_size"),
@@ -130,8 +147,6 @@ class Attention(nn.Module):
 
     def __init__(self, *, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # rows: [q; k; v]
         self.proj = nn.Linear(dim, dim)
@@ -148,8 +163,6 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, *, dim: int, hidden: int, act: str):
         super().__init__()
-        if act not in ACTIVATIONS:
-            raise ValueError(f"unsupported hidden_act {act!r}; supported: {', '.join(ACTIVATIONS)}")
         self.fc1 = nn.Linear(dim, hidden)
         self.act = ACTIVATIONS[act]
         self.fc2 = nn.Linear(hidden, dim)

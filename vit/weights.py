@@ -120,6 +120,16 @@ class LoadedViT:
     new_head: bool       # True when the classification head was freshly initialised
 
 
+def check_finite(sd: dict, *, source: str) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run's save, a corrupted file): every score the
+    model gave would be NaN. Names the first such tensor, under the checkpoint's own name."""
+    for name, tensor in sd.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+            raise CheckpointError(f"{source}: tensor {name} holds non-finite values ({nan} NaN, {inf} infinite "
+                                  f"of {tensor.numel()}); refusing weights that would make every score NaN")
+
+
 def detect_layout(sd: dict, *, source: str) -> str:
     if "vit.embeddings.cls_token" in sd:
         return "transformers"
@@ -192,6 +202,7 @@ def load_vit(path: str | Path, *, labels: list[str] | None = None) -> LoadedViT:
         weights, folder = path, path.parent
     sd = read_safetensors(weights)
     source = str(weights)
+    check_finite(sd, source=source)
     layout = detect_layout(sd, source=source)
     ours = to_our_names(sd, layout)
     for key in ("cls_token", "patch_embed.weight", "pos_embed", "blocks.0.mlp.fc1.weight"):
@@ -201,18 +212,26 @@ def load_vit(path: str | Path, *, labels: list[str] | None = None) -> LoadedViT:
     config_path, pp_path = folder / "config.json", folder / "preprocessor_config.json"
     preprocess = None
     if config_path.exists():
-        d = json.loads(config_path.read_text())
+        try:
+            d = json.loads(config_path.read_text())
+            if not isinstance(d, dict):
+                raise ValueError(f"expected a JSON object, not {type(d).__name__}")
+            if layout == "timm" or "architecture" in d:
+                config, preprocess = _timm_config(d, ours)
+            else:
+                config = ViTConfig.from_hf_dict(d)
+                if "head.weight" not in ours and "id2label" not in d:
+                    config.labels = []
+        except (ValueError, TypeError) as e:   # json.JSONDecodeError is a ValueError
+            raise CheckpointError(f"{config_path}: not a usable ViT config ({e})") from e
         source = f"{weights} with {config_path}"
-        if layout == "timm" or "architecture" in d:
-            config, preprocess = _timm_config(d, ours)
-        else:
-            config = ViTConfig.from_hf_dict(d)
-            if "head.weight" not in ours and "id2label" not in d:
-                config.labels = []
     else:
         config = infer_config(ours, layout)
     if pp_path.exists():
-        preprocess = PreprocessConfig.from_json(pp_path)
+        try:
+            preprocess = PreprocessConfig.from_json(pp_path)   # its message names the file
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
     if preprocess is None:
         preprocess = PreprocessConfig(size=(config.image_size, config.image_size))
 
