@@ -466,3 +466,39 @@ def test_allocation_bombs_are_refused(tmp_path):
         with pytest.raises(CheckpointError, match=f"{kind}\\(\\) is allowed only"):
             read_checkpoint(write_torch_zip(tmp_path / f"{kind}.ckpt", lightning_like(
                 call_global("builtins", kind, 10**13))))
+
+
+# --- zip bombs ----------------------------------------------------------------------------------------
+
+def test_a_compressed_tensor_storage_is_refused_before_it_is_inflated(tmp_path, monkeypatch):
+    """torch never compresses storages; a 'checkpoint' whose storage is a 64 MB run of zeros deflated
+    to 64 KB is refused without inflating it (today's 1 MB file inflated to 1 GB)."""
+    torch.save({"w": torch.zeros(4)}, tmp_path / "plain.ckpt")
+    bomb = tmp_path / "bomb.ckpt"
+    with zipfile.ZipFile(tmp_path / "plain.ckpt") as zin, zipfile.ZipFile(bomb, "w") as zout:
+        for info in zin.infolist():
+            if "/data/" in info.filename:
+                zout.writestr(info.filename, bytes(64 * 2**20), compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                zout.writestr(info.filename, zin.read(info), compress_type=zipfile.ZIP_STORED)
+    assert bomb.stat().st_size < 2**20
+    inflated = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: inflated.append(name) or
+                        real_open(self, name, *a, **k))
+    with pytest.raises(CheckpointError, match="torch never compresses tensor storage"):
+        read_checkpoint(bomb)
+    assert inflated == []
+
+
+def test_a_compressed_pickle_inflates_only_within_its_bound(tmp_path, monkeypatch):
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "plain.ckpt")
+    rezipped = tmp_path / "rezipped.ckpt"
+    with zipfile.ZipFile(tmp_path / "plain.ckpt") as zin, zipfile.ZipFile(rezipped, "w") as zout:
+        for info in zin.infolist():
+            kind = zipfile.ZIP_DEFLATED if info.filename.endswith("data.pkl") else zipfile.ZIP_STORED
+            zout.writestr(info.filename, zin.read(info), compress_type=kind)
+    assert torch.equal(read_checkpoint(rezipped)["w"], torch.arange(4.0))   # a re-zipped pickle still reads
+    monkeypatch.setattr(ckpt, "MAX_INFLATED_BYTES", 16)                      # now it is "too large"
+    with pytest.raises(CheckpointError, match="data.pkl .*inflate"):
+        read_checkpoint(rezipped)

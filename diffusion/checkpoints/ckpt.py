@@ -129,7 +129,7 @@ def _read_member(file: io.BufferedReader, zf: zipfile.ZipFile, info: zipfile.Zip
     checked, so a corrupted download fails here instead of giving garbage weights.
     """
     if info.compress_type != zipfile.ZIP_STORED:
-        return torch.from_numpy(np.frombuffer(bytearray(zf.read(info)), dtype=np.uint8))
+        return _inflate_bounded(zf, info)
     file.seek(info.header_offset)
     signature, name_len, extra_len = _LOCAL_HEADER.unpack(file.read(_LOCAL_HEADER.size))
     if signature != b"PK\x03\x04":
@@ -141,6 +141,29 @@ def _read_member(file: io.BufferedReader, zf: zipfile.ZipFile, info: zipfile.Zip
     if info.CRC != 0 and zlib.crc32(memoryview(buf.numpy())) != info.CRC:
         raise zipfile.BadZipFile(f"{info.filename} fails its CRC check (corrupt file)")
     return buf
+
+
+MAX_INFLATED_BYTES = 64 * 2**20   # a compressed metadata member (data.pkl, version) inflates to at most this
+
+
+def _inflate_bounded(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> torch.Tensor:
+    """A compressed member, inflated only when it cannot be a zip bomb. torch never compresses tensor
+    storage (it lays storages out aligned, to be read in place), so a compressed `data/` member is
+    refused before a byte is inflated; other members (a re-zipped data.pkl) inflate to at most
+    MAX_INFLATED_BYTES, whatever size their header declares."""
+    if "/data/" in info.filename:
+        raise zipfile.BadZipFile(f"{info.filename} is compressed ({info.compress_size} bytes said to inflate to "
+                                 f"{info.file_size}); torch never compresses tensor storage, so this file was "
+                                 "not written by torch.save and is refused unread")
+    if info.file_size > MAX_INFLATED_BYTES:
+        raise zipfile.BadZipFile(f"{info.filename} would inflate to {info.file_size} bytes, over the "
+                                 f"{MAX_INFLATED_BYTES} this reader allows for a compressed member")
+    with zf.open(info) as member:
+        data = member.read(MAX_INFLATED_BYTES + 1)
+    if len(data) > MAX_INFLATED_BYTES:
+        raise zipfile.BadZipFile(f"{info.filename} inflates past {MAX_INFLATED_BYTES} bytes (its header "
+                                 f"said {info.file_size})")
+    return torch.from_numpy(np.frombuffer(bytearray(data), dtype=np.uint8))
 
 
 def _refuse_extension_opcodes(data: bytes) -> None:
