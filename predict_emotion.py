@@ -25,7 +25,7 @@ from embedded import EMOTION_VIT
 from faces import detect_faces
 from faces.crops import DEFAULT_MARGIN, check_inside, crop, crop_box, draw_faces, parse_box
 from vit.classifier import DTYPES, NON_FINITE, ImageClassifier
-from vit.preprocess import IMAGE_SUFFIXES, ImageError, load_image
+from common.images import IMAGE_SUFFIXES, ImageError, load_image
 
 
 def parse_args(argv=None) -> argparse.Namespace:

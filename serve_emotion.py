@@ -54,7 +54,7 @@ from serving.body import HTTPError, parse_body
 from serving.connections import BoundedHTTPServer, DeadlineReader
 from serving.memory import release_freed_memory
 from vit.classifier import DTYPES, NON_FINITE, ImageClassifier, apply_function, rank
-from vit.preprocess import ImageError, ImageTooLarge, load_image
+from common.images import ImageError, ImageTooLarge, load_image
 
 LINGER_S = 1.0  # after an error answer, how long to swallow what the client still sends (see linger)
 MAX_IMAGE_PIXELS = 25_000_000   # --max_image_pixels: a 24-megapixel photo (6000x4000, 6016x4016) and some room

@@ -34,13 +34,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common.precision import MIXED_PRECISION, autocast
+from common.precision import MIXED_PRECISION
 from common.run_config import (check_resume_config, finish_run_record, finite_float, parse_args_with_config,
                                start_run_record)
 from common.state_dict import CheckpointError
 from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, MetricsLog, StopOnSignal, all_reduce_sum,
                              barrier, check_output_dir, fail, fail_run, grad_scaler, gradient_sync, learning_rate,
-                             nonfinite_loss_message, optimizer_step, rng_state, save_training_state,
+                             nonfinite_loss_message, optimizer_step, rng_state, save_training_state, stopped_run,
                              seed_everything, set_rng_state, setup_distributed, stop_requested,
                              teardown_distributed)
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -48,7 +48,7 @@ from common.files import check_writable, remove_stale_temporaries
 from dreambooth.data import (DataError, check_model_size, generate_class_images, image_files, load_image,
                              missing_class_indices)
 from dreambooth.steps import (OFFSET_NOISE_SCALE, denoising_loss, denoising_prediction, load_models, make_batch,
-                              restore_training_state, trainable_parameters, training_state)
+                              restore_training_state, text_states, trainable_parameters, training_state)
 
 # The settings that shape a run: resuming with any of them changed needs --allow_config_change.
 RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instance_data_dir", "instance_prompt",
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         missing = missing_class_indices(class_dir, args.num_class_images) if prior else []
         if missing:
             check_writable(class_dir, "--class_data_dir")
-        instance_images = [load_image(f, args.resolution) for f in instance_files]   # (3, H, W) uint8 each
+        instance_images = [load_image(f, args.resolution, flag="--instance_data_dir")   # (3, H, W) uint8 each
+                           for f in instance_files]
         dist = setup_distributed(args.device)
     except (DataError, ValueError) as e:
         return fail(str(e))
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                               share=(dist.rank, dist.world_size), progress=dist.is_main,
                               sampler="plms" if args.plms else "ddim", **CLASS_SAMPLING)
     barrier(dist)
-    class_images = ([load_image(f, args.resolution) for f in
+    class_images = ([load_image(f, args.resolution, flag="--class_data_dir") for f in
                      image_files(class_dir, flag="--class_data_dir")[:args.num_class_images]] if prior else [])
 
     # ---- what is trained, the schedule of steps, the optimizer ------------------------------------------
@@ -241,12 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     info = (start_run_record(output_dir, args, parser, device=str(dist.device), world_size=dist.world_size,
                              dtype=precision, argv=argv, memory_format=layouts) if dist.is_main else None)
 
-    def text_states(prompt: str, n: int) -> torch.Tensor:
-        """(n, 77, D) CLIP states of `prompt`; with gradients only when the text encoder is trained."""
-        ids = tokenizer([prompt] * n, padding=True, max_length=tokenizer.model_max_length).to(dist.device)
-        with torch.set_grad_enabled(args.train_text_encoder), autocast(precision, dist.device):
-            return text_encoder_ddp(ids).last_hidden_state
-
     # ---- the loop ---------------------------------------------------------------------------------------
     bar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     stopped_by = None
@@ -265,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                 batch.pixels = batch.pixels.to(dist.device)               # (N, 3, r, r), N = B or 2B
                 # Gradients are all-reduced over processes on the last micro-batch only.
                 with gradient_sync([unet_ddp, text_encoder_ddp], sync=micro == accumulation - 1):
-                    states = torch.cat([text_states(args.instance_prompt, B)]
-                                       + ([text_states(args.class_prompt, B)] if prior else []))  # (N, 77, D)
+                    states = torch.cat([text_states(text_encoder_ddp, tokenizer, [prompt] * B, precision=precision,
+                                                    trained=args.train_text_encoder)
+                                        for prompt in [args.instance_prompt] + ([args.class_prompt] if prior else [])])
                     pred, target, t = denoising_prediction(unet_ddp, vae, schedule, batch, states,
                                                            precision=precision, offset_noise=args.offset_noise)
                     per_image = denoising_loss(pred, target, t, schedule=schedule, snr_gamma=args.snr_gamma)
@@ -316,13 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
 
     if stopped_by and step < max_steps:
-        print(f"stopped by signal {stopped_by} at step {step}; resume with --resume_from_checkpoint latest",
-              file=sys.stderr)
-        if dist.is_main:
-            finish_run_record(output_dir, info, status=f"stopped by signal {stopped_by}", step=step)
-        log.close()
-        teardown_distributed(dist)
-        return 128 + stopped_by
+        return stopped_run(stopped_by, dist=dist, log=log, output_dir=output_dir, info=info, step=step)
 
     if dist.is_main:
         export(models, args, output_dir)

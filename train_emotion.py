@@ -32,7 +32,7 @@ from common.state_dict import CheckpointError
 from common.files import check_writable, remove_stale_temporaries
 from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, MetricsLog, StopOnSignal, all_reduce_sum,
                              check_output_dir, fail, fail_run, grad_scaler, gradient_sync, learning_rate,
-                             nonfinite_loss_message, optimizer_step, rng_state, save_training_state,
+                             nonfinite_loss_message, optimizer_step, rng_state, save_training_state, stopped_run,
                              seed_everything, set_rng_state, setup_distributed, stop_requested,
                              teardown_distributed)
 from vit.emotion_data import DataError
@@ -64,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_train_steps", type=int, help="optimizer steps in all (overrides --num_train_epochs)")
     a("--train_batch_size", type=int, default=32, help="images per process per micro-batch")
     a("--eval_batch_size", type=int, default=128, help="images per process per evaluation batch")
-    a("--learning_rate", type=finite_float, default=5e-4, help="peak learning rate of AdamW (the small ViT stalls at 1e-3)")
-    a("--lr_scheduler", default="cosine", choices=LR_SCHEDULERS, help="learning-rate schedule (diffusers' and transformers' get_scheduler)")
+    a("--learning_rate", type=finite_float, default=5e-4,
+      help="peak learning rate of AdamW (the small ViT stalls at 1e-3)")
+    a("--lr_scheduler", default="cosine", choices=LR_SCHEDULERS,
+      help="learning-rate schedule (diffusers' and transformers' get_scheduler)")
     a("--lr_warmup_steps", type=int, default=100, help="steps of linear warmup from 0 to --learning_rate")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     a("--max_grad_norm", type=finite_float, default=1.0, help="clip the global gradient norm to this (0: no clipping)")
@@ -266,13 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
 
     if stopped_by and step < max_steps:
-        print(f"stopped by signal {stopped_by} at step {step}; resume with --resume_from_checkpoint latest",
-              file=sys.stderr)
-        if dist.is_main:
-            finish_run_record(output_dir, info, status=f"stopped by signal {stopped_by}", step=step)
-        log.close()
-        teardown_distributed(dist)
-        return 128 + stopped_by
+        return stopped_run(stopped_by, dist=dist, log=log, output_dir=output_dir, info=info, step=step)
 
     # ---- evaluate and export --------------------------------------------------------------------------
     r = (evaluate(model, eval_set, batch_size=args.eval_batch_size, num_workers=args.dataloader_num_workers,

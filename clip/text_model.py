@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.files import read_json
+from common.files import config_from_json
 from common.recompute import maybe_recompute
 
 LEGACY_EOS_TOKEN_ID = 2  # see CLIPTextModel.pool
@@ -76,11 +76,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "CLIPTextConfig":
-        config = read_json(path)
-        try:
-            return cls.from_dict(config)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from e
+        return config_from_json(path, cls.from_dict)
 
 
 # transformers' CLIPTextConfig defaults (they fill keys an old config.json leaves out).

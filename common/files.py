@@ -81,6 +81,16 @@ def check_writable(folder: str | Path, flag: str) -> None:
         raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
 
 
+def config_from_json(path: str | Path, build: Callable):
+    """build(the file's JSON): a config object, with any error in the file (unreadable, or a value the
+    config refuses) raised as a ValueError that names the file."""
+    config = read_json(path)
+    try:
+        return build(config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
 def read_json(path: str | Path, *, error: type[Exception] = ValueError,
               missing: type[Exception] = FileNotFoundError):
     """The parsed contents of a JSON file. A file that cannot be read or parsed raises `error` (a

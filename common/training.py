@@ -308,6 +308,17 @@ def fail_run(message: str, *, reason: str, dist: Distributed, log: "MetricsLog",
     return fail(message, dist)
 
 
+def stopped_run(signum: int, *, dist: Distributed, log: "MetricsLog", output_dir: str | Path, info: dict | None,
+                step: int) -> int:
+    """The end of a run stopped by SIGINT/SIGTERM after saving its state: recorded, exit 128 + signum."""
+    print(f"stopped by signal {signum} at step {step}; resume with --resume_from_checkpoint latest", file=sys.stderr)
+    if dist.is_main:
+        finish_run_record(output_dir, info, status=f"stopped by signal {signum}", step=step)
+    log.close()
+    teardown_distributed(dist)
+    return 128 + signum
+
+
 def nonfinite_loss_message(step: int, losses) -> str:
     return (f"the loss at step {step} is not finite ({losses}); stopped, and the last checkpoint is kept: "
             "resume from it with a lower --learning_rate, or pass --skip_nonfinite_steps")

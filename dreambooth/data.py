@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from common.files import atomic_write
+from common.images import ImageError, load_image as read_image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_IMAGE_PIXELS = 89_478_485   # Pillow's own decompression-bomb limit, refused here with a message naming the file
 CLASS_IMAGE_NAME = re.compile(r"class-(\d+)\.png")   # generated class image of index N: class-0000N.png
 
 
@@ -26,26 +27,30 @@ class DataError(ValueError):
 
 
 def image_files(folder: str | Path, *, flag: str) -> list[Path]:
-    """Every file of `folder` (sorted, hidden files skipped); any that is not a readable image is an error."""
-    from PIL import Image, UnidentifiedImageError
+    """Every file of `folder` (sorted, hidden files skipped), each decoded in full here, before any model
+    loads: a file that is not an image, a truncated one, one over MAX_IMAGE_PIXELS or in a format that
+    needs an external program (EPS) is a DataError naming the flag and the file."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{flag} {folder}: no such folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     for file in files:
-        try:
-            with Image.open(file) as im:
-                im.verify()
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(f"{flag} {folder}: {file.name} is not a readable image ({e})") from None
+        _decode(file, flag=flag).close()
     return files
 
 
-def load_image(file: Path, resolution: int) -> torch.Tensor:
+def _decode(file: Path, *, flag: str | None):
+    try:
+        return read_image(file, max_pixels=MAX_IMAGE_PIXELS)
+    except ImageError as e:
+        where = f"{flag} {file.parent}: {file.name}" if flag else str(file)
+        raise DataError(f"{where} is not a readable image ({e})") from None
+
+
+def load_image(file: Path, resolution: int, *, flag: str | None = None) -> torch.Tensor:
     """(3, H, W) uint8 with the shorter side equal to `resolution` (EXIF orientation applied)."""
-    from PIL import Image, ImageOps
-    with Image.open(file) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
+    from PIL import Image
+    with _decode(file, flag=flag) as im:
         w, h = im.size
         scale = resolution / min(w, h)
         size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))

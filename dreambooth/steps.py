@@ -3,10 +3,11 @@
     models = load_models(...)                      the base model, checked and on the device
     params = trainable_parameters(models, ...)     what the optimizer moves (LoRA plugs in here)
     batch  = make_batch(...)                        instance (+ class) crops and their generators
+    states = text_states(...)                       the prompts' CLIP states (trained or not)
     pred, target, t = denoising_prediction(...)    VAE latents, forward process, one UNet call
     per_image = denoising_loss(pred, target, ...)  MSE per image (with min-SNR weighting if asked)
     grad_norm = optimizer_step(...)                 unscale, clip, step, zero (common/training.py)
-    save_state / load_state                         the whole training state, for exact resume
+    training_state / restore_training_state         the whole training state, for exact resume
 
 Every random draw of one training example (its crop, latent sample, noise and timestep) comes from
 that example's own generator (`dreambooth.data.example_generator`), so one process and N processes
@@ -73,6 +74,14 @@ def make_batch(positions: range, *, order: torch.Tensor, epoch: int, seed: int, 
         pixels += [crop(class_images[i % len(class_images)], resolution, center=center_crop, generator=g)
                    for i, g in zip(ids, generators)]
     return Batch(pixels=torch.stack(pixels), generators=generators * (2 if class_images else 1))
+
+
+def text_states(text_encoder, tokenizer, prompts: list[str], *, precision: str, trained: bool) -> torch.Tensor:
+    """(N, 77, D) CLIP states of `prompts`, with gradients only when the text encoder is trained."""
+    device = next(text_encoder.parameters()).device
+    ids = tokenizer(prompts, padding=True, max_length=tokenizer.model_max_length).to(device)   # (N, 77)
+    with torch.set_grad_enabled(trained), autocast(precision, device):
+        return text_encoder(ids).last_hidden_state
 
 
 def denoising_prediction(unet, vae, schedule, batch: Batch, states: torch.Tensor, *, precision: str,

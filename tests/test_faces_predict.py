@@ -20,7 +20,7 @@ from faces import detect_faces
 from faces.crops import crop_box
 from serve_emotion import EmotionServer
 from vit.classifier import ImageClassifier
-from vit.preprocess import load_image
+from common.images import load_image
 
 FIX = Path(__file__).parent / "fixtures"
 MODEL = str(FIX / "vit/hf_classifier")

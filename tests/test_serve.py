@@ -27,7 +27,7 @@ import serve_emotion
 from serve_emotion import EmotionServer
 from serving.batcher import Batcher
 from vit.classifier import ImageClassifier
-from vit.preprocess import load_image
+from common.images import load_image
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tests" / "fixtures" / "vit" / "hf_classifier"

@@ -345,3 +345,27 @@ def test_example_config_reads_with_the_seed_repository_settings():
     args = parse_args_with_config(train_dreambooth.build_parser(),
                                   ["--config", str(ROOT / "configs" / "train_dreambooth.example.toml")])
     assert (args.learning_rate, args.max_train_steps, args.train_batch_size, args.prior_loss_weight) == (1e-6, 800, 1, 1.0)
+
+
+def test_truncated_huge_and_eps_instance_images_are_refused_before_any_model_loads(data, tmp_path, capsys,
+                                                                                   no_model_load):
+    """Image.verify() passed a truncated PNG, and training crashed after the models had loaded."""
+    import io as io_
+    from PIL import Image
+    cases = {}
+    buf = io_.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, format="PNG")
+    cases["truncated.png"] = (buf.getvalue()[:-40], "truncated")
+    buf = io_.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buf, format="PNG")          # 10^8 pixels in a few KB
+    cases["huge.png"] = (buf.getvalue(), "too large")
+    cases["drawing.eps"] = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", "EPS")
+    for name, (payload, why) in cases.items():
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / name).write_bytes(payload)
+        argv = args_for(data, tmp_path / "out")
+        argv[argv.index("--instance_data_dir") + 1] = str(folder)
+        assert train_dreambooth.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--instance_data_dir" in err and name in err and why in err, err

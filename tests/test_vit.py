@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from common.state_dict import CheckpointError
 from vit.classifier import ImageClassifier
 from vit.model import EMOTION_LABELS, ViTConfig, ViTForImageClassification
-from vit.preprocess import PreprocessConfig, load_image, preprocess
+from common.images import load_image
+from vit.preprocess import PreprocessConfig, preprocess
 from vit.weights import (TRANSFORMERS_KEYS, load_vit, save_pretrained, split_qkv, to_our_names,
                          transformers_state_dict, rename)
 
@@ -260,7 +261,7 @@ def test_bad_preprocessor_config_refused_at_load(tmp_path, change, words):
 def test_formats_needing_an_external_program_refused(tmp_path):
     """EPS would make Pillow run Ghostscript on the file: refused from its header, before decoding."""
     from PIL import Image
-    from vit.preprocess import ImageError
+    from common.images import ImageError
     eps = tmp_path / "drawing.eps"
     Image.new("RGB", (32, 32), (200, 10, 10)).save(eps, "EPS")    # Pillow writes EPS without Ghostscript
     with pytest.raises(ImageError, match=r"drawing.eps: EPS images are not read here \(Pillow would run "
@@ -270,7 +271,7 @@ def test_formats_needing_an_external_program_refused(tmp_path):
 
 def test_pixel_limit_checked_from_the_header(monkeypatch):
     from PIL import Image
-    from vit.preprocess import ImageTooLarge
+    from common.images import ImageTooLarge
     data = (FIX / "images/rgb.jpg").read_bytes()
     width, height = Image.open(FIX / "images/rgb.jpg").size
     assert load_image(data, max_pixels=width * height).size == (width, height)

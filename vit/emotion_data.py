@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from vit.preprocess import IMAGE_SUFFIXES, ImageError, PreprocessConfig, load_image, preprocess
+from common.images import IMAGE_SUFFIXES, ImageError, load_image
+from vit.preprocess import PreprocessConfig, preprocess
 from vit.synthetic_faces import synthetic_faces
 
 EVAL_FOLDER_NAMES = ("test", "val", "validation")

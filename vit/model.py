@@ -12,7 +12,6 @@ under different names; `vit/weights.py` maps both onto the names used here.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common.files import config_from_json
 
 # The label order of dima806/facial_emotions_image_detection (its config.json id2label).
 EMOTION_LABELS = ("sad", "disgust", "angry", "neutral", "fear", "surprise", "happy")
@@ -122,7 +123,7 @@ class ViTConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ViTConfig":
-        return cls.from_hf_dict(json.loads(Path(path).read_text()))
+        return config_from_json(path, cls.from_hf_dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from common.files import atomic_write, read_json
 from common.state_dict import CheckpointError, check_keys, load_strict, read_safetensors
-from common.files import atomic_write
 from vit.model import ViTConfig, ViTForImageClassification, default_labels
 from vit.preprocess import PreprocessConfig
 
@@ -213,7 +213,7 @@ def load_vit(path: str | Path, *, labels: list[str] | None = None) -> LoadedViT:
     preprocess = None
     if config_path.exists():
         try:
-            d = json.loads(config_path.read_text())
+            d = read_json(config_path)
             if not isinstance(d, dict):
                 raise ValueError(f"expected a JSON object, not {type(d).__name__}")
             if layout == "timm" or "architecture" in d:

@@ -29,8 +29,8 @@ from typing import Iterable, Mapping
 import torch
 from safetensors.torch import save_file
 
+from common.files import atomic_write, read_json
 from common.state_dict import CheckpointError, Rule, check_keys, read_safetensors, rename_keys
-from common.files import atomic_write
 from diffusion.checkpoints import single_file
 from diffusion.models import unet as unet_module
 from diffusion.models import vae as vae_module
@@ -166,7 +166,7 @@ def save_diffusers_folder(models, out: str | Path, *, trained: set[str], config_
         # model_index.json and the other components it names (tokenizer, scheduler, and a safety checker
         # or feature extractor if the folder has them), nothing else (not a previous run's checkpoints).
         shutil.copy2(source / "model_index.json", out / "model_index.json")
-        index = json.loads((source / "model_index.json").read_text())
+        index = read_json(source / "model_index.json")
         for name in index:
             if name not in PARTS and not name.startswith("_") and (source / name).is_dir():
                 shutil.copytree(source / name, out / name, dirs_exist_ok=True)
