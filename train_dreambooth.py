@@ -19,7 +19,8 @@ class ("dog") keeps its variety instead of collapsing onto the subject (the pape
 --output_dir ends up a diffusers folder (StableDiffusionPipeline.from_pretrained and sample.py --ckpt
 load it; untrained parts are copied as they came), plus with --save_single_file `<name>.safetensors`
 in the original single-file layout (fp16, weights only), `checkpoint-<step>.pt` training states,
-`metrics.jsonl`, `validation/` grids, `run_config.toml` and `run_info.json`.
+`metrics.jsonl`, `validation/` grids, `run_config.toml` and `run_info.json`. With --rank R the run
+trains a LoRA instead (diffusers' train_dreambooth_lora.py) and writes pytorch_lora_weights.safetensors.
 """
 from __future__ import annotations
 
