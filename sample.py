@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: inferred from the tensor shapes); its tokenizer/, if any, is used too. "
                         "A FILE.toml instead is a run config: its keys are these flags' names")
     p.add_argument("--use_ema", action="store_true", help="single file: use its model_ema.* UNet weights")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="apply a LoRA file (diffusers or kohya format, .safetensors) at SCALE (default 1.0), "
                         "fused into the weights; repeat the flag to stack LoRAs")
     p.add_argument("--lora_unfused", action="store_true",
@@ -105,7 +105,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--config {args.config_dir}: not a folder (nor a run config FILE.toml)")
     if args.use_ema and Path(args.ckpt).is_dir():
         raise UsageError("--use_ema applies to a single-file --ckpt; a diffusers folder holds one UNet")
-    lora_files(args.lora)
+    lora_files(args.lora or [])
 
 
 def lora_files(values: list[str]) -> list[tuple[str, float]]:
