@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: inferred from the tensor shapes); its tokenizer/, if any, is used too. "
                         "A FILE.toml instead is a run config: its keys are these flags' names")
     p.add_argument("--use_ema", action="store_true", help="single file: use its model_ema.* UNet weights")
+    p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="apply a LoRA file (diffusers or kohya format, .safetensors) at SCALE (default 1.0), "
+                        "fused into the weights; repeat the flag to stack LoRAs")
+    p.add_argument("--lora_unfused", action="store_true",
+                   help="keep the LoRA updates beside the weights instead of fusing them (same images, slower)")
+    p.add_argument("--lora_skip_unknown", action="store_true",
+                   help="skip (and print) LoRA keys that match no module, instead of refusing the file")
     return p
 
 
@@ -98,6 +105,26 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--config {args.config_dir}: not a folder (nor a run config FILE.toml)")
     if args.use_ema and Path(args.ckpt).is_dir():
         raise UsageError("--use_ema applies to a single-file --ckpt; a diffusers folder holds one UNet")
+    lora_files(args.lora or [])
+
+
+def lora_files(values: list[str]) -> list[tuple[str, float]]:
+    """--lora FILE or FILE:SCALE -> (FILE, SCALE); a FILE whose own name holds a colon is taken whole."""
+    files = []
+    for value in values:
+        path, scale = value, 1.0
+        if not Path(value).exists() and ":" in value:
+            path, text = value.rsplit(":", 1)
+            try:
+                scale = float(text)
+            except ValueError:
+                raise UsageError(f"--lora {value}: the scale {text!r} is not a number (FILE or FILE:SCALE)") from None
+            if scale != scale or scale in (float("inf"), float("-inf")):
+                raise UsageError(f"--lora {value}: the scale must be finite")
+        if not Path(path).is_file():
+            raise UsageError(f"--lora {value}: no such file {path}")
+        files.append((path, scale))
+    return files
 
 
 def image_size(args: argparse.Namespace, configs) -> None:
@@ -184,6 +211,15 @@ def main(argv: list[str] | None = None) -> list[Path]:
             image_size(args, (models.unet.config, models.vae.config))
         except UsageError as e:
             raise SystemExit(f"sample.py: error: {e}")
+    if args.lora:   # every file read and checked against the model first, then applied (and fused)
+        from diffusion.checkpoints.lora_files import load_lora_files
+        try:
+            skipped = load_lora_files(models, lora_files(args.lora), fuse=not args.lora_unfused,
+                                      skip_unknown=args.lora_skip_unknown)
+        except (CheckpointError, OSError) as e:
+            raise SystemExit(f"sample.py: error: --lora {e}")
+        for key in skipped:
+            print(f"--lora_skip_unknown: skipped {key}", file=sys.stderr)
     for module in (models.unet, models.vae, models.text_encoder):
         module.to(device).eval()
     layouts = arrange_for_speed(models, device=device, precision=args.precision)  # channels-last where faster

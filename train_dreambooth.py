@@ -19,7 +19,8 @@ class ("dog") keeps its variety instead of collapsing onto the subject (the pape
 --output_dir ends up a diffusers folder (StableDiffusionPipeline.from_pretrained and sample.py --ckpt
 load it; untrained parts are copied as they came), plus with --save_single_file `<name>.safetensors`
 in the original single-file layout (fp16, weights only), `checkpoint-<step>.pt` training states,
-`metrics.jsonl`, `validation/` grids, `run_config.toml` and `run_info.json`.
+`metrics.jsonl`, `validation/` grids, `run_config.toml` and `run_info.json`. With --rank R the run
+trains a LoRA instead (diffusers' train_dreambooth_lora.py) and writes pytorch_lora_weights.safetensors.
 """
 from __future__ import annotations
 
@@ -56,9 +57,10 @@ RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instan
                "train_text_encoder", "resolution", "center_crop", "train_batch_size", "gradient_accumulation_steps",
                "world_size", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
                "num_train_epochs", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-               "mixed_precision", "seed", "offset_noise", "snr_gamma")
+               "mixed_precision", "seed", "offset_noise", "snr_gamma", "rank")
 CLASS_SAMPLING = dict(steps=50, guidance_scale=7.5)        # StableDiffusionPipeline's defaults, as diffusers uses
 VALIDATION_SAMPLING = dict(steps=25, guidance_scale=7.5)   # diffusers' DreamBooth validation settings
+LEARNING_RATE = {"full": 5e-6, "lora": 5e-4}   # train_dreambooth.py's and train_dreambooth_lora.py's defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_train_steps", type=int, help="optimizer steps in all (overrides --num_train_epochs)")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     a("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    a("--learning_rate", type=finite_float, default=5e-6, help="peak learning rate of AdamW")
+    a("--learning_rate", type=finite_float,
+      help=f"peak learning rate of AdamW (default {LEARNING_RATE['full']}; with --rank {LEARNING_RATE['lora']})")
     a("--scale_lr", action="store_true", help="multiply the learning rate by the global batch size")
     a("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="learning rate schedule")
     a("--lr_warmup_steps", type=int, default=500, help="linear warmup steps (not used by 'constant')")
@@ -113,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--offset_noise", action="store_true", help=f"add {OFFSET_NOISE_SCALE} x per-channel offset noise")
     a("--snr_gamma", type=finite_float, help="min-SNR loss weighting with this gamma (5.0 is recommended)")
     a("--save_single_file", action="store_true", help="also write the original single-file layout (fp16)")
+    a("--rank", type=int, help="train a LoRA of this rank (diffusers' train_dreambooth_lora.py uses 4) instead "
+                               "of the whole UNet; writes OUTPUT_DIR/pytorch_lora_weights.safetensors")
+    a("--lora_format", default="diffusers", choices=["diffusers", "kohya"],
+      help="with --rank: 'kohya' also writes pytorch_lora_weights_kohya.safetensors (A1111/ComfyUI keys)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
 
@@ -139,6 +146,14 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
             parser.error(f"--{name} {getattr(args, name)}: must be at least 1")
     if args.with_prior_preservation and args.num_class_images < 1:
         parser.error(f"--num_class_images {args.num_class_images}: must be at least 1")
+    if args.rank is not None and args.rank < 1:
+        parser.error(f"--rank {args.rank}: the LoRA rank must be at least 1")
+    if args.lora_format != "diffusers" and args.rank is None:
+        parser.error(f"--lora_format {args.lora_format}: needs --rank (a LoRA run)")
+    if args.rank is not None and args.save_single_file:
+        parser.error("--save_single_file: a LoRA run (--rank) writes LoRA files, not a whole model")
+    if args.learning_rate is None:
+        args.learning_rate = LEARNING_RATE["full" if args.rank is None else "lora"]
     if args.learning_rate <= 0 or args.lr_warmup_steps < 0 or args.max_grad_norm < 0 or args.prior_loss_weight < 0:
         parser.error("--learning_rate must be > 0; --lr_warmup_steps, --max_grad_norm, --prior_loss_weight >= 0")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
@@ -199,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- what is trained, the schedule of steps, the optimizer ------------------------------------------
     params = trainable_parameters(models, train_text_encoder=args.train_text_encoder,
-                                  gradient_checkpointing=args.gradient_checkpointing)
+                                  gradient_checkpointing=args.gradient_checkpointing, rank=args.rank)
     B, accumulation = args.train_batch_size, args.gradient_accumulation_steps
     global_batch = B * accumulation * dist.world_size
     # As diffusers: an epoch pairs instance i % n_inst with class image i % n_class, for max(n_inst, n_class) i.
@@ -230,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no checkpoint in {output_dir}; starting from scratch", file=sys.stderr)
     if resumed is not None:
         path, state = resumed
-        step = restore_training_state(state, models, optimizer, scaler, train_text_encoder=args.train_text_encoder)
+        try:
+            step = restore_training_state(state, models, optimizer, scaler, train_text_encoder=args.train_text_encoder,
+                                          lora_only=args.rank is not None)
+        except (CheckpointError, KeyError, RuntimeError, ValueError) as e:
+            return fail(f"--resume_from_checkpoint {path}: does not fit this run ({e})", dist)
         skipped = state.get("skipped_nonfinite_steps", 0)
         set_rng_state(state["rng"])
         print(f"resumed from {path} at step {step}", file=sys.stderr)
@@ -302,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                 stopped_by = stop.signum or 15
             if step % args.checkpointing_steps == 0 or (stopped_by and step < max_steps):
                 state = training_state(models, optimizer, scaler, step=step, rng=rng_state(),
-                                       run_settings=run_settings, train_text_encoder=args.train_text_encoder)
+                                       run_settings=run_settings, train_text_encoder=args.train_text_encoder,
+                                       lora_only=args.rank is not None)
                 error = save_training_state(dist, checkpoints, step, {**state, "skipped_nonfinite_steps": skipped})
                 if error is not None:   # a full disk, say: the previous checkpoint is intact
                     return fail_run(error, reason=error, dist=dist, log=log, output_dir=output_dir, info=info,
@@ -340,8 +360,16 @@ def validate(dist, models, args, output_dir: Path, step: int) -> None:
 
 
 def export(models, args, output_dir: Path) -> None:
-    """A diffusers folder (untrained parts as they came) and, with --save_single_file, the original layout."""
+    """A diffusers folder (untrained parts as they came) and, with --save_single_file, the original layout;
+    with --rank, the LoRA files only."""
     from diffusion.checkpoints.save import save_diffusers_folder, save_single_file
+    if args.rank is not None:
+        from diffusion.checkpoints.lora_files import save_lora_files
+        parts = ("unet", "text_encoder") if args.train_text_encoder else ("unet",)
+        written = save_lora_files(models, output_dir, parts=parts, kohya=args.lora_format == "kohya")
+        print("LoRA written to " + ", ".join(map(str, written)) +
+              f" (use: python sample.py --ckpt {args.pretrained_model_name_or_path} --lora {written[0]})")
+        return
     trained = {"unet"} | ({"text_encoder"} if args.train_text_encoder else set())
     save_diffusers_folder(models, output_dir, trained=trained, config_dir=args.pretrained_config_dir)
     written = [output_dir]

@@ -40,19 +40,31 @@ def load_models(path: str, *, config_dir: str | None, resolution: int, device: t
     return models, arrange_for_speed(models, device=device, precision=precision)
 
 
-def trainable_parameters(models, *, train_text_encoder: bool, gradient_checkpointing: bool) -> list:
+def trainable_parameters(models, *, train_text_encoder: bool, gradient_checkpointing: bool,
+                         rank: int | None = None) -> list:
     """Full fine-tuning: every UNet weight (and every text-encoder weight with --train_text_encoder),
-    in fp32; the VAE is frozen and stays in eval mode. Another way of training (LoRA) changes only this."""
+    in fp32; the VAE is frozen and stays in eval mode.
+
+    With `rank` (--rank), LoRA instead, as diffusers' train_dreambooth_lora.py: every weight is frozen,
+    the four projections of every UNet attention (and, with --train_text_encoder, of every text-encoder
+    attention) get a rank-r update with alpha = r (diffusion/lora.py), and only those updates train."""
+    from diffusion import lora
     unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(train_text_encoder)
+    unet.requires_grad_(rank is None)
+    text_encoder.requires_grad_(train_text_encoder and rank is None)
+    if rank is not None:
+        lora.inject(unet, lora.UNET_TARGETS, rank=rank, alpha=rank)
+        if train_text_encoder:
+            lora.inject(text_encoder, lora.TEXT_ENCODER_TARGETS, rank=rank, alpha=rank)
     unet.train()
     text_encoder.train(train_text_encoder)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if train_text_encoder:
             text_encoder.enable_gradient_checkpointing()
-    return list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
+    return [p for m in (unet, *([text_encoder] if train_text_encoder else [])) for p in m.parameters()
+            if p.requires_grad]
 
 
 @dataclass
@@ -124,20 +136,28 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor | N
 
 
 def training_state(models, optimizer, scaler, *, step: int, rng: dict, run_settings: dict,
-                   train_text_encoder: bool) -> dict:
-    """Everything a resumed run needs to continue bit for bit (the data stream follows from the step)."""
-    state = {"unet": models.unet.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                   train_text_encoder: bool, lora_only: bool = False) -> dict:
+    """Everything a resumed run needs to continue bit for bit (the data stream follows from the step).
+    With `lora_only` the models' weights are the LoRA updates alone: the rest is the frozen base."""
+    from diffusion.lora import lora_state_dict
+    weights = lora_state_dict if lora_only else (lambda m: m.state_dict())
+    state = {"unet": weights(models.unet), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "step": step, "rng": rng, "run_settings": run_settings}
     if train_text_encoder:
-        state["text_encoder"] = models.text_encoder.state_dict()
+        state["text_encoder"] = weights(models.text_encoder)
     return state
 
 
-def restore_training_state(state: dict, models, optimizer, scaler, *, train_text_encoder: bool) -> int:
+def restore_training_state(state: dict, models, optimizer, scaler, *, train_text_encoder: bool,
+                           lora_only: bool = False) -> int:
     """Load `training_state`'s dict back; returns the step it was saved at."""
-    models.unet.load_state_dict(state["unet"])
-    if train_text_encoder:
-        models.text_encoder.load_state_dict(state["text_encoder"])
+    from diffusion.lora import load_lora_state_dict
+    parts = ["unet"] + (["text_encoder"] if train_text_encoder else [])
+    for part in parts:
+        if lora_only:
+            load_lora_state_dict(getattr(models, part), state[part], source=f"checkpoint ({part} LoRA)")
+        else:
+            getattr(models, part).load_state_dict(state[part])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     return state["step"]

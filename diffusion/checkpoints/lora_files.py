@@ -1,0 +1,246 @@
+"""LoRA files, read and written in the two public formats, mapped onto our module names strictly.
+
+    diffusers  unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight   (peft, new)
+               unet.down_blocks.0. ... .attn1.to_q.lora.down.weight                             (train_dreambooth_lora)
+               unet.down_blocks.0. ... .attn1.processor.to_q_lora.down.weight                   (attention processors, old)
+               text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight
+               (the same without the unet./text_encoder. prefix: a UNet key, or a text_model. key)
+               alpha: the file's "lora_adapter_metadata" (peft's lora_alpha, alpha_pattern), else alpha = rank
+    kohya      lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight
+               lora_unet_..._attn1_to_q.lora_up.weight, lora_unet_..._attn1_to_q.alpha (a scalar)
+               lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight
+               (kohya's SD v1 names are diffusers' module names with "." written "_"; conv keys, e.g.
+               ..._resnets_0_conv1, carry 4-d tensors)
+
+Every key must map onto a Linear or Conv2d of our UNet or text encoder, with shapes that fit, before
+anything is applied: an unknown key is an error naming it (or, asked for, a skipped key that is
+printed), a mis-shaped one an error naming the key and both shapes (an SD 2 or SDXL LoRA on SD v1).
+Pickle files are refused as every pickle is (common/state_dict.py).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common.state_dict import CheckpointError, read_safetensors, safetensors_metadata
+from diffusion import lora
+
+PARTS = ("unet", "text_encoder")
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# Our text encoder drops transformers' `text_model.encoder.` levels (clip/weights.py): one rule each way.
+TEXT_THEIRS = "text_model.encoder."
+
+# (regex over a key without its part prefix: group 1 is the module, role): written as data, in one screen.
+KEY_FORMS = [
+    (r"(.+)\.lora_A\.weight", "down"), (r"(.+)\.lora_B\.weight", "up"),                     # peft
+    (r"(.+)\.lora\.down\.weight", "down"), (r"(.+)\.lora\.up\.weight", "up"),                 # diffusers UNet
+    (r"(.+)\.lora_linear_layer\.down\.weight", "down"),                                       # diffusers text
+    (r"(.+)\.lora_linear_layer\.up\.weight", "up"),
+    (r"(.+_lora)\.down\.weight", "down"), (r"(.+_lora)\.up\.weight", "up"),                  # old processors
+    (r"(.+)\.lora_down\.weight", "down"), (r"(.+)\.lora_up\.weight", "up"), (r"(.+)\.alpha", "alpha"),  # kohya
+]
+# The old attention-processor names -> module names.
+OLD_MODULES = [
+    (r"(.+)\.processor\.(to_[qkv])_lora", r"\1.\2"), (r"(.+)\.processor\.to_out_lora", r"\1.to_out.0"),
+    (r"(.+\.self_attn)\.to_([qkv])_lora", r"\1.\2_proj"), (r"(.+\.self_attn)\.to_out_lora", r"\1.out_proj"),
+]
+
+
+@dataclass
+class LoRAUpdate:
+    part: str                      # "unet" or "text_encoder"
+    module: str                    # our module name, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    down: torch.Tensor             # A: (r, in) or (r, in, k, k)
+    up: torch.Tensor               # B: (out, r) or (out, r, 1, 1)
+    alpha: float                   # the update is (alpha / r) B A
+    key: str                       # the file's key of `down`, for messages
+
+
+# ---- module names: ours <-> the file's ----------------------------------------------------------------
+def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Our Linear and Conv2d layers by name (an already adapted one by its own name, as its base)."""
+    found = {}
+    for name, m in model.named_modules():
+        if any(name.startswith(n + ".") for n in found):
+            continue                               # inside a LoRALayer: its base_layer / lora_A / lora_B
+        if isinstance(m, lora.LoRALayer):
+            found[name] = lora.innermost(m)
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            found[name] = m
+    return found
+
+
+def theirs(part: str, ours: str) -> str:
+    """The module's name in diffusers/transformers: the text encoder's under `text_model.encoder.`."""
+    return TEXT_THEIRS + ours if part == "text_encoder" and ours.startswith("layers.") else ours
+
+
+def ours(part: str, theirs_name: str) -> str:
+    if part == "text_encoder":
+        return re.sub(r"^(?:text_model\.)?encoder\.(layers\..+)", r"\1", theirs_name)
+    return theirs_name
+
+
+def _split(key: str, kohya_names: dict[str, dict[str, str]]) -> tuple[str, str, str] | None:
+    """key -> (part, our module name, role), or None when the key is not one we know."""
+    for part, prefix in KOHYA_PREFIXES.items():
+        m = re.fullmatch(re.escape(prefix) + r"([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)", key)
+        if m:
+            role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m.group(2)]
+            module = kohya_names[part].get(m.group(1))
+            return (part, module, role) if module else None
+    if key.startswith(("unet.", "text_encoder.")):
+        part, _, rest = key.partition(".")
+    else:   # no prefix: old UNet-only files, or a text-encoder file
+        part, rest = ("text_encoder" if key.startswith("text_model.") else "unet"), key
+    for pattern, role in KEY_FORMS:
+        m = re.fullmatch(pattern, rest)
+        if m:
+            module = m.group(1)
+            for old, new in OLD_MODULES:
+                module = re.sub(f"^{old}$", new, module)
+            return part, ours(part, module), role
+    return None
+
+
+# ---- reading ------------------------------------------------------------------------------------------
+def _adapter_alpha(metadata: dict, part: str, module: str, rank: int) -> float:
+    """diffusers' safetensors metadata (peft LoraConfig fields under `unet.`/`text_encoder.`), else rank."""
+    config = metadata.get(part, {})
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", theirs(part, module)):
+            return float(alpha)
+    return float(config.get("lora_alpha", rank))
+
+
+def read_lora(path: str | Path, models, *, skip_unknown: bool = False) -> tuple[list[LoRAUpdate], list[str]]:
+    """Every update of one LoRA file, mapped and shape-checked against `models` (nothing is applied).
+    Returns (updates, skipped keys); raises CheckpointError naming the first bad key."""
+    path = Path(path)
+    tensors = read_safetensors(path)         # refuses pickles (.bin/.pt/.ckpt) by name
+    source = str(path)
+    raw = safetensors_metadata(path).get("lora_adapter_metadata")
+    metadata: dict[str, dict] = {}
+    for k, v in (json.loads(raw) if raw else {}).items():   # {"unet.lora_alpha": 8, ...} -> {"unet": {...}}
+        part, _, field = k.partition(".")
+        metadata.setdefault(part, {})[field] = v
+    modules = {part: adaptable_modules(getattr(models, part)) for part in PARTS}
+    # kohya's flat names: ours written the public way, "." as "_" (text: with or without `text_model_`)
+    kohya_names = {part: {theirs(part, n).replace(".", "_"): n for n in modules[part]} for part in PARTS}
+    kohya_names["text_encoder"] |= {k.removeprefix("text_model_"): n for k, n in kohya_names["text_encoder"].items()}
+
+    found: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    unknown = []
+    for key in sorted(tensors):
+        split = _split(key, kohya_names)
+        if split is None or split[1] not in modules[split[0]]:
+            unknown.append(key)
+            continue
+        part, module, role = split
+        found.setdefault((part, module), {})[role] = (key, tensors[key])
+
+    updates = []
+    for (part, module), roles in found.items():
+        if "down" not in roles or "up" not in roles:
+            keys = ", ".join(k for k, _ in roles.values())
+            raise CheckpointError(f"{source}: {keys}: the update of {part} {module} lacks its "
+                                  f"{'down (A)' if 'down' not in roles else 'up (B)'} tensor")
+        (key, down), (up_key, up) = roles["down"], roles["up"]
+        base = modules[part][module]
+        rank = down.shape[0]
+        if isinstance(base, nn.Linear):
+            want_down, want_up = (rank, base.in_features), (base.out_features, rank)
+        else:
+            want_down = (rank, base.in_channels, *base.kernel_size)
+            want_up = (base.out_channels, rank, 1, 1)
+        for k, t, want in ((key, down, want_down), (up_key, up, want_up)):
+            if tuple(t.shape) != want:
+                raise CheckpointError(
+                    f"{source}: {k} has shape {tuple(t.shape)}, but {part} {module} "
+                    f"({type(base).__name__} weight {tuple(base.weight.shape)}) needs {want}: this LoRA was made "
+                    "for another architecture (an SD 2.x or SDXL LoRA on an SD v1 model?)")
+        alpha = (float(roles["alpha"][1]) if "alpha" in roles
+                 else _adapter_alpha(metadata, part, module, rank))
+        updates.append(LoRAUpdate(part=part, module=module, down=down, up=up, alpha=alpha, key=key))
+    if unknown and not skip_unknown:
+        shown = ", ".join(unknown[:10]) + (f", ... ({len(unknown) - 10} more)" if len(unknown) > 10 else "")
+        raise CheckpointError(f"{source}: {len(unknown)} key(s) match no module of this model: {shown} "
+                              "(--lora_skip_unknown skips them)")
+    if not updates:
+        raise CheckpointError(f"{source}: no LoRA update in this file")
+    return updates, unknown
+
+
+def apply_lora(models, updates: list[LoRAUpdate], *, scale: float = 1.0) -> None:
+    """Wrap each updated module in a LoRALayer holding the file's A and B (`lora.fuse` then folds them in)."""
+    for u in updates:
+        (layer,) = lora.inject(getattr(models, u.part), [u.module], rank=u.down.shape[0], alpha=u.alpha,
+                               scale=scale)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(u.down.reshape(layer.lora_A.weight.shape))
+            layer.lora_B.weight.copy_(u.up.reshape(layer.lora_B.weight.shape))
+
+
+def load_lora_files(models, files: list[tuple[str, float]], *, fuse: bool = True,
+                    skip_unknown: bool = False) -> list[str]:
+    """Read and check every (file, scale) first, then apply them all (fused into the weights unless
+    `fuse` is False). Returns the skipped keys, as "file: key"."""
+    read = [(read_lora(path, models, skip_unknown=skip_unknown), scale, path) for path, scale in files]
+    for (updates, _), scale, _ in read:
+        apply_lora(models, updates, scale=scale)
+    if fuse:
+        for part in PARTS:
+            lora.fuse(getattr(models, part))
+    return [f"{path}: {key}" for (_, skipped), _, path in read for key in skipped]
+
+
+# ---- writing ------------------------------------------------------------------------------------------
+def diffusers_lora_tensors(models, parts=PARTS) -> dict[str, torch.Tensor]:
+    """The adapted modules' A and B under the keys diffusers' train_dreambooth_lora.py writes (alpha = rank)."""
+    leaf = {"unet": ("lora.down", "lora.up"), "text_encoder": ("lora_linear_layer.down", "lora_linear_layer.up")}
+    out = {}
+    for part in parts:
+        for name, layer in lora.lora_layers(getattr(models, part)).items():
+            if layer.alpha != layer.rank:
+                raise ValueError(f"{part} {name}: alpha {layer.alpha} != rank {layer.rank} has no place in "
+                                 "diffusers' file keys (write the kohya format)")
+            down, up = leaf[part]
+            out[f"{part}.{theirs(part, name)}.{down}.weight"] = layer.lora_A.weight.detach().contiguous()
+            out[f"{part}.{theirs(part, name)}.{up}.weight"] = layer.lora_B.weight.detach().contiguous()
+    return out
+
+
+def kohya_lora_tensors(models, parts=PARTS) -> dict[str, torch.Tensor]:
+    """The same updates in kohya's format (A1111, ComfyUI): flat names, lora_down/lora_up, and alpha."""
+    out = {}
+    for part in parts:
+        for name, layer in lora.lora_layers(getattr(models, part)).items():
+            flat = KOHYA_PREFIXES[part] + theirs(part, name).replace(".", "_")
+            out[f"{flat}.lora_down.weight"] = layer.lora_A.weight.detach().contiguous()
+            out[f"{flat}.lora_up.weight"] = layer.lora_B.weight.detach().contiguous()
+            out[f"{flat}.alpha"] = torch.tensor(layer.alpha)
+    return out
+
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"          # the name load_lora_weights(folder) looks for
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+
+
+def save_lora_files(models, folder: str | Path, *, parts=PARTS, kohya: bool = False) -> list[Path]:
+    """folder/pytorch_lora_weights.safetensors in diffusers' format (and, with `kohya`, the kohya file);
+    each written atomically. Returns the paths written."""
+    from safetensors.torch import save_file
+    from common.files import atomic_write
+    folder = Path(folder)
+    written = []
+    for name, tensors in ((DIFFUSERS_FILE, diffusers_lora_tensors(models, parts)),
+                          *([(KOHYA_FILE, kohya_lora_tensors(models, parts))] if kohya else [])):
+        tensors = {k: v.float().cpu() for k, v in tensors.items()}
+        atomic_write(folder / name, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        written.append(folder / name)
+    return written
