@@ -66,7 +66,16 @@ def _type_name(action: argparse.Action) -> str:
 
 
 def _check_one(value, action: argparse.Action):
-    """The value converted to what argparse would store, or a ValueError saying what was expected."""
+    """The value converted to what argparse would store, or a ValueError saying what was expected.
+    A repeatable flag (action="append", e.g. sample.py --lora) takes a list of such values."""
+    if isinstance(action, argparse._AppendAction):
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list (the flag repeats), got {value!r}")
+        return [_check_scalar(v, action) for v in value]
+    return _check_scalar(value, action)
+
+
+def _check_scalar(value, action: argparse.Action):
     if action.nargs == 0:                                     # store_true / store_false
         if not isinstance(value, bool):
             raise ValueError(f"expected true or false, got {value!r}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.run_config import check_resume_config, parse_args_with_config, to_toml
+from common.run_config import check_resume_config, parse_args_with_config, read_config, to_toml
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,3 +98,16 @@ def test_train_emotion_rejects_a_bad_config_before_any_work(tmp_path, capsys):
         train_emotion.main(["--config", str(bad), "--output_dir", str(tmp_path / "out")])
     assert "line 2: key 'train_batch_size': expected an integer" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_repeatable_flag_round_trips_as_a_list(tmp_path):
+    """sample.py --lora FILE[:SCALE] repeats; its run_config.toml holds a list that reads back."""
+    p = argparse.ArgumentParser(prog="demo.py")
+    p.add_argument("--lora", action="append")
+    p.add_argument("--config")
+    args = p.parse_args(["--lora", "a.safetensors:0.5", "--lora", "b.safetensors"])
+    (tmp_path / "run.toml").write_text(to_toml(args, p))
+    assert read_config(tmp_path / "run.toml", p) == {"lora": ["a.safetensors:0.5", "b.safetensors"]}
+    (tmp_path / "bad.toml").write_text('lora = "a.safetensors"\n')
+    with pytest.raises(SystemExit):
+        read_config(tmp_path / "bad.toml", p)
