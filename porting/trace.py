@@ -134,7 +134,7 @@ def trace(component: Component, inputs: dict[str, torch.Tensor], *, names: str =
     for name, _, x, _ in sorted(rows, key=lambda r: (r[3], -r[0].count("."))):
         short = _strip(name, component)
         if short:
-            out[short] = x.contiguous()
+            out[short] = x.contiguous().clone()   # each its own memory (one output can sit under two names)
     return out
 
 
