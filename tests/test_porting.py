@@ -119,3 +119,16 @@ def test_compare_without_shared_keys_exits_2(tmp_path, capsys):
     save_file({"b": torch.zeros(2)}, str(tmp_path / "b.safetensors"))
     code, io = _run(["compare", tmp_path / "a.safetensors", tmp_path / "b.safetensors"], capsys)
     assert code == 2 and "share no key" in io.err
+
+
+def test_the_numpy_port_of_clip_matches_our_trace_layer_by_layer(tmp_path, capsys):
+    """docs/porting.md's worked example: a numpy-only port, checked with the compare tool."""
+    from porting.numpy_clip import main as numpy_main
+    inputs = TRACES / "text_encoder_inputs.safetensors"
+    numpy_main([MODELS["text_encoder"], inputs, tmp_path / "numpy.safetensors"])
+    code, io = _run(["trace", "--model", MODELS["text_encoder"], "--component", "text_encoder", "--inputs", inputs,
+                     "--out", tmp_path / "ours.safetensors"], capsys)
+    assert code == 0, io.err
+    code, io = _run(["compare", tmp_path / "ours.safetensors", tmp_path / "numpy.safetensors"], capsys)
+    assert code == 0 and "0 beyond" in io.out, io.out
+    assert "33 shared keys" in io.out   # the port dumps no wrapper (mlp, embeddings, encoder): listed, not failed
