@@ -1,0 +1,88 @@
+"""`python -m porting compare REFERENCE OTHER`: two traces side by side, key by key, in forward order.
+
+For each key both files hold: the max |a - b| and that divided by max |a| of the reference (the
+first file), so one tolerance fits a layer norm's output and a logit alike. Activations of equal size
+but different shape (a (T, D) position embedding against transformers' (1, T, D)) are compared as
+flat vectors and marked. The first key beyond --rtol is marked: it is where a port first goes wrong.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from porting.components import TraceError
+
+
+@dataclass
+class Line:
+    key: str
+    max_abs: float
+    rel: float
+    note: str = ""
+
+
+@dataclass
+class Result:
+    lines: list[Line] = field(default_factory=list)
+    only_reference: list[str] = field(default_factory=list)
+    only_other: list[str] = field(default_factory=list)
+    beyond: list[str] = field(default_factory=list)
+
+
+def read_trace(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tensors and their forward order (from the trace's metadata; file order otherwise)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise TraceError(f"{path}: not a readable safetensors file ({e})") from None
+    order = [k for k in json.loads(meta.get("order", "[]")) if k in tensors]
+    return tensors, order + sorted(set(tensors) - set(order))
+
+
+def compare(reference: str | Path, other: str | Path, *, rtol: float = 1e-4) -> Result:
+    a, order_a = read_trace(reference)
+    b, order_b = read_trace(other)
+    shared = [k for k in order_a if k in b]
+    if not shared:
+        raise TraceError(f"{reference} and {other} share no key (e.g. {order_a[:2]} vs {order_b[:2]}): "
+                         "were they traced with the same --names?")
+    result = Result(only_reference=[k for k in order_a if k not in b], only_other=[k for k in order_b if k not in a])
+    for key in shared:
+        x, y = a[key].double(), b[key].double()
+        note = ""
+        if x.shape != y.shape:
+            if x.numel() != y.numel():
+                result.lines.append(Line(key, float("inf"), float("inf"), f"shape {tuple(x.shape)} vs {tuple(y.shape)}"))
+                result.beyond.append(key)
+                continue
+            note = f"flat: {tuple(x.shape)} vs {tuple(y.shape)}"
+            x, y = x.flatten(), y.flatten()
+        diff = (x - y).abs().max().item() if x.numel() else 0.0
+        scale = x.abs().max().item() if x.numel() else 0.0
+        rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+        if not (rel <= rtol):   # NaN counts as beyond
+            result.beyond.append(key)
+        result.lines.append(Line(key, diff, rel, note))
+    return result
+
+
+def report(result: Result, *, rtol: float) -> str:
+    first = result.beyond[0] if result.beyond else None
+    width = max(len(line.key) for line in result.lines)
+    out = [f"{'key':<{width}}  {'max abs diff':>12}  {'rel':>9}"]
+    for line in result.lines:
+        mark = "  <-- first beyond rtol" if line.key == first else ("  beyond" if line.key in result.beyond else "")
+        note = f"  ({line.note})" if line.note else ""
+        out.append(f"{line.key:<{width}}  {line.max_abs:12.3e}  {line.rel:9.2e}{note}{mark}")
+    for title, keys in (("only in the reference", result.only_reference), ("only in the other", result.only_other)):
+        if keys:
+            out.append(f"{title} ({len(keys)}): {', '.join(keys)}")
+    out.append(f"{len(result.lines)} shared keys, {len(result.beyond)} beyond rtol {rtol:g}"
+               + (f"; first: {first}" if first else ""))
+    return "\n".join(out)

@@ -1,0 +1,270 @@
+"""One component of a checkpoint, loaded by our loaders, with its tensors paired with ours.
+
+A `Component` holds the built model, how to run it on named inputs, and `pairing`: for each of our
+tensor names, the checkpoint key(s) it was loaded from. The pairing is made by running the loaders' own
+renaming (clip/weights.py TEXT_RULES, vit/weights.py's template tables, diffusion/checkpoints/
+single_file.py's rules) over the checkpoint's key names, exactly as a load does, so a trace names
+modules the way the file does, whatever variant of a layout it is (transformers 4 or 5 prefixes, old
+diffusers VAE attention names, an SD v1 single file).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from common.state_dict import CheckpointError, rename_keys
+
+COMPONENTS = ("vit", "text_encoder", "unet", "vae_encoder", "vae_decoder")
+
+
+class TraceError(ValueError):
+    """Bad input to the porting tools; the message names it."""
+
+
+@dataclass
+class Input:
+    kind: str                      # "float", "int" or "number"
+    shape: tuple                   # one entry per dimension: an int (required size), None (any) or "B"
+    multiple: dict = field(default_factory=dict)   # dim -> the size must be a multiple of this
+    maximum: dict = field(default_factory=dict)    # dim -> the size must be at most this
+    optional_dims: bool = False    # a 0-dim tensor is accepted too (a timestep for the whole batch)
+
+
+@dataclass
+class Component:
+    name: str                          # one of COMPONENTS
+    layout: str                        # mapping layout: "transformers-vit", "ldm-unet", ...
+    model: torch.nn.Module             # the module whose submodules are traced
+    run: Callable[[dict], object]      # forward on validated inputs
+    inputs: dict[str, Input]
+    scope: tuple[str, ...]             # our module prefixes that belong to the component ("" = all)
+    strip: tuple[str, ...]             # prefixes removed from names, ours and the checkpoint's, in order
+    pairing: dict[str, tuple[str, ...]]  # our tensor name -> the checkpoint key(s) it comes from
+    shapes: dict[str, tuple[int, ...]]   # checkpoint key -> its shape in the file
+    fused: dict[str, int] = field(default_factory=dict)  # our module -> its output splits into n checkpoint modules
+    ckpt_prefix: str = ""              # text encoder: what precedes `embeddings.` in the file's keys
+
+
+def _keys_and_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _pair(mapping: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """{our key: checkpoint key} (from rename_keys over {k: k}) -> {our key: (checkpoint key,)}."""
+    return {ours: (theirs,) for ours, theirs in mapping.items()}
+
+
+def _is_sd_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "model_index.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- ViT
+def load_vit_component(path: Path) -> Component:
+    from vit.weights import TIMM_KEYS, TRANSFORMERS_IGNORED, TRANSFORMERS_KEYS, _QKV, load_vit, rename
+    import re
+
+    try:
+        loaded = load_vit(path)
+    except CheckpointError as e:
+        if "no classification head" not in str(e):
+            raise
+        loaded = load_vit(path, labels=["LABEL_0"])  # a backbone: its (new) head is not in the file, nor traced
+    shapes = _keys_and_shapes(Path(loaded.source))
+    config = loaded.model.config
+    if loaded.layout == "timm":
+        pairing, layout = _pair(rename({k: k for k in shapes}, TIMM_KEYS)), "timm-vit"
+    else:
+        named = {("vit." + k if loaded.layout == "transformers-vitmodel" else k): k for k in shapes}
+        named = {k: v for k, v in named.items() if not re.fullmatch(TRANSFORMERS_IGNORED, k)}
+        unfused = rename(named, TRANSFORMERS_KEYS)          # our name (q, k, v still apart) -> file key
+        pairing, groups = {}, {}
+        for ours, theirs in unfused.items():
+            m = _QKV.fullmatch(ours)
+            if m:
+                groups.setdefault(f"{m[1]}.qkv.{m[3]}", {})[m[2]] = theirs
+            else:
+                pairing[ours] = (theirs,)
+        pairing.update({k: (g["q"], g["k"], g["v"]) for k, g in groups.items()})
+        layout = "transformers-vit"
+    fused = {f"blocks.{i}.attn.qkv": 3 for i in range(config.num_layers)} if layout == "transformers-vit" else {}
+    return Component(
+        name="vit", layout=layout, model=loaded.model, run=lambda x: loaded.model(x["pixel_values"]),
+        inputs={"pixel_values": Input("float", ("B", config.num_channels, None, None),
+                                      multiple={2: config.patch_size, 3: config.patch_size})},
+        scope=("",), strip=(), pairing=pairing, shapes=shapes, fused=fused)
+
+
+# ------------------------------------------------------------------------------------- text encoder
+def load_text_component(path: Path, config_dir: Path | None = None) -> Component:
+    from clip.text_model import CLIPTextConfig
+    from clip.weights import DROPPED, SD_PREFIX, TEXT_RULES, load_text_encoder
+
+    if _is_sd_folder(path):
+        path = path / "text_encoder"
+    config = None
+    if config_dir is not None:
+        config = CLIPTextConfig.from_json(_config_file(config_dir, "text_encoder"))
+    model = load_text_encoder(path, config=config)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    shapes = _keys_and_shapes(weights)
+    if any(k.startswith(SD_PREFIX) for k in shapes):
+        shapes = {k: v for k, v in shapes.items() if k.startswith(SD_PREFIX)}
+    pairing = _pair(rename_keys({k: k for k in shapes}, TEXT_RULES, drop=DROPPED))
+    prefix = pairing["token_embedding.weight"][0].removesuffix("embeddings.token_embedding.weight")
+    layout = "ldm-clip" if prefix.startswith(SD_PREFIX) else "transformers-clip"
+    c = model.config
+    return Component(
+        name="text_encoder", layout=layout, model=model, run=lambda x: model(x["input_ids"]),
+        inputs={"input_ids": Input("int", ("B", None), maximum={1: c.max_position_embeddings})},
+        scope=("",), strip=(), pairing=pairing, shapes=shapes, ckpt_prefix=prefix)
+
+
+# ------------------------------------------------------------------------------------ UNet and VAE
+def _single_file_parts(path: Path):
+    from diffusion.checkpoints import single_file
+    from diffusion.checkpoints.load import read_single_file
+
+    return single_file.split_single_file(read_single_file(path), use_ema=False, source=str(path))
+
+
+def _config_file(config_dir: Path, part: str) -> Path:
+    """`--config DIR`: DIR/<part>/config.json (a diffusers folder's layout) or DIR/config.json."""
+    for candidate in (config_dir / part / "config.json", config_dir / "config.json"):
+        if candidate.is_file():
+            return candidate
+    raise TraceError(f"--config {config_dir}: no {part}/config.json (nor config.json) in it")
+
+
+def load_unet_component(path: Path, config_dir: Path | None = None) -> Component:
+    from diffusion.checkpoints import load, single_file
+    from diffusion.models.unet import UNetConfig
+
+    if path.is_dir():
+        if not (path / "unet").is_dir():
+            raise TraceError(f"--model {path}: no unet/ folder (not a diffusers Stable Diffusion folder)")
+        model = load.load_unet_folder(path)
+        shapes = _keys_and_shapes(path / "unet" / load.FOLDER_FILES["unet"])
+        pairing, layout = _pair({k: k for k in shapes}), "diffusers-unet"
+    else:
+        unet_t, _, _ = _single_file_parts(path)
+        config = (UNetConfig.from_json(_config_file(config_dir, "unet")) if config_dir is not None
+                  else single_file.infer_unet_config(unet_t, source=str(path)))
+        model = load.load_unet_single_file(unet_t, config, source=str(path))
+        shapes = {k: tuple(v.shape) for k, v in unet_t.items()}
+        pairing = _pair(rename_keys({k: k for k in unet_t}, single_file.unet_rules(config)))
+        layout = "ldm-unet"
+    c = model.config
+    factor = 2 ** (len(c.block_out_channels) - 1)
+    return Component(
+        name="unet", layout=layout, model=model,
+        run=lambda x: model(x["sample"], x["timestep"], x["encoder_hidden_states"]),
+        inputs={"sample": Input("float", ("B", c.in_channels, None, None), multiple={2: factor, 3: factor}),
+                "timestep": Input("number", ("B",), optional_dims=True),
+                "encoder_hidden_states": Input("float", ("B", None, c.cross_attention_dim))},
+        scope=("",), strip=(), pairing=pairing, shapes=shapes)
+
+
+def load_vae_component(path: Path, name: str, config_dir: Path | None = None) -> Component:
+    """vae_encoder: pixels -> encoder -> quant_conv (the moments); vae_decoder: latents (unscaled,
+    what `vae.decode` takes) -> post_quant_conv -> decoder. Names are relative to `encoder.` /
+    `decoder.`; the 1x1 quant_conv / post_quant_conv keep their VAE-level names."""
+    from diffusion.checkpoints import load, single_file
+    from diffusion.models.vae import VAEConfig
+
+    if path.is_dir():
+        if not (path / "vae").is_dir():
+            raise TraceError(f"--model {path}: no vae/ folder (not a diffusers Stable Diffusion folder)")
+        model = load.load_vae_folder(path)
+        shapes = _keys_and_shapes(path / "vae" / load.FOLDER_FILES["vae"])
+        pairing = _pair(rename_keys({k: k for k in shapes}, single_file.DEPRECATED_VAE_ATTENTION_RULES))
+        layout, top = "diffusers-vae", ()
+    else:
+        _, vae_t, _ = _single_file_parts(path)
+        config = (VAEConfig.from_json(_config_file(config_dir, "vae")) if config_dir is not None
+                  else single_file.infer_vae_config(vae_t, source=str(path)))
+        model = load.load_vae_single_file(vae_t, config, source=str(path))
+        shapes = {k: tuple(v.shape) for k, v in vae_t.items()}
+        pairing = _pair(rename_keys({k: k for k in vae_t}, single_file.vae_rules(config)))
+        layout, top = "ldm-vae", (single_file.VAE_PREFIX,)
+    c = model.config
+    f = c.spatial_factor
+    if name == "vae_encoder":
+        return Component(
+            name=name, layout=layout, model=model, run=lambda x: model.quant_conv(model.encoder(x["pixel_values"])),
+            inputs={"pixel_values": Input("float", ("B", c.in_channels, None, None), multiple={2: f, 3: f})},
+            scope=("encoder", "quant_conv"), strip=(*top, "encoder."), pairing=pairing, shapes=shapes)
+    return Component(
+        name=name, layout=layout, model=model, run=lambda x: model.decode(x["latents"]),
+        inputs={"latents": Input("float", ("B", c.latent_channels, None, None))},
+        scope=("decoder", "post_quant_conv"), strip=(*top, "decoder."), pairing=pairing, shapes=shapes)
+
+
+def load_component(path: str | Path, name: str, *, config_dir: str | Path | None = None) -> Component:
+    """config_dir: configs for a single file whose shapes cannot tell everything (a diffusers folder
+    or a folder holding config.json), as `load_stable_diffusion(config_dir=...)` takes them."""
+    path = Path(path)
+    config_dir = Path(config_dir) if config_dir is not None else None
+    if config_dir is not None and path.is_dir():
+        raise TraceError(f"--config {config_dir}: only for single files; {path} is a folder with its own configs")
+    if name not in COMPONENTS:
+        raise TraceError(f"--component {name!r}: unknown; choose one of {', '.join(COMPONENTS)}")
+    if not path.exists():
+        raise TraceError(f"--model {path}: no such file or folder")
+    try:
+        if name == "vit":
+            return load_vit_component(path)
+        if name == "text_encoder":
+            return load_text_component(path, config_dir)
+        if name == "unet":
+            return load_unet_component(path, config_dir)
+        return load_vae_component(path, name, config_dir)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise TraceError(f"--model {path} has no {name} component we can load: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def check_inputs(component: Component, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inputs, checked against the component's names, dtypes and shapes; TraceError names the first problem."""
+    expected = component.inputs
+    def shape_text(spec: Input) -> str:
+        dims = [str(d) if d is not None else "any" for d in spec.shape]
+        dims = [d + f" (multiple of {spec.multiple[i]})" if i in spec.multiple else d for i, d in enumerate(dims)]
+        dims = [d + f" (at most {spec.maximum[i]})" if i in spec.maximum else d for i, d in enumerate(dims)]
+        return f"{spec.kind} ({', '.join(dims)})"
+    wanted = "; ".join(f"{n}: {shape_text(s)}" for n, s in expected.items())
+    missing, extra = sorted(set(expected) - set(inputs)), sorted(set(inputs) - set(expected))
+    if missing or extra:
+        raise TraceError(f"inputs for {component.name}: " + ", ".join(
+            ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unexpected {', '.join(extra)}"] if extra else []))
+            + f"; expected {wanted}")
+    batch = None
+    for n, spec in expected.items():
+        t = inputs[n]
+        ok_kind = {"float": t.is_floating_point(), "int": t.dtype in (torch.int64, torch.int32),
+                   "number": t.dtype != torch.bool and not t.is_complex()}[spec.kind]
+        if not ok_kind:
+            raise TraceError(f"input {n}: dtype {t.dtype}; expected {shape_text(spec)}")
+        if spec.optional_dims and t.ndim == 0:
+            continue
+        bad = t.ndim != len(spec.shape)
+        for i, d in enumerate(spec.shape if not bad else ()):
+            size = t.shape[i]
+            if d == "B":
+                batch = size if batch is None else batch
+                bad |= size != batch
+            elif d is not None:
+                bad |= size != d
+            bad |= i in spec.multiple and size % spec.multiple[i] != 0
+            bad |= i in spec.maximum and size > spec.maximum[i]
+        if bad:
+            raise TraceError(f"input {n}: shape {tuple(t.shape)}; expected {shape_text(spec)}"
+                             + (f" with batch {batch}" if batch is not None else ""))
+    return inputs

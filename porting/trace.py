@@ -1,0 +1,163 @@
+"""`python -m porting trace`: every module's output of one component, under the checkpoint's names.
+
+Forward hooks on every module that holds a tensor (directly or in a child) record its output (the
+first tensor of a tuple or output object, as a hook on the reference would see it) and, for the few
+reference wrappers that need it, its input. The model runs in its plain reference form: speed
+rewrites that skip a module (the VAE's sub-pixel upsampler) are switched off, and every module that
+owns a weight must have run, or the trace stops naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from common.files import atomic_write
+from common.state_dict import CheckpointError, read_safetensors
+from porting.components import Component, TraceError, check_inputs, load_component
+from porting.names import checkpoint_names
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def first_tensor(value):
+    """The hidden states of whatever a module returns: a tensor, a tuple, a dataclass or a dict."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        items = value
+    elif dataclasses.is_dataclass(value):
+        items = [getattr(value, f.name) for f in dataclasses.fields(value)]
+    elif isinstance(value, dict):
+        items = list(value.values())
+    else:
+        return None
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _in_scope(name: str, component: Component) -> bool:
+    return any(s == "" or name == s or name.startswith(s + ".") for s in component.scope)
+
+
+def _strip(name: str, component: Component) -> str | None:
+    for s in component.strip:
+        if name + "." == s:
+            return None           # the component's own top module (`decoder`): its output is the last one's
+        name = name.removeprefix(s)
+    return name
+
+
+def _map_like(x: torch.Tensor, module: str, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, H*W, C) tokens -> (B, C, H, W), the size read off the nearest enclosing module's map: what a
+    1x1 conv gives where we use a Linear (LDM's VAE attention)."""
+    parts = module.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        outer = outputs.get(".".join(parts[:i]))
+        if outer is not None and outer.ndim == 4:
+            B, _, H, W = outer.shape
+            return x.transpose(1, 2).reshape(B, x.shape[-1], H, W)
+    return x
+
+
+def trace(component: Component, inputs: dict[str, torch.Tensor], *, names: str = "checkpoint",
+          precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """{name: activation} in forward order (a module's output counts when its forward ends)."""
+    if names not in ("checkpoint", "ours"):
+        raise TraceError(f"--names {names!r}: choose checkpoint or ours")
+    if precision not in PRECISIONS:
+        raise TraceError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    inputs = check_inputs(component, inputs)
+    dtype = PRECISIONS[precision]
+    model = component.model.to(dtype).eval()
+    for m in model.modules():     # the plain path: nearest-2x upsampling then the conv module itself
+        if getattr(m, "subpixel", False) is True:
+            m.subpixel = False
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+
+    state_keys = list(model.state_dict().keys())
+    traced = {}
+    for name, module in model.named_modules():
+        if name and _in_scope(name, component) and any(True for _ in module.parameters()):
+            traced[name] = module
+    modules = {n: [k for k in state_keys if k.startswith(n + ".")] for n in traced}
+    outputs, seen_inputs, order, clock = {}, {}, {}, [0]
+
+    def pre(name):
+        def hook(module, args):
+            if args and isinstance(args[0], torch.Tensor):
+                seen_inputs[name] = args[0].detach().clone()
+                clock[0] += 1
+                order.setdefault(name + "<", clock[0])
+        return hook
+
+    def post(name):
+        def hook(module, args, output):
+            y = first_tensor(output)
+            if y is not None:
+                outputs[name] = y.detach().clone()
+                clock[0] += 1
+                order[name] = clock[0]
+        return hook
+
+    handles = []
+    for name, module in traced.items():
+        handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
+    try:
+        with torch.no_grad():
+            component.run(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    owners = [n for n, m in traced.items() if any(True for _ in m.parameters(recurse=False))]
+    skipped = [n for n in owners if n not in outputs]
+    if skipped:
+        raise TraceError(f"modules holding weights did not run, so the trace would miss them: {', '.join(skipped[:10])}")
+
+    if names == "ours":
+        rows = [(n, n, outputs[n], order[n]) for n in outputs]
+    else:
+        when = {n: order[n] for n in outputs}
+        rows = []
+        for ckpt, ours, what, x in checkpoint_names(component, modules, outputs, seen_inputs, when):
+            weight = component.shapes.get(ckpt + ".weight")
+            if weight is not None and len(weight) == 4 and x.ndim == 3:
+                x = _map_like(x, ours, outputs)
+            rows.append((ckpt, ours, x, order[ours + "<"] if what == "input" else order[ours]))
+    out = {}
+    for name, _, x, _ in sorted(rows, key=lambda r: (r[3], -r[0].count("."))):
+        short = _strip(name, component)
+        if short:
+            out[short] = x.contiguous().clone()   # each its own memory (one output can sit under two names)
+    return out
+
+
+def write_trace(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors does not keep insertion order, so the forward order travels in the metadata."""
+    meta = {**metadata, "order": json.dumps(list(tensors))}
+    owned = {k: v.clone() for k, v in tensors.items()}
+    atomic_write(Path(path), lambda tmp: save_file(owned, tmp, metadata=meta))
+
+
+def run_trace(*, model: str, component: str, inputs: str, out: str, precision: str = "fp32",
+              names: str = "checkpoint", config_dir: str | None = None) -> dict[str, torch.Tensor]:
+    out_path = Path(out)
+    if out_path.suffix != ".safetensors":
+        raise TraceError(f"--out {out}: must end in .safetensors")
+    if not out_path.parent.is_dir():
+        raise TraceError(f"--out {out}: folder {out_path.parent} does not exist")
+    try:
+        given = read_safetensors(inputs)
+    except CheckpointError as e:
+        raise TraceError(f"--inputs: {e}") from None
+    comp = load_component(model, component, config_dir=config_dir)
+    tensors = trace(comp, given, names=names, precision=precision)
+    write_trace(out_path, tensors, {"model": str(model), "component": component, "layout": comp.layout,
+                                    "names": names, "precision": precision})
+    return tensors

@@ -1,0 +1,48 @@
+"""`python -m porting mapping`: every layout's table against the manifests of the real checkpoints, both ways."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from porting.mapping import LAYOUTS, table, table_tsv
+
+MANIFESTS = Path(__file__).parent / "manifests"
+
+
+def manifest(layout: str) -> dict[str, tuple]:
+    def load(name):
+        return json.loads((MANIFESTS / name).read_text())
+    if layout in ("diffusers-unet", "diffusers-vae"):
+        part = "unet" if layout.endswith("unet") else "vae"
+        d = load("sd_v1_diffusers.json")["files"][f"{part}/diffusion_pytorch_model.safetensors"]
+    elif layout in ("ldm-unet", "ldm-vae"):
+        prefix = "model.diffusion_model." if layout.endswith("unet") else "first_stage_model."
+        d = {k: v for k, v in load("sd_v1_single_file.json")["model_tensors"].items() if k.startswith(prefix)}
+    elif layout.endswith("clip"):
+        d = load("clip_sd_v1_single_file.json" if layout == "ldm-clip" else "clip_sd_v1_text_encoder.json")["tensors"]
+    else:
+        d = load("vit_timm_base_patch16_224.json" if layout == "timm-vit" else "vit_dima806_facial_emotions.json")
+    return {k: tuple(v) for k, v in d.items()}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_table_covers_the_manifest_both_ways(layout):
+    rows = table(layout)
+    expected = manifest(layout)
+    got = {key: shape for key, _, shape, _ in rows}
+    assert len(got) == len(rows), "a checkpoint key appears twice"
+    assert not set(expected) - set(got), f"missing: {sorted(set(expected) - set(got))[:5]}"
+    assert not set(got) - set(expected), f"left over: {sorted(set(got) - set(expected))[:5]}"
+    assert {k: got[k] for k in expected} == expected
+    fused = [o for _, o, _, t in rows if t == "fuse_qkv"]
+    assert all(fused.count(o) == 3 for o in fused), "fuse_qkv: three checkpoint tensors per key of ours"
+
+
+def test_tsv_and_cli(capsys):
+    text = table_tsv("ldm-vae")
+    assert "first_stage_model.decoder.mid.attn_1.q.weight\tdecoder.mid_block.attentions.0.to_q.weight\t512x512x1x1\tsqueeze_1x1" in text
+    assert "vit.encoder.layer.0.attention.attention.key.bias\tblocks.0.attn.qkv.bias\t768\tfuse_qkv" in table_tsv("transformers-vit")
+    from porting.__main__ import main
+    assert main(["mapping", "--layout", "nope"]) == 2 and "choose one of" in capsys.readouterr().err

@@ -1,0 +1,162 @@
+"""Dev-only: layer-by-layer reference traces from transformers and diffusers on the tiny fixtures.
+
+    .venv-dev/bin/python tools/make_reference_traces.py
+
+Hooks every module of transformers' ViTForImageClassification and CLIPTextModel and of diffusers'
+UNet2DConditionModel and AutoencoderKL (encoder + quant_conv, post_quant_conv + decoder) that holds a
+tensor, runs each on fixed inputs, and writes under tests/fixtures/traces/:
+
+    <component>_inputs.safetensors     the inputs, by the names `python -m porting trace` takes
+    <component>_reference.safetensors  each module's output (the first tensor of a tuple or output
+                                       object), fp32, keyed by the module's name relative to the
+                                       component, the forward order in the metadata
+
+transformers 5 renames modules on loading (ViT's `encoder.layer.N.attention.attention.query` lives as
+`layers.N.attention.q_proj`; CLIPTextModel drops `text_model.`), so its live names are not the file's.
+Every hooked module is therefore named by the file: its tensors are found in the checkpoint file by
+value, and the module takes the name of the file's module holding exactly those tensors (innermost
+first where several nest). Live modules with no such file module (transformers 5's ViT `mlp`) are
+left out; so are the file's wrappers that no live module has any more (`attention.attention`).
+
+The tests trace our models on the same inputs (`python -m porting trace`) and hold every layer to
+1e-4 of the reference's largest magnitude. The checkpoints are the committed tiny fixtures
+(tools/make_reference_sd.py, make_reference_clip.py, make_reference_vit.py); the inputs are small
+(a 8x8 latent, a 16x16 image) so that all traces together stay under 1 MB.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+OUT = FIXTURES / "traces"
+
+
+def first_tensor(value):
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        items = value
+    elif hasattr(value, "to_tuple"):                 # transformers' ModelOutput, diffusers' BaseOutput
+        items = value.to_tuple()
+    else:
+        return None
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def file_names(model: torch.nn.Module, file: Path) -> dict[str, str]:
+    """live module name -> the checkpoint file's module name, by finding each tensor in the file by value."""
+    from safetensors.torch import load_file
+    tensors = load_file(str(file))
+    by_value = {}
+    for key, t in tensors.items():
+        by_value.setdefault((tuple(t.shape), t.float().sum().item(), t.float().abs().sum().item()), []).append(key)
+    def file_key(p: torch.Tensor) -> str:
+        found = [k for k in by_value.get((tuple(p.shape), p.float().sum().item(), p.float().abs().sum().item()), [])
+                 if torch.equal(tensors[k].float(), p.detach().float())]
+        assert len(found) == 1, f"tensor of shape {tuple(p.shape)} found {len(found)} times in {file}"
+        return found[0]
+    prefixes: dict[str, set] = {}
+    for key in tensors:
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            prefixes.setdefault(".".join(parts[:i]), set()).add(key)
+    by_set: dict[frozenset, list[str]] = {}
+    for p, keys in prefixes.items():
+        if not all(k[len(p) + 1:].split(".")[0].isdigit() for k in keys):   # lists are never called
+            by_set.setdefault(frozenset(keys), []).append(p)
+    groups: dict[frozenset, list[str]] = {}
+    for name, module in model.named_modules():
+        params = list(module.parameters())
+        if name and params:
+            groups.setdefault(frozenset(file_key(p) for p in params), []).append(name)
+    out = {}
+    for keys, live in groups.items():
+        live = sorted(live, key=lambda n: -n.count("."))
+        for name, p in zip(live, sorted(by_set.get(keys, []), key=lambda n: -n.count("."))):
+            out[name] = p
+    return out
+
+
+def trace(model: torch.nn.Module, run, scopes: dict[str, str], file: Path | None = None) -> dict[str, torch.Tensor]:
+    """scopes: {module prefix to hook: prefix to remove from its names}; "" hooks every module but the root.
+    file: name modules after this checkpoint file (transformers 5) rather than their live names."""
+    names = file_names(model, file) if file is not None else None
+    outputs = {}
+    handles = []
+    for name, module in model.named_modules():
+        if not name or not any(True for _ in module.parameters()):
+            continue
+        if names is not None and name not in names:
+            continue
+        for scope, strip in scopes.items():
+            if scope == "" or name == scope or name.startswith(scope + "."):
+                short = (names[name] if names is not None else name).removeprefix(strip)
+                if short == strip.rstrip(".") and strip:
+                    continue                         # the component's own top module
+                def hook(mod, args, output, short=short):
+                    y = first_tensor(output)
+                    if y is not None:
+                        outputs.pop(short, None)     # keep the forward order of the last call
+                        outputs[short] = y.detach().float().clone().contiguous()
+                handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        run()
+    for h in handles:
+        h.remove()
+    return outputs
+
+
+def write(name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], source: str) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in inputs.items()}, str(OUT / f"{name}_inputs.safetensors"))
+    save_file(outputs, str(OUT / f"{name}_reference.safetensors"),
+              metadata={"order": json.dumps(list(outputs)), "made_by": "tools/make_reference_traces.py", "model": source})
+    size = sum(v.numel() * 4 for v in outputs.values())
+    print(f"{name}: {len(outputs)} modules, {size / 1024:.0f} KiB")
+
+
+def main() -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, ViTForImageClassification
+
+    g = torch.Generator().manual_seed(18)
+
+    vit_path = FIXTURES / "vit" / "hf_classifier"
+    vit = ViTForImageClassification.from_pretrained(str(vit_path), attn_implementation="eager").eval()
+    x = {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+    write("vit", x, trace(vit, lambda: vit(**x), {"": ""}, vit_path / "model.safetensors"), "tests/fixtures/vit/hf_classifier")
+
+    clip_path = FIXTURES / "clip" / "text_encoder"
+    clip = CLIPTextModel.from_pretrained(str(clip_path), attn_implementation="eager").eval()
+    ids = torch.randint(0, 998, (2, 12), generator=g)
+    ids[0, -1], ids[1, 7] = 999, 999                 # the end token (the vocabulary's largest id), mid-row in row 1
+    x = {"input_ids": ids}
+    write("text_encoder", x, trace(clip, lambda: clip(**x), {"": ""}, clip_path / "model.safetensors"), "tests/fixtures/clip/text_encoder")
+
+    sd = FIXTURES / "sd" / "tiny_diffusers"
+    unet = UNet2DConditionModel.from_pretrained(str(sd / "unet")).eval()
+    x = {"sample": torch.randn(1, 4, 8, 8, generator=g), "timestep": torch.tensor([411.0]),
+         "encoder_hidden_states": torch.randn(1, 7, 32, generator=g)}
+    write("unet", x, trace(unet, lambda: unet(x["sample"], x["timestep"], x["encoder_hidden_states"]), {"": ""}),
+          "tests/fixtures/sd/tiny_diffusers")
+
+    vae = AutoencoderKL.from_pretrained(str(sd / "vae")).eval()
+    x = {"pixel_values": torch.rand(1, 3, 16, 16, generator=g) * 2 - 1}
+    write("vae_encoder", x, trace(vae, lambda: vae.encode(x["pixel_values"]),
+                                  {"encoder": "encoder.", "quant_conv": ""}), "tests/fixtures/sd/tiny_diffusers")
+    x = {"latents": torch.randn(1, 4, 4, 4, generator=g)}
+    write("vae_decoder", x, trace(vae, lambda: vae.decode(x["latents"]),
+                                  {"decoder": "decoder.", "post_quant_conv": ""}), "tests/fixtures/sd/tiny_diffusers")
+
+
+if __name__ == "__main__":
+    main()
