@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
     import torch
     from common.state_dict import CheckpointError
-    from diffusion.layout import arrange_for_speed
+    from diffusion.speed import arrange_for_speed
     from diffusion.pipeline import generate, make_grid
     from diffusion.checkpoints.load import load_stable_diffusion
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             raise SystemExit(f"sample.py: error: {e}")
     for module in (models.unet, models.vae, models.text_encoder):
         module.to(device).eval()
-    layouts = arrange_for_speed(models, device=device, precision=args.precision)  # channels-last where faster
+    layouts = arrange_for_speed(models, device=device, precision=args.precision)  # diffusion/speed.py
 
     outdir = Path(args.outdir)
     samples = outdir / "samples"
