@@ -16,8 +16,8 @@ from diffusion.models.unet import UNet2DConditionModel, UNetConfig
 from diffusion.models.unet_blocks import timestep_embedding
 from diffusion.models.vae import AutoencoderKL, VAEConfig
 from diffusion.checkpoints.load import (load_unet_folder, load_unet_single_file, load_vae_folder, load_vae_single_file)
-from diffusion.speed import (memory_format_of, take_inputs_in_weights_layout, upsample2x_conv3x3,
-                             use_subpixel_upsamplers)
+from diffusion.speed import (keep_the_layout_in_spatial_transformers, memory_format_of,
+                             take_inputs_in_weights_layout, upsample2x_conv3x3, use_subpixel_upsamplers)
 
 FIX = Path(__file__).parent / "fixtures" / "sd"
 FOLDER, SINGLE = FIX / "tiny_diffusers", FIX / "tiny_single.safetensors"
@@ -71,6 +71,7 @@ def arranged_copies(models, memory_format=torch.channels_last):
     """Copies of the models with diffusion/speed.py's transformations, stored in `memory_format`."""
     unet, vae = (copy.deepcopy(m) for m in models["diffusers"])
     use_subpixel_upsamplers(vae.decoder)
+    keep_the_layout_in_spatial_transformers(unet)
     for m in (unet, vae):
         m.to(memory_format=memory_format)
         take_inputs_in_weights_layout(m)

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 from diffusion.checkpoints.load import load_unet_folder, load_vae_folder
 from diffusion.models.unet_blocks import Upsample2D
-from diffusion.speed import (InLayoutOf, SubpixelUpsample2D, arrange_for_speed, memory_format_of,
+from diffusion.models.attention import SpatialTransformer
+from diffusion.speed import (LayoutKeepingSpatialTransformer, SubpixelUpsample2D, arrange_for_speed,
+                             keep_the_layout_in_spatial_transformers, memory_format_of,
                              take_inputs_in_weights_layout, use_subpixel_upsamplers)
 
 FIX = Path(__file__).parent / "fixtures" / "sd"
@@ -65,27 +67,46 @@ def test_subpixel_upsamplers_equal_the_plain_ones(plain, ref, plain_outputs, mod
 
 @pytest.mark.parametrize("input_layout", FORMATS)
 @pytest.mark.parametrize("model_layout", FORMATS)
-def test_memory_layout_and_input_hooks_equal_the_plain_models(plain, ref, plain_outputs, model_layout,
-                                                              input_layout):
+def test_memory_layout_equals_the_plain_models(plain, ref, plain_outputs, model_layout, input_layout):
+    """Channels-last storage, with what keeps a model in one layout (input hooks, layout-keeping
+    spatial transformers), and channels-first storage with the same two."""
     unet, vae = copy.deepcopy(plain.unet), copy.deepcopy(plain.vae)
     for model in (unet, vae):
         model.to(memory_format=FORMATS[model_layout])
         assert take_inputs_in_weights_layout(model) > 0
+    assert keep_the_layout_in_spatial_transformers(unet) > 0
     got = outputs(unet, vae, ref, FORMATS[input_layout])
     assert_close(got, plain_outputs)
     for k in ("eps", "decoded"):  # the output comes in the model's layout, whatever the input's
         assert memory_format_of(got[k]) == FORMATS[model_layout]
 
 
-def test_input_hooks_alone_on_channels_first_models_equal_plain(plain, ref, plain_outputs):
-    """A channels-last input to a channels-first model: the hooks copy it once, nothing else changes."""
+@pytest.mark.parametrize("input_layout", FORMATS)
+def test_input_hooks_alone_equal_plain(plain, ref, plain_outputs, input_layout):
+    """Only the conv_in hooks, on the channels-first models: a channels-last input is copied once."""
     unet, vae = copy.deepcopy(plain.unet), copy.deepcopy(plain.vae)
-    hooked = [take_inputs_in_weights_layout(m) for m in (unet, vae)]
-    transformers = sum(1 for name, _ in unet.named_modules() if name.endswith(".proj_out"))
-    assert hooked == [1 + transformers, 2]  # each conv_in and proj_out; the VAE has no spatial transformer
-    got = outputs(unet, vae, ref, torch.channels_last)
+    assert [take_inputs_in_weights_layout(m) for m in (unet, vae)] == [1, 2]  # UNet; VAE encoder, decoder
+    got = outputs(unet, vae, ref, FORMATS[input_layout])
     assert_close(got, plain_outputs)
     assert memory_format_of(got["eps"]) == torch.contiguous_format
+
+
+@pytest.mark.parametrize("model_layout", FORMATS)
+def test_layout_keeping_spatial_transformers_alone_equal_plain(plain, ref, plain_outputs, model_layout):
+    """Only the spatial transformers changed (the model stored in `model_layout`, its input given in it):
+    the same numbers, the same keys, and every transformer's output in the model's layout."""
+    unet = copy.deepcopy(plain.unet).to(memory_format=FORMATS[model_layout])
+    n = keep_the_layout_in_spatial_transformers(unet)
+    transformers = [m for m in unet.modules() if isinstance(m, SpatialTransformer)]
+    assert n == len(transformers) > 0 and all(type(m) is LayoutKeepingSpatialTransformer for m in transformers)
+    assert unet.state_dict().keys() == plain.unet.state_dict().keys()
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.append(memory_format_of(out))) for m in transformers]
+    got = outputs(unet, plain.vae, ref, FORMATS[model_layout])
+    for h in hooks:
+        h.remove()
+    assert_close(got, plain_outputs)
+    assert seen and all(f == FORMATS[model_layout] for f in seen)
 
 
 @pytest.mark.parametrize("precision, layouts", [
@@ -104,12 +125,13 @@ def test_arrange_for_speed_equals_plain_and_keeps_the_keys(plain, ref, plain_out
     arrange_for_speed(models, device=torch.device("cpu"), precision=precision)
     assert hooks == sum(len(m._forward_pre_hooks) for net in (models.unet, models.vae) for m in net.modules())
     assert use_subpixel_upsamplers(models.vae) == 0 and take_inputs_in_weights_layout(models.unet) == 0
+    assert keep_the_layout_in_spatial_transformers(models.unet) == 0
 
 
 def test_arrange_for_speed_on_a_gpu_layout_stays_channels_first(plain):
     models = SimpleNamespace(vae=copy.deepcopy(plain.vae))  # one model is enough, as the benches pass
     assert arrange_for_speed(models, device=torch.device("cuda"), precision="bf16") == {"vae": "channels_first"}
-    assert any(isinstance(h, InLayoutOf) for h in models.vae.decoder.conv_in._forward_pre_hooks.values())
+    assert take_inputs_in_weights_layout(models.vae) == 0  # hooked already
 
 
 def test_plain_models_hold_no_speed_code():
