@@ -39,8 +39,9 @@ and bench/train_sd.py; the machine is shared, so these are medians of alternatin
    - `LayoutKeepingSpatialTransformer`: the spatial transformer hands its map back in its input's
      layout. The plain one ends as diffusers' does, with `.contiguous()` (channels-first); in a
      channels-last UNet that is a transposing copy to channels-first and, in the next conv, another
-     back: 32 copies per SD v1 UNet call, 0.62-0.66 s of a 512x512 bf16 CFG step timed alone on this
-     machine. Channels-last, its tokens are already the map in memory order, and nothing is copied.
+     back: 32 copies per SD v1 UNet call at 512x512, which took 0.62-0.66 s in bf16 (the copies alone,
+     timed on this shared machine under load). Channels-last, its tokens are already the map in
+     memory order, and nothing is copied.
    tests/test_sd_models.py hooks every conv and GroupNorm of arranged models and checks that none sees
    the other layout.
 
