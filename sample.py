@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
     import torch
     from common.state_dict import CheckpointError
-    from diffusion.layout import arrange_for_speed
+    from diffusion.speed import arrange_for_speed
     from diffusion.pipeline import generate, make_grid
     from diffusion.checkpoints.load import load_stable_diffusion
 
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             print(f"--lora_skip_unknown: skipped {key}", file=sys.stderr)
     for module in (models.unet, models.vae, models.text_encoder):
         module.to(device).eval()
-    layouts = arrange_for_speed(models, device=device, precision=args.precision)  # channels-last where faster
+    layouts = arrange_for_speed(models, device=device, precision=args.precision)  # diffusion/speed.py
 
     outdir = Path(args.outdir)
     samples = outdir / "samples"

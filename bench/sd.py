@@ -8,10 +8,10 @@ Two workloads at 512x512, each in fp32 and under bf16 autocast (fp32 weights, as
   77x768 text states;
 - one VAE decode of a 64x64x4 latent to a 512x512 image.
 
-Ours runs as sample.py runs it: stored channels-last where diffusion/layout.py measured that faster
-(bf16 UNet, VAE in both precisions). diffusers runs as its pipeline ships (channels-first);
-`--their_layout channels_last` moves its models to channels-last too (`.to(memory_format=...)`, as its
-docs suggest), for the comparison at equal layout.
+Ours runs as sample.py runs it: arranged by diffusion/speed.py (the VAE's sub-pixel upsamplers, and
+channels-last where that measured faster: bf16 UNet, VAE in both precisions). diffusers runs as its
+pipeline ships (channels-first); `--their_layout channels_last` moves its models to channels-last too
+(`.to(memory_format=...)`, as its docs suggest), for the comparison at equal layout.
 
 Every measurement runs in a fresh subprocess, so its peak resident memory (getrusage's ru_maxrss) is
 its own: we print the peak and the peak above the process's size once the model is built (the
@@ -39,7 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from diffusion.layout import LAYOUTS  # noqa: E402
+from diffusion.speed import LAYOUTS  # noqa: E402
 
 SD_V1_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
@@ -51,21 +51,21 @@ def rss_mb() -> float:
 
 
 def build(impl: str, model: str, precision: str, their_layout: str) -> torch.nn.Module:
-    """Ours stored in the layout sample.py picks for this precision on a CPU (diffusion/layout.py);
+    """Ours arranged as sample.py arranges it for this precision on a CPU (diffusion/speed.py);
     diffusers' as shipped (channels-first), or channels-last as its docs suggest with --their_layout."""
     torch.manual_seed(0)
     if impl == "ours":
-        from diffusion.layout import fastest_memory_format
+        from types import SimpleNamespace
         from diffusion.models.unet import UNet2DConditionModel, UNetConfig
         from diffusion.models.vae import AutoencoderKL, VAEConfig
+        from diffusion.speed import arrange_for_speed
         net = (UNet2DConditionModel(config=UNetConfig.sd_v1()) if model == "unet"
                else AutoencoderKL(config=VAEConfig.sd_v1()))
-        memory_format = fastest_memory_format(model, device=torch.device("cpu"), precision=precision)
-    else:
-        from tools.reference_models import autoencoder_kl, sd_v1_unet
-        net = sd_v1_unet() if model == "unet" else autoencoder_kl(**SD_V1_VAE)
-        memory_format = LAYOUTS[their_layout]
-    return net.to(memory_format=memory_format).eval()
+        arrange_for_speed(SimpleNamespace(**{model: net}), device=torch.device("cpu"), precision=precision)
+        return net.eval()
+    from tools.reference_models import autoencoder_kl, sd_v1_unet
+    net = sd_v1_unet() if model == "unet" else autoencoder_kl(**SD_V1_VAE)
+    return net.to(memory_format=LAYOUTS[their_layout]).eval()
 
 
 def workload(impl: str, model: str, net: torch.nn.Module):
@@ -176,7 +176,7 @@ def main() -> None:
         print("diffusers is not installed: measuring our side only, no ratios")
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.rounds} x {args.repeats} runs "
           f"(each subprocess warms up once first); diffusers {args.their_layout.replace('_', '-')}, ours in "
-          "sample.py's layout (diffusion/layout.py)", flush=True)
+          "sample.py's arrangement (diffusion/speed.py)", flush=True)
     print(f"{'workload':<30} {'impl':<10} {'median s':>9} {'peak MB':>9} {'act. MB':>9} {'speed ratio':>12}")
     for model in ["unet", "vae"] if args.only is None else [args.only]:
         for precision in ["fp32", "bf16"] if args.precision is None else [args.precision]:

@@ -7,7 +7,7 @@ The step train_dreambooth.py takes at 256x256 with --train_batch_size 1 --with_p
 1 instance + 1 class latent (2 x 4 x 32 x 32) with 77x768 text states, one UNet call under bf16
 autocast with gradient checkpointing, the split loss mse(instance) + 1.0 * mse(class), backward,
 gradient clipping and an AdamW step (whose moments, 2 x 3.4 GB, are allocated on the first step).
-Ours runs as train_dreambooth.py runs it there: the UNet stored channels-last (diffusion/layout.py);
+Ours runs as train_dreambooth.py runs it there: the UNet stored channels-last (diffusion/speed.py);
 diffusers' as its example script runs it (channels-first), or channels-last with --their_layout.
 
 Every measurement runs in a fresh subprocess (one per implementation per round, rounds alternating), so
@@ -32,21 +32,22 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from diffusion.layout import LAYOUTS  # noqa: E402
+from diffusion.speed import LAYOUTS  # noqa: E402
 
 RESOLUTION, VAE_FACTOR = 256, 8
 PRIOR_LOSS_WEIGHT = 1.0
 
 
 def build(impl: str, their_layout: str) -> tuple[torch.nn.Module, callable]:
-    """Ours in the layout train_dreambooth.py picks for bf16 on a CPU (diffusion/layout.py: channels-last);
+    """Ours arranged as train_dreambooth.py arranges it for bf16 on a CPU (diffusion/speed.py: channels-last);
     diffusers' as shipped (channels-first), or channels-last with --their_layout."""
     torch.manual_seed(0)
     if impl == "ours":
-        from diffusion.layout import fastest_memory_format
+        from types import SimpleNamespace
         from diffusion.models.unet import UNet2DConditionModel, UNetConfig
+        from diffusion.speed import arrange_for_speed
         unet = UNet2DConditionModel(config=UNetConfig.sd_v1())
-        unet.to(memory_format=fastest_memory_format("unet", device=torch.device("cpu"), precision="bf16"))
+        arrange_for_speed(SimpleNamespace(unet=unet), device=torch.device("cpu"), precision="bf16")
         return unet, lambda x, t, c: unet(x, t, c)
     from tools.reference_models import sd_v1_unet
     unet = sd_v1_unet().to(memory_format=LAYOUTS[their_layout])

@@ -5,5 +5,5 @@
     checkpoints/   loading and saving both public layouts, the safe .ckpt reader, conversion
     schedule.py    the noise schedule and the forward process (DDPM eq. 4)
     pipeline.py    text to image: prompts -> text states -> sampled latents -> pixels
-    layout.py      the speed transformations (memory layout) applied to built models
+    speed.py       the speed transformations (sub-pixel upsampler, memory layout) applied to built models
 """

@@ -28,10 +28,10 @@ OFFSET_NOISE_SCALE = 0.1        # diffusers' --offset_noise strength (Guttenberg
 
 def load_models(path: str, *, config_dir: str | None, resolution: int, device: torch.device, precision: str):
     """The base model's parts on `device`, with --resolution checked against a .ckpt's architecture
-    (known only once it is read) and the memory layout that measured fastest (diffusion/layout.py).
+    (known only once it is read) and the speed transformations that measured faster (diffusion/speed.py).
     Returns (models, the layouts chosen)."""
     from diffusion.checkpoints.load import load_stable_diffusion
-    from diffusion.layout import arrange_for_speed
+    from diffusion.speed import arrange_for_speed
     from diffusion.pipeline import check_size
     models = load_stable_diffusion(path, config_dir=config_dir)
     check_size(resolution, resolution, models.unet.config, models.vae.config, names=("--resolution", "--resolution"))

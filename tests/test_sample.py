@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import sample
-from diffusion.layout import arrange_for_speed
+from diffusion.speed import arrange_for_speed
 from diffusion.pipeline import decode_to_uint8, generate
 from diffusion.checkpoints.configs import configs_from_shapes
 from diffusion.checkpoints.load import load_stable_diffusion
@@ -93,7 +93,7 @@ def test_sample_py_equals_diffusers(run, layout, tmp_path, capsys):
     printed = capsys.readouterr().out.split()
     assert printed == [str(p) for p in written], "sample.py prints every path it writes"
     _assert_close([np.asarray(Image.open(p)) for p in samples], _reference(run), f"{run['name']} ({layout})")
-    # fp32 on a CPU: the VAE decodes channels-last (diffusion/layout.py), still within 2/255 of diffusers
+    # fp32 on a CPU: the VAE decodes channels-last (diffusion/speed.py), still within 2/255 of diffusers
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["memory_format"] == {"unet": "channels_first", "vae": "channels_last"}
 

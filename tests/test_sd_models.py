@@ -12,11 +12,12 @@ from safetensors.torch import load_file
 
 from common.state_dict import read_safetensors
 from diffusion.checkpoints import single_file
-from diffusion.layout import memory_format_of
 from diffusion.models.unet import UNet2DConditionModel, UNetConfig
-from diffusion.models.unet_blocks import timestep_embedding, upsample2x_conv3x3
+from diffusion.models.unet_blocks import timestep_embedding
 from diffusion.models.vae import AutoencoderKL, VAEConfig
 from diffusion.checkpoints.load import (load_unet_folder, load_unet_single_file, load_vae_folder, load_vae_single_file)
+from diffusion.speed import (keep_the_layout_in_spatial_transformers, memory_format_of,
+                             take_inputs_in_weights_layout, upsample2x_conv3x3, use_subpixel_upsamplers)
 
 FIX = Path(__file__).parent / "fixtures" / "sd"
 FOLDER, SINGLE = FIX / "tiny_diffusers", FIX / "tiny_single.safetensors"
@@ -66,14 +67,20 @@ def test_vae_posterior_and_decode_match_diffusers(models, ref, layout):
         assert maxdiff(vae.decode(ref["vae.latents"]), ref["vae.decoded"]) <= TOL
 
 
-def channels_last_copies(models):
-    unet, vae = (copy.deepcopy(m).to(memory_format=torch.channels_last) for m in models["diffusers"])
+def arranged_copies(models, memory_format=torch.channels_last):
+    """Copies of the models with diffusion/speed.py's transformations, stored in `memory_format`."""
+    unet, vae = (copy.deepcopy(m) for m in models["diffusers"])
+    use_subpixel_upsamplers(vae.decoder)
+    keep_the_layout_in_spatial_transformers(unet)
+    for m in (unet, vae):
+        m.to(memory_format=memory_format)
+        take_inputs_in_weights_layout(m)
     return unet, vae
 
 
 def test_channels_last_models_match_diffusers(models, ref):
-    """diffusion/layout.py stores the models channels-last where that runs faster: same outputs."""
-    unet, vae = channels_last_copies(models)
+    """diffusion/speed.py stores the models channels-last where that runs faster: same outputs."""
+    unet, vae = arranged_copies(models)
     with torch.no_grad():
         eps = unet(ref["unet.sample"], ref["unet.timesteps"], ref["unet.encoder_hidden_states"])
         post = vae.encode(ref["vae.image"])
@@ -88,10 +95,10 @@ def test_channels_last_models_match_diffusers(models, ref):
 @pytest.mark.parametrize("input_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_every_feature_map_keeps_the_models_layout(models, ref, memory_format, input_format):
-    """No layout mixing inside a model: every convolution and GroupNorm sees its input in the layout
-    the weights are stored in (a mix measured slower than either layout, see attention.py), whichever
-    layout the caller's input comes in."""
-    unet, vae = (channels_last_copies(models) if memory_format == torch.channels_last else models["diffusers"])
+    """No layout mixing inside a model arranged by diffusion/speed.py: every convolution and GroupNorm
+    sees its input in the layout the weights are stored in (a mix measured slower than either layout,
+    see speed.py), whichever layout the caller's input comes in."""
+    unet, vae = arranged_copies(models, memory_format)
     seen = []
 
     def record(module, args):
@@ -138,7 +145,7 @@ def test_decode_does_not_touch_its_input(models, ref):
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 4, 1, 1), (3, 6, 4, 6)])
 def test_subpixel_upsample_conv_equals_upsample_then_conv(shape):
-    """The VAE's upsamplers fold the 3x3 kernel into four 2x2 ones (unet_blocks.upsample2x_conv3x3)."""
+    """The VAE's sub-pixel upsamplers fold the 3x3 kernel into four 2x2 ones (speed.upsample2x_conv3x3)."""
     gen = torch.Generator().manual_seed(0)
     B, C, H, W = shape
     x = torch.randn(B, C, H, W, generator=gen, requires_grad=True)

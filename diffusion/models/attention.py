@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.recompute import maybe_recompute
-from diffusion.layout import memory_format_of
 
 
 class Attention(nn.Module):
@@ -120,17 +119,8 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x))
-        # (B, HW, C): one token per pixel. On a channels-first map the permute makes a strided view;
-        # copy it into token-major order once, here. Left strided, the residual adds in the blocks keep
-        # that layout and every LayerNorm and add works on a strided tensor (0.93x diffusers' bf16 step,
-        # which gets the copy from its first residual add). On a channels-last map it is already
-        # token-major and nothing is copied.
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C).contiguous()
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C).contiguous()  # (B, HW, C): one token per pixel
         for block in self.transformer_blocks:
             h = maybe_recompute(block, self.gradient_checkpointing, h, context)
-        # (B, C, H, W), stored in the layout of the input x. The permute leaves it channels-last in
-        # memory; in a UNet stored channels-first (the default) that layout would spread through
-        # oneDNN's convolutions into the rest of the network, a mix that measured 0.89x diffusers' bf16
-        # step. In a channels-last UNet (see `diffusion/layout.py`) it is already right: no copy.
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous(memory_format=memory_format_of(x))
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()   # (B, C, H, W)
         return x + self.proj_out(h)

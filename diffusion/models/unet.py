@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.files import read_json
-from diffusion.layout import in_layout_of
 from diffusion.models.unet_blocks import DownBlock, MidBlock, TimestepEmbedding, UpBlock, timestep_embedding
 
 CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
@@ -203,7 +202,7 @@ class UNet2DConditionModel(nn.Module):
         temb = self.time_embedding(t_emb)                                                # (B, 1280)
         context = encoder_hidden_states
 
-        x = self.conv_in(in_layout_of(sample, self.conv_in))                             # (B, 320, H, W)
+        x = self.conv_in(sample)                                                         # (B, 320, H, W)
         skips = [x]                      # a stack: the down path pushes every output, the up path pops them
         for block in self.down_blocks:
             x, block_skips = block(x, temb, context)

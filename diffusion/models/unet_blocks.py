@@ -15,7 +15,6 @@ from torch import nn
 
 from common.recompute import maybe_recompute
 from diffusion.models.attention import SpatialTransformer
-from diffusion.layout import memory_format_of
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
@@ -93,65 +92,19 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x upsampling, then a 3x3 conv. `size` overrides 2x (to meet a skip's size).
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv (LDM's `Upsample`, diffusers' `Upsample2D`).
+    `size` overrides 2x, to meet a skip connection's size."""
 
-    `subpixel=True` computes the same 2x map by `upsample2x_conv3x3` (below), without making the
-    upsampled tensor; the VAE decoder uses it, the UNet does not (see that function)."""
-
-    def __init__(self, *, channels: int, subpixel: bool = False):
+    def __init__(self, *, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-        self.subpixel = subpixel
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if size is not None:
-            return self.conv(F.interpolate(x, size=size, mode="nearest"))
-        if self.subpixel:
-            return upsample2x_conv3x3(x, self.conv.weight, self.conv.bias)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # conv of (B, C, 2H, 2W)
-
-
-# FOLD[a] turns the 3 taps of a 3x3 kernel's row (or column) into the 2 taps that output phase a sees.
-FOLD = torch.tensor([[[1., 0., 0.], [0., 1., 1.]],     # a = 0: (w0, w1 + w2) on input rows (i-1, i)
-                     [[1., 1., 0.], [0., 0., 1.]]])    # a = 1: (w0 + w1, w2) on input rows (i, i+1)
-
-
-def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """conv3x3(nearest_2x(x)) with zero padding 1, computed on x itself: (B, C, H, W) -> (B, O, 2H, 2W).
-
-    Output row 2i+a (a = 0 or 1) reads upsampled rows 2i+a-1, 2i+a, 2i+a+1, which are input rows
-    (i-1, i, i) for a = 0 and (i, i, i+1) for a = 1: two distinct rows, so the kernel's three rows fold
-    into two, (w0, w1+w2) or (w0+w1, w2). Columns fold the same way. Each of the four output phases
-    (a, b) is therefore a 2x2 conv of x: 4 taps on H*W positions instead of 9 taps on 4*H*W, 2.25x fewer
-    multiply-adds, and no 4x larger upsampled tensor. The four phases run as one conv with 4*O output
-    channels over x padded by 1; phase (a, b) is its output shifted by (a, b). This is the sub-pixel
-    convolution of Shi et al. 2016 ("Real-Time Single Image and Video Super-Resolution Using an
-    Efficient Sub-Pixel Convolutional Neural Network"), read backwards from a given 3x3 kernel.
-
-    The output comes in x's layout (see diffusion/layout.py): the phases are interleaved in memory
-    order, channels-first or channels-last.
-
-    Equal to the plain form up to rounding (the folded taps are summed first: max |diff| about 3e-6 on
-    unit-scale inputs). It pays where the image is large against the weights: the VAE decoder's
-    upsamplers (512 channels at 64x64 and 128x128, 256 at 256x256) ran 1.2-1.9x faster on a 2-core CPU
-    in fp32 and bf16. At the UNet's 1280 channels on 8x8 and 16x16 folding the weights costs more than
-    the conv saves, so the UNet keeps the plain form.
-    """
-    B, C, H, W = x.shape
-    O = weight.shape[0]
-    fold = FOLD.to(weight)
-    kernels = torch.einsum("apy,ocyx,bqx->abocpq", fold, weight, fold)     # (2, 2, O, C, 2, 2): phase a, b
-    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernels.reshape(4 * O, C, 2, 2), bias.repeat(4))  # (B, 4O, H+1, W+1)
-    if memory_format_of(x) == torch.channels_last:  # interleave in memory order (B, H, W, O): no copy back
-        y = y.permute(0, 2, 3, 1).reshape(B, H + 1, W + 1, 2, 2, O)
-        rows = [torch.stack([y[:, a:a + H, b:b + W, a, b] for b in (0, 1)], dim=3)  # (B, H, W, 2, O): b
-                for a in (0, 1)]
-        out = torch.stack(rows, dim=2).reshape(B, 2 * H, 2 * W, O)                  # (B, H, 2, W, 2, O): a, b
-        return out.permute(0, 3, 1, 2)                                             # (B, O, 2H, 2W) channels-last
-    y = y.view(B, 2, 2, O, H + 1, W + 1)
-    rows = [torch.stack([y[:, a, b, :, a:a + H, b:b + W] for b in (0, 1)], dim=-1)  # (B, O, H, W, 2): b
-            for a in (0, 1)]
-    return torch.stack(rows, dim=3).reshape(B, O, 2 * H, 2 * W)                   # (B, O, H, 2, W, 2): a, b
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
 
 
 class DownBlock(nn.Module):

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.files import read_json
-from diffusion.layout import in_layout_of
 from diffusion.models.unet import config_from_dict
 from diffusion.models.unet_blocks import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -167,9 +166,7 @@ class UpDecoderBlock(nn.Module):
     def __init__(self, *, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
         super().__init__()
         self.resnets = resnet_stack(in_channels=in_channels, out_channels=out_channels, layers=layers, groups=groups)
-        # the sub-pixel form: the same map, 2.25x fewer multiply-adds (unet_blocks.upsample2x_conv3x3)
-        self.upsamplers = (nn.ModuleList([Upsample2D(channels=out_channels, subpixel=True)])
-                           if upsample else None)
+        self.upsamplers = nn.ModuleList([Upsample2D(channels=out_channels)]) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
@@ -192,7 +189,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], 2 * config.latent_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(in_layout_of(x, self.conv_in))
+        x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)                    # halves H, W on every level but the last
         x = self.mid_block(x)
@@ -214,7 +211,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], config.out_channels, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(in_layout_of(z, self.conv_in)))
+        x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)                    # doubles H, W on every level but the last
         return self.conv_out(F.silu(self.conv_norm_out(x)))
