@@ -75,10 +75,7 @@ def trace(component: Component, inputs: dict[str, torch.Tensor], *, names: str =
         raise TraceError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     inputs = check_inputs(component, inputs)
     dtype = PRECISIONS[precision]
-    model = component.model.to(dtype).eval()
-    for m in model.modules():     # the plain path: nearest-2x upsampling then the conv module itself
-        if getattr(m, "subpixel", False) is True:
-            m.subpixel = False
+    model = component.model.to(dtype).eval()     # as loaded: the plain path (diffusion/speed.py is not applied)
     inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
 
     state_keys = list(model.state_dict().keys())
