@@ -53,3 +53,19 @@ def test_euler_a_class_images_are_deterministic_and_resumable(tmp_path):
     torch.manual_seed(12345)                                   # the global RNG plays no part
     make(tmp_path / "b", [2])
     assert (tmp_path / "b" / "class-00002.png").read_bytes() == before["class-00002.png"]
+
+
+def test_score_table_and_plot(tmp_path):
+    """world.score --report: the table's last column is the fewest steps reaching DDIM-50's score."""
+    from PIL import Image
+
+    from world.score import plot, table
+    row = lambda sampler, steps, both: {"sampler": sampler, "steps": steps, "all": {"both": both}}
+    rows = [row("ddim", 10, 0.5), row("ddim", 50, 0.8), row("dpmpp_2m", 10, 0.81), row("dpmpp_2m", 50, 0.82),
+            row("euler", 10, 0.4), row("euler", 50, 0.7)]
+    lines = table(rows).splitlines()
+    assert lines[0] == "| sampler | 10 steps | 50 steps | reaches DDIM-50 at |"
+    assert lines[2:] == ["| ddim | 50.0% | 80.0% | 50 |", "| dpmpp_2m | 81.0% | 82.0% | 10 |",
+                         "| euler | 40.0% | 70.0% | not within 50 |"]
+    plot(rows, str(tmp_path / "plot.png"))
+    assert Image.open(tmp_path / "plot.png").size == (640, 400)
