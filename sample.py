@@ -10,8 +10,8 @@
 (--prompt, or every line of --from-file) is one batch of --n_samples images, started from
 torch.randn((n_samples, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed)): the same
 seed gives the images diffusers' StableDiffusionPipeline gives with generator=manual_seed(seed)
-(each prompt starts from the seed afresh). DDIM by default; --plms for PLMS (diffusers' PNDM with
-skip_prk_steps). Writes outdir/samples/NNNNN.png (numbering continues after the files already there;
+(each prompt starts from the seed afresh). DDIM by default (as CompVis); --sampler dpmpp_2m_karras
+gives the same picture in about half the steps (docs/sampling.md); --plms is --sampler plms. Writes outdir/samples/NNNNN.png (numbering continues after the files already there;
 nothing is ever overwritten) and one grid per prompt in outdir, and prints every path written.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from common.run_config import finish_run_record, finite_float, read_config, start_run_record
+from diffusion.samplers import SAMPLERS, SAMPLERS_WITH_ETA
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"  # the CompVis script's default
 EMBEDDED_PROMPT = "a large yellow star on a blue background"     # a sentence the embedded model knows
@@ -43,10 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-file", dest="from_file", default=None, help="read prompts from this file, one per line")
     p.add_argument("--outdir", default="outputs/txt2img-samples", help="where to write samples/ and the grids")
     p.add_argument("--n_samples", type=int, default=3, help="images per prompt, sampled as one batch")
-    p.add_argument("--ddim_steps", type=int, default=50, help="sampling steps (DDIM or PLMS)")
+    p.add_argument("--sampler", default="ddim", help=f"one of {', '.join(SAMPLERS)} (default ddim; "
+                                                       "dpmpp_2m_karras needs about half the steps)")
+    p.add_argument("--ddim_steps", type=int, default=50, help="sampling steps, for every sampler (as CompVis "
+                                                              "used it for PLMS too)")
     p.add_argument("--ddim_eta", type=finite_float, default=None,
-                   help="DDIM eta: 0.0 (default) deterministic, 1.0 as DDPM; not allowed with --plms")
-    p.add_argument("--plms", action="store_true", help="sample with PLMS instead of DDIM")
+                   help="DDIM eta: 0.0 (default) deterministic, 1.0 as DDPM; only with --sampler ddim")
+    p.add_argument("--plms", action="store_true", help="the same as --sampler plms (CompVis's flag)")
     p.add_argument("--scale", type=finite_float, default=7.5,
                    help="classifier-free guidance scale: eps = eps(x, uncond) + scale * (eps(x, cond) - "
                         "eps(x, uncond)); <= 1 samples without guidance")
@@ -92,8 +96,16 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def check_args(args: argparse.Namespace) -> None:
     """The flags and files that need no config (the image size is checked by `check_size`)."""
-    if args.plms and args.ddim_eta is not None:
-        raise UsageError("--ddim_eta cannot be used with --plms: PLMS is deterministic (no eta)")
+    if args.sampler not in SAMPLERS:
+        raise UsageError(f"--sampler {args.sampler}: must be one of {', '.join(SAMPLERS)}")
+    if args.plms and args.sampler not in ("ddim", "plms"):   # ddim is the default, so it cannot tell
+        raise UsageError(f"--plms cannot be used with --sampler {args.sampler}: --plms means --sampler plms")
+    if args.plms:
+        args.sampler = "plms"     # recorded so in run_config.toml
+    if args.ddim_eta is not None and args.sampler not in SAMPLERS_WITH_ETA:
+        why = "PLMS is deterministic (no eta)" if args.sampler == "plms" else f"{args.sampler} has no eta"
+        raise UsageError(f"--ddim_eta cannot be used with --sampler {args.sampler}"
+                         f"{' (--plms)' if args.plms else ''}: {why}")
     if args.ddim_eta is not None and args.ddim_eta < 0:
         raise UsageError(f"--ddim_eta {args.ddim_eta}: must be >= 0")
     for flag in ("n_samples", "ddim_steps"):
@@ -234,8 +246,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     for prompt in prompts:
         images = generate(models, [prompt], negative_prompt=args.negative_prompt,
                           num_images_per_prompt=args.n_samples, steps=args.ddim_steps,
-                          eta=args.ddim_eta or 0.0, guidance_scale=args.scale, height=args.H, width=args.W,
-                          seed=args.seed, sampler="plms" if args.plms else "ddim", precision=args.precision,
+                          eta=args.ddim_eta, guidance_scale=args.scale, height=args.H, width=args.W,
+                          seed=args.seed, sampler=args.sampler, precision=args.precision,
                           progress=True, output="pil")
         for image in images:
             written.append(save_new(image, samples, r"(\d+)\.\w+", lambda i: f"{i:05d}.png"))

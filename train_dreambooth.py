@@ -44,6 +44,7 @@ from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, MetricsLog, 
                              nonfinite_loss_message, optimizer_step, rng_state, save_training_state, stopped_run,
                              seed_everything, set_rng_state, setup_distributed, stop_requested,
                              teardown_distributed)
+from diffusion.samplers import SAMPLERS
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from common.files import check_writable, remove_stale_temporaries
 from dreambooth.data import (DataError, check_model_size, generate_class_images, image_files, load_image,
@@ -78,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prior_loss_weight", type=finite_float, default=1.0, help="weight of the prior preservation loss")
     a("--num_class_images", type=int, default=100, help="class images wanted in --class_data_dir")
     a("--sample_batch_size", type=int, default=4, help="batch size for generating class images")
-    a("--plms", action="store_true", help="class and validation images with PLMS instead of DDIM (as sample.py)")
+    a("--sampler", default="ddim", help=f"sampler of the class and validation images: {', '.join(SAMPLERS)} "
+                                         "(as sample.py; default ddim)")
+    a("--plms", action="store_true", help="the same as --sampler plms (as sample.py)")
     a("--train_text_encoder", action="store_true", help="fine-tune the text encoder too")
     a("--resolution", type=int, default=512, help="training images are resized and cropped to this square")
     a("--center_crop", action="store_true", help="crop at the centre (default: at a random offset)")
@@ -158,6 +161,12 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--learning_rate must be > 0; --lr_warmup_steps, --max_grad_norm, --prior_loss_weight >= 0")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         parser.error(f"--snr_gamma {args.snr_gamma}: must be > 0")
+    if args.sampler not in SAMPLERS:
+        parser.error(f"--sampler {args.sampler}: must be one of {', '.join(SAMPLERS)}")
+    if args.plms and args.sampler not in ("ddim", "plms"):
+        parser.error(f"--plms cannot be used with --sampler {args.sampler}: --plms means --sampler plms")
+    if args.plms:
+        args.sampler = "plms"   # recorded so in the run config
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -207,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         generate_class_images(models, class_dir, missing, prompt=args.class_prompt, resolution=args.resolution,
                               seed=args.seed, batch_size=args.sample_batch_size, precision=precision,
                               share=(dist.rank, dist.world_size), progress=dist.is_main,
-                              sampler="plms" if args.plms else "ddim", **CLASS_SAMPLING)
+                              sampler=args.sampler, **CLASS_SAMPLING)
     barrier(dist)
     class_images = ([load_image(f, args.resolution, flag="--class_data_dir") for f in
                      image_files(class_dir, flag="--class_data_dir")[:args.num_class_images]] if prior else [])
@@ -351,7 +360,7 @@ def validate(dist, models, args, output_dir: Path, step: int) -> None:
         images = generate(models, [args.validation_prompt], num_images_per_prompt=args.num_validation_images,
                           height=args.resolution, width=args.resolution, seed=args.seed, progress=False,
                           precision=MIXED_PRECISION[args.mixed_precision], output="pil",
-                          sampler="plms" if args.plms else "ddim", **VALIDATION_SAMPLING)
+                          sampler=args.sampler, **VALIDATION_SAMPLING)
         models.unet.train()
         models.text_encoder.train(args.train_text_encoder)
         (output_dir / "validation").mkdir(exist_ok=True)

@@ -12,7 +12,7 @@ generation can reuse them):
 1. `encode_prompts`: tokenise to 77 ids and run the CLIP text encoder -> (B, 77, D) states.
 2. `initial_latents`: x_T ~ N(0, I) of shape (n, C, H/f, W/f), drawn from a CPU generator so a seed
    gives the same image on any device.
-3. `denoise`: the sampler loop (DDIM or PLMS) with classifier-free guidance
+3. `denoise`: the sampler loop (any sampler of `diffusion/samplers`) with classifier-free guidance
        eps = eps_uncond + scale * (eps_cond - eps_uncond)
    which is Ho & Salimans 2022 ("Classifier-Free Diffusion Guidance") eq. 6,
    (1 + w) eps_cond - w eps_uncond, with w = scale - 1; both halves in one UNet call, the
@@ -27,9 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from common.precision import autocast
-from diffusion.samplers import make_sampler
-from diffusion.samplers.ddim import DDIMSampler
-from diffusion.samplers.plms import PLMSSampler
+from diffusion.samplers import Sampler, make_sampler
 from diffusion.schedule import randn
 
 
@@ -64,31 +62,30 @@ def initial_latents(n: int, *, channels: int, height: int, width: int, factor: i
 
 
 def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
-            sampler: DDIMSampler | PLMSSampler, steps: int, guidance_scale: float, eta: float = 0.0,
-            generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
-    """Run the sampler from x_T (`latents`, (n, C, h, w)) to x_0 with classifier-free guidance.
+            sampler: Sampler, steps: int, guidance_scale: float, generator: torch.Generator | None = None,
+            progress: bool = True) -> torch.Tensor:
+    """Run the sampler from x_T (`latents`, (n, C, h, w), N(0, I)) to x_0 with classifier-free guidance.
 
     cond: (n, 77, D) text states per image; uncond: the same for the empty (or negative) prompt, or
     None to sample without guidance (one UNet call of batch n per step). The UNet may run under
-    autocast; its output is taken back to fp32 before guidance and the sampler update.
+    autocast; its output is taken back to fp32 before guidance and the sampler update. A stochastic
+    sampler (DDIM with eta > 0, Euler a) draws its noise from `generator`.
     """
     states = cond if uncond is None else torch.cat([uncond, cond])    # (2n, 77, D), unconditional first
     timesteps = sampler.set_timesteps(steps)
-    x = latents * sampler.init_noise_sigma
+    x = latents * sampler.init_noise_sigma                            # (n, C, h, w)
     if progress:
         from tqdm import tqdm
         timesteps = tqdm(timesteps, desc=f"{type(sampler).__name__} steps", unit="step")
     for t in timesteps:
         x_in = x if uncond is None else torch.cat([x, x])            # (2n, C, h, w)
-        t_batch = torch.full((x_in.shape[0],), int(t), dtype=torch.long, device=x.device)  # (2n,)
+        x_in = sampler.scale_model_input(x_in, t)
+        t_batch = t.to(x.device).expand(x_in.shape[0])               # (2n,), the sampler's dtype (int or float)
         eps = unet(x_in, t_batch, states).float()
         if uncond is not None:
             eps_uncond, eps_cond = eps.chunk(2)                      # (n, C, h, w) each
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # Ho & Salimans eq. 6, w = scale - 1
-        if isinstance(sampler, DDIMSampler):
-            x = sampler.step(eps, int(t), x, eta=eta, generator=generator)
-        else:
-            x = sampler.step(eps, int(t), x)
+        x = sampler.step(eps, t, x, generator=generator)
     return x
 
 
@@ -126,14 +123,14 @@ def _module_device(module: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
-             num_images_per_prompt: int = 1, steps: int = 50, eta: float = 0.0, guidance_scale: float = 7.5,
+             num_images_per_prompt: int = 1, steps: int = 50, eta: float | None = None, guidance_scale: float = 7.5,
              height: int | None = None, width: int | None = None, seed: int | None = None,
              generator: torch.Generator | None = None, sampler: str = "ddim", precision: str = "fp32",
              progress: bool = True, output: str = "uint8") -> torch.Tensor | list:
     """Images for `prompts`, as diffusers' StableDiffusionPipeline gives them for
     `pipe(prompts, negative_prompt=..., num_images_per_prompt=..., num_inference_steps=steps, eta=eta,
     guidance_scale=..., height=..., width=..., generator=torch.Generator().manual_seed(seed))`
-    with the same scheduler (DDIMScheduler for "ddim", PNDMScheduler(skip_prk_steps=True) for "plms").
+    with the same scheduler (`diffusion/samplers/__init__.py` names each sampler's diffusers scheduler).
 
     models: a `StableDiffusionModels` (unet, vae, text_encoder, tokenizer, scheduler_config), all on
         one device; nothing is moved or switched to eval mode here.
@@ -142,9 +139,12 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
     guidance_scale: classifier-free guidance when > 1; at <= 1 (as diffusers) the unconditional half
         is skipped and the negative prompt unused.
     seed / generator: give one. A seed means torch.Generator("cpu").manual_seed(seed); the starting
-        latents are one randn((B, C, H/f, W/f)) from it, and DDIM with eta > 0 draws its noise from it.
+        latents are one randn((B, C, H/f, W/f)) from it, and DDIM with eta > 0 and Euler a draw their
+        per-step noise from it.
     height / width: default unet sample_size * f; multiples of `size_multiple` (64 for SD v1).
-    sampler: "ddim" or "plms" (deterministic: eta must be 0).
+    sampler: a name in `diffusion.samplers.SAMPLERS`: "ddim", "plms", "dpmpp_2m", "dpmpp_2m_karras",
+        "euler", "euler_a"; `steps` is the number of UNet calls for all but PLMS (steps + 1).
+    eta: DDIM's eta (None: 0); an error with any other sampler.
     precision: "fp32", "bf16" or "fp16" (autocast).
     output: "uint8" -> (B, H, W, 3) uint8 CPU tensor; "pil" -> list of PIL images.
     """
@@ -153,8 +153,6 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
         raise ValueError("prompts: at least one prompt is needed")
     if num_images_per_prompt < 1:
         raise ValueError(f"num_images_per_prompt={num_images_per_prompt}: must be >= 1")
-    if sampler == "plms" and eta != 0:
-        raise ValueError(f"eta={eta}: PLMS is deterministic and takes no eta (eta applies to DDIM only)")
     if output not in ("uint8", "pil"):
         raise ValueError(f"output={output!r}: must be 'uint8' or 'pil'")
     if (seed is None) == (generator is None):
@@ -166,7 +164,7 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
     height = unet_config.sample_size * f if height is None else height
     width = unet_config.sample_size * f if width is None else width
     check_size(height, width, unet_config, vae_config)
-    the_sampler = make_sampler(models.scheduler_config, sampler)
+    the_sampler = make_sampler(models.scheduler_config, sampler, eta=eta)
     device = _module_device(models.unet)
     use_guidance = guidance_scale > 1
 
@@ -187,6 +185,6 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
         latents = initial_latents(len(prompts) * n, channels=unet_config.in_channels, height=height,
                                   width=width, factor=f, generator=generator, device=device)
         latents = denoise(models.unet, latents, cond, uncond, sampler=the_sampler, steps=steps,
-                          guidance_scale=guidance_scale, eta=eta, generator=generator, progress=progress)
+                          guidance_scale=guidance_scale, generator=generator, progress=progress)
         images = decode_to_uint8(models.vae, latents)
     return to_pil(images) if output == "pil" else images

@@ -116,8 +116,10 @@ def class_image_seed(seed: int, index: int) -> int:
 def generate_class_images(models, folder: Path, indices: list[int], *, prompt: str, resolution: int, seed: int,
                           batch_size: int, steps: int, guidance_scale: float, precision: str,
                           share: tuple[int, int] = (0, 1), progress: bool = True, sampler: str = "ddim") -> list[Path]:
-    """Generate class image i for every i in `indices` with the base model and the project's DDIM (or PLMS)
-    sampler (batched classifier-free guidance), each from its own seed `class_image_seed(seed, i)`.
+    """Generate class image i for every i in `indices` with the base model and the project's sampler
+    `sampler` (a name in `diffusion.samplers.SAMPLERS`; batched classifier-free guidance), each from its
+    own seed `class_image_seed(seed, i)`; a stochastic sampler's per-step noise comes from the seed of
+    the group's first index, so a group is always computed the same.
 
     Images are made in fixed groups of `batch_size` consecutive indices (index i belongs to group
     i // batch_size, always computed whole), so a rerun that fills a gap computes every image in the
@@ -148,7 +150,9 @@ def generate_class_images(models, folder: Path, indices: list[int], *, prompt: s
             n = len(group)
             latents = denoise(models.unet, latents, cond.expand(n, -1, -1), uncond.expand(n, -1, -1),
                               sampler=make_sampler(models.scheduler_config, sampler), steps=steps,
-                              guidance_scale=guidance_scale, progress=False)
+                              guidance_scale=guidance_scale, progress=False,
+                              # a stochastic sampler (euler_a) draws from the group's own generator
+                              generator=torch.Generator("cpu").manual_seed(class_image_seed(seed, group[0])))
             images = to_pil(decode_to_uint8(models.vae, latents))
         for i, image in zip(group, images):
             if i in wanted:

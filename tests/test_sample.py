@@ -1,7 +1,8 @@
 """sample.py and diffusion/pipeline.py against diffusers' StableDiffusionPipeline, image for image.
 
 The reference runs (tools/make_reference_sampling.py) used the tiny random SD v1-family checkpoint in
-tests/fixtures/sd/ with DDIMScheduler or PNDMScheduler(skip_prk_steps=True) and
+tests/fixtures/sd/ with DDIMScheduler, PNDMScheduler(skip_prk_steps=True), DPMSolverMultistepScheduler
+(with and without Karras sigmas), EulerDiscreteScheduler or EulerAncestralDiscreteScheduler, and
 generator=torch.Generator().manual_seed(seed). sample.py must give the same uint8 images within 2/255
 per pixel, from the diffusers folder and from the same weights as one original single file.
 """
@@ -73,7 +74,12 @@ def _argv(run, ckpt: Path, outdir: Path) -> list[str]:
             "--seed", str(run["seed"]), "--device", "cpu"]
     if run["negative_prompt"] is not None:
         argv += ["--negative_prompt", run["negative_prompt"]]
-    argv += ["--plms"] if run["sampler"] == "plms" else ["--ddim_eta", str(run["eta"])]
+    if run["sampler"] == "plms":
+        argv += ["--plms"]                                   # CompVis's flag, an alias of --sampler plms
+    elif run["sampler"] == "ddim":
+        argv += ["--ddim_eta", str(run["eta"])]              # DDIM is the default sampler
+    else:
+        argv += ["--sampler", run["sampler"]]
     return argv
 
 
@@ -205,6 +211,10 @@ def no_model_work(monkeypatch):
     (["--ckpt", "no/such/checkpoint"], "--ckpt"),
     (["--plms", "--ddim_eta", "0.5"], "PLMS is deterministic"),
     (["--plms", "--ddim_eta", "0"], "PLMS is deterministic"),
+    (["--sampler", "euler_a", "--ddim_eta", "0"], "--ddim_eta cannot be used with --sampler euler_a"),
+    (["--sampler", "dpmpp_2m_karras", "--ddim_eta", "1"], "--ddim_eta cannot be used with --sampler dpmpp_2m"),
+    (["--sampler", "heun"], "--sampler heun: must be one of ddim, plms, dpmpp_2m, dpmpp_2m_karras, euler, euler_a"),
+    (["--sampler", "euler", "--plms"], "--plms cannot be used with --sampler euler"),
     (["--n_samples", "0"], "--n_samples"),
     (["--prompt", "  "], "--prompt"),
 ])
@@ -258,6 +268,7 @@ def test_run_config_repeats_a_run_and_flags_override_it(tmp_path, capsys):
                          "--W", "32", "--n_samples", "1", "--ddim_steps", "3", "--seed", "7",
                          "--outdir", str(tmp_path / "a")])
     record = (tmp_path / "a" / "run_config.toml").read_text()
+    assert 'sampler = "ddim"' in record
     assert 'prompt = "a red cube"' in record and f'config = "{FOLDER}"' in record and "scale = 7.5" in record
     info = json.loads((tmp_path / "a" / "run_info.json").read_text())
     assert info["status"] == "finished" and info["device"] == "cpu" and info["world_size"] == 1

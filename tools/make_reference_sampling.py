@@ -6,10 +6,12 @@ Run with the dev environment, after tools/make_reference_sd.py has written the t
 
 Writes under tests/fixtures/sampling/:
 - schedulers.safetensors + schedulers.json: for each case (DDIMScheduler with eta 0 and eta > 0,
-  PNDMScheduler(skip_prk_steps=True) with 1..10 steps, several beta schedules, spacings and
-  prediction types) the starting latents, a fixed sequence of model outputs (one per model call)
-  and diffusers' latents after every step; also the alphas_cumprod tables, add_noise and
-  get_velocity outputs.
+  PNDMScheduler(skip_prk_steps=True) with 1..10 steps, DPMSolverMultistepScheduler with and without
+  Karras sigmas, EulerDiscreteScheduler and EulerAncestralDiscreteScheduler with 1, 2, 3 and 25
+  steps, several beta schedules, spacings and prediction types) the starting latents, a fixed
+  sequence of model outputs (one per model call), diffusers' latents after every step and, for
+  the samplers that rescale it, the UNet input of every step; also the alphas_cumprod tables,
+  add_noise and get_velocity outputs.
 - pipeline/<run>.png + pipeline/<run>.json: whole StableDiffusionPipeline runs on the tiny diffusers
   folder (tests/fixtures/sd/tiny_diffusers), uint8 images exactly as the pipeline's "pil" output.
 """
@@ -33,6 +35,39 @@ SD_V1_DDIM = dict(SD_V1, clip_sample=False)
 SD_V1_PNDM = dict(SD_V1, skip_prk_steps=True)
 
 LATENT_SHAPE = (2, 4, 4, 4)
+
+# SD v1's public scheduler_config.json exactly as runwayml/stable-diffusion-v1-5 ships it: it has no
+# timestep_spacing, so diffusers' DPM-Solver and Euler schedulers built from it run on their own
+# default ("linspace"), while DDIM/PNDM run on "leading" (see `check_sd_v1_spacing_rule`).
+SD_V1_HUB = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+             "clip_sample": False}
+# The tiny fixture folder's config (a DDIMScheduler saved by diffusers 0.42) names "leading".
+SD_V1_LEADING = dict(SD_V1_HUB, timestep_spacing="leading", _class_name="DDIMScheduler")
+COSINE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+# The samplers with a sigma schedule: (our name, diffusers class name, extra diffusers options).
+SIGMA_SAMPLERS = {
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+}
+# (name, sampler, scheduler config as the checkpoint's scheduler_config.json holds it, steps, noise seed)
+# (diffusers 0.42 cannot run Karras sigmas on the cosine schedule: its truncated timesteps repeat 998 and
+# its step index then runs off the end, so no cosine Karras case.)
+SIGMA_CASES = (
+    [(f"{s}_sd_{n}", s, SD_V1_HUB, n, 30 + n) for s in SIGMA_SAMPLERS for n in (1, 2, 3, 25)]
+    + [(f"{s}_leading_{n}", s, SD_V1_LEADING, n, 40 + n) for s in SIGMA_SAMPLERS for n in (1, 2, 3, 6)]
+    + [(f"{s}_vpred_trailing_5", s, dict(SD_V1_LEADING, prediction_type="v_prediction",
+                                         timestep_spacing="trailing", steps_offset=0), 5, 50) for s in SIGMA_SAMPLERS]
+    + [("dpmpp_2m_karras_linear_8", "dpmpp_2m_karras", dict(num_train_timesteps=1000, beta_schedule="linear"), 8, None),
+       ("dpmpp_2m_x0pred_linear_leading_6", "dpmpp_2m", dict(num_train_timesteps=1000, beta_schedule="linear",
+                                                             prediction_type="sample", timestep_spacing="leading",
+                                                             steps_offset=1), 6, None),
+       ("euler_x0pred_cosine_7", "euler", dict(COSINE, prediction_type="sample"), 7, None)]
+)
+SIGMA_LATENT_SHAPE = (1, 4, 4, 4)   # euler_a draws (2, 4, 4, 4): one noise draw for a batch of two
 
 # (name, sampler, scheduler config, steps, eta, noise seed or None)
 SCHEDULER_CASES = [
@@ -66,6 +101,53 @@ def public_config(scheduler) -> dict:
     return {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
 
 
+def diffusers_sigma_scheduler(sampler: str, config: dict):
+    """diffusers' scheduler for `sampler`, built as a user builds it from a pipeline's scheduler:
+    `Cls.from_config(pipe.scheduler.config)`, the pipeline's own scheduler read from `config`."""
+    import diffusers
+    class_name, options = SIGMA_SAMPLERS[sampler]
+    loaded_as = getattr(diffusers, config.get("_class_name", "DDIMScheduler"))
+    pipeline_scheduler = loaded_as.from_config({k: v for k, v in config.items() if k != "_class_name"})
+    return getattr(diffusers, class_name).from_config(pipeline_scheduler.config, **options)
+
+
+def check_sd_v1_spacing_rule() -> None:
+    """The rule the samplers follow (diffusion/samplers/sigmas.py), checked on this diffusers version."""
+    for sampler in SIGMA_SAMPLERS:
+        assert diffusers_sigma_scheduler(sampler, SD_V1_HUB).config.timestep_spacing == "linspace", sampler
+        assert diffusers_sigma_scheduler(sampler, SD_V1_LEADING).config.timestep_spacing == "leading", sampler
+
+
+def make_sigma_cases(tensors: dict, cases: list) -> None:
+    """Per-step references for the DPM-Solver and Euler schedulers, from their own generator."""
+    check_sd_v1_spacing_rule()
+    g = torch.Generator().manual_seed(1)
+    for name, sampler, config, steps, seed in SIGMA_CASES:
+        sched = diffusers_sigma_scheduler(sampler, config)
+        sched.set_timesteps(steps)
+        shape = (2, 4, 4, 4) if sampler == "euler_a" else SIGMA_LATENT_SHAPE
+        x_T = torch.randn(shape, generator=g)
+        tensors[f"{name}.x_T"] = x_T
+        x = x_T * sched.init_noise_sigma            # as StableDiffusionPipeline.prepare_latents
+        noise_gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        model_outputs, xs, scaled_inputs = [], [], []
+        for t in sched.timesteps:
+            model_outputs.append(torch.randn(shape, generator=g))
+            scaled_inputs.append(sched.scale_model_input(x, t))
+            kwargs = dict(generator=noise_gen) if sampler == "euler_a" else {}
+            x = sched.step(model_outputs[-1], t, x, **kwargs).prev_sample
+            xs.append(x)
+        # one (steps, *shape) tensor each: a few tensors per case keep the file small
+        tensors[f"{name}.model_outputs"] = torch.stack(model_outputs)
+        tensors[f"{name}.xs"] = torch.stack(xs)
+        if sampler.startswith("euler"):   # DPM-Solver's scaled input is x itself
+            tensors[f"{name}.scaled_inputs"] = torch.stack(scaled_inputs)
+        cases.append(dict(name=name, sampler=sampler, scheduler_config=config, steps=steps, eta=None,
+                          noise_seed=seed, timesteps=[t.item() for t in sched.timesteps],
+                          diffusers_scheduler=type(sched).__name__,
+                          diffusers_timestep_spacing=sched.config.timestep_spacing))
+
+
 def make_scheduler_fixtures() -> None:
     from diffusers import DDIMScheduler, PNDMScheduler
 
@@ -90,6 +172,8 @@ def make_scheduler_fixtures() -> None:
             tensors[f"{name}.x.{i}"] = x
         cases.append(dict(name=name, sampler=sampler, scheduler_config=public_config(sched), steps=steps,
                           eta=eta, noise_seed=seed, timesteps=timesteps))
+
+    make_sigma_cases(tensors, cases)
 
     # the forward process and the v target, on every beta schedule
     forward = []
@@ -122,9 +206,17 @@ PIPELINE_RUNS = [
     ("plms3_car_2x32x32", "a red car", None, 2, 3, 0.0, 7.5, 32, 32, 4, "plms"),
     ("plms4_castle_nocfg_48x64", "a castle on a hill", None, 1, 4, 0.0, 1.0, 48, 64, 5, "plms"),
     ("plms10_negative_forest_32x32", "a snowy forest", "people", 1, 10, 0.0, 7.5, 32, 32, 6, "plms"),
+    # the samplers with fewer steps, each with two images per prompt and a negative prompt
+    ("dpmpp_2m5_negative_apple_2x32x32", "a green apple", "blurry", 2, 5, None, 7.5, 32, 32, 8, "dpmpp_2m"),
+    ("dpmpp_2m_karras6_negative_boat_2x32x32", "a boat at sea", "storm", 2, 6, None, 7.5, 32, 32, 9,
+     "dpmpp_2m_karras"),
+    ("euler4_negative_house_2x32x32", "a small house", "night", 2, 4, None, 7.5, 32, 32, 10, "euler"),
+    ("euler_a5_negative_bird_2x32x32", "a blue bird", "cage", 2, 5, None, 7.5, 32, 32, 11, "euler_a"),
     # two prompts in one call (one batch, one noise draw for all four images): for generate() itself
     ("ddim_two_prompts_2x32x32", ["a cat", "a dog in the rain"], ["", "sunny"], 2, 3, 0.0, 7.5, 32, 32, 7,
      "ddim"),
+    ("euler_a_two_prompts_2x32x32", ["a cat", "a dog in the rain"], ["", "sunny"], 2, 3, None, 7.5, 32, 32, 12,
+     "euler_a"),
 ]
 
 
@@ -149,7 +241,8 @@ def make_pipeline_fixtures() -> None:
     for old in out.iterdir():
         old.unlink()
     for name, prompt, negative, n, steps, eta, scale, height, width, seed, sampler in PIPELINE_RUNS:
-        pipe.scheduler = ddim if sampler == "ddim" else plms
+        pipe.scheduler = {"ddim": ddim, "plms": plms}.get(sampler) or diffusers_sigma_scheduler(
+            sampler, json.loads((SD_FOLDER / "scheduler" / "scheduler_config.json").read_text()))
         kwargs = dict(eta=eta) if sampler == "ddim" else {}
         images = pipe(prompt, negative_prompt=negative, num_images_per_prompt=n, num_inference_steps=steps,
                       guidance_scale=scale, height=height, width=width,

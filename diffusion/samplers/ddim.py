@@ -13,10 +13,10 @@ than training had.
                                                                                        (DDIM eq. 16)
 eta = 0 is the deterministic DDIM sampler; eta = 1 is DDPM's ancestral sampler on the same steps.
 
-Usage:
-    sampler = DDIMSampler.from_config(models.scheduler_config)
+Usage (eta is fixed when the sampler is made, so the loop is the same for every sampler):
+    sampler = DDIMSampler.from_config(models.scheduler_config, eta=0.0)
     for t in sampler.set_timesteps(50):
-        x = sampler.step(unet(x, t), int(t), x, eta=0.0, generator=g)
+        x = sampler.step(unet(sampler.scale_model_input(x, t), t), t, x, generator=g)
 """
 from __future__ import annotations
 
@@ -53,8 +53,11 @@ class DDIMSampler:
 
     init_noise_sigma = 1.0  # the starting latents are plain N(0, I): DDIM needs no rescaling of x_T
 
-    def __init__(self, *, schedule: NoiseSchedule):
+    def __init__(self, *, schedule: NoiseSchedule, eta: float = 0.0):
+        if not eta >= 0:  # also refuses NaN
+            raise ValueError(f"eta must be >= 0, got {eta}")
         self.schedule = schedule
+        self.eta = eta
         cfg = schedule.config
         # diffusers' DDIMScheduler default for set_alpha_to_one is True; SD v1 sets it false.
         self.set_alpha_to_one = True if cfg.set_alpha_to_one is None else cfg.set_alpha_to_one
@@ -62,11 +65,11 @@ class DDIMSampler:
         self.timesteps: torch.Tensor | None = None
 
     @classmethod
-    def from_config(cls, scheduler_config: Mapping[str, Any] | ScheduleConfig) -> "DDIMSampler":
+    def from_config(cls, scheduler_config: Mapping[str, Any] | ScheduleConfig, *, eta: float = 0.0) -> "DDIMSampler":
         """From a diffusers scheduler_config dict (DDIMScheduler's or PNDMScheduler's) or a ScheduleConfig."""
         cfg = scheduler_config if isinstance(scheduler_config, ScheduleConfig) \
             else ScheduleConfig.from_dict(scheduler_config)
-        return cls(schedule=NoiseSchedule(config=cfg))
+        return cls(schedule=NoiseSchedule(config=cfg), eta=eta)
 
     def set_timesteps(self, num_steps: int) -> torch.Tensor:
         """Choose the `num_steps` timesteps of a run; returns them, descending, as a (num_steps,) int64 tensor."""
@@ -74,7 +77,11 @@ class DDIMSampler:
         self.timesteps = torch.from_numpy(self.schedule.inference_timesteps(num_steps).copy())
         return self.timesteps
 
-    def step(self, model_output: torch.Tensor, t: int, x_t: torch.Tensor, *, eta: float = 0.0,
+    def scale_model_input(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """DDIM feeds the UNet x_t as it is."""
+        return x_t
+
+    def step(self, model_output: torch.Tensor, t: int | torch.Tensor, x_t: torch.Tensor, *,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """One step x_t -> x_{t_prev} (DDIM eq. 12). model_output, x_t: (B, C, h, w); t: this step's timestep.
 
@@ -84,8 +91,7 @@ class DDIMSampler:
         """
         if self.num_steps is None:
             raise RuntimeError("DDIMSampler.step called before set_timesteps(num_steps)")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        eta = self.eta
         cfg = self.schedule.config
         t = int(t)
         # The previous timestep is one stride of T // num_steps back, for every spacing (as diffusers does).

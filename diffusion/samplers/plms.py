@@ -27,7 +27,7 @@ diffusers follows with skip_prk_steps instead of PNDM's Runge-Kutta start):
 Usage (one model call per entry of the timestep list):
     sampler = PLMSSampler.from_config(models.scheduler_config)
     for t in sampler.set_timesteps(50):        # 51 entries
-        x = sampler.step(unet(x, t), int(t), x)
+        x = sampler.step(unet(sampler.scale_model_input(x, t), t), t, x)
 """
 from __future__ import annotations
 
@@ -89,10 +89,15 @@ class PLMSSampler:
         e_denominator = alpha_bar_t * beta_bar_prev ** 0.5 + (alpha_bar_t * beta_bar_t * alpha_bar_prev) ** 0.5
         return x_coeff * x_t - (alpha_bar_prev - alpha_bar_t) * model_output / e_denominator
 
-    def step(self, model_output: torch.Tensor, t: int, x_t: torch.Tensor) -> torch.Tensor:
+    def scale_model_input(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """PLMS feeds the UNet x_t as it is."""
+        return x_t
+
+    def step(self, model_output: torch.Tensor, t: int | torch.Tensor, x_t: torch.Tensor, *,
+             generator: torch.Generator | None = None) -> torch.Tensor:
         """One model call's update; returns the next latents. model_output, x_t: (B, C, h, w).
 
-        PLMS is deterministic: it takes no eta and draws no noise.
+        PLMS is deterministic: it takes no eta and draws no noise (`generator` is unused).
         """
         if self.num_steps is None:
             raise RuntimeError("PLMSSampler.step called before set_timesteps(num_steps)")

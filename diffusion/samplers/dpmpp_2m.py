@@ -1,0 +1,136 @@
+"""DPM-Solver++(2M): Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+Probabilistic Models", the multistep second-order solver in data-prediction form (their Algorithm 2).
+
+Numerically equal to diffusers' `DPMSolverMultistepScheduler` with its defaults (algorithm_type
+"dpmsolver++", solver_order 2, solver_type "midpoint", lower_order_final, final_sigmas_type "zero";
+tested per step against stored reference latents).
+
+Notation (VP form): x_t = alpha_t x_0 + sigma_t eps with alpha_t = sqrt(alpha_bar_t), sigma_t =
+sqrt(1 - alpha_bar_t), and the half log-SNR lambda_t = log(alpha_t / sigma_t). Here they are computed
+from the VE noise level s = sqrt((1 - alpha_bar) / alpha_bar) (`sigmas.py`) as alpha = 1 / sqrt(s^2 + 1),
+sigma = s alpha. x_theta(x_t, t) is the model's data (x_0) prediction.
+
+- First order, DPM-Solver++(1) (DPM-Solver++ eq. 5 with k = 1; the same step as DDIM):
+      x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x_theta(x_s, s),    h = lambda_t - lambda_s
+- Second order, multistep (Algorithm 2), reusing the previous step's x_theta:
+      r = h_prev / h
+      D = (1 + 1/(2r)) x_theta(t_{i-1}) - 1/(2r) x_theta(t_{i-2})
+      x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h} - 1) D
+  written, as diffusers does, with D0 = x_theta(t_{i-1}), D1 = (D0 - x_theta(t_{i-2})) / r and
+  D = D0 + D1 / 2.
+The first step has no history (first order), and the last one is first order too ("lower_order_final";
+with final sigma 0 diffusers always does so): it lands on sigma 0, where x is x_theta itself.
+
+The UNet's input is not rescaled (init_noise_sigma 1, `scale_model_input` the identity).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from diffusion.samplers.sigmas import config_with_own_spacing, interpolate_sigmas, sigma_table
+from diffusion.schedule import NoiseSchedule, ScheduleConfig
+
+
+class DPMSolverPP2MSampler:
+    """Stateful over one run: `set_timesteps` starts it and clears the x_theta history."""
+
+    init_noise_sigma = 1.0   # the starting latents are plain N(0, I) (VP form)
+
+    def __init__(self, *, schedule: NoiseSchedule):
+        self.schedule = schedule
+        self.sigmas: torch.Tensor | None = None      # (steps + 1,) float32 VE noise levels, last 0
+        self.timesteps: torch.Tensor | None = None   # (steps,) int64
+        self.step_index = 0
+        self.x0_history: list[torch.Tensor] = []     # x_theta of the previous step (at most one kept)
+
+    @classmethod
+    def from_config(cls, scheduler_config: Mapping[str, Any] | ScheduleConfig):
+        """From a diffusers scheduler_config dict or a ScheduleConfig; a dict without `timestep_spacing`
+        (SD v1's) gets "linspace", DPMSolverMultistepScheduler's own default, as diffusers gives it."""
+        return cls(schedule=NoiseSchedule(config=config_with_own_spacing(scheduler_config, default_spacing="linspace")))
+
+    def spaced_timesteps(self, num_steps: int) -> np.ndarray:
+        """DPMSolverMultistepScheduler's spacings: num_steps + 1 points, the last (t = 0) dropped."""
+        cfg, T = self.schedule.config, self.schedule.num_train_timesteps
+        if cfg.timestep_spacing == "linspace":
+            return np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].copy().astype(np.int64)
+        if cfg.timestep_spacing == "leading":
+            step_ratio = T // (num_steps + 1)
+            ts = (np.arange(0, num_steps + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64)
+            return ts + cfg.steps_offset
+        ts = np.arange(T, 0, -T / num_steps).round().copy().astype(np.int64)   # "trailing"
+        return ts - 1
+
+    def sigmas_and_timesteps(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """The noise levels of the run (without the final 0) and the UNet timesteps at them."""
+        ts = self.spaced_timesteps(num_steps)
+        return interpolate_sigmas(ts, sigma_table(self.schedule)), ts
+
+    def set_timesteps(self, num_steps: int) -> torch.Tensor:
+        """The timesteps of a `num_steps` run: (num_steps,) int64, descending."""
+        T = self.schedule.num_train_timesteps
+        if not 1 <= num_steps <= T:
+            raise ValueError(f"number of sampling steps must be in 1..{T} (num_train_timesteps), got {num_steps}")
+        sigmas, ts = self.sigmas_and_timesteps(num_steps)
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))   # end on sigma 0
+        self.timesteps = torch.from_numpy(ts).to(torch.int64)
+        self.step_index, self.x0_history = 0, []
+        return self.timesteps
+
+    def scale_model_input(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """DPM-Solver feeds the UNet x_t as it is (VP form)."""
+        return x
+
+    @staticmethod
+    def alpha_sigma(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VE noise level s -> (alpha_t, sigma_t) of the VP form: alpha = 1/sqrt(s^2 + 1), sigma = s alpha."""
+        alpha = 1 / ((s ** 2 + 1) ** 0.5)
+        return alpha, s * alpha
+
+    def data_prediction(self, model_output: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """x_theta(x_t, t), the x_0 estimate DPM-Solver++ integrates (its sec. 4: data prediction)."""
+        alpha_t, sigma_t = self.alpha_sigma(s)
+        prediction_type = self.schedule.config.prediction_type
+        if prediction_type == "epsilon":         # x_t = alpha x_0 + sigma eps
+            return (x - sigma_t * model_output) / alpha_t
+        if prediction_type == "v_prediction":    # v = alpha eps - sigma x_0 (Salimans & Ho 2022)
+            return alpha_t * x - sigma_t * model_output
+        return model_output                      # "sample"
+
+    def step(self, model_output: torch.Tensor, t: torch.Tensor | int, x: torch.Tensor, *,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """One step t_{i-1} -> t_i; deterministic (`generator` is unused). model_output, x: (B, C, h, w)."""
+        if self.sigmas is None:
+            raise RuntimeError(f"{type(self).__name__}.step called before set_timesteps(num_steps)")
+        i = self.step_index
+        if i >= len(self.timesteps) or int(t) != int(self.timesteps[i]):
+            raise RuntimeError(f"{type(self).__name__}: t={t} is not the run's next timestep "
+                               f"(step {i} of {len(self.timesteps)})")
+        x0 = self.data_prediction(model_output, x, self.sigmas[i])
+        self.x0_history = self.x0_history[-1:] + [x0]
+        x = x.to(torch.float32)
+
+        alpha_t, sigma_t = self.alpha_sigma(self.sigmas[i + 1])     # where we land
+        alpha_s0, sigma_s0 = self.alpha_sigma(self.sigmas[i])       # where we are
+        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)          # +inf on the final sigma 0
+        lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+        h = lambda_t - lambda_s0
+        last = i == len(self.timesteps) - 1
+        if len(self.x0_history) < 2 or last:
+            # DPM-Solver++(1): (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x_theta
+            x_next = (sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+        else:
+            # DPM-Solver++(2M), Algorithm 2: the previous step's x_theta gives the second-order term
+            alpha_s1, sigma_s1 = self.alpha_sigma(self.sigmas[i - 1])
+            lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
+            m0, m1 = self.x0_history[-1], self.x0_history[-2]
+            r0 = (lambda_s0 - lambda_s1) / h                         # r_i = h_{i-1} / h_i
+            D0, D1 = m0, (1.0 / r0) * (m0 - m1)
+            x_next = ((sigma_t / sigma_s0) * x
+                      - (alpha_t * (torch.exp(-h) - 1.0)) * D0
+                      - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1)
+        self.step_index += 1
+        return x_next.to(model_output.dtype)
