@@ -1,4 +1,4 @@
-"""The noise schedule that every sampler (DDIM, PLMS) and the training loss share.
+"""The noise schedule that every sampler (`diffusion/samplers/`) and the training loss share.
 
 A diffusion model is trained on a fixed forward process (Ho et al. 2020, "DDPM"): a clean sample
 x_0 is blended with Gaussian noise over `num_train_timesteps` steps,
