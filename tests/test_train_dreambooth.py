@@ -185,7 +185,7 @@ def test_resume_and_run_config_repeat_bit_for_bit(data, tmp_path, capsys):
 
 
 def test_bf16_on_cpu_trains_channels_last_and_resumes_bit_for_bit(data, tmp_path):
-    """bf16 on a CPU stores the UNet and VAE channels-last (diffusion/layout.py): the run says so, the
+    """bf16 on a CPU stores the UNet and VAE channels-last (diffusion/speed.py): the run says so, the
     saved weights are ordinary tensors that load back, and a resumed run ends bit for bit equal."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     extra = ["--max_train_steps", "3", "--checkpointing_steps", "2", "--mixed_precision", "bf16",
