@@ -38,12 +38,7 @@ META = json.loads((LORA / "reference.json").read_text())
 MAX_DIFF = 2   # out of 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from diffusion.checkpoints.load import load_stable_diffusion
 FOLDER = Path(__file__).parent / "fixtures" / "sd" / "tiny_diffusers"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(*extra: str):

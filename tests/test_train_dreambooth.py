@@ -34,13 +34,7 @@ FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorc
 PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of dog"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on the shared 2-core machine one thread is far faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
