@@ -25,12 +25,12 @@ from diffusion.models.unet import UNet2DConditionModel, UNetConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
 
 # SD v1's scheduler/scheduler_config.json (runwayml/stable-diffusion-v1-5), for single files, which
-# carry no scheduler config of their own (their schedule buffers say the same: scaled_linear). Like the
-# published file it names no timestep_spacing, so each sampler takes its own default as diffusers does
-# ("leading" for DDIM and PLMS, "linspace" for DPM-Solver and Euler), the same as from the folder.
+# carry no scheduler config of their own (their schedule buffers say the same: scaled_linear).
+# "leading" as diffusers' single-file loading gives it (tests/test_sample.py checks every sampler's
+# images from a single file against diffusers' from_single_file).
 SD_V1_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False,
+    "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False,
     "prediction_type": "epsilon",
 }
 FOLDER_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
