@@ -62,6 +62,19 @@ def _cut(text: str, specials) -> list[str]:
     return [t for t in re.split("(" + "|".join(map(re.escape, specials)) + ")", text) if t] if specials else [text]
 
 
+def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """Join every occurrence of `pair` in `symbols`, left to right (one BPE merge)."""
+    out, k = [], 0
+    while k < len(symbols):
+        if k + 1 < len(symbols) and (symbols[k], symbols[k + 1]) == pair:
+            out.append(symbols[k] + symbols[k + 1])
+            k += 2
+        else:
+            out.append(symbols[k])
+            k += 1
+    return out
+
+
 class BPE:
     def __init__(self, merges: list[tuple[str, str]], *, normalized: dict[str, bool] | None = None):
         """normalized: per special token, whether it is found after the cleanup (so in any case) or in
@@ -82,15 +95,7 @@ class BPE:
             rank, _, best = min(pairs)
             if rank == float("inf"):
                 break
-            merged, k = [], 0
-            while k < len(symbols):   # merge every occurrence of the pair, left to right
-                if k + 1 < len(symbols) and (symbols[k], symbols[k + 1]) == best:
-                    merged.append(symbols[k] + symbols[k + 1])
-                    k += 2
-                else:
-                    merged.append(symbols[k])
-                    k += 1
-            symbols = merged
+            symbols = merge_pair(symbols, best)
         self.cache[piece] = symbols
         return symbols
 

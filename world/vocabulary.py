@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 
+from clip.bpe import merge_pair
 from clip.tokenizer import END_OF_WORD, END_TOKEN, START_TOKEN, CLIPTokenizer, byte_to_unicode
 from world.captions import TEMPLATES, WHERE
 from world.scene import COLOURS, POSITIONS, SHAPES, SIZES
@@ -31,19 +32,6 @@ def world_words() -> list[str]:
     text = " ".join([*TEMPLATES, *WHERE.values(), *COLOURS, *SHAPES, *SIZES, *POSITIONS, "an"])
     words = re.findall(r"[a-z]+", re.sub(r"\{[a-z]+\}", " ", text))
     return list(dict.fromkeys(words)) + [RARE_TOKEN]
-
-
-def _merge(pieces: list[str], pair: tuple[str, str]) -> list[str]:
-    """Join every occurrence of `pair` in `pieces`, left to right."""
-    out, i = [], 0
-    while i < len(pieces):
-        if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == pair:
-            out.append(pieces[i] + pieces[i + 1])
-            i += 2
-        else:
-            out.append(pieces[i])
-            i += 1
-    return out
 
 
 def build_tokenizer(words: list[str] | None = None, *, max_length: int = MAX_LENGTH) -> CLIPTokenizer:
@@ -64,7 +52,7 @@ def build_tokenizer(words: list[str] | None = None, *, max_length: int = MAX_LEN
         best = max(counts, key=counts.get)                    # max keeps the first of equal counts
         merges.append(best)
         tokens.append(best[0] + best[1])
-        spelled = [_merge(pieces, best) for pieces in spelled]
+        spelled = [merge_pair(pieces, best) for pieces in spelled]
     tokens += [START_TOKEN, END_TOKEN]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, source="world vocabulary")
