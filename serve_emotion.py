@@ -30,6 +30,7 @@ and what happens on SIGTERM, is in docs/reliability.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -62,6 +63,20 @@ MAX_DETECT_SIDE = 1280          # --max_detect_side: faces are found on a copy t
 MAX_CONNECTIONS = 64            # --max_connections
 SHUTDOWN_GRACE_S = 10.0         # --shutdown_grace_s
 LARGE_IMAGE_PIXELS = 4_000_000  # after closing a larger image, freed memory goes back to the OS (serving/memory.py)
+# Images up to this size (by their header) decode without waiting for a decode slot when no face search is
+# asked: at most 12 MB of pixels each and --max_connections requests at once, so memory stays bounded,
+# and a burst of huge uploads cannot make ordinary photos queue behind it (bench/serve.py --case hostile).
+SMALL_IMAGE_PIXELS = 4_000_000
+
+
+def header_pixels(data: bytes) -> int:
+    """The pixel count an image's header claims, read without decoding; 0 when the header is unreadable
+    (`decode_image` then says why, inside a decode slot)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height
+    except Exception:   # any unreadable header: decode_image names the problem
+        return 0
 
 
 def decode_image(data: bytes, max_pixels: int | None) -> Image.Image:
@@ -280,9 +295,11 @@ class EmotionServer(BoundedHTTPServer):
 
     def prepare(self, image_bytes: bytes, parameters: dict) -> list[tuple[tuple | None, torch.Tensor]]:
         """Decode, find the faces, crop and preprocess: every step that holds the full-size image, in one
-        of the decode slots. Only the small pixel tensors leave; the image is closed before the slot is
-        given back (and long before the request waits for its batch)."""
-        with self.decode_slots:
+        of the decode slots, except for a small image without a face search (SMALL_IMAGE_PIXELS). Only
+        the small pixel tensors leave; the image is closed before the slot is given back (and long
+        before the request waits for its batch)."""
+        small = not parameters["faces"] and 0 < header_pixels(image_bytes) <= SMALL_IMAGE_PIXELS
+        with contextlib.nullcontext() if small else self.decode_slots:
             image = decode_image(image_bytes, self.max_image_pixels)
             try:
                 try:   # with "faces": each face crop is one more row for the batcher

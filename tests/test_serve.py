@@ -353,10 +353,31 @@ def test_decodes_at_once_bounded_by_the_cores(server, monkeypatch):
             with lock:
                 running[0] -= 1
     monkeypatch.setattr(serve_emotion, "decode_image", counting)
+    monkeypatch.setattr(serve_emotion, "SMALL_IMAGE_PIXELS", 0)    # every image counts as large here
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: request(server, body=JPEG), range(8)))
     assert all(status == 200 for status, _ in answers)
     assert most[0] == min(os.cpu_count(), 8), most       # the others waited for a slot
+
+
+def test_small_images_do_not_queue_behind_large_ones(server):
+    """With every decode slot held (as by a burst of huge uploads), an ordinary photo is still answered;
+    a face search, or an image over SMALL_IMAGE_PIXELS, waits for a slot."""
+    slots = [server.decode_slots.acquire(timeout=5) for _ in range(os.cpu_count() or 1)]
+    try:
+        assert all(slots)
+        assert request(server, body=JPEG)[0] == 200
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(request, server, body=as_json(JPEG, faces=True))
+            time.sleep(0.5)
+            assert not waiting.done()                   # queued for a slot
+            for _ in slots:
+                server.decode_slots.release()
+            slots = []
+            assert waiting.result(timeout=60)[0] in (200, 400)
+    finally:
+        for _ in slots:
+            server.decode_slots.release()
 
 
 def test_connections_over_the_limit_get_503(classifier):
