@@ -19,10 +19,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from clip.text_model import CLIPTextConfig, CLIPTextModel
-from common.state_dict import CheckpointError, load_strict, read_safetensors, rename_keys
+from common.state_dict import CheckpointError, load_strict, read_safetensors, rename_keys, safetensors_header
 
 HEAD_WIDTH = 64                  # every OpenAI CLIP text tower uses 64-wide heads (ViT-L/14: 768 = 12 x 64)
 SD_PREFIX = "cond_stage_model."  # everything of SD's text encoder in an original single file lives here
@@ -88,21 +87,18 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides) -> 
     return CLIPTextConfig.vit_l14(**{**shapes, **overrides})
 
 
-def _read_text_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_text_tensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """All tensors of a .safetensors file, or only the cond_stage_model.* ones of an SD v1 single file
     (its UNet and VAE tensors, ~3 GB of the 4 GB, are not read)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            if any(k.startswith(SD_PREFIX) for k in keys):
-                return {k: f.get_tensor(k) for k in keys if k.startswith(SD_PREFIX)}
-    except Exception:  # not a safetensors file, missing, a pickle: read_safetensors says which
-        pass
-    return read_safetensors(path)
+    header = safetensors_header(path)[0]
+    single_file = any(k.startswith(SD_PREFIX) for k in header)
+    return read_safetensors(path, dtype=dtype, keys=(lambda k: k.startswith(SD_PREFIX)) if single_file else None)
 
 
-def load_text_encoder(path: str | Path, *, config: CLIPTextConfig | None = None) -> CLIPTextModel:
-    """A CLIPTextModel from a folder (config.json + model.safetensors) or a .safetensors file, in eval mode.
+def load_text_encoder(path: str | Path, *, config: CLIPTextConfig | None = None,
+                      dtype: torch.dtype = torch.float32) -> CLIPTextModel:
+    """A CLIPTextModel from a folder (config.json + model.safetensors) or a .safetensors file, in eval mode,
+    its weights in `dtype` (on the file's pages when already so, see common/state_dict.py).
 
     Without a config.json or a `config`, the architecture is inferred from the tensor shapes.
     """
@@ -116,7 +112,7 @@ def load_text_encoder(path: str | Path, *, config: CLIPTextConfig | None = None)
             config = CLIPTextConfig.from_json(path / "config.json")
     else:
         weights = path
-    state_dict = text_encoder_state_dict(_read_text_tensors(weights), source=str(weights))
+    state_dict = text_encoder_state_dict(_read_text_tensors(weights, dtype), source=str(weights))
     if config is None:
         config = config_from_state_dict(state_dict)
     width = state_dict["token_embedding.weight"].shape[1] if "token_embedding.weight" in state_dict else None
@@ -124,6 +120,7 @@ def load_text_encoder(path: str | Path, *, config: CLIPTextConfig | None = None)
         raise CheckpointError(f"{weights}: the text encoder in this file is {width} wide, but the config says "
                               f"hidden_size={config.hidden_size} (SD v1's CLIP ViT-L/14 is 768 wide; SD 2.x's "
                               "OpenCLIP ViT-H/14 is 1024)")
-    model = CLIPTextModel(config)
-    load_strict(model, state_dict, source=str(weights))
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    load_strict(model, state_dict, source=str(weights), dtype=dtype)
     return model.eval()

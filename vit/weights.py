@@ -258,7 +258,7 @@ def load_vit(path: str | Path, *, labels: list[str] | None = None) -> LoadedViT:
         torch.nn.init.trunc_normal_(head.weight, std=0.02)   # as a fresh model's head
         torch.nn.init.zeros_(head.bias)
         ours = {**ours, "head.weight": head.weight.detach(), "head.bias": head.bias.detach()}
-    load_strict(model, ours, source=source, assign=True)
+    load_strict(model, ours, source=source)
     return LoadedViT(model=model.eval(), preprocess=preprocess, layout=layout, source=str(weights),
                      new_head=new_head)
 

@@ -50,8 +50,10 @@ class StableDiffusionModels:
 
 
 def load_stable_diffusion(path: str | Path, *, config_dir: str | Path | None = None,
-                          use_ema: bool = False) -> StableDiffusionModels:
-    """Every model of an SD v1 checkpoint, in eval mode, fp32, on the CPU."""
+                          use_ema: bool = False, dtype: torch.dtype = torch.float32) -> StableDiffusionModels:
+    """Every model of an SD v1 checkpoint, in eval mode, on the CPU, its weights in `dtype` (as
+    diffusers' `torch_dtype`). Tensors already in `dtype` stay on the file's pages (no copy; see
+    `common.state_dict.read_safetensors`); the others are converted one by one."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint (a diffusers folder or a single .safetensors/.ckpt file)")
@@ -61,9 +63,10 @@ def load_stable_diffusion(path: str | Path, *, config_dir: str | Path | None = N
                              "with its own configs")
         if use_ema:
             raise ValueError(f"--use_ema: {path} is a diffusers folder, which holds one set of UNet weights")
-        models = _load_folder(path)
+        models = _load_folder(path, dtype)
     else:
-        models = _load_single_file(path, config_dir=None if config_dir is None else Path(config_dir), use_ema=use_ema)
+        models = _load_single_file(path, config_dir=None if config_dir is None else Path(config_dir), use_ema=use_ema,
+                                   dtype=dtype)
     for m in (models.unet, models.vae, models.text_encoder):
         m.eval()
     return models
@@ -79,22 +82,26 @@ def _weights_file(folder: Path, name: str) -> Path:
     return file
 
 
-def load_unet_folder(folder: Path) -> UNet2DConditionModel:
-    unet = UNet2DConditionModel(config=UNetConfig.from_json(folder / "unet" / "config.json"))
+# Every model is built on the meta device (no memory, no random initialisation) and takes the file's
+# tensors themselves as its weights (common.state_dict.load_strict).
+def load_unet_folder(folder: Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(config=UNetConfig.from_json(folder / "unet" / "config.json"))
     file = _weights_file(folder, "unet")
-    load_strict(unet, read_safetensors(file), source=str(file))
+    load_strict(unet, read_safetensors(file, dtype=dtype), source=str(file), dtype=dtype)
     return unet
 
 
-def load_vae_folder(folder: Path) -> AutoencoderKL:
-    vae = AutoencoderKL(config=VAEConfig.from_json(folder / "vae" / "config.json"))
+def load_vae_folder(folder: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    with torch.device("meta"):
+        vae = AutoencoderKL(config=VAEConfig.from_json(folder / "vae" / "config.json"))
     file = _weights_file(folder, "vae")
-    tensors = rename_keys(read_safetensors(file), single_file.DEPRECATED_VAE_ATTENTION_RULES)
-    load_strict(vae, single_file.vae_attention_as_linear(tensors), source=str(file))
+    tensors = rename_keys(read_safetensors(file, dtype=dtype), single_file.DEPRECATED_VAE_ATTENTION_RULES)
+    load_strict(vae, single_file.vae_attention_as_linear(tensors), source=str(file), dtype=dtype)
     return vae
 
 
-def _load_folder(folder: Path) -> StableDiffusionModels:
+def _load_folder(folder: Path, dtype: torch.dtype) -> StableDiffusionModels:
     from clip.tokenizer import CLIPTokenizer
     from clip.weights import load_text_encoder
 
@@ -104,17 +111,17 @@ def _load_folder(folder: Path) -> StableDiffusionModels:
             raise ValueError(f"{folder / 'model_index.json'}: no {name!r} entry; not an SD v1 pipeline folder")
     _weights_file(folder, "text_encoder")
     return StableDiffusionModels(
-        unet=load_unet_folder(folder), vae=load_vae_folder(folder),
-        text_encoder=load_text_encoder(folder / "text_encoder"),
+        unet=load_unet_folder(folder, dtype), vae=load_vae_folder(folder, dtype),
+        text_encoder=load_text_encoder(folder / "text_encoder", dtype=dtype),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
         source=str(folder), layout="diffusers")
 
 
 # ------------------------------------------------------------------------------ original single file
-def read_single_file(path: Path) -> dict[str, torch.Tensor]:
+def read_single_file(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        return read_safetensors(path, dtype=dtype)
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected a diffusers folder "
                               f"or one of {', '.join(SINGLE_FILE_SUFFIXES)}")
@@ -125,36 +132,44 @@ def read_single_file(path: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(path)
 
 
-def load_unet_single_file(unet_tensors: dict, config: UNetConfig, *, source: str) -> UNet2DConditionModel:
-    unet = UNet2DConditionModel(config=config)
-    load_strict(unet, rename_keys(unet_tensors, single_file.unet_rules(config)), source=f"{source} (UNet)")
+def load_unet_single_file(unet_tensors: dict, config: UNetConfig, *, source: str,
+                          dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(config=config)
+    load_strict(unet, rename_keys(unet_tensors, single_file.unet_rules(config)), source=f"{source} (UNet)",
+                dtype=dtype)
     return unet
 
 
-def load_vae_single_file(vae_tensors: dict, config: VAEConfig, *, source: str) -> AutoencoderKL:
-    vae = AutoencoderKL(config=config)
+def load_vae_single_file(vae_tensors: dict, config: VAEConfig, *, source: str,
+                         dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    with torch.device("meta"):
+        vae = AutoencoderKL(config=config)
     tensors = single_file.vae_attention_as_linear(rename_keys(vae_tensors, single_file.vae_rules(config)))
-    load_strict(vae, tensors, source=f"{source} (VAE)")
+    load_strict(vae, tensors, source=f"{source} (VAE)", dtype=dtype)
     return vae
 
 
-def load_text_encoder_single_file(text_tensors: dict, config, *, source: str):
+def load_text_encoder_single_file(text_tensors: dict, config, *, source: str, dtype: torch.dtype = torch.float32):
     """The CLIP text model from the file's `cond_stage_model.transformer.*` tensors (clip/ maps them)."""
     from clip.text_model import CLIPTextModel
     from clip.weights import config_from_state_dict, text_encoder_state_dict
 
     tensors = text_encoder_state_dict(text_tensors, source=source)
-    model = CLIPTextModel(config if config is not None else config_from_state_dict(tensors))
-    load_strict(model, tensors, source=source)
+    with torch.device("meta"):
+        model = CLIPTextModel(config if config is not None else config_from_state_dict(tensors))
+    load_strict(model, tensors, source=source, dtype=dtype)
     return model
 
 
-def _load_single_file(path: Path, *, config_dir: Path | None, use_ema: bool) -> StableDiffusionModels:
+def _load_single_file(path: Path, *, config_dir: Path | None, use_ema: bool, dtype: torch.dtype
+                      ) -> StableDiffusionModels:
     from clip.text_model import CLIPTextConfig
     from clip.tokenizer import CLIPTokenizer
 
     source = str(path)
-    unet_t, vae_t, text_t = single_file.split_single_file(read_single_file(path), use_ema=use_ema, source=source)
+    unet_t, vae_t, text_t = single_file.split_single_file(read_single_file(path, dtype), use_ema=use_ema,
+                                                            source=source)
     if config_dir is not None:
         for name in ("unet", "vae", "text_encoder"):
             if not (config_dir / name / "config.json").is_file():
@@ -168,9 +183,9 @@ def _load_single_file(path: Path, *, config_dir: Path | None, use_ema: bool) -> 
         vae_cfg = single_file.infer_vae_config(vae_t, source=source)
         text_cfg = None  # inferred by clip/ from the shapes
     return StableDiffusionModels(
-        unet=load_unet_single_file(unet_t, unet_cfg, source=source),
-        vae=load_vae_single_file(vae_t, vae_cfg, source=source),
-        text_encoder=load_text_encoder_single_file(text_t, text_cfg, source=f"{source} (text encoder)"),
+        unet=load_unet_single_file(unet_t, unet_cfg, source=source, dtype=dtype),
+        vae=load_vae_single_file(vae_t, vae_cfg, source=source, dtype=dtype),
+        text_encoder=load_text_encoder_single_file(text_t, text_cfg, source=f"{source} (text encoder)", dtype=dtype),
         # A single file carries no tokenizer: a --config folder laid out like a diffusers folder may hold
         # this model's own tokenizer/; otherwise the shipped SD v1 (OpenAI CLIP) vocabulary.
         tokenizer=CLIPTokenizer.from_pretrained(config_dir / "tokenizer" if config_dir is not None

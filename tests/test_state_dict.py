@@ -1,0 +1,93 @@
+"""common/state_dict.py: reading safetensors without copies, converting on read, and loading into
+models built on the meta device."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.state_dict import CheckpointError, read_safetensors, safetensors_header
+from diffusion.checkpoints.load import load_stable_diffusion
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SD = FIXTURES / "sd" / "tiny_diffusers"
+SINGLE = FIXTURES / "sd" / "tiny_single.safetensors"
+
+
+@pytest.fixture
+def mixed_file(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(64, 33, generator=gen), "b.half": torch.randn(7, 5, generator=gen).half(),
+               "c.index": torch.arange(10), "d.empty": torch.zeros(0, 4), "e.scalar": torch.tensor(2.5)}
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt", "note": "x"})
+    return path, tensors
+
+
+def test_reads_what_safetensors_reads(mixed_file):
+    path, tensors = mixed_file
+    got, reference = read_safetensors(path), load_file(str(path))
+    assert got.keys() == reference.keys() == tensors.keys()
+    for k in got:
+        assert got[k].dtype == reference[k].dtype and torch.equal(got[k], reference[k]), k
+    assert safetensors_header(path)[1] == {"format": "pt", "note": "x"}
+    assert read_safetensors(path, keys=lambda k: k.startswith("a.")).keys() == {"a.weight"}
+
+
+def test_tensors_are_views_of_the_file_and_writes_never_reach_it(mixed_file):
+    path, tensors = mixed_file
+    header, _, start = safetensors_header(path)
+    got = read_safetensors(path)
+    a, c = got["a.weight"], got["c.index"]
+    # one mapping of the whole file: the tensors lie as far apart in memory as in the file
+    assert c.data_ptr() - a.data_ptr() == header["c.index"]["data_offsets"][0] - header["a.weight"]["data_offsets"][0]
+    a.mul_(0)                                   # copy-on-write: the file keeps its numbers
+    assert torch.equal(read_safetensors(path)["a.weight"], tensors["a.weight"])
+
+
+def test_dtype_converts_floating_tensors_only(mixed_file):
+    path, tensors = mixed_file
+    got = read_safetensors(path, dtype=torch.bfloat16)
+    assert got["a.weight"].dtype == got["b.half"].dtype == torch.bfloat16
+    assert torch.equal(got["a.weight"], tensors["a.weight"].bfloat16())
+    assert torch.equal(got["b.half"], tensors["b.half"].bfloat16())
+    assert got["c.index"].dtype == torch.int64 and torch.equal(got["c.index"], tensors["c.index"])
+
+
+@pytest.mark.parametrize("cut", [4, 100, -1])
+def test_a_truncated_file_is_named_with_its_tensor(mixed_file, tmp_path, cut):
+    path, _ = mixed_file
+    data = path.read_bytes()
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(data[:cut])
+    with pytest.raises(CheckpointError) as err:
+        read_safetensors(bad)
+    assert str(bad) in str(err.value)
+    if cut == -1:   # the header is whole: the message names the last tensor, which lost its last byte
+        last = max(safetensors_header(path)[0].items(), key=lambda item: item[1]["data_offsets"][1])[0]
+        assert f"tensor {last} runs past the end of the file" in str(err.value) and "truncated" in str(err.value)
+
+
+def test_a_lying_header_is_named(tmp_path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 60]}}).encode()
+    bad = tmp_path / "lying.safetensors"
+    bad.write_bytes(len(header).to_bytes(8, "little") + header + bytes(64))
+    with pytest.raises(CheckpointError, match=r"tensor w: 60 bytes for shape \(4, 4\) of F32 \(64 expected\)"):
+        read_safetensors(bad)
+
+
+@pytest.mark.parametrize("path", [SD, SINGLE], ids=["folder", "single_file"])
+def test_models_load_onto_the_files_pages_or_in_the_dtype_asked(path):
+    config = {"config_dir": SD} if path == SINGLE else {}
+    fp32 = load_stable_diffusion(path, **config)
+    bf16 = load_stable_diffusion(path, **config, dtype=torch.bfloat16)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(fp32, name).state_dict(), getattr(bf16, name).state_dict()
+        assert not any(v.is_meta for v in a.values()) and not any(v.is_meta for v in b.values())
+        assert {v.dtype for v in a.values() if v.is_floating_point()} == {torch.float32}
+        assert {v.dtype for v in b.values() if v.is_floating_point()} == {torch.bfloat16}
+        for k in a:
+            assert torch.equal(a[k].bfloat16(), b[k]), (name, k)
