@@ -21,6 +21,7 @@ import re
 import sys
 from pathlib import Path
 
+from common.precision import SAMPLING_PRECISIONS
 from common.run_config import finish_run_record, finite_float, read_config, start_run_record
 from diffusion.samplers import SAMPLERS, SAMPLERS_WITH_ETA
 
@@ -58,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "unet sample_size x VAE factor: 512 for SD v1)")
     p.add_argument("--W", type=int, default=None, help="image width in pixels (default: as --H)")
     p.add_argument("--seed", type=int, default=42, help="seed of the starting noise (and of DDIM's eta noise)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="fp32, or bf16/fp16 autocast")
+    p.add_argument("--precision", choices=SAMPLING_PRECISIONS, default="fp32",
+                   help="the weights' dtype: fp32 (CompVis's 'full'), or bf16/fp16 as diffusers' torch_dtype "
+                        "(half the memory; bf16 is the fast one on a CPU); 'autocast': fp32 weights under "
+                        "torch.autocast (bf16 on a CPU, fp16 on a GPU)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--config", "--model_config", dest="config_dir", default=None,
                    help="folder with unet/, vae/, text_encoder/ config.json for a single-file --ckpt "
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise SystemExit(f"sample.py: error: {e}")
 
     import torch
+    from common.precision import DTYPES, check_device_runs, sampling_precision
     from common.state_dict import CheckpointError
     from diffusion.speed import arrange_for_speed
     from diffusion.pipeline import generate, make_grid
@@ -214,8 +218,16 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise SystemExit(f"sample.py: error: --device {args.device}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"sample.py: error: --device {args.device}: CUDA is not available here")
+    if args.precision == "full":
+        args.precision = "fp32"          # CompVis's spelling; recorded as the dtype name
+    weights_dtype, autocast = sampling_precision(args.precision, device)
     try:
-        models = load_stable_diffusion(args.ckpt, config_dir=args.config_dir, use_ema=args.use_ema)
+        check_device_runs(weights_dtype if autocast == "fp32" else DTYPES[autocast], device, flag="--precision")
+    except ValueError as e:
+        raise SystemExit(f"sample.py: error: {e}")
+    try:
+        models = load_stable_diffusion(args.ckpt, config_dir=args.config_dir, use_ema=args.use_ema,
+                                       dtype=weights_dtype)
     except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"sample.py: error: --ckpt {args.ckpt}: {e}")
     if configs is None:  # a .ckpt: its architecture is known now, before any sampling
@@ -234,7 +246,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
             print(f"--lora_skip_unknown: skipped {key}", file=sys.stderr)
     for module in (models.unet, models.vae, models.text_encoder):
         module.to(device).eval()
-    layouts = arrange_for_speed(models, device=device, precision=args.precision)  # diffusion/speed.py
+    compute = autocast if autocast != "fp32" else args.precision   # the dtype the convolutions run in
+    layouts = arrange_for_speed(models, device=device, precision=compute)         # diffusion/speed.py
 
     outdir = Path(args.outdir)
     samples = outdir / "samples"
@@ -247,7 +260,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         images = generate(models, [prompt], negative_prompt=args.negative_prompt,
                           num_images_per_prompt=args.n_samples, steps=args.ddim_steps,
                           eta=args.ddim_eta, guidance_scale=args.scale, height=args.H, width=args.W,
-                          seed=args.seed, sampler=args.sampler, precision=args.precision,
+                          seed=args.seed, sampler=args.sampler, autocast=autocast,
                           progress=True, output="pil")
         for image in images:
             written.append(save_new(image, samples, r"(\d+)\.\w+", lambda i: f"{i:05d}.png"))

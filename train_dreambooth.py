@@ -35,7 +35,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common.precision import MIXED_PRECISION
+from common.precision import DTYPES, MIXED_PRECISION, check_device_runs
 from common.run_config import (check_resume_config, finish_run_record, finite_float, parse_args_with_config,
                                start_run_record)
 from common.state_dict import CheckpointError
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--prior_loss_weight", type=finite_float, default=1.0, help="weight of the prior preservation loss")
     a("--num_class_images", type=int, default=100, help="class images wanted in --class_data_dir")
     a("--sample_batch_size", type=int, default=4, help="batch size for generating class images")
+    a("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
+      help="the weights' dtype while generating class images, as diffusers' torch_dtype (default, and 'no': "
+           "fp32 on a CPU, fp16 on a GPU, as diffusers)")
     a("--sampler", default="ddim", help=f"sampler of the class and validation images: {', '.join(SAMPLERS)} "
                                          "(as sample.py; default ddim)")
     a("--plms", action="store_true", help="the same as --sampler plms (as sample.py)")
@@ -197,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         instance_images = [load_image(f, args.resolution, flag="--instance_data_dir")   # (3, H, W) uint8 each
                            for f in instance_files]
         dist = setup_distributed(args.device)
+        # class images in the dtype diffusers would use: --prior_generation_precision, else fp32 on a CPU, fp16 on a GPU
+        generation_precision = (args.prior_generation_precision if args.prior_generation_precision not in (None, "no")
+                                else "fp32" if dist.device.type == "cpu" else "fp16")
+        generation_dtype = DTYPES[generation_precision]
+        if missing:
+            check_device_runs(generation_dtype, dist.device, flag="--prior_generation_precision")
     except (DataError, ValueError) as e:
         return fail(str(e))
     if dist.is_main:   # a crash mid-write leaves temporaries (GBs at SD scale): ours are found by name
@@ -212,11 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: {e}", dist)
     unet, vae, text_encoder, tokenizer = models.unet, models.vae, models.text_encoder, models.tokenizer
     schedule = NoiseSchedule(config=ScheduleConfig.from_dict(models.scheduler_config))
-    if missing:
-        generate_class_images(models, class_dir, missing, prompt=args.class_prompt, resolution=args.resolution,
-                              seed=args.seed, batch_size=args.sample_batch_size, precision=precision,
+    if missing:   # the base model itself, or a copy of it in --prior_generation_precision's dtype
+        generation_models = models if generation_dtype == torch.float32 else load_models(
+            args.pretrained_model_name_or_path, config_dir=args.pretrained_config_dir, resolution=args.resolution,
+            device=dist.device, precision=generation_precision, dtype=generation_dtype)[0]
+        generate_class_images(generation_models, class_dir, missing, prompt=args.class_prompt,
+                              resolution=args.resolution, seed=args.seed, batch_size=args.sample_batch_size,
                               share=(dist.rank, dist.world_size), progress=dist.is_main,
                               sampler=args.sampler, **CLASS_SAMPLING)
+        del generation_models
     barrier(dist)
     class_images = ([load_image(f, args.resolution, flag="--class_data_dir") for f in
                      image_files(class_dir, flag="--class_data_dir")[:args.num_class_images]] if prior else [])
@@ -359,7 +372,7 @@ def validate(dist, models, args, output_dir: Path, step: int) -> None:
         models.text_encoder.eval()
         images = generate(models, [args.validation_prompt], num_images_per_prompt=args.num_validation_images,
                           height=args.resolution, width=args.resolution, seed=args.seed, progress=False,
-                          precision=MIXED_PRECISION[args.mixed_precision], output="pil",
+                          autocast=MIXED_PRECISION[args.mixed_precision], output="pil",
                           sampler=args.sampler, **VALIDATION_SAMPLING)
         models.unet.train()
         models.text_encoder.train(args.train_text_encoder)

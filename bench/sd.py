@@ -2,8 +2,9 @@
 
     flock /tmp/bench.lock .venv-dev/bin/python bench/sd.py [--repeats 3] [--only unet|vae] [--threads N]
 
-Two workloads at 512x512, each in fp32 and under bf16 autocast (fp32 weights, as sample.py
---precision bf16 runs):
+Two workloads at 512x512, each in fp32, in bf16 (bf16 weights: sample.py --precision bf16, and
+diffusers with torch_dtype=torch.bfloat16) and, with --precision autocast, under bf16 autocast over fp32
+weights (sample.py --precision autocast):
 - one classifier-free-guidance UNet step: batch 2 (unconditional + conditional) of 64x64x4 latents,
   77x768 text states;
 - one VAE decode of a 64x64x4 latent to a 512x512 image.
@@ -50,6 +51,9 @@ def rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "autocast": torch.float32}   # the weights' dtype
+
+
 def build(impl: str, model: str, precision: str, their_layout: str) -> torch.nn.Module:
     """Ours arranged as sample.py arranges it for this precision on a CPU (diffusion/speed.py);
     diffusers' as shipped (channels-first), or channels-last as its docs suggest with --their_layout."""
@@ -60,24 +64,26 @@ def build(impl: str, model: str, precision: str, their_layout: str) -> torch.nn.
         from diffusion.models.vae import AutoencoderKL, VAEConfig
         from diffusion.speed import arrange_for_speed
         net = (UNet2DConditionModel(config=UNetConfig.sd_v1()) if model == "unet"
-               else AutoencoderKL(config=VAEConfig.sd_v1()))
-        arrange_for_speed(SimpleNamespace(**{model: net}), device=torch.device("cpu"), precision=precision)
+               else AutoencoderKL(config=VAEConfig.sd_v1())).to(DTYPE[precision])
+        arrange_for_speed(SimpleNamespace(**{model: net}), device=torch.device("cpu"),
+                          precision="bf16" if precision == "autocast" else precision)
         return net.eval()
     from tools.reference_models import autoencoder_kl, sd_v1_unet
     net = sd_v1_unet() if model == "unet" else autoencoder_kl(**SD_V1_VAE)
-    return net.to(memory_format=LAYOUTS[their_layout]).eval()
+    return net.to(DTYPE[precision]).to(memory_format=LAYOUTS[their_layout]).eval()
 
 
 def workload(impl: str, model: str, net: torch.nn.Module):
     gen = torch.Generator().manual_seed(0)
+    dtype = next(net.parameters()).dtype
     if model == "unet":
-        latents = torch.randn(2, 4, 64, 64, generator=gen)
+        latents = torch.randn(2, 4, 64, 64, generator=gen).to(dtype)
         t = torch.tensor([981, 981])
-        text = torch.randn(2, 77, 768, generator=gen)
+        text = torch.randn(2, 77, 768, generator=gen).to(dtype)
         if impl == "ours":
             return lambda: net(latents, t, text)
         return lambda: net(latents, t, text).sample
-    z = torch.randn(1, 4, 64, 64, generator=gen)
+    z = torch.randn(1, 4, 64, 64, generator=gen).to(dtype)
     if impl == "ours":
         return lambda: net.decode(z)
     return lambda: net.decode(z).sample
@@ -89,7 +95,7 @@ def worker(impl: str, model: str, precision: str, repeats: int, threads: int, th
     run = workload(impl, model, net)
     base = rss_mb()
     times = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
         for i in range(repeats + 1):
             start = time.perf_counter()
             out = run()
@@ -133,7 +139,7 @@ def paired(model: str, precision: str, pairs: int, threads: int, their_layout: s
     nets = {impl: build(impl, model, precision, their_layout) for impl in ("ours", "diffusers")}
     runs = {impl: workload(impl, model, net) for impl, net in nets.items()}
     ratios = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
         for impl in runs:
             runs[impl]()                                      # warm-up
         for i in range(pairs):
@@ -158,7 +164,7 @@ def main() -> None:
     ap.add_argument("--their_layout", choices=list(LAYOUTS), default="channels_first",
                     help="diffusers' models as shipped (channels-first), or moved to channels-last as "
                          "diffusers' docs suggest; ours always run in the layout sample.py picks")
-    ap.add_argument("--precision", choices=["fp32", "bf16"])
+    ap.add_argument("--precision", choices=["fp32", "bf16", "autocast"])
     ap.add_argument("--pairs", type=int, default=0,
                     help="also time both sides in one process, N alternating pairs, and print the median "
                          "of the per-pair ratios (steadier than the subprocess medians on a noisy machine)")

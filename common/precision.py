@@ -1,7 +1,16 @@
 """Precision names, the one map from them to dtypes, and the one autocast context every script uses.
 
-The scripts speak of precision in three spellings, all mapped here:
-- "fp32" / "bf16" / "fp16": the dtype names runs record and `sample.py --precision` takes;
+Two ways to run a model in low precision, both used here:
+- half-precision weights: the weights themselves are bf16 or fp16 and every operation runs in that
+  dtype, as diffusers' `torch_dtype=torch.bfloat16` and transformers' `torch_dtype` (half the memory,
+  no casts). `sample.py --precision bf16|fp16`, DreamBooth's `--prior_generation_precision`.
+- autocast (mixed precision): fp32 weights, and `torch.autocast` runs matmuls and convolutions in the
+  low dtype. Training uses it (fp32 master weights: `--mixed_precision`, as accelerate), and
+  `sample.py --precision autocast` (CompVis's word for it).
+
+The scripts speak of precision in these spellings, all mapped here:
+- "fp32" / "bf16" / "fp16": dtype names, as runs record them (`DTYPES`);
+- "full" / "autocast": CompVis's txt2img `--precision` (`full` is fp32);
 - "no" / "bf16" / "fp16": diffusers' and accelerate's `--mixed_precision`, which the training
   scripts take (`MIXED_PRECISION` maps them to the dtype names).
 """
@@ -13,6 +22,39 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIXED_PRECISION = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}   # --mixed_precision -> dtype name
+SAMPLING_PRECISIONS = ("fp32", "full", "bf16", "fp16", "autocast")  # sample.py --precision
+
+
+def autocast_dtype_name(device: torch.device) -> str:
+    """The dtype `--precision autocast` runs in: torch.autocast's own default for the device (bf16 on
+    a CPU, fp16 on a GPU, as CompVis's scripts ran it)."""
+    return "bf16" if device.type == "cpu" else "fp16"
+
+
+def sampling_precision(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """sample.py's --precision -> (the weights' dtype, the autocast dtype name or "fp32" for none)."""
+    if name not in SAMPLING_PRECISIONS:
+        raise ValueError(f"--precision {name}: choose one of {', '.join(SAMPLING_PRECISIONS)}")
+    if name == "autocast":
+        return torch.float32, autocast_dtype_name(device)
+    return DTYPES["fp32" if name == "full" else name], "fp32"
+
+
+def check_device_runs(dtype: torch.dtype, device: torch.device, *, flag: str) -> None:
+    """Refuse, before any model is loaded, a dtype the device cannot compute in (fp16 matmuls on an old
+    CPU build, bf16 on a GPU without it): one tiny matmul and convolution in that dtype must run."""
+    if dtype == torch.float32:
+        return
+    name = next(k for k, v in DTYPES.items() if v == dtype)
+    try:
+        x = torch.ones(2, 2, 4, 4, dtype=dtype, device=device)
+        torch.nn.functional.conv2d(x, torch.ones(2, 2, 3, 3, dtype=dtype, device=device), padding=1)
+        x.flatten(1) @ torch.ones(32, 2, dtype=dtype, device=device)
+        if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise RuntimeError("torch.cuda.is_bf16_supported() is False")
+    except RuntimeError as e:
+        raise ValueError(f"{flag} {name}: the device {device} cannot compute in {name} here ({e}); "
+                         "use fp32") from None
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -52,7 +52,9 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Hu et al. 2021, eq. 3: h = W0 x + (alpha / r) B A x, times the user's scale (a "LoRA weight")
-        return self.base_layer(x) + (self.scale * self.alpha / self.rank) * self.lora_B(self.lora_A(x))
+        # the update runs in its own fp32 and is added in the base's dtype (as peft does)
+        update = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))
+        return self.base_layer(x) + ((self.scale * self.alpha / self.rank) * update).to(x.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * (alpha / r) * B A, shaped as the base weight: (out, in) or (out, in, k, k)."""

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-from common.precision import autocast
+from common.precision import autocast as autocast_context
 from diffusion.samplers import Sampler, make_sampler
 from diffusion.schedule import randn
 
@@ -67,13 +67,16 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
     """Run the sampler from x_T (`latents`, (n, C, h, w), N(0, I)) to x_0 with classifier-free guidance.
 
     cond: (n, 77, D) text states per image; uncond: the same for the empty (or negative) prompt, or
-    None to sample without guidance (one UNet call of batch n per step). The UNet may run under
-    autocast; its output is taken back to fp32 before guidance and the sampler update. A stochastic
+    None to sample without guidance (one UNet call of batch n per step). The latents, the guidance and
+    the sampler update are in the UNet weights' dtype, as in diffusers' pipeline with `torch_dtype`
+    (its DPM-Solver and Euler schedulers, and ours, compute a step in fp32 and return that dtype):
+    fp32 weights under autocast keep fp32 latents, their UNet output taken back to fp32. A stochastic
     sampler (DDIM with eta > 0, Euler a) draws its noise from `generator`.
     """
-    states = cond if uncond is None else torch.cat([uncond, cond])    # (2n, 77, D), unconditional first
+    dtype = next(unet.parameters()).dtype
+    states = (cond if uncond is None else torch.cat([uncond, cond])).to(dtype)  # (2n, 77, D), unconditional first
     timesteps = sampler.set_timesteps(steps)
-    x = latents * sampler.init_noise_sigma                            # (n, C, h, w)
+    x = latents.to(dtype) * sampler.init_noise_sigma                  # (n, C, h, w)
     if progress:
         from tqdm import tqdm
         timesteps = tqdm(timesteps, desc=f"{type(sampler).__name__} steps", unit="step")
@@ -81,7 +84,7 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
         x_in = x if uncond is None else torch.cat([x, x])            # (2n, C, h, w)
         x_in = sampler.scale_model_input(x_in, t)
         t_batch = t.to(x.device).expand(x_in.shape[0])               # (2n,), the sampler's dtype (int or float)
-        eps = unet(x_in, t_batch, states).float()
+        eps = unet(x_in, t_batch, states).to(x.dtype)               # (2n, C, h, w); fp32 again under autocast
         if uncond is not None:
             eps_uncond, eps_cond = eps.chunk(2)                      # (n, C, h, w) each
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # Ho & Salimans eq. 6, w = scale - 1
@@ -95,9 +98,10 @@ def decode_to_uint8(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor
     The diffusion model works on latents multiplied by `scaling_factor` (0.18215 for SD v1: it gives
     the latents unit variance); the decoder wants them unscaled. A new tensor, never an in-place divide.
     """
-    image = vae.decode(latents / vae.config.scaling_factor).float()    # (n, 3, H, W), about [-1, 1]
-    image = (image * 0.5 + 0.5).clamp(0, 1)                             # [0, 1]
-    image = image.cpu().permute(0, 2, 3, 1)                             # (n, H, W, 3)
+    dtype = next(vae.parameters()).dtype
+    image = vae.decode((latents / vae.config.scaling_factor).to(dtype))   # (n, 3, H, W), about [-1, 1]
+    image = (image * 0.5 + 0.5).clamp(0, 1)                             # [0, 1], in the VAE's dtype as diffusers
+    image = image.cpu().permute(0, 2, 3, 1).float()                     # (n, H, W, 3)
     return (image * 255).round().to(torch.uint8)
 
 
@@ -125,7 +129,7 @@ def _module_device(module: torch.nn.Module) -> torch.device:
 def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
              num_images_per_prompt: int = 1, steps: int = 50, eta: float | None = None, guidance_scale: float = 7.5,
              height: int | None = None, width: int | None = None, seed: int | None = None,
-             generator: torch.Generator | None = None, sampler: str = "ddim", precision: str = "fp32",
+             generator: torch.Generator | None = None, sampler: str = "ddim", autocast: str = "fp32",
              progress: bool = True, output: str = "uint8") -> torch.Tensor | list:
     """Images for `prompts`, as diffusers' StableDiffusionPipeline gives them for
     `pipe(prompts, negative_prompt=..., num_images_per_prompt=..., num_inference_steps=steps, eta=eta,
@@ -145,7 +149,11 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
     sampler: a name in `diffusion.samplers.SAMPLERS`: "ddim", "plms", "dpmpp_2m", "dpmpp_2m_karras",
         "euler", "euler_a"; `steps` is the number of UNet calls for all but PLMS (steps + 1).
     eta: DDIM's eta (None: 0); an error with any other sampler.
-    precision: "fp32", "bf16" or "fp16" (autocast).
+    The models run in their weights' dtype, as diffusers' pipeline does with `torch_dtype`: load them
+        with `load_stable_diffusion(..., dtype=torch.bfloat16)` for bf16 (tested within 2/255 of
+        diffusers with torch_dtype=torch.bfloat16).
+    autocast: "fp32" (none) or "bf16"/"fp16": run fp32-weight models under torch.autocast in that
+        dtype (sample.py --precision autocast; DreamBooth's validation images during mixed-precision training).
     output: "uint8" -> (B, H, W, 3) uint8 CPU tensor; "pil" -> list of PIL images.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -178,9 +186,9 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
             raise ValueError(f"negative_prompt: {len(negatives)} given for {len(prompts)} prompts")
 
     n = num_images_per_prompt
-    with autocast(precision, device):
+    with autocast_context(autocast, device):
         states = encode_prompts(models, (negatives + prompts) if use_guidance else prompts, device)
-        states = states.float().repeat_interleave(n, dim=0)           # (k*B*n, 77, D), prompt by prompt
+        states = states.repeat_interleave(n, dim=0)                   # (k*B*n, 77, D), prompt by prompt
         uncond, cond = states.chunk(2) if use_guidance else (None, states)
         latents = initial_latents(len(prompts) * n, channels=unet_config.in_channels, height=height,
                                   width=width, factor=f, generator=generator, device=device)

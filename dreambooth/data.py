@@ -114,9 +114,10 @@ def class_image_seed(seed: int, index: int) -> int:
 
 @torch.no_grad()
 def generate_class_images(models, folder: Path, indices: list[int], *, prompt: str, resolution: int, seed: int,
-                          batch_size: int, steps: int, guidance_scale: float, precision: str,
+                          batch_size: int, steps: int, guidance_scale: float,
                           share: tuple[int, int] = (0, 1), progress: bool = True, sampler: str = "ddim") -> list[Path]:
-    """Generate class image i for every i in `indices` with the base model and the project's sampler
+    """Generate class image i for every i in `indices` with the base model (in its weights' dtype, as
+    diffusers' class-image pipeline with torch_dtype) and the project's sampler
     `sampler` (a name in `diffusion.samplers.SAMPLERS`; batched classifier-free guidance), each from its
     own seed `class_image_seed(seed, i)`; a stochastic sampler's per-step noise comes from the seed of
     the group's first index, so a group is always computed the same.
@@ -127,7 +128,6 @@ def generate_class_images(models, folder: Path, indices: list[int], *, prompt: s
     with several processes, each makes every world-size-th group."""
     from tqdm import tqdm
 
-    from common.precision import autocast
     from diffusion.pipeline import decode_to_uint8, denoise, encode_prompts, initial_latents, to_pil
     from diffusion.samplers import make_sampler
     folder.mkdir(parents=True, exist_ok=True)
@@ -141,19 +141,18 @@ def generate_class_images(models, folder: Path, indices: list[int], *, prompt: s
                disable=not progress)
     for g in groups:
         group = list(range(g * batch_size, (g + 1) * batch_size))
-        with autocast(precision, device):
-            uncond, cond = encode_prompts(models, ["", prompt], device).float().chunk(2)   # (1, 77, D) each
-            latents = torch.cat([initial_latents(1, channels=unet_config.in_channels, height=resolution,
-                                                 width=resolution, factor=vae_config.spatial_factor,
-                                                 generator=torch.Generator("cpu").manual_seed(class_image_seed(seed, i)),
-                                                 device=device) for i in group])             # (n, C, h, w)
-            n = len(group)
-            latents = denoise(models.unet, latents, cond.expand(n, -1, -1), uncond.expand(n, -1, -1),
-                              sampler=make_sampler(models.scheduler_config, sampler), steps=steps,
-                              guidance_scale=guidance_scale, progress=False,
-                              # a stochastic sampler (euler_a) draws from the group's own generator
-                              generator=torch.Generator("cpu").manual_seed(class_image_seed(seed, group[0])))
-            images = to_pil(decode_to_uint8(models.vae, latents))
+        uncond, cond = encode_prompts(models, ["", prompt], device).chunk(2)   # (1, 77, D) each
+        latents = torch.cat([initial_latents(1, channels=unet_config.in_channels, height=resolution,
+                                             width=resolution, factor=vae_config.spatial_factor,
+                                             generator=torch.Generator("cpu").manual_seed(class_image_seed(seed, i)),
+                                             device=device) for i in group])             # (n, C, h, w)
+        n = len(group)
+        latents = denoise(models.unet, latents, cond.expand(n, -1, -1), uncond.expand(n, -1, -1),
+                          sampler=make_sampler(models.scheduler_config, sampler), steps=steps,
+                          guidance_scale=guidance_scale, progress=False,
+                          # a stochastic sampler (euler_a) draws from the group's own generator
+                          generator=torch.Generator("cpu").manual_seed(class_image_seed(seed, group[0])))
+        images = to_pil(decode_to_uint8(models.vae, latents))
         for i, image in zip(group, images):
             if i in wanted:
                 path = folder / f"class-{i:05d}.png"

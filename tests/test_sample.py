@@ -151,25 +151,98 @@ def test_guidance_scale_one_skips_the_unconditional_half(folder_models):
     assert batches == [2, 2, 4, 4]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_low_precision_stays_near_the_fp32_images(precision, folder_models):
-    """Autocast changes the numbers, so no reference tolerance applies; this only checks that the
-    bf16/fp16 paths run and stay close (mean |diff| <= 4/255) to diffusers' fp32 images, in the
-    layout sample.py picks for them (bf16 on a CPU: channels-last)."""
+def test_autocast_stays_near_the_fp32_images(folder_models):
+    """--precision autocast (fp32 weights, bf16 autocast on a CPU) changes the numbers, so no reference
+    tolerance applies; this checks that it runs and stays close (mean |diff| <= 4/255) to diffusers'
+    fp32 images, in the layout sample.py picks for it (bf16 on a CPU: channels-last)."""
     run = next(r for r in _runs(single_prompt=True) if r["name"] == "plms3_car_2x32x32")
-    layouts = arrange_for_speed(folder_models, device=torch.device("cpu"), precision=precision)
-    assert layouts == ({"unet": "channels_last", "vae": "channels_last"} if precision == "bf16"
-                       else {"unet": "channels_first", "vae": "channels_first"})
+    layouts = arrange_for_speed(folder_models, device=torch.device("cpu"), precision="bf16")
+    assert layouts == {"unet": "channels_last", "vae": "channels_last"}
     try:
         images = generate(folder_models, run["prompt"], num_images_per_prompt=run["num_images_per_prompt"],
                           steps=run["steps"], guidance_scale=run["guidance_scale"], height=run["height"],
-                          width=run["width"], seed=run["seed"], sampler="plms", precision=precision,
-                          progress=False)
+                          width=run["width"], seed=run["seed"], sampler="plms", autocast="bf16", progress=False)
     finally:  # the models are shared with the other tests of this module
         for module in (folder_models.unet, folder_models.vae):
             module.to(memory_format=torch.contiguous_format)
     diff = np.abs(images.numpy().astype(int) - np.stack(_reference(run)).astype(int))
-    assert diff.mean() <= 4, f"{precision}: mean |diff| {diff.mean():.2f}/255"
+    assert diff.mean() <= 4, f"autocast: mean |diff| {diff.mean():.2f}/255"
+
+
+# ---- half-precision weights, against diffusers with torch_dtype ------------------------------------
+HALF = Path(__file__).parent / "fixtures" / "sampling" / "half"
+HALF_RUNS = [json.loads(p.read_text()) | {"name": p.stem} for p in sorted(HALF.glob("*.json"))]
+
+
+def _half_reference(run) -> tuple[np.ndarray, np.ndarray]:
+    """(diffusers' images with this torch_dtype, diffusers' fp32 images of the same run)."""
+    return (np.stack([np.asarray(Image.open(HALF / f)) for f in run["images"]]).astype(int),
+            np.stack([np.asarray(Image.open(RUNS / f)) for f in run["fp32_images"]]).astype(int))
+
+
+@pytest.mark.parametrize("layout", ["folder", "single_file"])
+@pytest.mark.parametrize("run", HALF_RUNS, ids=[r["name"] for r in HALF_RUNS])
+def test_half_precision_weights_equal_diffusers_torch_dtype(run, layout):
+    """Weights loaded as bf16/fp16 (the plain models, as diffusers runs them) give diffusers'
+    torch_dtype images within 2/255: the models are the same operations in the same dtype, and the
+    latents, guidance and sampler steps stay in that dtype as in diffusers' pipeline."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[run["torch_dtype"]]
+    models = (load_stable_diffusion(FOLDER, dtype=dtype) if layout == "folder"
+              else load_stable_diffusion(SINGLE, config_dir=FOLDER, dtype=dtype))
+    assert {p.dtype for m in (models.unet, models.vae, models.text_encoder) for p in m.parameters()} == {dtype}
+    images = generate(models, run["prompt"], negative_prompt=run["negative_prompt"],
+                      num_images_per_prompt=run["num_images_per_prompt"], steps=run["steps"],
+                      eta=run["eta"] if run["sampler"] == "ddim" else None, guidance_scale=run["guidance_scale"],
+                      height=run["height"], width=run["width"], seed=run["seed"], sampler=run["sampler"],
+                      progress=False)
+    theirs, _ = _half_reference(run)
+    diff = np.abs(images.numpy().astype(int) - theirs)
+    assert diff.max() <= MAX_DIFF, f"{run['name']}: max |diff| {diff.max()}/255"
+
+
+@pytest.mark.parametrize("run", HALF_RUNS, ids=[r["name"] for r in HALF_RUNS])
+def test_sample_py_half_precision(run, tmp_path):
+    """sample.py --precision bf16|fp16, arranged for speed as it runs (diffusion/speed.py).
+
+    fp16 stays channels-first: within 2/255 of diffusers' torch_dtype=float16 images.
+    bf16 runs channels-last on a CPU, where oneDNN sums each convolution in another order than the
+    channels-first kernels diffusers runs; at bf16's 8-bit mantissa that moves the images by as much
+    as bf16 itself moves them. Measured on these runs: ours channels-last vs diffusers bf16, mean
+    |diff| 0.85-1.65/255 (max 7-14); diffusers bf16 vs diffusers fp32, mean 1.01-1.73 (max 9-16). So
+    the bf16 test asks what that permits: our bf16 image is no farther from the fp32 image than
+    diffusers' bf16 image is (mean |diff|, 10% + 0.1 of slack), and within 16/255 of diffusers' bf16."""
+    argv = _argv(run, FOLDER, tmp_path) + ["--precision", run["torch_dtype"]]
+    written = sample.main(argv)
+    ours = np.stack([np.asarray(Image.open(p)) for p in written[:run["num_images_per_prompt"]]]).astype(int)
+    theirs, fp32 = _half_reference(run)
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    if run["torch_dtype"] == "fp16":
+        assert info["memory_format"] == {"unet": "channels_first", "vae": "channels_first"}
+        assert np.abs(ours - theirs).max() <= MAX_DIFF
+        return
+    assert info["memory_format"] == {"unet": "channels_last", "vae": "channels_last"}
+    ours_error, their_error = np.abs(ours - fp32).mean(), np.abs(theirs - fp32).mean()
+    assert ours_error <= 1.1 * their_error + 0.1, (ours_error, their_error)
+    assert np.abs(ours - theirs).max() <= 16
+
+
+def test_precision_the_device_cannot_run_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    import diffusion.checkpoints.load as load
+
+    def no_half(*args, **kwargs):
+        raise RuntimeError('"slow_conv2d_cpu" not implemented for \'Half\'')
+    monkeypatch.setattr(torch.nn.functional, "conv2d", no_half)
+    monkeypatch.setattr(load, "load_stable_diffusion", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(SystemExit) as err:
+        sample.main(["--ckpt", str(FOLDER), "--outdir", str(tmp_path), "--precision", "fp16"])
+    assert "--precision fp16: the device cpu cannot compute in fp16" in str(err.value)
+    assert "not implemented for 'Half'" in str(err.value)
+
+
+def test_full_is_compvis_spelling_of_fp32(tmp_path):
+    sample.main(["--ckpt", str(FOLDER), "--outdir", str(tmp_path), "--precision", "full", "--ddim_steps", "1",
+                 "--n_samples", "1", "--H", "32", "--W", "32"])
+    assert 'precision = "fp32"' in (tmp_path / "run_config.toml").read_text()
 
 
 def test_decode_leaves_latents_alone(folder_models):

@@ -39,7 +39,7 @@ def test_euler_a_class_images_are_deterministic_and_resumable(tmp_path):
     models = load_stable_diffusion(FOLDER)
     make = lambda folder, indices: generate_class_images(
         models, folder, indices, prompt="a photo of a dog", resolution=16, seed=3, batch_size=2, steps=3,
-        guidance_scale=7.5, precision="fp32", progress=False, sampler="euler_a")
+        guidance_scale=7.5, progress=False, sampler="euler_a")
     make(tmp_path / "a", [0, 1, 2])
     before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
     (tmp_path / "a" / "class-00001.png").unlink()

@@ -21,6 +21,7 @@ import sample
 import train_dreambooth
 from common.state_dict import read_safetensors
 from common.training import list_checkpoints, load_checkpoint
+from diffusion.speed import arrange_for_speed
 from dreambooth.data import generate_class_images, missing_class_indices
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from diffusion.checkpoints.load import load_stable_diffusion
@@ -245,7 +246,7 @@ def test_class_images_are_deterministic_and_resumable(tmp_path):
     models = load_stable_diffusion(FOLDER)
     make = lambda folder, indices: generate_class_images(
         models, folder, indices, prompt=CLASS_PROMPT, resolution=16, seed=3, batch_size=2, steps=4,
-        guidance_scale=7.5, precision="fp32", progress=False)
+        guidance_scale=7.5, progress=False)
     first = tmp_path / "first"
     assert [p.name for p in make(first, missing_class_indices(first, 3))] == [
         "class-00000.png", "class-00001.png", "class-00002.png"]
@@ -263,8 +264,31 @@ def test_class_images_are_deterministic_and_resumable(tmp_path):
     assert before["class-00000.png"] != before["class-00002.png"]
     plms = tmp_path / "plms"                                    # --plms: PLMS makes them, deterministically too
     generate_class_images(models, plms, [0], prompt=CLASS_PROMPT, resolution=16, seed=3, batch_size=2, steps=4,
-                          guidance_scale=7.5, precision="fp32", progress=False, sampler="plms")
+                          guidance_scale=7.5, progress=False, sampler="plms")
     assert (plms / "class-00000.png").read_bytes() != before["class-00000.png"]
+
+
+@pytest.mark.parametrize("flag, dtype", [(None, torch.float32), ("bf16", torch.bfloat16)])
+def test_class_images_come_in_prior_generation_precision(flag, dtype, data, tmp_path, monkeypatch):
+    """As diffusers: class images from the base model with its weights in --prior_generation_precision's
+    dtype (default fp32 on a CPU), the training models staying fp32."""
+    seen, make = [], train_dreambooth.generate_class_images
+    def spy(models, *args, **kwargs):
+        seen.append({p.dtype for p in models.unet.parameters()})
+        return make(models, *args, **kwargs)
+    monkeypatch.setattr(train_dreambooth, "generate_class_images", spy)
+    extra = ["--prior_generation_precision", flag] if flag else []
+    argv = args_for(data, tmp_path / "out", *PRIOR, "--class_data_dir", str(tmp_path / "class"),
+                    "--max_train_steps", "1", *extra)
+    assert train_dreambooth.main(argv) == 0
+    assert seen == [{dtype}]
+    expected, base = tmp_path / "expected", load_stable_diffusion(FOLDER, dtype=dtype)
+    arrange_for_speed(base, device=torch.device("cpu"), precision=flag or "fp32")    # as the script runs it
+    generate_class_images(base, expected, [0, 1, 2], prompt=CLASS_PROMPT,
+                          resolution=16, seed=0, batch_size=2, steps=50, guidance_scale=7.5, progress=False)
+    for path in sorted(expected.iterdir()):
+        assert (tmp_path / "class" / path.name).read_bytes() == path.read_bytes(), path.name
+    assert {p.dtype for p in load_stable_diffusion(tmp_path / "out").unet.parameters()} == {torch.float32}
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------

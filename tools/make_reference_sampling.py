@@ -14,6 +14,8 @@ Writes under tests/fixtures/sampling/:
   add_noise and get_velocity outputs.
 - pipeline/<run>.png + pipeline/<run>.json: whole StableDiffusionPipeline runs on the tiny diffusers
   folder (tests/fixtures/sd/tiny_diffusers), uint8 images exactly as the pipeline's "pil" output.
+- half/<run>_<bf16|fp16>.json + PNGs: some of those runs again with torch_dtype bfloat16 / float16
+  (`--half_only` writes only these).
 """
 from __future__ import annotations
 
@@ -260,8 +262,54 @@ def make_pipeline_fixtures() -> None:
     (out / "sd_fixture_sha256.json").write_text(json.dumps(sd_fixture_hashes(), indent=1) + "\n")
 
 
+# The runs of PIPELINE_RUNS also made with half-precision weights, as diffusers' users ask for them:
+# `StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)` (and float16).
+HALF_PRECISION_RUNS = ["ddim_cat_2x32x32", "plms3_car_2x32x32", "dpmpp_2m5_negative_apple_2x32x32",
+                       "euler_a5_negative_bird_2x32x32"]
+
+
+def make_half_precision_fixtures() -> None:
+    """half/<run>_<bf16|fp16>.json + PNGs: the runs above with torch_dtype=bfloat16 and float16."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    import diffusers
+
+    out = OUT / "half"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():
+        old.unlink()
+    runs = {run[0]: run for run in PIPELINE_RUNS}
+    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        pipe = StableDiffusionPipeline.from_pretrained(str(SD_FOLDER), torch_dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        ddim = pipe.scheduler
+        for run_name in HALF_PRECISION_RUNS:
+            name, prompt, negative, n, steps, eta, scale, height, width, seed, sampler = runs[run_name]
+            pipe.scheduler = ({"ddim": ddim, "plms": PNDMScheduler.from_config(ddim.config, skip_prk_steps=True)}
+                              .get(sampler) or diffusers_sigma_scheduler(
+                                  sampler, json.loads((SD_FOLDER / "scheduler" / "scheduler_config.json").read_text())))
+            kwargs = dict(eta=eta) if sampler == "ddim" else {}
+            images = pipe(prompt, negative_prompt=negative, num_images_per_prompt=n, num_inference_steps=steps,
+                          guidance_scale=scale, height=height, width=width,
+                          generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs).images
+            files = []
+            for i, image in enumerate(images):
+                files.append(f"{name}_{dtype_name}_{i}.png")
+                image.save(out / files[-1])
+            params = dict(prompt=prompt, negative_prompt=negative, num_images_per_prompt=n, steps=steps, eta=eta,
+                          guidance_scale=scale, height=height, width=width, seed=seed, sampler=sampler,
+                          torch_dtype=dtype_name, scheduler=type(pipe.scheduler).__name__, images=files,
+                          fp32_images=[f"{name}_{i}.png" for i in range(len(images))],
+                          diffusers_version=diffusers.__version__, torch_version=torch.__version__)
+            (out / f"{name}_{dtype_name}.json").write_text(json.dumps(params, indent=1) + "\n")
+            print(f"{name} {dtype_name}: {len(images)} images {images[0].size}")
+
+
 if __name__ == "__main__":
-    make_scheduler_fixtures()
+    if "--half_only" not in sys.argv:
+        make_scheduler_fixtures()
     if not SD_FOLDER.exists():
         sys.exit(f"{SD_FOLDER} does not exist yet (tools/make_reference_sd.py makes it): pipeline runs skipped")
-    make_pipeline_fixtures()
+    if "--half_only" not in sys.argv:
+        make_pipeline_fixtures()
+    make_half_precision_fixtures()

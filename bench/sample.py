@@ -1,0 +1,141 @@
+"""Whole-process text to image: `python sample.py` as a user runs it, against diffusers'
+StableDiffusionPipeline as its users run it, from process start to PNG files on disk.
+
+    flock /tmp/bench.lock .venv-dev/bin/python bench/sample.py [--pairs 3] [--cases 256-4-bf16-1,...]
+
+The model is a full-size SD v1.5 diffusers folder (every tensor of the public one, its configs, the
+real CLIP vocabulary) with random weights, written once into --workdir by diffusers' own
+`save_pretrained` (fp32 safetensors, as runwayml/stable-diffusion-v1-5 ships them). Each case
+(size, steps, precision, images per prompt) runs:
+- ours:  python sample.py --ckpt FOLDER --prompt P --H S --W S --ddim_steps N --n_samples K --precision X
+- theirs: a script doing what diffusers' docs show: `StableDiffusionPipeline.from_pretrained(FOLDER,
+  torch_dtype=X, safety_checker=None)`, DDIMScheduler from its config (sample.py's default sampler),
+  `pipe(P, height=S, width=S, num_inference_steps=N, num_images_per_prompt=K,
+  generator=torch.Generator().manual_seed(42)).images`, each image saved as PNG.
+Both with guidance 7.5 and the same interpreter (so the same torch). Each run is its own process;
+wall time from spawn to exit, and the process's peak resident memory (wait4's ru_maxrss). The two
+sides alternate, --pairs times (the order flips each pair); printed: medians, ratios (time: theirs /
+ours, > 1 means ours is faster; memory: ours / theirs, < 1 means ours is leaner) and a Markdown table.
+This machine is shared and noisy: compare only figures from one run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "a photograph of an astronaut riding a horse"
+CASES = ["256-4-fp32-1", "256-4-bf16-1", "256-4-fp32-4", "256-4-bf16-4",
+         "512-20-fp32-1", "512-20-bf16-1", "512-20-fp32-4", "512-20-bf16-4"]   # size-steps-precision-images
+
+THEIRS = """
+import sys, torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+folder, out, size, steps, dtype, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype],
+                                               safety_checker=None, requires_safety_checker=False)
+pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+images = pipe(sys.argv[7], height=size, width=size, num_inference_steps=steps, num_images_per_prompt=n,
+              guidance_scale=7.5, generator=torch.Generator().manual_seed(42)).images
+for i, image in enumerate(images):
+    image.save(f"{out}/{i:05d}.png")
+"""
+
+
+def write_model(folder: Path) -> Path:
+    """A full-size SD v1.5 diffusers folder with random weights, made and saved by diffusers itself."""
+    if (folder / "model_index.json").exists():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from clip.tokenizer import CLIPTokenizer as OurTokenizer
+    torch.manual_seed(0)
+    vocab = OurTokenizer.from_pretrained(None)                          # the real CLIP BPE vocabulary
+    scratch = folder.parent / (folder.name + ".tokenizer")
+    scratch.mkdir(parents=True, exist_ok=True)
+    import json
+    (scratch / "vocab.json").write_text(json.dumps(vocab.vocab))
+    (scratch / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in vocab.merges) + "\n")
+    tokenizer = CLIPTokenizer(str(scratch / "vocab.json"), str(scratch / "merges.txt"), pad_token="<|endoftext|>")
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu", projection_dim=768))
+    unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=512)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def run(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of one process, start to exit."""
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        if status != 0:
+            log.seek(0)
+            raise SystemExit(f"failed ({status}): {' '.join(command)}\n{log.read().decode()[-3000:]}")
+    return seconds, usage.ru_maxrss / 2**20
+
+
+def commands(case: str, folder: Path, out: Path) -> dict[str, list[str]]:
+    size, steps, precision, n = case.split("-")
+    ours = [sys.executable, "sample.py", "--ckpt", str(folder), "--prompt", PROMPT, "--H", size, "--W", size,
+            "--ddim_steps", steps, "--n_samples", n, "--precision", precision, "--seed", "42", "--scale", "7.5",
+            "--outdir", str(out / "ours")]
+    theirs = [sys.executable, "-c", THEIRS, str(folder), str(out), size, steps, precision, n, PROMPT]
+    return {"ours": ours, "diffusers": theirs}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default="/tmp/sd15-random", help="where the full-size random model is kept")
+    p.add_argument("--pairs", type=int, default=3, help="alternating pairs per case (median over them)")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    args = p.parse_args()
+    folder = write_model(Path(args.workdir) / "sd15")
+    rows = []
+    for case in args.cases.split(","):
+        times, rss = {"ours": [], "diffusers": []}, {"ours": [], "diffusers": []}
+        for pair in range(args.pairs):
+            order = ["ours", "diffusers"] if pair % 2 == 0 else ["diffusers", "ours"]
+            for side in order:
+                with tempfile.TemporaryDirectory() as out:
+                    seconds, gb = run(commands(case, folder, Path(out))[side])
+                times[side].append(seconds)
+                rss[side].append(gb)
+                print(f"{case} {side:9s} {seconds:7.1f} s  {gb:5.2f} GB", flush=True)
+        t = {side: statistics.median(v) for side, v in times.items()}
+        m = {side: max(v) for side, v in rss.items()}
+        rows.append((case, t, m))
+        print(f"{case}: time ours {t['ours']:.1f} s, diffusers {t['diffusers']:.1f} s -> {t['diffusers'] / t['ours']:.2f}x; "
+              f"peak RSS ours {m['ours']:.2f} GB, diffusers {m['diffusers']:.2f} GB -> {m['ours'] / m['diffusers']:.2f}",
+              flush=True)
+    print("\n| case (size, steps, precision, images) | ours | diffusers | speed (theirs / ours) "
+          "| peak RSS ours / diffusers |\n| --- | --- | --- | --- | --- |")
+    for case, t, m in rows:
+        size, steps, precision, n = case.split("-")
+        print(f"| {size}x{size}, {steps} steps, {precision}, {n} image{'s' if n != '1' else ''} | {t['ours']:.1f} s "
+              f"| {t['diffusers']:.1f} s | {t['diffusers'] / t['ours']:.2f}x | {m['ours']:.2f} / {m['diffusers']:.2f} GB "
+              f"({m['ours'] / m['diffusers']:.2f}) |")
+
+
+if __name__ == "__main__":
+    main()
