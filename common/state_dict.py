@@ -91,8 +91,9 @@ def read_safetensors(path: str | Path, *, dtype: torch.dtype | None = None,
     Without copies: every tensor is a view of the file mapped into memory (copy-on-write, so writing
     to a tensor never touches the file), and a page is read from disk only when something first uses
     it. A 3.4 GB UNet "loads" in milliseconds and its memory is the file's pages (see load_strict).
-    With `dtype`, floating tensors of another dtype are read one by one into memory and converted, so
-    an fp32 file loads as bf16 holding only the bf16 tensors (and one fp32 tensor at a time).
+    With `dtype`, floating tensors of another dtype are converted one by one, each tensor's file pages
+    let go once converted, so an fp32 file loads as bf16 holding only the bf16 tensors (and one fp32
+    tensor at a time).
     Pickle files are refused: unpickling can run code."""
     path = Path(path)
     header, _, start = safetensors_header(path)
@@ -108,17 +109,29 @@ def read_safetensors(path: str | Path, *, dtype: torch.dtype | None = None,
             begin, end = (start + o for o in entry["data_offsets"])
             convert = dtype is not None and stored.is_floating_point and stored != dtype
             if begin == end:
-                tensor = torch.empty(shape, dtype=stored)
-            elif convert or begin % stored.itemsize:   # read into memory (converted, or misaligned for a view)
+                out[name] = torch.empty(shape, dtype=stored)
+            elif begin % stored.itemsize:          # misaligned for a view of its dtype: read into memory
                 buffer = bytearray(end - begin)
                 f.seek(begin)
                 f.readinto(buffer)
-                tensor = torch.frombuffer(buffer, dtype=stored).view(shape)
+                out[name] = torch.frombuffer(buffer, dtype=stored).view(shape).to(dtype if convert else stored)
             else:
-                tensor = torch.frombuffer(pages, dtype=stored, count=(end - begin) // stored.itemsize,
-                                          offset=begin).view(shape)
-            out[name] = tensor.to(dtype) if convert else tensor
+                view = torch.frombuffer(pages, dtype=stored, count=(end - begin) // stored.itemsize,
+                                        offset=begin).view(shape)
+                out[name] = view.to(dtype) if convert else view
+                if convert:   # its pages are read and done with: out of this process's memory again
+                    del view
+                    _forget_pages(pages, begin, end)
     return out
+
+
+def _forget_pages(pages: mmap.mmap, begin: int, end: int) -> None:
+    """Drop the memory pages lying wholly inside [begin, end) of a file mapping from the process (they
+    were only read, so the file still holds them; a later touch would read them again)."""
+    first = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first and hasattr(mmap, "MADV_DONTNEED"):   # (not on Windows: there the pages stay until unmapped)
+        pages.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:
