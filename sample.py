@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         raise SystemExit(f"sample.py: error: {e}")
 
     import torch
-    from common.precision import DTYPES, check_device_runs, sampling_precision
+    from common.precision import DTYPES, check_device_runs, sampling_precision, slow_precision_warning
     from common.state_dict import CheckpointError
     from diffusion.speed import arrange_for_speed
     from diffusion.pipeline import generate, make_grid
@@ -221,10 +221,13 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if args.precision == "full":
         args.precision = "fp32"          # CompVis's spelling; recorded as the dtype name
     weights_dtype, autocast = sampling_precision(args.precision, device)
+    compute_dtype = weights_dtype if autocast == "fp32" else DTYPES[autocast]
     try:
-        check_device_runs(weights_dtype if autocast == "fp32" else DTYPES[autocast], device, flag="--precision")
+        check_device_runs(compute_dtype, device, flag="--precision")
     except ValueError as e:
         raise SystemExit(f"sample.py: error: {e}")
+    if warning := slow_precision_warning(compute_dtype, device, flag="--precision"):
+        print(warning, file=sys.stderr)
     try:
         models = load_stable_diffusion(args.ckpt, config_dir=args.config_dir, use_ema=args.use_ema,
                                        dtype=weights_dtype)

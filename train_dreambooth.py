@@ -35,7 +35,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common.precision import DTYPES, MIXED_PRECISION, check_device_runs
+from common.precision import DTYPES, MIXED_PRECISION, check_device_runs, slow_precision_warning
 from common.run_config import (check_resume_config, finish_run_record, finite_float, parse_args_with_config,
                                start_run_record)
 from common.state_dict import CheckpointError
@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         generation_dtype = DTYPES[generation_precision]
         if missing:
             check_device_runs(generation_dtype, dist.device, flag="--prior_generation_precision")
+            if dist.is_main and (warning := slow_precision_warning(generation_dtype, dist.device,
+                                                                   flag="--prior_generation_precision")):
+                print(warning, file=sys.stderr)
     except (DataError, ValueError) as e:
         return fail(str(e))
     if dist.is_main:   # a crash mid-write leaves temporaries (GBs at SD scale): ours are found by name

@@ -66,7 +66,8 @@ def write_model(folder: Path) -> Path:
     import json
     (scratch / "vocab.json").write_text(json.dumps(vocab.vocab))
     (scratch / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in vocab.merges) + "\n")
-    tokenizer = CLIPTokenizer(str(scratch / "vocab.json"), str(scratch / "merges.txt"), pad_token="<|endoftext|>")
+    tokenizer = CLIPTokenizer(str(scratch / "vocab.json"), str(scratch / "merges.txt"), pad_token="<|endoftext|>",
+                              model_max_length=77)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
                                         hidden_act="quick_gelu", projection_dim=768))

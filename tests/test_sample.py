@@ -239,6 +239,14 @@ def test_precision_the_device_cannot_run_is_refused_before_loading(tmp_path, mon
     assert "not implemented for 'Half'" in str(err.value)
 
 
+def test_emulated_half_precision_is_named_on_stderr(tmp_path, monkeypatch, capsys):
+    import common.precision
+    monkeypatch.setattr(common.precision, "native_on_cpu", lambda dtype: dtype == torch.float32)
+    sample.main(["--ckpt", str(FOLDER), "--outdir", str(tmp_path), "--precision", "bf16", "--ddim_steps", "1",
+                 "--n_samples", "1", "--H", "32", "--W", "32"])
+    assert "warning: --precision bf16: this CPU has no bf16 instructions" in capsys.readouterr().err
+
+
 def test_full_is_compvis_spelling_of_fp32(tmp_path):
     sample.main(["--ckpt", str(FOLDER), "--outdir", str(tmp_path), "--precision", "full", "--ddim_steps", "1",
                  "--n_samples", "1", "--H", "32", "--W", "32"])
