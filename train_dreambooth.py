@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- what is trained, the schedule of steps, the optimizer ------------------------------------------
     params = trainable_parameters(models, train_text_encoder=args.train_text_encoder,
-                                  gradient_checkpointing=args.gradient_checkpointing, rank=args.rank)
+                                  gradient_checkpointing=args.gradient_checkpointing, rank=args.rank,
+                                  precision=precision)
     B, accumulation = args.train_batch_size, args.gradient_accumulation_steps
     global_batch = B * accumulation * dist.world_size
     # As diffusers: an epoch pairs instance i % n_inst with class image i % n_class, for max(n_inst, n_class) i.

@@ -193,6 +193,21 @@ def test_trainable_parameters_are_the_lora_updates_only():
     assert not frozen
 
 
+def test_lora_training_stores_the_frozen_weights_in_bf16_and_the_updates_in_fp32():
+    """As train_dreambooth_lora.py's weight_dtype: with --mixed_precision bf16 the frozen UNet, VAE and
+    text encoder are bf16; the LoRA updates (all that trains) stay fp32 for AdamW."""
+    from dreambooth.steps import trainable_parameters
+    models = fresh()
+    params = trainable_parameters(models, train_text_encoder=True, gradient_checkpointing=False, rank=4,
+                                  precision="bf16")
+    assert params and all(p.dtype == torch.float32 for p in params)
+    frozen = {n: p.dtype for part in ("unet", "text_encoder", "vae")
+              for n, p in getattr(models, part).named_parameters(prefix=part) if ".lora_" not in n}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}
+    assert models.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.base_layer.weight.dtype \
+        == torch.bfloat16
+
+
 # ---- training -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
@@ -298,3 +313,20 @@ def test_bad_lora_flags_and_files_are_refused_before_training(data, tmp_path, ca
     assert train_dreambooth.main(base_args(data, tmp_path / "d", "--lora", str(tmp_path / "x.safetensors"),
                                            "--lora_skip_unknown", "--max_train_steps", "1")) == 0
     assert "--lora_skip_unknown: skipped" in capsys.readouterr().err
+
+
+def test_bf16_lora_training_trains_writes_fp32_and_resumes_exactly(data, tmp_path):
+    extra = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--mixed_precision", "bf16")
+    full = tmp_path / "full"
+    assert train_dreambooth.main(train_args(data, full, *extra)) == 0
+    losses = [json.loads(line)["loss"] for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(loss is not None and np.isfinite(loss) for loss in losses)
+    written = read_safetensors(full / "pytorch_lora_weights.safetensors")
+    assert {v.dtype for v in written.values()} == {torch.float32}
+    assert all(v.abs().max() > 0 for k, v in written.items() if ".up." in k), "B starts at zero and must train"
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "checkpoint-2.pt").write_bytes((full / "checkpoint-2.pt").read_bytes())
+    assert train_dreambooth.main(train_args(data, part, *extra, "--resume_from_checkpoint", "latest")) == 0
+    again = read_safetensors(part / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(written[k], again[k]) for k in written)
