@@ -234,11 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: {e}", dist)
     # --lora: the base is the model with these LoRA files fused in (read and checked first, as sample.py),
     # for everything that follows: class images, training, and a resumed run alike.
-    lora_changed = set()
-    if args.lora:
+    lora_files, lora_changed = parse_lora_flags(args.lora or []), set()
+    if lora_files:
         try:
-            lora_changed, skipped_keys = load_lora_files(models, parse_lora_flags(args.lora),
-                                                         skip_unknown=args.lora_skip_unknown)
+            lora_changed, skipped_keys = load_lora_files(models, lora_files, skip_unknown=args.lora_skip_unknown)
         except (CheckpointError, OSError) as e:
             return fail(f"--lora {e}", dist)
         for key in skipped_keys if dist.is_main else []:
@@ -249,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         generation_models = models if generation_dtype == torch.float32 else load_models(
             args.pretrained_model_name_or_path, config_dir=args.pretrained_config_dir, resolution=args.resolution,
             device=dist.device, precision=generation_precision, dtype=generation_dtype)[0]
+        if generation_models is not models and lora_files:   # the same base: the files fused into the copy too
+            load_lora_files(generation_models, lora_files, skip_unknown=args.lora_skip_unknown)
         generate_class_images(generation_models, class_dir, missing, prompt=args.class_prompt,
                               resolution=args.resolution, seed=args.seed, batch_size=args.sample_batch_size,
                               share=(dist.rank, dist.world_size), progress=dist.is_main,

@@ -279,6 +279,29 @@ def test_training_with_lora_equals_training_the_base_fused_by_hand(data, tmp_pat
     assert tomllib.loads((tmp_path / "flag" / "run_config.toml").read_text())["lora"] == [f"{FILES['kohya']}:0.6"]
 
 
+@pytest.mark.parametrize("generation_precision", [None, "bf16"])
+def test_class_images_come_from_the_lora_fused_base(generation_precision, data, tmp_path, monkeypatch):
+    """The class images are the fused base's, also from the copy made in --prior_generation_precision."""
+    seen, make = [], train_dreambooth.generate_class_images
+    def spy(models, *args, **kwargs):
+        seen.append({part: {k: v.clone() for k, v in getattr(models, part).state_dict().items()}
+                     for part in ("unet", "text_encoder")})
+        return make(models, *args, **kwargs)
+    monkeypatch.setattr(train_dreambooth, "generate_class_images", spy)
+    extra = ["--prior_generation_precision", generation_precision] if generation_precision else []
+    assert train_dreambooth.main(base_args(
+        data, tmp_path / "out", "--lora", f"{FILES['kohya']}:0.6", "--with_prior_preservation", "--class_prompt",
+        "a photo of dog", "--class_data_dir", str(tmp_path / "class"), "--num_class_images", "2",
+        "--max_train_steps", "1", *extra)) == 0
+    dtype = torch.bfloat16 if generation_precision else torch.float32
+    by_hand = load_stable_diffusion(FOLDER, dtype=dtype)
+    load_lora_files(by_hand, [(str(FILES["kohya"]), 0.6)])
+    (weights,) = seen
+    for part in ("unet", "text_encoder"):
+        for k, v in getattr(by_hand, part).state_dict().items():
+            assert torch.equal(weights[part][k], v), (part, k)
+
+
 def test_lora_training_on_a_lora_fused_base_resumes_exactly(data, tmp_path):
     """The fused base is made again from the same --lora flags on resume: the same LoRA as one run."""
     extra = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--lora", f"{FILES['peft']}:0.5")
