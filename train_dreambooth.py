@@ -17,11 +17,12 @@ generates --num_class_images images of the class prompt, and every batch also de
 class ("dog") keeps its variety instead of collapsing onto the subject (the paper's eq. 2).
 
 --output_dir ends up a diffusers folder (StableDiffusionPipeline.from_pretrained and sample.py --ckpt
-load it; untrained parts are copied as they came), plus with --save_single_file `<name>.safetensors`
-in the original single-file layout (fp16, weights only), `checkpoint-<step>.pt` training states,
-`metrics.jsonl`, `validation/` grids, `run_config.toml` and `run_info.json`. With --rank R the run
-trains a LoRA instead (diffusers' train_dreambooth_lora.py) and writes pytorch_lora_weights.safetensors.
-With --lora FILE[:SCALE] (as sample.py's) the base is the model with those LoRA files fused in.
+load it; parts neither trained nor changed by --lora are copied as they came), plus with
+--save_single_file `<name>.safetensors` in the original single-file layout (fp16, weights only),
+`checkpoint-<step>.pt` training states, `metrics.jsonl`, `validation/` grids, `run_config.toml` and
+`run_info.json`. With --rank R the run trains a LoRA instead (diffusers' train_dreambooth_lora.py) and
+writes pytorch_lora_weights.safetensors. With --lora FILE[:SCALE] (as sample.py's) the base is the model
+with those LoRA files fused in.
 """
 from __future__ import annotations
 
