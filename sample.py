@@ -23,6 +23,7 @@ from pathlib import Path
 
 from common.precision import SAMPLING_PRECISIONS
 from common.run_config import finish_run_record, finite_float, read_config, start_run_record
+from diffusion.checkpoints.lora_files import parse_lora_flags
 from diffusion.samplers import SAMPLERS, SAMPLERS_WITH_ETA
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"  # the CompVis script's default
@@ -120,26 +121,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--config {args.config_dir}: not a folder (nor a run config FILE.toml)")
     if args.use_ema and Path(args.ckpt).is_dir():
         raise UsageError("--use_ema applies to a single-file --ckpt; a diffusers folder holds one UNet")
-    lora_files(args.lora or [])
-
-
-def lora_files(values: list[str]) -> list[tuple[str, float]]:
-    """--lora FILE or FILE:SCALE -> (FILE, SCALE); a FILE whose own name holds a colon is taken whole."""
-    files = []
-    for value in values:
-        path, scale = value, 1.0
-        if not Path(value).exists() and ":" in value:
-            path, text = value.rsplit(":", 1)
-            try:
-                scale = float(text)
-            except ValueError:
-                raise UsageError(f"--lora {value}: the scale {text!r} is not a number (FILE or FILE:SCALE)") from None
-            if scale != scale or scale in (float("inf"), float("-inf")):
-                raise UsageError(f"--lora {value}: the scale must be finite")
-        if not Path(path).is_file():
-            raise UsageError(f"--lora {value}: no such file {path}")
-        files.append((path, scale))
-    return files
+    parse_lora_flags(args.lora or [])     # raises ValueError naming --lora
 
 
 def image_size(args: argparse.Namespace, configs) -> None:
@@ -241,8 +223,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if args.lora:   # every file read and checked against the model first, then applied (and fused)
         from diffusion.checkpoints.lora_files import load_lora_files
         try:
-            skipped = load_lora_files(models, lora_files(args.lora), fuse=not args.lora_unfused,
-                                      skip_unknown=args.lora_skip_unknown)
+            _, skipped = load_lora_files(models, parse_lora_flags(args.lora), fuse=not args.lora_unfused,
+                                         skip_unknown=args.lora_skip_unknown)
         except (CheckpointError, OSError) as e:
             raise SystemExit(f"sample.py: error: --lora {e}")
         for key in skipped:

@@ -17,10 +17,12 @@ generates --num_class_images images of the class prompt, and every batch also de
 class ("dog") keeps its variety instead of collapsing onto the subject (the paper's eq. 2).
 
 --output_dir ends up a diffusers folder (StableDiffusionPipeline.from_pretrained and sample.py --ckpt
-load it; untrained parts are copied as they came), plus with --save_single_file `<name>.safetensors`
-in the original single-file layout (fp16, weights only), `checkpoint-<step>.pt` training states,
-`metrics.jsonl`, `validation/` grids, `run_config.toml` and `run_info.json`. With --rank R the run
-trains a LoRA instead (diffusers' train_dreambooth_lora.py) and writes pytorch_lora_weights.safetensors.
+load it; parts neither trained nor changed by --lora are copied as they came), plus with
+--save_single_file `<name>.safetensors` in the original single-file layout (fp16, weights only),
+`checkpoint-<step>.pt` training states, `metrics.jsonl`, `validation/` grids, `run_config.toml` and
+`run_info.json`. With --rank R the run trains a LoRA instead (diffusers' train_dreambooth_lora.py) and
+writes pytorch_lora_weights.safetensors. With --lora FILE[:SCALE] (as sample.py's) the base is the model
+with those LoRA files fused in.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, MetricsLog, 
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from common.files import check_writable, remove_stale_temporaries
+from diffusion.checkpoints.lora_files import load_lora_files, parse_lora_flags, save_lora_files
 from dreambooth.data import (DataError, check_model_size, generate_class_images, image_files, load_image,
                              missing_class_indices)
 from dreambooth.steps import (OFFSET_NOISE_SCALE, denoising_loss, denoising_prediction, load_models, make_batch,
@@ -58,7 +61,7 @@ RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instan
                "train_text_encoder", "resolution", "center_crop", "train_batch_size", "gradient_accumulation_steps",
                "world_size", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
                "num_train_epochs", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-               "mixed_precision", "seed", "offset_noise", "snr_gamma", "rank")
+               "mixed_precision", "seed", "offset_noise", "snr_gamma", "rank", "lora")
 CLASS_SAMPLING = dict(steps=50, guidance_scale=7.5)        # StableDiffusionPipeline's defaults, as diffusers uses
 VALIDATION_SAMPLING = dict(steps=25, guidance_scale=7.5)   # diffusers' DreamBooth validation settings
 LEARNING_RATE = {"full": 5e-6, "lora": 5e-4}   # train_dreambooth.py's and train_dreambooth_lora.py's defaults
@@ -126,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "of the whole UNet; writes OUTPUT_DIR/pytorch_lora_weights.safetensors")
     a("--lora_format", default="diffusers", choices=["diffusers", "kohya"],
       help="with --rank: 'kohya' also writes pytorch_lora_weights_kohya.safetensors (A1111/ComfyUI keys)")
+    a("--lora", action="append", metavar="FILE[:SCALE]",
+      help="train on top of the base with this LoRA file (diffusers or kohya format) fused in at SCALE (default "
+           "1.0), as sample.py --lora applies it; repeat the flag to stack LoRAs")
+    a("--lora_skip_unknown", action="store_true",
+      help="with --lora: skip (and print) LoRA keys that match no module, instead of refusing the file")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
 
@@ -158,6 +166,12 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--lora_format {args.lora_format}: needs --rank (a LoRA run)")
     if args.rank is not None and args.save_single_file:
         parser.error("--save_single_file: a LoRA run (--rank) writes LoRA files, not a whole model")
+    try:
+        parse_lora_flags(args.lora or [])
+    except ValueError as e:
+        parser.error(str(e))
+    if args.lora_skip_unknown and not args.lora:
+        parser.error("--lora_skip_unknown: needs --lora (a LoRA file to fuse into the base)")
     if args.learning_rate is None:
         args.learning_rate = LEARNING_RATE["full" if args.rank is None else "lora"]
     if args.learning_rate <= 0 or args.lr_warmup_steps < 0 or args.max_grad_norm < 0 or args.prior_loss_weight < 0:
@@ -222,12 +236,24 @@ def main(argv: list[str] | None = None) -> int:
                                       resolution=args.resolution, device=dist.device, precision=precision)
     except (CheckpointError, OSError, ValueError) as e:
         return fail(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: {e}", dist)
+    # --lora: the base is the model with these LoRA files fused in (read and checked first, as sample.py),
+    # for everything that follows: class images, training, and a resumed run alike.
+    lora_files, lora_changed = parse_lora_flags(args.lora or []), set()
+    if lora_files:
+        try:
+            lora_changed, skipped_keys = load_lora_files(models, lora_files, skip_unknown=args.lora_skip_unknown)
+        except (CheckpointError, OSError) as e:
+            return fail(f"--lora {e}", dist)
+        for key in skipped_keys if dist.is_main else []:
+            print(f"--lora_skip_unknown: skipped {key}", file=sys.stderr)
     unet, vae, text_encoder, tokenizer = models.unet, models.vae, models.text_encoder, models.tokenizer
     schedule = NoiseSchedule(config=ScheduleConfig.from_dict(models.scheduler_config))
     if missing:   # the base model itself, or a copy of it in --prior_generation_precision's dtype
         generation_models = models if generation_dtype == torch.float32 else load_models(
             args.pretrained_model_name_or_path, config_dir=args.pretrained_config_dir, resolution=args.resolution,
             device=dist.device, precision=generation_precision, dtype=generation_dtype)[0]
+        if generation_models is not models and lora_files:   # the same base: the files fused into the copy too
+            load_lora_files(generation_models, lora_files, skip_unknown=args.lora_skip_unknown)
         generate_class_images(generation_models, class_dir, missing, prompt=args.class_prompt,
                               resolution=args.resolution, seed=args.seed, batch_size=args.sample_batch_size,
                               share=(dist.rank, dist.world_size), progress=dist.is_main,
@@ -239,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- what is trained, the schedule of steps, the optimizer ------------------------------------------
     params = trainable_parameters(models, train_text_encoder=args.train_text_encoder,
-                                  gradient_checkpointing=args.gradient_checkpointing, rank=args.rank)
+                                  gradient_checkpointing=args.gradient_checkpointing, rank=args.rank,
+                                  precision=precision)
     B, accumulation = args.train_batch_size, args.gradient_accumulation_steps
     global_batch = B * accumulation * dist.world_size
     # As diffusers: an epoch pairs instance i % n_inst with class image i % n_class, for max(n_inst, n_class) i.
@@ -360,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         return stopped_run(stopped_by, dist=dist, log=log, output_dir=output_dir, info=info, step=step)
 
     if dist.is_main:
-        export(models, args, output_dir)
+        export(models, args, output_dir, changed=lora_changed)
         finish_run_record(output_dir, info, step=step)
     log.close()
     teardown_distributed(dist)
@@ -384,19 +411,19 @@ def validate(dist, models, args, output_dir: Path, step: int) -> None:
     barrier(dist)
 
 
-def export(models, args, output_dir: Path) -> None:
-    """A diffusers folder (untrained parts as they came) and, with --save_single_file, the original layout;
-    with --rank, the LoRA files only."""
+def export(models, args, output_dir: Path, *, changed: set[str]) -> None:
+    """A diffusers folder (parts neither trained nor `changed` by a --lora file as they came) and, with
+    --save_single_file, the original layout; with --rank, the LoRA files only."""
     from diffusion.checkpoints.save import save_diffusers_folder, save_single_file
     if args.rank is not None:
-        from diffusion.checkpoints.lora_files import save_lora_files
         parts = ("unet", "text_encoder") if args.train_text_encoder else ("unet",)
         written = save_lora_files(models, output_dir, parts=parts, kohya=args.lora_format == "kohya")
+        base_loras = "".join(f" --lora {value}" for value in args.lora or [])   # the base it was trained on
         print("LoRA written to " + ", ".join(map(str, written)) +
-              f" (use: python sample.py --ckpt {args.pretrained_model_name_or_path} --lora {written[0]})")
+              f" (use: python sample.py --ckpt {args.pretrained_model_name_or_path}{base_loras} --lora {written[0]})")
         return
-    trained = {"unet"} | ({"text_encoder"} if args.train_text_encoder else set())
-    save_diffusers_folder(models, output_dir, trained=trained, config_dir=args.pretrained_config_dir)
+    changed = changed | {"unet"} | ({"text_encoder"} if args.train_text_encoder else set())   # differ from the input
+    save_diffusers_folder(models, output_dir, trained=changed, config_dir=args.pretrained_config_dir)
     written = [output_dir]
     if args.save_single_file:
         written.append(save_single_file(models, output_dir / f"{output_dir.resolve().name}.safetensors"))

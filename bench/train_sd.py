@@ -1,20 +1,33 @@
-"""One DreamBooth training step of the full-size SD v1 UNet on CPU: ours against diffusers' UNet2DConditionModel.
+"""One DreamBooth training step of the full-size SD v1 UNet on CPU: ours against diffusers' UNet2DConditionModel,
+for full fine-tuning and for DreamBooth-LoRA.
 
-    flock /tmp/bench.lock .venv-dev/bin/python bench/train_sd.py [--rounds 2] [--steps 2]
+    flock /tmp/bench.lock .venv-dev/bin/python bench/train_sd.py [--case full|lora] [--rounds 2] [--steps 2]
 
-The step train_dreambooth.py takes at 256x256 with --train_batch_size 1 --with_prior_preservation
---mixed_precision bf16 --gradient_checkpointing: random weights (860M parameters, fp32), a batch of
-1 instance + 1 class latent (2 x 4 x 32 x 32) with 77x768 text states, one UNet call under bf16
-autocast with gradient checkpointing, the split loss mse(instance) + 1.0 * mse(class), backward,
-gradient clipping and an AdamW step (whose moments, 2 x 3.4 GB, are allocated on the first step).
-Ours runs as train_dreambooth.py runs it there: the UNet stored channels-last (diffusion/speed.py);
-diffusers' as its example script runs it (channels-first), or channels-last with --their_layout.
+--case full (the default): the step train_dreambooth.py takes at 256x256 with --train_batch_size 1
+--with_prior_preservation --mixed_precision bf16 --gradient_checkpointing: random weights (860M parameters,
+fp32), a batch of 1 instance + 1 class latent (2 x 4 x 32 x 32) with 77x768 text states, one UNet call under
+bf16 autocast with gradient checkpointing, the split loss mse(instance) + 1.0 * mse(class), backward,
+gradient clipping and an AdamW step (whose moments, 2 x 3.4 GB, are allocated on the first step). Ours
+against diffusers' examples/dreambooth/train_dreambooth.py step.
 
-Every measurement runs in a fresh subprocess (one per implementation per round, rounds alternating), so
-its peak resident memory (getrusage's ru_maxrss) is its own. Each subprocess takes one warm-up step,
-then --steps timed ones. Prints median step time and the largest peak RSS of each, and the ratios
-(speed: diffusers' time / ours, > 1 means ours is faster; memory: ours / diffusers', < 1 means ours uses
-less). Without diffusers installed, only our side runs, and the script says so.
+--case lora: the same step at 512x512 (latents 2 x 4 x 64 x 64) with --rank 4, three sides: ours as
+train_dreambooth.py --rank 4 sets it up (dreambooth/steps.py's trainable_parameters: the frozen UNet cast
+to bf16, rank-4 updates on to_q/to_k/to_v/to_out.0 kept in fp32, only they in AdamW), diffusers' as
+examples/dreambooth/train_dreambooth_lora.py sets it up (the frozen UNet cast to its weight_dtype, a peft
+adapter added by tools/reference_models.py; under bf16 the script leaves the adapter in bf16), and our full
+fine-tuning at the same 512x512 for the memory saving. Targets: ours' LoRA peak RSS <= 40% of our full
+fine-tuning's; ours' LoRA step time >= 1.0x diffusers' (diffusers' time / ours).
+
+Both cases time the UNet's step alone: the frozen VAE and text encoder, which run without gradients and cost
+the same whatever is trained, are left out on every side. Ours runs as train_dreambooth.py runs it there:
+the UNet stored channels-last (diffusion/speed.py); diffusers' as its example script runs it
+(channels-first), or channels-last with --their_layout.
+
+Every measurement runs in a fresh subprocess (one per side per round, the sides in turn), so its peak
+resident memory (getrusage's ru_maxrss) is its own. Each subprocess takes one warm-up step, then --steps
+timed ones. Prints median step time and the largest peak RSS of each, and the ratios (speed: diffusers'
+time / ours, > 1 means ours is faster; memory: ours / diffusers', < 1 means ours uses less). Without
+diffusers (and, for LoRA, peft) installed, only our side runs, and the script says so.
 """
 from __future__ import annotations
 
@@ -26,24 +39,31 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from diffusion.speed import LAYOUTS  # noqa: E402
 
-RESOLUTION, VAE_FACTOR = 256, 8
+VAE_FACTOR = 8
+RESOLUTION = {"full": 256, "lora": 512}   # pixels, per --case (latents are 1/8 of this on a side)
+RANK = 4                                  # train_dreambooth_lora.py's --rank default
 PRIOR_LOSS_WEIGHT = 1.0
+LEARNING_RATE = {"full": 1e-6, "lora": 5e-4}
+# The sides each case runs: (implementation, what it trains), in the order of one round.
+SIDES = {"full": [("ours", "full"), ("diffusers", "full")],
+         "lora": [("ours", "lora"), ("diffusers", "lora"), ("ours", "full")]}
 
 
 def build(impl: str, their_layout: str) -> tuple[torch.nn.Module, callable]:
     """Ours arranged as train_dreambooth.py arranges it for bf16 on a CPU (diffusion/speed.py: channels-last);
-    diffusers' as shipped (channels-first), or channels-last with --their_layout."""
+    diffusers' as shipped (channels-first), or channels-last with --their_layout. Both fp32, as loaded."""
     torch.manual_seed(0)
     if impl == "ours":
-        from types import SimpleNamespace
         from diffusion.models.unet import UNet2DConditionModel, UNetConfig
         from diffusion.speed import arrange_for_speed
         unet = UNet2DConditionModel(config=UNetConfig.sd_v1())
@@ -54,14 +74,29 @@ def build(impl: str, their_layout: str) -> tuple[torch.nn.Module, callable]:
     return unet, lambda x, t, c: unet(x, t, c).sample
 
 
-def child(impl: str, steps: int, their_layout: str) -> None:
-    unet, forward = build(impl, their_layout)
+def trainable(impl: str, trains: str, unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Set the UNet up for training as each script does, with gradient checkpointing; returns what AdamW moves."""
+    if impl == "ours":   # train_dreambooth.py's own step; the VAE and text encoder are left out (empty modules)
+        from dreambooth.steps import trainable_parameters
+        models = SimpleNamespace(unet=unet, vae=nn.Module(), text_encoder=nn.Module())
+        return trainable_parameters(models, train_text_encoder=False, gradient_checkpointing=True,
+                                    rank=RANK if trains == "lora" else None, precision="bf16")
+    params = list(unet.parameters())
+    if trains == "lora":
+        from tools.reference_models import add_dreambooth_lora
+        params = add_dreambooth_lora(unet, rank=RANK, weight_dtype=torch.bfloat16)
     unet.train()
     unet.enable_gradient_checkpointing()
+    return params
+
+
+def child(impl: str, trains: str, steps: int, resolution: int, their_layout: str) -> None:
+    unet, forward = build(impl, their_layout)
+    params = trainable(impl, trains, unet)
     built_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-6, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE[trains], weight_decay=1e-2)
     g = torch.Generator().manual_seed(0)
-    side = RESOLUTION // VAE_FACTOR
+    side = resolution // VAE_FACTOR
     latents = torch.randn(2, 4, side, side, generator=g)         # instance + class
     noise = torch.randn(2, 4, side, side, generator=g)
     t = torch.randint(0, 1000, (2,), generator=g)
@@ -74,56 +109,84 @@ def child(impl: str, steps: int, their_layout: str) -> None:
         per_image = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
         instance, prior = per_image.chunk(2)
         (instance.mean() + PRIOR_LOSS_WEIGHT * prior.mean()).backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i > 0:                                                # step 0 is the warm-up
             times.append(time.perf_counter() - start)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"times": times, "peak_mb": peak_mb, "built_mb": built_mb}))
+    print(json.dumps({"times": times, "peak_mb": peak_mb, "built_mb": built_mb,
+                      "trained_parameters": sum(p.numel() for p in params),
+                      "trained_dtypes": sorted({str(p.dtype) for p in params})}))
+
+
+LABEL = {"full": "full FT", "lora": "LoRA"}
+
+
+def name(side: tuple[str, str]) -> str:
+    return f"{side[0]} {LABEL[side[1]]}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=2, help="subprocesses per implementation, alternating")
+    p.add_argument("--case", choices=list(SIDES), default="full",
+                   help="full: full fine-tuning, ours against diffusers; lora: DreamBooth-LoRA rank 4, ours against "
+                        "diffusers, and against our full fine-tuning")
+    p.add_argument("--rounds", type=int, default=2, help="subprocesses per side, the sides in turn")
     p.add_argument("--steps", type=int, default=2, help="timed steps per subprocess (after one warm-up)")
+    p.add_argument("--resolution", type=int, help="pixels (a multiple of 64; default: 256 for full, 512 for lora)")
     p.add_argument("--their_layout", choices=list(LAYOUTS), default="channels_first",
                    help="diffusers' UNet as shipped, or moved to channels-last as its docs suggest")
     p.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument("--trains", choices=["full", "lora"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    resolution = args.resolution or RESOLUTION[args.case]
     if args.child:
-        child(args.child, args.steps, args.their_layout)
+        child(args.child, args.trains, args.steps, resolution, args.their_layout)
         return
 
-    impls = ["ours"]
     from tools.reference_models import version
-    if version("diffusers"):
-        impls.append("diffusers")
-    else:
-        print("diffusers is not installed: timing ours only")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SD v1 UNet (random weights) training "
-          f"step at {RESOLUTION}x{RESOLUTION}, batch 1 instance + 1 class, bf16 autocast, gradient checkpointing, "
-          f"AdamW; {args.rounds} rounds x {args.steps} steps, one subprocess each; ours channels-last as "
-          f"train_dreambooth.py runs it, diffusers {args.their_layout.replace('_', '-')}")
-    results = {impl: {"times": [], "peak_mb": 0.0, "built_mb": 0.0} for impl in impls}
+    sides = SIDES[args.case]
+    needed = ["diffusers"] + (["peft"] if args.case == "lora" else [])
+    missing = [package for package in needed if not version(package)]
+    if missing:
+        print(f"{' and '.join(missing)} not installed: timing ours only")
+        sides = [s for s in sides if s[0] == "ours"]
+    what = "full fine-tuning" if args.case == "full" else f"DreamBooth-LoRA rank {RANK} (and our full fine-tuning)"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SD v1 UNet (random weights), {what}: "
+          f"one training step at {resolution}x{resolution}, batch 1 instance + 1 class, bf16 autocast, gradient "
+          f"checkpointing, AdamW; {args.rounds} rounds x {args.steps} steps, one subprocess each; ours "
+          f"channels-last as train_dreambooth.py runs it, diffusers {args.their_layout.replace('_', '-')}")
+    results = {s: {"times": [], "peak_mb": 0.0, "built_mb": 0.0} for s in sides}
     for _ in range(args.rounds):
-        for impl in impls:
-            run = subprocess.run([sys.executable, __file__, "--child", impl, "--steps", str(args.steps),
-                              "--their_layout", args.their_layout],
+        for impl, trains in sides:
+            run = subprocess.run([sys.executable, __file__, "--child", impl, "--trains", trains, "--steps",
+                                  str(args.steps), "--resolution", str(resolution), "--their_layout", args.their_layout],
                                  capture_output=True, text=True)
             if run.returncode != 0:
-                raise SystemExit(f"{impl} subprocess failed:\n{run.stderr[-3000:]}")
+                raise SystemExit(f"{name((impl, trains))} subprocess failed:\n{run.stderr[-3000:]}")
             r = json.loads(run.stdout.strip().splitlines()[-1])
-            results[impl]["times"] += r["times"]
-            results[impl]["peak_mb"] = max(results[impl]["peak_mb"], r["peak_mb"])
-            results[impl]["built_mb"] = max(results[impl]["built_mb"], r["built_mb"])
-    for impl, r in results.items():
-        print(f"{impl:9s}: step {statistics.median(r['times']):6.2f} s (median of {len(r['times'])}), "
-              f"peak RSS {r['peak_mb'] / 1024:5.2f} GiB ({r['built_mb'] / 1024:.2f} GiB once built)")
-    if "diffusers" in results:
-        ours, theirs = results["ours"], results["diffusers"]
-        print(f"speed ratio diffusers/ours {statistics.median(theirs['times']) / statistics.median(ours['times']):.2f}x"
-              f" (> 1: ours faster); peak memory ours/diffusers {ours['peak_mb'] / theirs['peak_mb']:.3f}")
+            result = results[(impl, trains)]
+            result["times"] += r["times"]
+            result["peak_mb"] = max(result["peak_mb"], r["peak_mb"])
+            result["built_mb"] = max(result["built_mb"], r["built_mb"])
+            result["trained"] = f"{r['trained_parameters'] / 1e6:.1f}M trained parameters, {'/'.join(r['trained_dtypes'])}"
+    for side, r in results.items():
+        print(f"{name(side):17s}: step {statistics.median(r['times']):6.2f} s (median of {len(r['times'])}), "
+              f"peak RSS {r['peak_mb'] / 1024:5.2f} GiB ({r['built_mb'] / 1024:.2f} GiB once set up; {r['trained']})")
+
+    trains = args.case                     # what ours and diffusers' are compared on
+    if ("diffusers", trains) in results:
+        ours, theirs = results[("ours", trains)], results[("diffusers", trains)]
+        speed = statistics.median(theirs["times"]) / statistics.median(ours["times"])
+        target = f"; target >= 1.0x: {'met' if speed >= 1.0 else 'NOT met'}" if args.case == "lora" else ""
+        print(f"speed ratio diffusers/ours, {LABEL[trains]}: {speed:.2f}x (> 1: ours faster{target}); "
+              f"peak memory ours/diffusers {ours['peak_mb'] / theirs['peak_mb']:.3f}")
+    if args.case == "lora":
+        lora, full = results[("ours", "lora")], results[("ours", "full")]
+        ratio = lora["peak_mb"] / full["peak_mb"]
+        print(f"peak RSS ours LoRA / ours full FT: {ratio:.3f} (target <= 0.40: {'met' if ratio <= 0.40 else 'NOT met'});"
+              f" step time LoRA / full FT {statistics.median(lora['times']) / statistics.median(full['times']):.2f}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common.precision import autocast
+from common.precision import DTYPES, autocast
 from dreambooth.data import crop, example_generator
 
 OFFSET_NOISE_SCALE = 0.1        # diffusers' --offset_noise strength (Guttenberg 2023, "Diffusion with Offset Noise")
@@ -42,19 +42,23 @@ def load_models(path: str, *, config_dir: str | None, resolution: int, device: t
 
 
 def trainable_parameters(models, *, train_text_encoder: bool, gradient_checkpointing: bool,
-                         rank: int | None = None) -> list:
+                         rank: int | None = None, precision: str = "fp32") -> list:
     """Full fine-tuning: every UNet weight (and every text-encoder weight with --train_text_encoder),
-    in fp32; the VAE is frozen and stays in eval mode.
+    in fp32 (master weights; autocast runs the forward in `precision`); the VAE is frozen, in eval mode.
 
-    With `rank` (--rank), LoRA instead, as diffusers' train_dreambooth_lora.py: every weight is frozen,
-    the four projections of every UNet attention (and, with --train_text_encoder, of every text-encoder
-    attention) get a rank-r update with alpha = r (diffusion/lora.py), and only those updates train."""
+    With `rank` (--rank), LoRA instead, as diffusers' train_dreambooth_lora.py: every weight is frozen
+    and stored in `precision` (its weight_dtype: bf16/fp16 halve the frozen model's memory, and frozen
+    weights need no fp32 master copy), the four projections of every UNet attention (and, with
+    --train_text_encoder, of every text-encoder attention) get a rank-r update with alpha = r, kept in
+    fp32 (diffusion/lora.py), and only those updates train."""
     from diffusion import lora
     unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
     vae.requires_grad_(False)
     unet.requires_grad_(rank is None)
     text_encoder.requires_grad_(train_text_encoder and rank is None)
     if rank is not None:
+        for frozen in (unet, vae, text_encoder):
+            frozen.to(DTYPES[precision])              # keeps each weight's memory layout (diffusion/speed.py)
         lora.inject(unet, lora.UNET_TARGETS, rank=rank, alpha=rank)
         if train_text_encoder:
             lora.inject(text_encoder, lora.TEXT_ENCODER_TARGETS, rank=rank, alpha=rank)

@@ -10,6 +10,7 @@ after load_lora_weights + fuse_lora(lora_scale=s) for two scales (sample.py --lo
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 
@@ -192,6 +193,21 @@ def test_trainable_parameters_are_the_lora_updates_only():
     assert not frozen
 
 
+def test_lora_training_stores_the_frozen_weights_in_bf16_and_the_updates_in_fp32():
+    """As train_dreambooth_lora.py's weight_dtype: with --mixed_precision bf16 the frozen UNet, VAE and
+    text encoder are bf16; the LoRA updates (all that trains) stay fp32 for AdamW."""
+    from dreambooth.steps import trainable_parameters
+    models = fresh()
+    params = trainable_parameters(models, train_text_encoder=True, gradient_checkpointing=False, rank=4,
+                                  precision="bf16")
+    assert params and all(p.dtype == torch.float32 for p in params)
+    frozen = {n: p.dtype for part in ("unet", "text_encoder", "vae")
+              for n, p in getattr(models, part).named_parameters(prefix=part) if ".lora_" not in n}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}
+    assert models.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.base_layer.weight.dtype \
+        == torch.bfloat16
+
+
 # ---- training -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
@@ -233,3 +249,107 @@ def test_lora_training_moves_only_the_update_and_resumes_exactly(data, tmp_path)
     assert any(u.up.abs().max() > 0 for u in updates), "B starts at zero and must have trained"
     kohya, _ = read_lora(full / "pytorch_lora_weights_kohya.safetensors", fresh())
     assert {(u.part, u.module) for u in kohya} == {(u.part, u.module) for u in updates}
+
+
+# ---- training on top of a LoRA-fused base (train_dreambooth.py --lora) ---------------------------------
+def base_args(data: Path, out: Path, *extra: str, model: Path = FOLDER) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(data / "instance"),
+            "--instance_prompt", "a photo of sks dog", "--resolution", "16", "--train_batch_size", "1",
+            "--device", "cpu", "--max_train_steps", "2", "--output_dir", str(out), *extra]
+
+
+def test_training_with_lora_equals_training_the_base_fused_by_hand(data, tmp_path):
+    """--lora FILE:0.6 fuses the file (kohya: UNet, text encoder and conv updates) into the base before
+    training: the same UNet as training a folder that holds that fused model, and not the plain base's."""
+    from diffusion.checkpoints.save import save_diffusers_folder
+    by_hand = fresh()
+    load_lora_files(by_hand, [(str(FILES["kohya"]), 0.6)])
+    save_diffusers_folder(by_hand, tmp_path / "fused", trained={"unet", "text_encoder"})
+    runs = {"flag": base_args(data, tmp_path / "flag", "--lora", f"{FILES['kohya']}:0.6"),
+            "by_hand": base_args(data, tmp_path / "by_hand", model=tmp_path / "fused"),
+            "plain": base_args(data, tmp_path / "plain")}
+    for argv in runs.values():
+        assert train_dreambooth.main(argv) == 0
+    unet = {name: read_safetensors(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors") for name in runs}
+    assert max((unet["flag"][k] - unet["by_hand"][k]).abs().max().item() for k in unet["flag"]) <= 1e-5
+    assert max((unet["flag"][k] - unet["plain"][k]).abs().max().item() for k in unet["flag"]) > 1e-3
+    # the text encoder was not trained, but the LoRA changed it: written fused, not copied from the input
+    text = {name: read_safetensors(tmp_path / name / "text_encoder" / "model.safetensors") for name in ("flag", "fused")}
+    assert all(torch.equal(text["flag"][k], text["fused"][k]) for k in text["fused"])
+    assert tomllib.loads((tmp_path / "flag" / "run_config.toml").read_text())["lora"] == [f"{FILES['kohya']}:0.6"]
+
+
+@pytest.mark.parametrize("generation_precision", [None, "bf16"])
+def test_class_images_come_from_the_lora_fused_base(generation_precision, data, tmp_path, monkeypatch):
+    """The class images are the fused base's, also from the copy made in --prior_generation_precision."""
+    seen, make = [], train_dreambooth.generate_class_images
+    def spy(models, *args, **kwargs):
+        seen.append({part: {k: v.clone() for k, v in getattr(models, part).state_dict().items()}
+                     for part in ("unet", "text_encoder")})
+        return make(models, *args, **kwargs)
+    monkeypatch.setattr(train_dreambooth, "generate_class_images", spy)
+    extra = ["--prior_generation_precision", generation_precision] if generation_precision else []
+    assert train_dreambooth.main(base_args(
+        data, tmp_path / "out", "--lora", f"{FILES['kohya']}:0.6", "--with_prior_preservation", "--class_prompt",
+        "a photo of dog", "--class_data_dir", str(tmp_path / "class"), "--num_class_images", "2",
+        "--max_train_steps", "1", *extra)) == 0
+    dtype = torch.bfloat16 if generation_precision else torch.float32
+    by_hand = load_stable_diffusion(FOLDER, dtype=dtype)
+    load_lora_files(by_hand, [(str(FILES["kohya"]), 0.6)])
+    (weights,) = seen
+    for part in ("unet", "text_encoder"):
+        for k, v in getattr(by_hand, part).state_dict().items():
+            assert torch.equal(weights[part][k], v), (part, k)
+
+
+def test_lora_training_on_a_lora_fused_base_resumes_exactly(data, tmp_path):
+    """The fused base is made again from the same --lora flags on resume: the same LoRA as one run."""
+    extra = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--lora", f"{FILES['peft']}:0.5")
+    full = tmp_path / "full"
+    assert train_dreambooth.main(train_args(data, full, *extra)) == 0
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "checkpoint-2.pt").write_bytes((full / "checkpoint-2.pt").read_bytes())
+    assert train_dreambooth.main(train_args(data, part, *extra, "--resume_from_checkpoint", "latest")) == 0
+    written, again = (read_safetensors(f / "pytorch_lora_weights.safetensors") for f in (full, part))
+    assert all(torch.equal(written[k], again[k]) for k in written)
+
+
+def test_bad_lora_flags_and_files_are_refused_before_training(data, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        train_dreambooth.main(base_args(data, tmp_path / "a", "--lora", f"{FILES['kohya']}:abc"))
+    assert f"--lora {FILES['kohya']}:abc: the scale 'abc' is not a number" in capsys.readouterr().err
+    # an SDXL-shaped file, and one with a key that maps onto no module: named, before any training step
+    key = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"
+    save_file({key: torch.randn(4, 2048), key.replace("lora_A", "lora_B"): torch.randn(32, 4)},
+              str(tmp_path / "sdxl.safetensors"))
+    unknown = read_safetensors(FILES["diffusers"])
+    unknown["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_x.lora.down.weight"] = torch.zeros(3, 16)
+    save_file(unknown, str(tmp_path / "x.safetensors"))
+    monkeypatch.setattr(train_dreambooth, "trainable_parameters", lambda *a, **k: pytest.fail("trained"))
+    assert train_dreambooth.main(base_args(data, tmp_path / "b", "--lora", str(tmp_path / "sdxl.safetensors"))) == 2
+    assert re.search(r"error: --lora .*sdxl\.safetensors: .*attn2\.to_k\.lora_A\.weight has shape \(4, 2048\)",
+                     capsys.readouterr().err)
+    assert train_dreambooth.main(base_args(data, tmp_path / "c", "--lora", str(tmp_path / "x.safetensors"))) == 2
+    assert "attn1.to_x.lora.down.weight (--lora_skip_unknown skips them)" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert train_dreambooth.main(base_args(data, tmp_path / "d", "--lora", str(tmp_path / "x.safetensors"),
+                                           "--lora_skip_unknown", "--max_train_steps", "1")) == 0
+    assert "--lora_skip_unknown: skipped" in capsys.readouterr().err
+
+
+def test_bf16_lora_training_trains_writes_fp32_and_resumes_exactly(data, tmp_path):
+    extra = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--mixed_precision", "bf16")
+    full = tmp_path / "full"
+    assert train_dreambooth.main(train_args(data, full, *extra)) == 0
+    losses = [json.loads(line)["loss"] for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(loss is not None and np.isfinite(loss) for loss in losses)
+    written = read_safetensors(full / "pytorch_lora_weights.safetensors")
+    assert {v.dtype for v in written.values()} == {torch.float32}
+    assert all(v.abs().max() > 0 for k, v in written.items() if ".up." in k), "B starts at zero and must train"
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "checkpoint-2.pt").write_bytes((full / "checkpoint-2.pt").read_bytes())
+    assert train_dreambooth.main(train_args(data, part, *extra, "--resume_from_checkpoint", "latest")) == 0
+    again = read_safetensors(part / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(written[k], again[k]) for k in written)

@@ -1,4 +1,4 @@
-"""The reference implementations (transformers, diffusers) that the benchmarks race against, built in this
+"""The reference implementations (transformers, diffusers, peft) that the benchmarks race against, built in this
 one dev-only place, beside the fixture generators: nothing in the package, the tests or bench/ imports
 those libraries itself. Install them with `pip install -r requirements-dev.txt`; each function imports its
 library only when called, and `version(name)` says whether it is there without importing it.
@@ -47,3 +47,20 @@ def autoencoder_kl(**config):
     """diffusers' AutoencoderKL with the given config fields, random init."""
     from diffusers import AutoencoderKL
     return AutoencoderKL(**config)
+
+
+def add_dreambooth_lora(unet, *, rank: int, weight_dtype):
+    """diffusers' examples/dreambooth/train_dreambooth_lora.py's set-up of its UNet for training: frozen,
+    cast to its weight_dtype (bf16/fp16 from --mixed_precision), a peft adapter of rank r (alpha r,
+    gaussian init) on its target modules; the adapter is upcast to fp32 only under fp16 (cast_training_params),
+    so under bf16 it trains in bf16. Returns the parameters its AdamW moves."""
+    import torch
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+    unet.requires_grad_(False)
+    unet.to(dtype=weight_dtype)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]))
+    if weight_dtype == torch.float16:
+        cast_training_params(unet, dtype=torch.float32)
+    return [p for p in unet.parameters() if p.requires_grad]

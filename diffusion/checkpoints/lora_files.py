@@ -108,6 +108,27 @@ def _split(key: str, kohya_names: dict[str, dict[str, str]]) -> tuple[str, str, 
     return None
 
 
+# ---- the --lora flag ----------------------------------------------------------------------------------
+def parse_lora_flags(values: list[str]) -> list[tuple[str, float]]:
+    """--lora FILE or FILE:SCALE (sample.py and train_dreambooth.py) -> [(FILE, SCALE)], scale 1.0 by
+    default; a FILE whose own name holds a colon is taken whole. Raises ValueError naming the flag."""
+    files = []
+    for value in values:
+        path, scale = value, 1.0
+        if not Path(value).exists() and ":" in value:
+            path, text = value.rsplit(":", 1)
+            try:
+                scale = float(text)
+            except ValueError:
+                raise ValueError(f"--lora {value}: the scale {text!r} is not a number (FILE or FILE:SCALE)") from None
+            if scale != scale or scale in (float("inf"), float("-inf")):
+                raise ValueError(f"--lora {value}: the scale must be finite")
+        if not Path(path).is_file():
+            raise ValueError(f"--lora {value}: no such file {path}")
+        files.append((path, scale))
+    return files
+
+
 # ---- reading ------------------------------------------------------------------------------------------
 def _adapter_alpha(metadata: dict, part: str, module: str, rank: int) -> float:
     """diffusers' safetensors metadata (peft LoraConfig fields under `unet.`/`text_encoder.`), else rank."""
@@ -187,16 +208,18 @@ def apply_lora(models, updates: list[LoRAUpdate], *, scale: float = 1.0) -> None
 
 
 def load_lora_files(models, files: list[tuple[str, float]], *, fuse: bool = True,
-                    skip_unknown: bool = False) -> list[str]:
+                    skip_unknown: bool = False) -> tuple[set[str], list[str]]:
     """Read and check every (file, scale) first, then apply them all (fused into the weights unless
-    `fuse` is False). Returns the skipped keys, as "file: key"."""
+    `fuse` is False). Returns (the parts changed, "unet" and/or "text_encoder"; the skipped keys, as
+    "file: key")."""
     read = [(read_lora(path, models, skip_unknown=skip_unknown), scale, path) for path, scale in files]
     for (updates, _), scale, _ in read:
         apply_lora(models, updates, scale=scale)
     if fuse:
         for part in PARTS:
             lora.fuse(getattr(models, part))
-    return [f"{path}: {key}" for (_, skipped), _, path in read for key in skipped]
+    changed = {u.part for (updates, _), _, _ in read for u in updates}
+    return changed, [f"{path}: {key}" for (_, skipped), _, path in read for key in skipped]
 
 
 # ---- writing ------------------------------------------------------------------------------------------
