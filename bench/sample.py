@@ -110,10 +110,19 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/sd15-random", help="where the full-size random model is kept")
     p.add_argument("--pairs", type=int, default=3, help="alternating pairs per case (median over them)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    p.add_argument("--emulated_bf16", action="store_true", help="run the bf16 cases on a CPU without bf16 too")
     args = p.parse_args()
     folder = write_model(Path(args.workdir) / "sd15")
+    import torch
+    from common.precision import native_on_cpu
+    cases = [c for c in args.cases.split(",") if c]
+    emulated = [c for c in cases if c.split("-")[2] == "bf16" and not native_on_cpu(torch.bfloat16)]
+    if emulated and not args.emulated_bf16:
+        print(f"skipping {', '.join(emulated)}: this CPU has no bf16 instructions, so torch emulates bf16 "
+              "(about 100x slower than fp32, for diffusers as for us); --emulated_bf16 runs them anyway")
+        cases = [c for c in cases if c not in emulated]
     rows = []
-    for case in args.cases.split(","):
+    for case in cases:
         times, rss = {"ours": [], "diffusers": []}, {"ours": [], "diffusers": []}
         for pair in range(args.pairs):
             order = ["ours", "diffusers"] if pair % 2 == 0 else ["diffusers", "ours"]

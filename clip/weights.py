@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from clip.text_model import CLIPTextConfig, CLIPTextModel
-from common.state_dict import CheckpointError, load_strict, read_safetensors, rename_keys, safetensors_header
+from common.state_dict import CheckpointError, empty_model, load_strict, read_safetensors, rename_keys, safetensors_header
 
 HEAD_WIDTH = 64                  # every OpenAI CLIP text tower uses 64-wide heads (ViT-L/14: 768 = 12 x 64)
 SD_PREFIX = "cond_stage_model."  # everything of SD's text encoder in an original single file lives here
@@ -120,7 +120,7 @@ def load_text_encoder(path: str | Path, *, config: CLIPTextConfig | None = None,
         raise CheckpointError(f"{weights}: the text encoder in this file is {width} wide, but the config says "
                               f"hidden_size={config.hidden_size} (SD v1's CLIP ViT-L/14 is 768 wide; SD 2.x's "
                               "OpenCLIP ViT-H/14 is 1024)")
-    with torch.device("meta"):
+    with empty_model():
         model = CLIPTextModel(config)
     load_strict(model, state_dict, source=str(weights), dtype=dtype)
     return model.eval()

@@ -10,12 +10,13 @@ Every model in this project loads public weights the same way:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -88,50 +89,36 @@ def read_safetensors(path: str | Path, *, dtype: torch.dtype | None = None,
                      keys: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of one .safetensors file (those whose name `keys` accepts, when given).
 
-    Without copies: every tensor is a view of the file mapped into memory (copy-on-write, so writing
-    to a tensor never touches the file), and a page is read from disk only when something first uses
-    it. A 3.4 GB UNet "loads" in milliseconds and its memory is the file's pages (see load_strict).
-    With `dtype`, floating tensors of another dtype are converted one by one, each tensor's file pages
-    let go once converted, so an fp32 file loads as bf16 holding only the bf16 tensors (and one fp32
-    tensor at a time).
-    Pickle files are refused: unpickling can run code."""
+    Without copies: every tensor is a view of its own stretch of the file mapped into memory
+    (copy-on-write, so writing to a tensor never touches the file), and a page is read from disk only
+    when something first uses it. A 3.4 GB UNet "loads" in milliseconds and its memory is the file's
+    pages (see load_strict). One mapping per tensor, so a tensor replaced later (a layout change, a
+    cast) gives its pages back at once.
+    With `dtype`, floating tensors of another dtype are converted one by one, each mapping let go
+    once converted, so an fp32 file loads as bf16 holding only the bf16 tensors (and one fp32 tensor
+    at a time). Pickle files are refused: unpickling can run code."""
     path = Path(path)
     header, _, start = safetensors_header(path)
-    wanted = [name for name in header if keys is None or keys(name)]
-    if not wanted:
-        return {}
     out: dict[str, torch.Tensor] = {}
     with open(path, "rb") as f:
-        pages = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if path.stat().st_size else None
-        for name in wanted:
+        for name in (name for name in header if keys is None or keys(name)):
             entry = header[name]
             stored, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
             begin, end = (start + o for o in entry["data_offsets"])
-            convert = dtype is not None and stored.is_floating_point and stored != dtype
             if begin == end:
-                out[name] = torch.empty(shape, dtype=stored)
+                tensor = torch.empty(shape, dtype=stored)
             elif begin % stored.itemsize:          # misaligned for a view of its dtype: read into memory
                 buffer = bytearray(end - begin)
                 f.seek(begin)
                 f.readinto(buffer)
-                out[name] = torch.frombuffer(buffer, dtype=stored).view(shape).to(dtype if convert else stored)
-            else:
-                view = torch.frombuffer(pages, dtype=stored, count=(end - begin) // stored.itemsize,
-                                        offset=begin).view(shape)
-                out[name] = view.to(dtype) if convert else view
-                if convert:   # its pages are read and done with: out of this process's memory again
-                    del view
-                    _forget_pages(pages, begin, end)
+                tensor = torch.frombuffer(buffer, dtype=stored).view(shape)
+            else:                                  # a view of the pages [first, end) of the file
+                first = begin // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+                pages = mmap.mmap(f.fileno(), end - first, access=mmap.ACCESS_COPY, offset=first)
+                tensor = torch.frombuffer(pages, dtype=stored, count=(end - begin) // stored.itemsize,
+                                          offset=begin - first).view(shape)
+            out[name] = tensor.to(dtype) if dtype is not None and stored.is_floating_point else tensor
     return out
-
-
-def _forget_pages(pages: mmap.mmap, begin: int, end: int) -> None:
-    """Drop the memory pages lying wholly inside [begin, end) of a file mapping from the process (they
-    were only read, so the file still holds them; a later touch would read them again)."""
-    first = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
-    last = end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first and hasattr(mmap, "MADV_DONTNEED"):   # (not on Windows: there the pages stay until unmapped)
-        pages.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:
@@ -189,12 +176,35 @@ def check_keys(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[
         raise CheckpointError(f"{source}: checkpoint does not match the model; " + "; ".join(problems))
 
 
+@contextlib.contextmanager
+def empty_model() -> Iterator[None]:
+    """Build a model with no memory and no initialisation, to be filled by `load_strict`:
+
+        with empty_model():
+            unet = UNet2DConditionModel(config=config)     # every tensor on the meta device
+
+    The meta device allocates nothing; the initialisers are skipped too (as transformers'
+    `no_init_weights`), because torch runs some of them on meta tensors through its Python reference
+    kernels, whose first use imports torch._dynamo: 1.7 s, for a CLIP embedding's normal_."""
+    names = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+             "xavier_normal_", "zeros_", "ones_", "constant_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
 def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str,
                 dtype: torch.dtype | None = None) -> None:
     """Put `state_dict` (already in our key names) into `module`, all tensors or none.
 
-    A module built on the meta device (`with torch.device("meta"): Model(config)`, which allocates
-    nothing and runs no initialisation) takes the given tensors themselves as its parameters, so a
+    A module built on the meta device (`with empty_model(): Model(config)`, which allocates nothing
+    and runs no initialisation) takes the given tensors themselves as its parameters, so a
     model read by `read_safetensors` stays on the file's pages and never exists twice in memory; the
     caller must not reuse the tensors. A module with real tensors gets copies. Floating tensors are
     cast to `dtype` (default: the module's own dtype for that tensor), a copy only where it differs.

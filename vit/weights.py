@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.files import atomic_write, read_json
-from common.state_dict import CheckpointError, check_keys, load_strict, read_safetensors
+from common.state_dict import CheckpointError, check_keys, empty_model, load_strict, read_safetensors
 from vit.model import ViTConfig, ViTForImageClassification, default_labels
 from vit.preprocess import PreprocessConfig
 
@@ -249,7 +249,7 @@ def load_vit(path: str | Path, *, labels: list[str] | None = None) -> LoadedViT:
     if new_head:
         ours = {k: v for k, v in ours.items() if not k.startswith("head.")}
 
-    with torch.device("meta"):  # no memory for weights that the checkpoint replaces right away
+    with empty_model():  # no memory for weights that the checkpoint replaces right away
         model = ViTForImageClassification(config)
     if new_head:
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("head.")}

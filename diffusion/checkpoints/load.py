@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from common.files import read_json
-from common.state_dict import CheckpointError, load_strict, read_safetensors, rename_keys
+from common.state_dict import CheckpointError, empty_model, load_strict, read_safetensors, rename_keys
 from diffusion.checkpoints import single_file
 from diffusion.models.unet import UNet2DConditionModel, UNetConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
@@ -85,7 +85,7 @@ def _weights_file(folder: Path, name: str) -> Path:
 # Every model is built on the meta device (no memory, no random initialisation) and takes the file's
 # tensors themselves as its weights (common.state_dict.load_strict).
 def load_unet_folder(folder: Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    with torch.device("meta"):
+    with empty_model():
         unet = UNet2DConditionModel(config=UNetConfig.from_json(folder / "unet" / "config.json"))
     file = _weights_file(folder, "unet")
     load_strict(unet, read_safetensors(file, dtype=dtype), source=str(file), dtype=dtype)
@@ -93,7 +93,7 @@ def load_unet_folder(folder: Path, dtype: torch.dtype = torch.float32) -> UNet2D
 
 
 def load_vae_folder(folder: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    with torch.device("meta"):
+    with empty_model():
         vae = AutoencoderKL(config=VAEConfig.from_json(folder / "vae" / "config.json"))
     file = _weights_file(folder, "vae")
     tensors = rename_keys(read_safetensors(file, dtype=dtype), single_file.DEPRECATED_VAE_ATTENTION_RULES)
@@ -134,7 +134,7 @@ def read_single_file(path: Path, dtype: torch.dtype | None = None) -> dict[str, 
 
 def load_unet_single_file(unet_tensors: dict, config: UNetConfig, *, source: str,
                           dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    with torch.device("meta"):
+    with empty_model():
         unet = UNet2DConditionModel(config=config)
     load_strict(unet, rename_keys(unet_tensors, single_file.unet_rules(config)), source=f"{source} (UNet)",
                 dtype=dtype)
@@ -143,7 +143,7 @@ def load_unet_single_file(unet_tensors: dict, config: UNetConfig, *, source: str
 
 def load_vae_single_file(vae_tensors: dict, config: VAEConfig, *, source: str,
                          dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    with torch.device("meta"):
+    with empty_model():
         vae = AutoencoderKL(config=config)
     tensors = single_file.vae_attention_as_linear(rename_keys(vae_tensors, single_file.vae_rules(config)))
     load_strict(vae, tensors, source=f"{source} (VAE)", dtype=dtype)
@@ -156,7 +156,7 @@ def load_text_encoder_single_file(text_tensors: dict, config, *, source: str, dt
     from clip.weights import config_from_state_dict, text_encoder_state_dict
 
     tensors = text_encoder_state_dict(text_tensors, source=source)
-    with torch.device("meta"):
+    with empty_model():
         model = CLIPTextModel(config if config is not None else config_from_state_dict(tensors))
     load_strict(model, tensors, source=source, dtype=dtype)
     return model
