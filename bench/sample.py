@@ -21,6 +21,7 @@ This machine is shared and noisy: compare only figures from one run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -83,11 +84,33 @@ def write_model(folder: Path) -> Path:
     return folder
 
 
-def run(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one process, start to exit."""
-    with tempfile.TemporaryFile() as log:
+def in_child(function: str, *args: str):
+    """`function(*args)` ("module:name", string arguments) run in a fresh process; its result comes back as
+    JSON. Set-up (writing a model, importing torch) runs so, never in the bench process itself: Linux
+    counts a parent's peak RSS, copied at fork, in every child's ru_maxrss, so a bench process that had
+    imported torch (0.5 GB) or built a model (GBs) would put that floor under every measurement."""
+    code = ("import json, sys; from importlib import import_module; module, name = sys.argv[1].split(':'); "
+            "print(json.dumps(getattr(import_module(module), name)(*sys.argv[2:])))")
+    done = subprocess.run([sys.executable, "-c", code, function, *args], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"failed ({done.returncode}): {function}{args}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def prepare(workdir: str) -> dict:
+    """In a child process (in_child): the model folder, and whether this CPU computes bf16 in hardware."""
+    import torch
+
+    from common.precision import native_on_cpu
+    return {"folder": str(write_model(Path(workdir) / "sd15")), "bf16_native": native_on_cpu(torch.bfloat16)}
+
+
+def run(command: list[str], *, stdout: Path | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of one process, start to exit; its standard output goes to the file
+    `stdout` (as a user's `> out.jsonl`), else nowhere."""
+    with tempfile.TemporaryFile() as log, open(stdout or os.devnull, "wb") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=log)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
         if status != 0:
@@ -112,11 +135,10 @@ def main() -> None:
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     p.add_argument("--emulated_bf16", action="store_true", help="run the bf16 cases on a CPU without bf16 too")
     args = p.parse_args()
-    folder = write_model(Path(args.workdir) / "sd15")
-    import torch
-    from common.precision import native_on_cpu
+    setup = in_child("bench.sample:prepare", args.workdir)
+    folder = Path(setup["folder"])
     cases = [c for c in args.cases.split(",") if c]
-    emulated = [c for c in cases if c.split("-")[2] == "bf16" and not native_on_cpu(torch.bfloat16)]
+    emulated = [c for c in cases if c.split("-")[2] == "bf16" and not setup["bf16_native"]]
     if emulated and not args.emulated_bf16:
         print(f"skipping {', '.join(emulated)}: this CPU has no bf16 instructions, so torch emulates bf16 "
               "(about 100x slower than fp32, for diffusers as for us); --emulated_bf16 runs them anyway")
