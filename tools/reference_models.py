@@ -2,8 +2,9 @@
 one dev-only place, beside the fixture generators: nothing in the package, the tests or bench/ imports
 those libraries itself. The whole-process benches run the reference side as its users run it, from here:
 transformers' image-classification pipeline, and diffusers' DreamBooth example script's loop (that script
-is not installed with diffusers, so a compact reproduction of it lives here). Install them with `pip install -r requirements-dev.txt`; each function imports its
-library only when called, and `version(name)` says whether it is there without importing it.
+is not installed with diffusers, so a compact reproduction of it lives here). Install them with
+`pip install -r requirements-dev.txt`; each function imports its library only when called, and
+`version(name)` says whether it is there without importing it.
 """
 from __future__ import annotations
 
@@ -108,3 +109,169 @@ def classify_with_pipeline(model: str, images: str, out: str, dtype: str, batch_
         for path, predictions in zip(files, results):
             f.write(json.dumps({"image": path, "predictions": predictions}) + "\n")
 
+
+# ---- diffusers' DreamBooth example (bench/train_dreambooth.py) -------------------------------------
+def diffusers_dreambooth(argv: list[str] | None = None) -> None:
+    """diffusers' examples/dreambooth/train_dreambooth.py (not installed with the package), reproduced for
+    what bench/train_dreambooth.py runs: the UNet fine-tuned with prior preservation, the class images already
+    in --class_data_dir, one process. As the script does it, in its order: accelerate's Accelerator with
+    --mixed_precision (autocast around the prepared UNet's forward only); the slow CLIP tokenizer
+    (use_fast=False), DDPMScheduler, CLIPTextModel, AutoencoderKL and UNet2DConditionModel read from the
+    folder in fp32; the VAE and text encoder frozen, then moved to weight_dtype (fp32, or bf16/fp16 under
+    --mixed_precision) after accelerator.prepare; UNet gradient checkpointing; AdamW (betas 0.9/0.999, weight
+    decay 1e-2, eps 1e-8) on the UNet; its dataset (torchvision's Resize, Random- or CenterCrop, Normalize; the
+    prompts tokenized per example; instance then class examples in one batch), shuffled; per step: the VAE
+    posterior sample x scaling_factor, noise, random timesteps, add_noise, the text states computed each step,
+    one UNet call, instance and prior MSE in fp32 (loss = instance + prior_loss_weight x prior), backward,
+    gradient clipping to 1.0, optimizer and constant-schedule steps, zero_grad(set_to_none=False) (the
+    script's default: the gradients stay allocated); at the end the pipeline re-read with the trained UNet
+    and text encoder and save_pretrained into --output_dir.
+    Left out, none of which runs at these settings: class-image generation, checkpoints (every 500 steps),
+    validation, trackers (its default tensorboard event files), --train_text_encoder, 8-bit Adam, xformers,
+    pre-computed text embeddings, --snr_gamma, --offset_noise, the hub."""
+    import argparse
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from PIL import Image
+    from PIL.ImageOps import exif_transpose
+    from torchvision import transforms
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    p = argparse.ArgumentParser(description="diffusers' train_dreambooth.py at bench/train_dreambooth.py's settings")
+    for flag in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt", "class_data_dir",
+                 "class_prompt", "output_dir"):
+        p.add_argument(f"--{flag}")
+    p.add_argument("--with_prior_preservation", action="store_true")
+    p.add_argument("--prior_loss_weight", type=float, default=1.0)
+    p.add_argument("--num_class_images", type=int, default=100)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--center_crop", action="store_true")
+    p.add_argument("--train_batch_size", type=int, default=4)
+    p.add_argument("--max_train_steps", type=int)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--learning_rate", type=float, default=5e-6)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--seed", type=int)
+    args = p.parse_args(argv)
+    prior, folder = args.with_prior_preservation, args.pretrained_model_name_or_path
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    if args.seed is not None:
+        set_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(folder, subfolder="tokenizer", use_fast=False)
+    noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")  # the class its config names
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2,
+                                  eps=1e-8)
+
+    image_transforms = transforms.Compose([
+        transforms.Resize(args.resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(args.resolution) if args.center_crop else transforms.RandomCrop(args.resolution),
+        transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
+
+    def tokenize(prompt):
+        return tokenizer(prompt, truncation=True, padding="max_length", max_length=tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+
+    def read(path):
+        image = exif_transpose(Image.open(path))
+        return image_transforms(image if image.mode == "RGB" else image.convert("RGB"))
+
+    class DreamBoothDataset(torch.utils.data.Dataset):
+        def __init__(self):
+            self.instance_paths = list(Path(args.instance_data_dir).iterdir())
+            self.class_paths = list(Path(args.class_data_dir).iterdir()) if prior else []
+            self.num_class = min(len(self.class_paths), args.num_class_images)
+            self.length = max(self.num_class, len(self.instance_paths))
+
+        def __len__(self):
+            return self.length
+
+        def __getitem__(self, i):
+            example = {"instance_images": read(self.instance_paths[i % len(self.instance_paths)]),
+                       "instance_prompt_ids": tokenize(args.instance_prompt)}
+            if prior:
+                example.update(class_images=read(self.class_paths[i % self.num_class]),
+                               class_prompt_ids=tokenize(args.class_prompt))
+            return example
+
+    def collate_fn(examples):   # instance examples, then class examples: one UNet call for both
+        kinds = ["instance", "class"] if prior else ["instance"]
+        pixel_values = torch.stack([e[f"{k}_images"] for k in kinds for e in examples])
+        return {"input_ids": torch.cat([e[f"{k}_prompt_ids"] for k in kinds for e in examples]),
+                "pixel_values": pixel_values.to(memory_format=torch.contiguous_format).float()}
+
+    train_dataloader = torch.utils.data.DataLoader(DreamBoothDataset(), batch_size=args.train_batch_size,
+                                                   shuffle=True, collate_fn=collate_fn, num_workers=0)
+    max_train_steps = args.max_train_steps or len(train_dataloader)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=500 * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
+                                                                          lr_scheduler)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+
+    global_step = 0
+    progress_bar = tqdm(range(max_train_steps), desc="Steps")
+    for epoch in range(math.ceil(max_train_steps / len(train_dataloader))):
+        unet.train()
+        for batch in train_dataloader:
+            with accelerator.accumulate(unet):
+                model_input = vae.encode(batch["pixel_values"].to(dtype=weight_dtype)).latent_dist.sample()
+                model_input = model_input * vae.config.scaling_factor
+                noise = torch.randn_like(model_input)
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (model_input.shape[0],),
+                                          device=model_input.device).long()
+                noisy_model_input = noise_scheduler.add_noise(model_input, noise, timesteps)
+                encoder_hidden_states = text_encoder(batch["input_ids"].to(text_encoder.device), attention_mask=None)[0]
+                model_pred = unet(noisy_model_input, timesteps, encoder_hidden_states).sample
+                if noise_scheduler.config.prediction_type == "epsilon":
+                    target = noise
+                else:
+                    target = noise_scheduler.get_velocity(model_input, noise, timesteps)
+                if prior:
+                    model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
+                    target, target_prior = torch.chunk(target, 2, dim=0)
+                    prior_loss = F.mse_loss(model_pred_prior.float(), target_prior.float(), reduction="mean")
+                loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+                if prior:
+                    loss = loss + args.prior_loss_weight * prior_loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=False)
+            if accelerator.sync_gradients:
+                progress_bar.update(1)
+                global_step += 1
+            progress_bar.set_postfix(loss=loss.detach().item(), lr=lr_scheduler.get_last_lr()[0])
+            if global_step >= max_train_steps:
+                break
+
+    accelerator.wait_for_everyone()
+    pipeline = DiffusionPipeline.from_pretrained(folder, unet=accelerator.unwrap_model(unet),
+                                                 text_encoder=accelerator.unwrap_model(text_encoder))
+    scheduler_args = {}
+    if "variance_type" in pipeline.scheduler.config:   # trained on the simplified objective: no learned variance
+        variance_type = pipeline.scheduler.config.variance_type
+        learned = variance_type in ("learned", "learned_range")
+        scheduler_args["variance_type"] = "fixed_small" if learned else variance_type
+    pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, **scheduler_args)
+    pipeline.save_pretrained(args.output_dir)
+    accelerator.end_training()
