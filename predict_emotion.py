@@ -20,6 +20,9 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
+from common.precision import slow_precision_warning
 from common.state_dict import CheckpointError
 from embedded import EMOTION_VIT
 from faces import detect_faces
@@ -153,6 +156,8 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2
+    if warning := slow_precision_warning(DTYPES[args.dtype], torch.device(args.device), flag="--dtype"):
+        print(warning, file=sys.stderr)
     if args.draw:
         try:
             Path(args.draw).mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,7 @@ from http.server import BaseHTTPRequestHandler
 import torch
 from PIL import Image
 
+from common.precision import slow_precision_warning
 from common.state_dict import CheckpointError
 from embedded import EMOTION_VIT
 from faces.crops import face_crops
@@ -399,6 +400,8 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2
+    if warning := slow_precision_warning(DTYPES[args.dtype], torch.device(args.device), flag="--dtype"):
+        print(warning, file=sys.stderr)
     # --max_image_pixels, checked from the header, replaces Pillow's own bomb check (a warning over its
     # limit, an error over twice that), which would otherwise be a second limit with another message.
     Image.MAX_IMAGE_PIXELS = None

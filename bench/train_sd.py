@@ -59,7 +59,7 @@ SIDES = {"full": [("ours", "full"), ("diffusers", "full")],
          "lora": [("ours", "lora"), ("diffusers", "lora"), ("ours", "full")]}
 
 
-def build(impl: str, their_layout: str) -> tuple[torch.nn.Module, callable]:
+def build(impl: str, their_layout: str, precision: str) -> tuple[torch.nn.Module, callable]:
     """Ours arranged as train_dreambooth.py arranges it for bf16 on a CPU (diffusion/speed.py: channels-last);
     diffusers' as shipped (channels-first), or channels-last with --their_layout. Both fp32, as loaded."""
     torch.manual_seed(0)
@@ -67,32 +67,32 @@ def build(impl: str, their_layout: str) -> tuple[torch.nn.Module, callable]:
         from diffusion.models.unet import UNet2DConditionModel, UNetConfig
         from diffusion.speed import arrange_for_speed
         unet = UNet2DConditionModel(config=UNetConfig.sd_v1())
-        arrange_for_speed(SimpleNamespace(unet=unet), device=torch.device("cpu"), precision="bf16")
+        arrange_for_speed(SimpleNamespace(unet=unet), device=torch.device("cpu"), precision=precision)
         return unet, lambda x, t, c: unet(x, t, c)
     from tools.reference_models import sd_v1_unet
     unet = sd_v1_unet().to(memory_format=LAYOUTS[their_layout])
     return unet, lambda x, t, c: unet(x, t, c).sample
 
 
-def trainable(impl: str, trains: str, unet: torch.nn.Module) -> list[torch.nn.Parameter]:
+def trainable(impl: str, trains: str, unet: torch.nn.Module, precision: str) -> list[torch.nn.Parameter]:
     """Set the UNet up for training as each script does, with gradient checkpointing; returns what AdamW moves."""
     if impl == "ours":   # train_dreambooth.py's own step; the VAE and text encoder are left out (empty modules)
         from dreambooth.steps import trainable_parameters
         models = SimpleNamespace(unet=unet, vae=nn.Module(), text_encoder=nn.Module())
         return trainable_parameters(models, train_text_encoder=False, gradient_checkpointing=True,
-                                    rank=RANK if trains == "lora" else None, precision="bf16")
+                                    rank=RANK if trains == "lora" else None, precision=precision)
     params = list(unet.parameters())
     if trains == "lora":
         from tools.reference_models import add_dreambooth_lora
-        params = add_dreambooth_lora(unet, rank=RANK, weight_dtype=torch.bfloat16)
+        params = add_dreambooth_lora(unet, rank=RANK, weight_dtype=DTYPE[precision])
     unet.train()
     unet.enable_gradient_checkpointing()
     return params
 
 
-def child(impl: str, trains: str, steps: int, resolution: int, their_layout: str) -> None:
-    unet, forward = build(impl, their_layout)
-    params = trainable(impl, trains, unet)
+def child(impl: str, trains: str, steps: int, resolution: int, their_layout: str, precision: str) -> None:
+    unet, forward = build(impl, their_layout, precision)
+    params = trainable(impl, trains, unet, precision)
     built_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE[trains], weight_decay=1e-2)
     g = torch.Generator().manual_seed(0)
@@ -104,7 +104,7 @@ def child(impl: str, trains: str, steps: int, resolution: int, their_layout: str
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             pred = forward(latents + noise, t, states)
         per_image = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
         instance, prior = per_image.chunk(2)
@@ -121,6 +121,7 @@ def child(impl: str, trains: str, steps: int, resolution: int, their_layout: str
 
 
 LABEL = {"full": "full FT", "lora": "LoRA"}
+DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def name(side: tuple[str, str]) -> str:
@@ -137,12 +138,15 @@ def main() -> None:
     p.add_argument("--resolution", type=int, help="pixels (a multiple of 64; default: 256 for full, 512 for lora)")
     p.add_argument("--their_layout", choices=list(LAYOUTS), default="channels_first",
                    help="diffusers' UNet as shipped, or moved to channels-last as its docs suggest")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="bf16: --mixed_precision bf16 (autocast; LoRA's frozen weights bf16); fp32: --mixed_precision no, "
+                        "for a CPU without bf16 instructions, where bf16 is emulated ~100x slower")
     p.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--trains", choices=["full", "lora"], help=argparse.SUPPRESS)
     args = p.parse_args()
     resolution = args.resolution or RESOLUTION[args.case]
     if args.child:
-        child(args.child, args.trains, args.steps, resolution, args.their_layout)
+        child(args.child, args.trains, args.steps, resolution, args.their_layout, args.precision)
         return
 
     from tools.reference_models import version
@@ -154,14 +158,16 @@ def main() -> None:
         sides = [s for s in sides if s[0] == "ours"]
     what = "full fine-tuning" if args.case == "full" else f"DreamBooth-LoRA rank {RANK} (and our full fine-tuning)"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SD v1 UNet (random weights), {what}: "
-          f"one training step at {resolution}x{resolution}, batch 1 instance + 1 class, bf16 autocast, gradient "
+          f"one training step at {resolution}x{resolution}, batch 1 instance + 1 class, "
+          f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}, gradient "
           f"checkpointing, AdamW; {args.rounds} rounds x {args.steps} steps, one subprocess each; ours "
           f"channels-last as train_dreambooth.py runs it, diffusers {args.their_layout.replace('_', '-')}")
     results = {s: {"times": [], "peak_mb": 0.0, "built_mb": 0.0} for s in sides}
     for _ in range(args.rounds):
         for impl, trains in sides:
             run = subprocess.run([sys.executable, __file__, "--child", impl, "--trains", trains, "--steps",
-                                  str(args.steps), "--resolution", str(resolution), "--their_layout", args.their_layout],
+                                  str(args.steps), "--resolution", str(resolution), "--their_layout", args.their_layout,
+                                  "--precision", args.precision],
                                  capture_output=True, text=True)
             if run.returncode != 0:
                 raise SystemExit(f"{name((impl, trains))} subprocess failed:\n{run.stderr[-3000:]}")

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from clip.text_model import CLIPTextConfig, CLIPTextModel
-from common.state_dict import CheckpointError, empty_model, load_strict, read_safetensors, rename_keys, safetensors_header
+from common.state_dict import (CheckpointError, Rule, empty_model, load_strict, read_safetensors, rename_keys,
+                               safetensors_header)
 
 HEAD_WIDTH = 64                  # every OpenAI CLIP text tower uses 64-wide heads (ViT-L/14: 768 = 12 x 64)
 SD_PREFIX = "cond_stage_model."  # everything of SD's text encoder in an original single file lives here
@@ -35,6 +36,15 @@ TEXT_RULES = [
                r"\.(?:weight|bias))", r"layers.\1.\2"),
     (_PREFIX + r"final_layer_norm\.(weight|bias)", r"final_layer_norm.\1"),
 ]
+
+
+def text_rules(prefix: str) -> list[Rule]:
+    """TEXT_RULES for one fixed key prefix (loading accepts several; writing a layout needs one), e.g.
+    "text_model." for a diffusers folder's text_encoder/, "cond_stage_model.transformer.text_model."
+    for a single file."""
+    return [(re.escape(prefix) + p.removeprefix(_PREFIX), r) for p, r in TEXT_RULES]
+
+
 # Recognised and not loaded: the positions buffer, and the rest of a full CLIPModel (vision tower,
 # the two projections into the joint image-text space, the contrastive temperature).
 DROPPED = [

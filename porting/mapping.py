@@ -40,12 +40,13 @@ def table(layout: str) -> list[tuple[str, str, tuple[int, ...], str]]:
         return rows
     if layout.endswith("-clip"):
         from clip.text_model import CLIPTextConfig, CLIPTextModel
-        from diffusion.checkpoints.save import TEXT_FOLDER_PREFIX, _text_rules, invert_rules
+        from clip.weights import text_rules
+        from diffusion.checkpoints.save import TEXT_FOLDER_PREFIX, invert_rules
         from diffusion.checkpoints.single_file import TEXT_PREFIX
         with torch.device("meta"):
             ours = _ours(CLIPTextModel(CLIPTextConfig.vit_l14()))
         prefix = (TEXT_PREFIX if layout == "ldm-clip" else "") + TEXT_FOLDER_PREFIX
-        names = rename_keys({k: k for k in ours}, invert_rules(_text_rules(prefix)))
+        names = rename_keys({k: k for k in ours}, invert_rules(text_rules(prefix)))
         rows = [(theirs, ours_key, ours[ours_key], "") for theirs, ours_key in names.items()]
         return rows + [(prefix + "embeddings.position_ids", "", (1, 77), "drop")]
     from diffusion.checkpoints import single_file

@@ -332,7 +332,8 @@ def test_saver_writes_the_real_sd_v1_key_layouts():
     files' tensor names and shapes (the single file without its schedule buffers and position_ids)."""
     from clip.text_model import CLIPTextConfig, CLIPTextModel
     from diffusion.checkpoints import single_file
-    from diffusion.checkpoints.save import TEXT_FOLDER_PREFIX, _text_rules, _vae_attention_as_conv, to_layout
+    from clip.weights import text_rules
+    from diffusion.checkpoints.save import TEXT_FOLDER_PREFIX, _vae_attention_as_conv, to_layout
     from diffusion.models.unet import UNet2DConditionModel, UNetConfig
     from diffusion.models.vae import AutoencoderKL, VAEConfig
     with torch.device("meta"):
@@ -341,11 +342,11 @@ def test_saver_writes_the_real_sd_v1_key_layouts():
     shapes = lambda d: {k: list(v.shape) for k, v in d.items()}
     single = {**to_layout(unet.state_dict(), single_file.unet_rules(unet.config), what="unet"),
               **to_layout(_vae_attention_as_conv(vae.state_dict()), single_file.vae_rules(vae.config), what="vae"),
-              **to_layout(text.state_dict(), _text_rules(single_file.TEXT_PREFIX + TEXT_FOLDER_PREFIX), what="text")}
+              **to_layout(text.state_dict(), text_rules(single_file.TEXT_PREFIX + TEXT_FOLDER_PREFIX), what="text")}
     published = json.loads((MANIFESTS / "sd_v1_single_file.json").read_text())["model_tensors"]
     published.pop("cond_stage_model.transformer.text_model.embeddings.position_ids")
     assert shapes(single) == published
-    folder_text = to_layout(text.state_dict(), _text_rules(TEXT_FOLDER_PREFIX), what="text")
+    folder_text = to_layout(text.state_dict(), text_rules(TEXT_FOLDER_PREFIX), what="text")
     files = json.loads((MANIFESTS / "sd_v1_diffusers.json").read_text())["files"]
     expected = {k: v for k, v in files["text_encoder/model.safetensors"].items() if not k.endswith("position_ids")}
     assert shapes(folder_text) == expected

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 
 from common.files import atomic_write, read_json
 from common.state_dict import CheckpointError, Rule, check_keys, read_safetensors, rename_keys
+from clip.weights import text_rules
 from diffusion.checkpoints import single_file
 from diffusion.models import unet as unet_module
 from diffusion.models import vae as vae_module
@@ -122,12 +123,6 @@ def under_source_names(ours: Mapping[str, torch.Tensor], source: Mapping[str, to
     return {**{theirs: ours[our].reshape(source[theirs].shape) for our, theirs in names.items()}, **kept}
 
 
-def _text_rules(prefix: str) -> list[Rule]:
-    """clip/weights.py's TEXT_RULES for one fixed key prefix (the loading rules accept several)."""
-    from clip.weights import TEXT_RULES, _PREFIX
-    return [(re.escape(prefix) + p.removeprefix(_PREFIX), r) for p, r in TEXT_RULES]
-
-
 def _vae_attention_as_conv(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of `single_file.vae_attention_as_linear`: (C, C) -> (C, C, 1, 1)."""
     return {k: (v[:, :, None, None] if single_file.VAE_ATTENTION_LINEAR.fullmatch(k) and v.ndim == 2 else v)
@@ -212,7 +207,7 @@ def _write_folder(models, out: Path, parts: dict[str, Mapping[str, torch.Tensor]
     """parts: our state dicts -> out/<part>/ files (the text encoder under SD v1's `text_model.*`
     names); configs from `config_dir` where it has them, else written from ours."""
     out.mkdir(parents=True, exist_ok=True)
-    parts = {**parts, "text_encoder": to_layout(parts["text_encoder"], _text_rules(TEXT_FOLDER_PREFIX),
+    parts = {**parts, "text_encoder": to_layout(parts["text_encoder"], text_rules(TEXT_FOLDER_PREFIX),
                                                  what="text encoder")}
     for part, tensors in parts.items():
         (out / part).mkdir(exist_ok=True)
@@ -285,7 +280,7 @@ def save_single_file(models, path: str | Path, *, dtype: torch.dtype = torch.flo
     else:
         tensors = {**to_layout(unet, single_file.unet_rules(models.unet.config), what="UNet"),
                    **to_layout(_vae_attention_as_conv(vae), single_file.vae_rules(models.vae.config), what="VAE"),
-                   **to_layout(text, _text_rules(single_file.TEXT_PREFIX + TEXT_FOLDER_PREFIX), what="text encoder")}
+                   **to_layout(text, text_rules(single_file.TEXT_PREFIX + TEXT_FOLDER_PREFIX), what="text encoder")}
     _write_safetensors(path, _contiguous(tensors, dtype), {"format": "pt"})
     return path
 
