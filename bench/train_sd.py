@@ -161,7 +161,8 @@ def main() -> None:
           f"one training step at {resolution}x{resolution}, batch 1 instance + 1 class, "
           f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}, gradient "
           f"checkpointing, AdamW; {args.rounds} rounds x {args.steps} steps, one subprocess each; ours "
-          f"channels-last as train_dreambooth.py runs it, diffusers {args.their_layout.replace('_', '-')}")
+          f"arranged as train_dreambooth.py runs it ({'channels-last' if args.precision == 'bf16' else 'channels-first'}), "
+          f"diffusers {args.their_layout.replace('_', '-')}")
     results = {s: {"times": [], "peak_mb": 0.0, "built_mb": 0.0} for s in sides}
     for _ in range(args.rounds):
         for impl, trains in sides:
