@@ -37,51 +37,8 @@ PROMPT = "a photograph of an astronaut riding a horse"
 CASES = ["256-4-fp32-1", "256-4-bf16-1", "256-4-fp32-4", "256-4-bf16-4",
          "512-20-fp32-1", "512-20-bf16-1", "512-20-fp32-4", "512-20-bf16-4"]   # size-steps-precision-images
 
-THEIRS = """
-import sys, torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
-folder, out, size, steps, dtype, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
-pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype],
-                                               safety_checker=None, requires_safety_checker=False)
-pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-images = pipe(sys.argv[7], height=size, width=size, num_inference_steps=steps, num_images_per_prompt=n,
-              guidance_scale=7.5, generator=torch.Generator().manual_seed(42)).images
-for i, image in enumerate(images):
-    image.save(f"{out}/{i:05d}.png")
-"""
-
-
-def write_model(folder: Path) -> Path:
-    """A full-size SD v1.5 diffusers folder with random weights, made and saved by diffusers itself."""
-    if (folder / "model_index.json").exists():
-        return folder
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from clip.tokenizer import CLIPTokenizer as OurTokenizer
-    torch.manual_seed(0)
-    vocab = OurTokenizer.from_pretrained(None)                          # the real CLIP BPE vocabulary
-    scratch = folder.parent / (folder.name + ".tokenizer")
-    scratch.mkdir(parents=True, exist_ok=True)
-    import json
-    (scratch / "vocab.json").write_text(json.dumps(vocab.vocab))
-    (scratch / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in vocab.merges) + "\n")
-    tokenizer = CLIPTokenizer(str(scratch / "vocab.json"), str(scratch / "merges.txt"), pad_token="<|endoftext|>",
-                              model_max_length=77)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                        hidden_act="quick_gelu", projection_dim=768))
-    unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        sample_size=512)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-    return folder
+THEIRS = ("import sys; from tools.reference_models import sample_with_pipeline; "
+          "sample_with_pipeline(*sys.argv[1:])")
 
 
 def in_child(function: str, *args: str):
@@ -102,7 +59,8 @@ def prepare(workdir: str) -> dict:
     import torch
 
     from common.precision import native_on_cpu
-    return {"folder": str(write_model(Path(workdir) / "sd15")), "bf16_native": native_on_cpu(torch.bfloat16)}
+    from tools.reference_models import write_random_sd15
+    return {"folder": str(write_random_sd15(Path(workdir) / "sd15")), "bf16_native": native_on_cpu(torch.bfloat16)}
 
 
 def run(command: list[str], *, stdout: Path | None = None) -> tuple[float, float]:

@@ -65,8 +65,8 @@ def prepare(workdir: str, model: str, resolution: str) -> dict:
                 image.save(scratch / f"{folder.name.split('-')[0]}-{i:05d}.png")
             scratch.rename(folder)
     if not model:
-        from bench.sample import write_model
-        model = str(write_model(Path(workdir) / "sd15"))
+        from tools.reference_models import write_random_sd15
+        model = str(write_random_sd15(Path(workdir) / "sd15"))
     return {"model": model, "instance": str(instance), "class": str(classes),
             "native": {name: native_on_cpu(dtype) for name, dtype in DTYPES.items()}}
 

@@ -229,26 +229,33 @@ def sd_fixture_hashes() -> dict[str, str]:
             for p in sorted(SD_FOLDER.rglob("*")) if p.is_file()}
 
 
+def run_pipeline(pipe, ddim, run) -> list:
+    """One PIPELINE_RUNS entry through `pipe`, with the scheduler its sampler names (`ddim`: the folder's own)."""
+    from diffusers import PNDMScheduler
+    name, prompt, negative, n, steps, eta, scale, height, width, seed, sampler = run
+    pipe.scheduler = ({"ddim": ddim, "plms": PNDMScheduler.from_config(ddim.config, skip_prk_steps=True)}
+                      .get(sampler) or diffusers_sigma_scheduler(
+                          sampler, json.loads((SD_FOLDER / "scheduler" / "scheduler_config.json").read_text())))
+    kwargs = dict(eta=eta) if sampler == "ddim" else {}
+    return pipe(prompt, negative_prompt=negative, num_images_per_prompt=n, num_inference_steps=steps,
+                guidance_scale=scale, height=height, width=width,
+                generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs).images
+
+
 def make_pipeline_fixtures() -> None:
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     import diffusers
 
     pipe = StableDiffusionPipeline.from_pretrained(str(SD_FOLDER), safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     ddim = pipe.scheduler
-    plms = PNDMScheduler.from_config(ddim.config, skip_prk_steps=True)
     out = OUT / "pipeline"
     out.mkdir(parents=True, exist_ok=True)
     for old in out.iterdir():
         old.unlink()
     for name, prompt, negative, n, steps, eta, scale, height, width, seed, sampler in PIPELINE_RUNS:
-        pipe.scheduler = {"ddim": ddim, "plms": plms}.get(sampler) or diffusers_sigma_scheduler(
-            sampler, json.loads((SD_FOLDER / "scheduler" / "scheduler_config.json").read_text()))
-        kwargs = dict(eta=eta) if sampler == "ddim" else {}
-        images = pipe(prompt, negative_prompt=negative, num_images_per_prompt=n, num_inference_steps=steps,
-                      guidance_scale=scale, height=height, width=width,
-                      generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs).images
+        images = run_pipeline(pipe, ddim, (name, prompt, negative, n, steps, eta, scale, height, width, seed, sampler))
         files = []
         for i, image in enumerate(images):
             files.append(f"{name}_{i}.png")
@@ -270,7 +277,7 @@ HALF_PRECISION_RUNS = ["ddim_cat_2x32x32", "plms3_car_2x32x32", "dpmpp_2m5_negat
 
 def make_half_precision_fixtures() -> None:
     """half/<run>_<bf16|fp16>.json + PNGs: the runs above with torch_dtype=bfloat16 and float16."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     import diffusers
 
     out = OUT / "half"
@@ -285,13 +292,7 @@ def make_half_precision_fixtures() -> None:
         ddim = pipe.scheduler
         for run_name in HALF_PRECISION_RUNS:
             name, prompt, negative, n, steps, eta, scale, height, width, seed, sampler = runs[run_name]
-            pipe.scheduler = ({"ddim": ddim, "plms": PNDMScheduler.from_config(ddim.config, skip_prk_steps=True)}
-                              .get(sampler) or diffusers_sigma_scheduler(
-                                  sampler, json.loads((SD_FOLDER / "scheduler" / "scheduler_config.json").read_text())))
-            kwargs = dict(eta=eta) if sampler == "ddim" else {}
-            images = pipe(prompt, negative_prompt=negative, num_images_per_prompt=n, num_inference_steps=steps,
-                          guidance_scale=scale, height=height, width=width,
-                          generator=torch.Generator().manual_seed(seed), output_type="pil", **kwargs).images
+            images = run_pipeline(pipe, ddim, runs[run_name])
             files = []
             for i, image in enumerate(images):
                 files.append(f"{name}_{dtype_name}_{i}.png")

@@ -8,6 +8,7 @@ is not installed with diffusers, so a compact reproduction of it lives here). In
 """
 from __future__ import annotations
 
+import json
 from importlib import metadata
 from pathlib import Path
 
@@ -275,3 +276,50 @@ def diffusers_dreambooth(argv: list[str] | None = None) -> None:
     pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, **scheduler_args)
     pipeline.save_pretrained(args.output_dir)
     accelerator.end_training()
+
+
+# ---- SD v1.5 text to image, as diffusers' docs drive it (bench/sample.py) -------------------------
+def write_random_sd15(folder: Path) -> Path:
+    """A full-size SD v1.5 diffusers folder with random weights, made and saved by diffusers itself."""
+    if (folder / "model_index.json").exists():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from clip.tokenizer import CLIPTokenizer as OurTokenizer
+    torch.manual_seed(0)
+    vocab = OurTokenizer.from_pretrained(None)                          # the real CLIP BPE vocabulary
+    scratch = folder.parent / (folder.name + ".tokenizer")
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / "vocab.json").write_text(json.dumps(vocab.vocab))
+    (scratch / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in vocab.merges) + "\n")
+    tokenizer = CLIPTokenizer(str(scratch / "vocab.json"), str(scratch / "merges.txt"), pad_token="<|endoftext|>",
+                              model_max_length=77)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu", projection_dim=768))
+    unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=512)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def sample_with_pipeline(folder: str, out: str, size: str, steps: str, dtype: str, n: str, prompt: str) -> None:
+    """What diffusers' docs show: `from_pretrained(folder, torch_dtype=...)`, DDIM from its config (sample.py's
+    default sampler), guidance 7.5, a seeded generator, each image saved as PNG."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype],
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    images = pipe(prompt, height=int(size), width=int(size), num_inference_steps=int(steps),
+                  num_images_per_prompt=int(n), guidance_scale=7.5, generator=torch.Generator().manual_seed(42)).images
+    for i, image in enumerate(images):
+        image.save(f"{out}/{i:05d}.png")
