@@ -231,9 +231,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- the base model, and the class images it generates (one fixed seed per index) -----------------
     seed_everything(args.seed)
+    # With --rank the frozen base is kept in the training precision (diffusers' weight_dtype): it is read
+    # in that dtype straight from the file, with no fp32 copy on the way, unless it is needed in fp32
+    # first (--lora files are fused in fp32; fp32 class images still to make use the same copy), in
+    # which case trainable_parameters casts it after.
+    needs_fp32 = bool(args.lora) or (bool(missing) and generation_dtype == torch.float32)
+    weights_dtype = DTYPES[precision] if args.rank is not None and not needs_fp32 else torch.float32
     try:
         models, layouts = load_models(args.pretrained_model_name_or_path, config_dir=args.pretrained_config_dir,
-                                      resolution=args.resolution, device=dist.device, precision=precision)
+                                      resolution=args.resolution, device=dist.device, precision=precision,
+                                      dtype=weights_dtype)
     except (CheckpointError, OSError, ValueError) as e:
         return fail(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: {e}", dist)
     # --lora: the base is the model with these LoRA files fused in (read and checked first, as sample.py),
@@ -249,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     unet, vae, text_encoder, tokenizer = models.unet, models.vae, models.text_encoder, models.tokenizer
     schedule = NoiseSchedule(config=ScheduleConfig.from_dict(models.scheduler_config))
     if missing:   # the base model itself, or a copy of it in --prior_generation_precision's dtype
-        generation_models = models if generation_dtype == torch.float32 else load_models(
+        generation_models = models if generation_dtype == weights_dtype else load_models(
             args.pretrained_model_name_or_path, config_dir=args.pretrained_config_dir, resolution=args.resolution,
             device=dist.device, precision=generation_precision, dtype=generation_dtype)[0]
         if generation_models is not models and lora_files:   # the same base: the files fused into the copy too

@@ -353,3 +353,23 @@ def test_bf16_lora_training_trains_writes_fp32_and_resumes_exactly(data, tmp_pat
     assert train_dreambooth.main(train_args(data, part, *extra, "--resume_from_checkpoint", "latest")) == 0
     again = read_safetensors(part / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(written[k], again[k]) for k in written)
+
+
+def test_bf16_lora_training_reads_the_frozen_base_in_bf16(data, tmp_path, monkeypatch):
+    """No fp32 copy of the base on the way to a bf16 LoRA run: the loader is asked for bf16 weights
+    (and the run is the one that casting an fp32 load would give); with --lora files to fuse, fp32 first."""
+    asked = []
+    load = train_dreambooth.load_models
+    monkeypatch.setattr(train_dreambooth, "load_models", lambda *a, **kw: asked.append(kw["dtype"]) or load(*a, **kw))
+    extra = ("--max_train_steps", "2", "--mixed_precision", "bf16")
+    assert train_dreambooth.main(train_args(data, tmp_path / "direct", *extra)) == 0
+    assert asked == [torch.bfloat16]
+    direct = read_safetensors(tmp_path / "direct" / "pytorch_lora_weights.safetensors")
+
+    def fp32_then_cast(*a, **kw):   # the old path: fp32 from the file, cast by trainable_parameters
+        asked.append(kw["dtype"])
+        return load(*a, **{**kw, "dtype": torch.float32})
+    monkeypatch.setattr(train_dreambooth, "load_models", fp32_then_cast)
+    assert train_dreambooth.main(train_args(data, tmp_path / "cast", *extra)) == 0
+    cast = read_safetensors(tmp_path / "cast" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(direct[k], cast[k]) for k in direct)
