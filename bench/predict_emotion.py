@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.sample import in_child, run  # noqa: E402
+from bench.whole_process import alternate, in_child, summary, table_row  # noqa: E402
 
 N_IMAGES = 64   # --images' default
 CASES = ["embedded-fp32", "b16-fp32", "b16-bf16", "b16-fp16"]   # model-precision
@@ -59,11 +58,9 @@ def write_faces(folder: Path, n: int) -> Path:
 
 
 def prepare(workdir: str, images: str, model: str, b16: str) -> dict:
-    """In a child process (bench/sample.py's in_child): the faces, the model folders (with `b16` "yes", the
+    """In a child process (bench/whole_process.py's in_child): the faces, the model folders (with `b16` "yes", the
     full-size one: --model, else the random ViT-B/16, written once) and which precisions this CPU computes in
     hardware."""
-    import torch
-
     from common.precision import DTYPES, native_on_cpu
     from embedded import EMOTION_VIT
     from tools.reference_models import write_vit_classifier
@@ -125,33 +122,20 @@ def main() -> None:
         cases = [c for c in cases if c not in emulated]
     rows = []
     for case in cases:
-        times, rss = {"ours": [], "transformers": []}, {"ours": [], "transformers": []}
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
-            for pair in range(args.pairs):
-                order = ["ours", "transformers"] if pair % 2 == 0 else ["transformers", "ours"]
-                for side in order:
-                    command = commands(case, folders, faces, out, args.batch_size)[side]
-                    seconds, gb = run(command, stdout=out / "ours.jsonl" if side == "ours" else None)
-                    times[side].append(seconds)
-                    rss[side].append(gb)
-                    print(f"{case} {side:12s} {seconds:7.1f} s  {gb:5.2f} GB", flush=True)
-            same = agreement(out / "ours.jsonl", out / "transformers.jsonl")
-        t = {side: statistics.median(v) for side, v in times.items()}
-        m = {side: max(v) for side, v in rss.items()}
+        with tempfile.TemporaryDirectory() as tmp:   # both sides' last outputs, compared after the pairs
+            kept = Path(tmp)
+            t, m = alternate(lambda side, out: (commands(case, folders, faces, kept, args.batch_size)[side],
+                                                kept / "ours.jsonl" if side == "ours" else None),
+                             sides=("ours", "transformers"), pairs=args.pairs, label=case)
+            same = agreement(kept / "ours.jsonl", kept / "transformers.jsonl")
         rows.append((case, t, m))
-        print(f"{case}: time ours {t['ours']:.1f} s, transformers {t['transformers']:.1f} s -> "
-              f"{t['transformers'] / t['ours']:.2f}x; peak RSS ours {m['ours']:.2f} GB, transformers "
-              f"{m['transformers']:.2f} GB -> {m['ours'] / m['transformers']:.2f}; {same}", flush=True)
+        print(f"{summary(case, t, m)}; {same}", flush=True)
     print(f"\n| case ({args.images} images, batch {args.batch_size}) | ours | transformers | speed (theirs / ours) "
           "| peak RSS ours / transformers |\n| --- | --- | --- | --- | --- |")
     for case, t, m in rows:
         model, precision = case.split("-")
         name = "embedded ViT (48x48, 4 layers)" if model == "embedded" else "ViT-B/16 (224x224)"
-        print(f"| {name}, {precision} | {t['ours']:.1f} s | {t['transformers']:.1f} s "
-              f"| {t['transformers'] / t['ours']:.2f}x | {m['ours']:.2f} / {m['transformers']:.2f} GB "
-              f"({m['ours'] / m['transformers']:.2f}) |")
-
+        print(table_row(f"{name}, {precision}", t, m))
 
 if __name__ == "__main__":
     main()

@@ -21,17 +21,12 @@ This machine is shared and noisy: compare only figures from one run.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.whole_process import alternate, in_child, summary, table_row  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 CASES = ["256-4-fp32-1", "256-4-bf16-1", "256-4-fp32-4", "256-4-bf16-4",
@@ -41,19 +36,6 @@ THEIRS = ("import sys; from tools.reference_models import sample_with_pipeline; 
           "sample_with_pipeline(*sys.argv[1:])")
 
 
-def in_child(function: str, *args: str):
-    """`function(*args)` ("module:name", string arguments) run in a fresh process; its result comes back as
-    JSON. Set-up (writing a model, importing torch) runs so, never in the bench process itself: Linux
-    counts a parent's peak RSS, copied at fork, in every child's ru_maxrss, so a bench process that had
-    imported torch (0.5 GB) or built a model (GBs) would put that floor under every measurement."""
-    code = ("import json, sys; from importlib import import_module; module, name = sys.argv[1].split(':'); "
-            "print(json.dumps(getattr(import_module(module), name)(*sys.argv[2:])))")
-    done = subprocess.run([sys.executable, "-c", code, function, *args], cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"failed ({done.returncode}): {function}{args}\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.splitlines()[-1])
-
-
 def prepare(workdir: str) -> dict:
     """In a child process (in_child): the model folder, and whether this CPU computes bf16 in hardware."""
     import torch
@@ -61,20 +43,6 @@ def prepare(workdir: str) -> dict:
     from common.precision import native_on_cpu
     from tools.reference_models import write_random_sd15
     return {"folder": str(write_random_sd15(Path(workdir) / "sd15")), "bf16_native": native_on_cpu(torch.bfloat16)}
-
-
-def run(command: list[str], *, stdout: Path | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one process, start to exit; its standard output goes to the file
-    `stdout` (as a user's `> out.jsonl`), else nowhere."""
-    with tempfile.TemporaryFile() as log, open(stdout or os.devnull, "wb") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=log)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        if status != 0:
-            log.seek(0)
-            raise SystemExit(f"failed ({status}): {' '.join(command)}\n{log.read().decode()[-3000:]}")
-    return seconds, usage.ru_maxrss / 2**20
 
 
 def commands(case: str, folder: Path, out: Path) -> dict[str, list[str]]:
@@ -103,29 +71,15 @@ def main() -> None:
         cases = [c for c in cases if c not in emulated]
     rows = []
     for case in cases:
-        times, rss = {"ours": [], "diffusers": []}, {"ours": [], "diffusers": []}
-        for pair in range(args.pairs):
-            order = ["ours", "diffusers"] if pair % 2 == 0 else ["diffusers", "ours"]
-            for side in order:
-                with tempfile.TemporaryDirectory() as out:
-                    seconds, gb = run(commands(case, folder, Path(out))[side])
-                times[side].append(seconds)
-                rss[side].append(gb)
-                print(f"{case} {side:9s} {seconds:7.1f} s  {gb:5.2f} GB", flush=True)
-        t = {side: statistics.median(v) for side, v in times.items()}
-        m = {side: max(v) for side, v in rss.items()}
+        t, m = alternate(lambda side, out: (commands(case, folder, out)[side], None), sides=("ours", "diffusers"),
+                         pairs=args.pairs, label=case)
         rows.append((case, t, m))
-        print(f"{case}: time ours {t['ours']:.1f} s, diffusers {t['diffusers']:.1f} s -> {t['diffusers'] / t['ours']:.2f}x; "
-              f"peak RSS ours {m['ours']:.2f} GB, diffusers {m['diffusers']:.2f} GB -> {m['ours'] / m['diffusers']:.2f}",
-              flush=True)
+        print(summary(case, t, m), flush=True)
     print("\n| case (size, steps, precision, images) | ours | diffusers | speed (theirs / ours) "
           "| peak RSS ours / diffusers |\n| --- | --- | --- | --- | --- |")
     for case, t, m in rows:
         size, steps, precision, n = case.split("-")
-        print(f"| {size}x{size}, {steps} steps, {precision}, {n} image{'s' if n != '1' else ''} | {t['ours']:.1f} s "
-              f"| {t['diffusers']:.1f} s | {t['diffusers'] / t['ours']:.2f}x | {m['ours']:.2f} / {m['diffusers']:.2f} GB "
-              f"({m['ours'] / m['diffusers']:.2f}) |")
-
+        print(table_row(f"{size}x{size}, {steps} steps, {precision}, {n} image{'s' if n != '1' else ''}", t, m))
 
 if __name__ == "__main__":
     main()

@@ -30,14 +30,12 @@ only figures from one run.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.sample import in_child, run  # noqa: E402
+from bench.whole_process import alternate, in_child, summary, table_row  # noqa: E402
 
 INSTANCE_PROMPT, CLASS_PROMPT = "a sks star", "a star"
 NUM_CLASS_IMAGES = 5
@@ -46,7 +44,7 @@ THEIRS = "import sys; from tools.reference_models import diffusers_dreambooth; d
 
 
 def prepare(workdir: str, model: str, resolution: str) -> dict:
-    """In a child process (bench/sample.py's in_child): the model folder (--model, else bench/sample.py's
+    """In a child process (bench/whole_process.py's in_child): the model folder (--model, else bench/sample.py's
     full-size random SD v1.5, written once), the instance and class images (written once), and which
     precisions this CPU computes in hardware."""
     from common.precision import DTYPES, native_on_cpu
@@ -108,26 +106,12 @@ def main() -> None:
                          f"torch emulates {precision} (about 100x slower than fp32, for diffusers as for us); "
                          "--emulated runs it anyway")
     case = f"{args.resolution}-{args.steps}-{precision}"
-    times, rss = {"ours": [], "diffusers": []}, {"ours": [], "diffusers": []}
-    for pair in range(args.pairs):
-        order = ["ours", "diffusers"] if pair % 2 == 0 else ["diffusers", "ours"]
-        for side in order:
-            with tempfile.TemporaryDirectory(dir=args.workdir) as out:   # the trained model: about 4 GB
-                seconds, gb = run(commands(setup, args, Path(out))[side])
-            times[side].append(seconds)
-            rss[side].append(gb)
-            print(f"{case} {side:9s} {seconds:7.1f} s  {gb:5.2f} GB", flush=True)
-    t = {side: statistics.median(v) for side, v in times.items()}
-    m = {side: max(v) for side, v in rss.items()}
-    print(f"{case}: time ours {t['ours']:.1f} s, diffusers {t['diffusers']:.1f} s -> "
-          f"{t['diffusers'] / t['ours']:.2f}x; "
-          f"peak RSS ours {m['ours']:.2f} GB, diffusers {m['diffusers']:.2f} GB -> {m['ours'] / m['diffusers']:.2f}")
+    t, m = alternate(lambda side, out: (commands(setup, args, out)[side], None), sides=("ours", "diffusers"),
+                     pairs=args.pairs, label=case, scratch=args.workdir)   # the trained model: about 4 GB a run
+    print(summary(case, t, m))
     print("\n| case (resolution, steps, precision; batch 1 + 1 class image, gradient checkpointing) | ours | diffusers "
           "| speed (theirs / ours) | peak RSS ours / diffusers |\n| --- | --- | --- | --- | --- |")
-    print(f"| {args.resolution}x{args.resolution}, {args.steps} steps, {precision} | {t['ours']:.1f} s "
-          f"| {t['diffusers']:.1f} s | {t['diffusers'] / t['ours']:.2f}x | {m['ours']:.2f} / {m['diffusers']:.2f} GB "
-          f"({m['ours'] / m['diffusers']:.2f}) |")
-
+    print(table_row(f"{args.resolution}x{args.resolution}, {args.steps} steps, {precision}", t, m))
 
 if __name__ == "__main__":
     main()
