@@ -27,7 +27,10 @@ TRANSFORMERS_VIT_EXTRAS = [
     ("{p}encoder", "norm", "input", None),
     ("vit", "norm", "output", None),                                        # only when {p} is "vit."
 ]
-TIMM_VIT_EXTRAS = [("patch_embed", "patch_embed", "output", "tokens")]      # timm's PatchEmbed flattens
+TIMM_VIT_EXTRAS = [
+    ("patch_embed", "patch_embed", "output", "tokens"),  # timm's PatchEmbed flattens
+    ("blocks", "norm", "input", None),                   # an nn.Sequential timm calls: the last block's output
+]
 # transformers' CLIP text model ({p}: what precedes `embeddings.` in the file: "text_model.", "", ...)
 CLIP_EXTRAS = [
     ("{p}embeddings", "layers.0", "input", None),                          # token + position embeddings

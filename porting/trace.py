@@ -5,6 +5,10 @@ first tensor of a tuple or output object, as a hook on the reference would see i
 reference wrappers that need it, its input. The model runs in its plain reference form: speed
 rewrites that skip a module (the VAE's sub-pixel upsampler) are switched off, and every module that
 owns a weight must have run, or the trace stops naming it.
+
+`--precision bf16` runs the component with bf16 weights, as a transformers or diffusers user with
+`dtype=torch.bfloat16` does: the float inputs (pixels, latents, text states) are cast to bf16, ids and
+timesteps stay as given (a timestep is a number: 411 in bf16 would be 412), and the outputs are bf16.
 """
 from __future__ import annotations
 
@@ -13,14 +17,15 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from common.files import atomic_write
+from common.precision import DTYPES
 from common.state_dict import CheckpointError, read_safetensors
 from porting.components import Component, TraceError, check_inputs, load_component
 from porting.names import checkpoint_names
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "bf16")          # names in common/precision.py's one map (DTYPES)
 
 
 def first_tensor(value):
@@ -74,9 +79,10 @@ def trace(component: Component, inputs: dict[str, torch.Tensor], *, names: str =
     if precision not in PRECISIONS:
         raise TraceError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     inputs = check_inputs(component, inputs)
-    dtype = PRECISIONS[precision]
+    dtype = DTYPES[precision]
     model = component.model.to(dtype).eval()     # as loaded: the plain path (diffusion/speed.py is not applied)
-    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    # the activations in the precision; ids and timesteps are numbers, kept as given (see above)
+    inputs = {k: v.to(dtype) if component.inputs[k].kind == "float" else v for k, v in inputs.items()}
 
     state_keys = list(model.state_dict().keys())
     traced = {}
@@ -136,10 +142,17 @@ def trace(component: Component, inputs: dict[str, torch.Tensor], *, names: str =
 
 
 def write_trace(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """safetensors does not keep insertion order, so the forward order travels in the metadata."""
+    """safetensors keeps neither the tensors' insertion order (so the forward order travels in the
+    metadata) nor the metadata's (it goes through a Rust HashMap, in a new order each run): the header
+    is written back with the metadata sorted, so the same trace is the same bytes."""
     meta = {**metadata, "order": json.dumps(list(tensors))}
-    owned = {k: v.clone() for k, v in tensors.items()}
-    atomic_write(Path(path), lambda tmp: save_file(owned, tmp, metadata=meta))
+    data = save({k: v.contiguous().clone() for k, v in tensors.items()}, metadata=meta)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()   # as safetensors writes it
+    assert len(text) <= n, "the reordered header must fit where the old one was"
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data[:8] + text.ljust(n) + data[8 + n:]))
 
 
 def run_trace(*, model: str, component: str, inputs: str, out: str, precision: str = "fp32",

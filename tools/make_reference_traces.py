@@ -1,15 +1,21 @@
-"""Dev-only: layer-by-layer reference traces from transformers and diffusers on the tiny fixtures.
+"""Dev-only: layer-by-layer reference traces from transformers, timm and diffusers on the tiny fixtures.
 
     .venv-dev/bin/python tools/make_reference_traces.py
 
-Hooks every module of transformers' ViTForImageClassification and CLIPTextModel and of diffusers'
-UNet2DConditionModel and AutoencoderKL (encoder + quant_conv, post_quant_conv + decoder) that holds a
-tensor, runs each on fixed inputs, and writes under tests/fixtures/traces/:
+Hooks every module of transformers' ViTForImageClassification and CLIPTextModel, timm's
+VisionTransformer and diffusers' UNet2DConditionModel and AutoencoderKL (encoder + quant_conv,
+post_quant_conv + decoder) that holds a tensor, runs each on fixed inputs, and writes under
+tests/fixtures/traces/:
 
-    <component>_inputs.safetensors     the inputs, by the names `python -m porting trace` takes
-    <component>_reference.safetensors  each module's output (the first tensor of a tuple or output
-                                       object), fp32, keyed by the module's name relative to the
-                                       component, the forward order in the metadata
+    <component>_inputs.safetensors          the inputs, by the names `python -m porting trace` takes
+    <component>_reference.safetensors       each module's output (the first tensor of a tuple or output
+                                            object), fp32, keyed by the module's name relative to the
+                                            component, the forward order in the metadata
+    vit_timm_reference.safetensors          timm's ViT (tests/fixtures/vit/timm) on the vit inputs, under
+                                            timm's module names (`blocks.1.attn.qkv`, `patch_embed.proj`)
+    <component>_bf16_reference.safetensors  text_encoder and unet with their weights in bf16, as a user
+                                            with dtype=torch.bfloat16 runs them, stored in bf16; the
+                                            metadata's `cpu` names the kernels that made them
 
 transformers 5 renames modules on loading (ViT's `encoder.layer.N.attention.attention.query` lives as
 `layers.N.attention.q_proj`; CLIPTextModel drops `text_model.`), so its live names are not the file's.
@@ -17,44 +23,34 @@ Every hooked module is therefore named by the file: its tensors are found in the
 value, and the module takes the name of the file's module holding exactly those tensors (innermost
 first where several nest). Live modules with no such file module (transformers 5's ViT `mlp`) are
 left out; so are the file's wrappers that no live module has any more (`attention.attention`).
+timm and diffusers keep the file's names as module names, so theirs are used as they are.
 
 The tests trace our models on the same inputs (`python -m porting trace`) and hold every layer to
-1e-4 of the reference's largest magnitude. The checkpoints are the committed tiny fixtures
-(tools/make_reference_sd.py, make_reference_clip.py, make_reference_vit.py); the inputs are small
-(a 8x8 latent, a 16x16 image) so that all traces together stay under 1 MB.
+1e-4 of the reference's largest magnitude (fp32), or to the bf16 trace bit for bit (bf16). The
+checkpoints are the committed tiny fixtures (tools/make_reference_sd.py, make_reference_clip.py,
+make_reference_vit.py); the inputs are small (a 8x8 latent, a 16x16 image) so that all traces
+together stay near 2 MB. Files are written by porting/trace.py's `write_trace`, which makes the same
+trace the same bytes: regenerating leaves every file as it was.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from porting.trace import first_tensor, write_trace  # noqa: E402  (the package's own, as ours is traced)
+
 FIXTURES = ROOT / "tests" / "fixtures"
 OUT = FIXTURES / "traces"
 
 
-def first_tensor(value):
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)):
-        items = value
-    elif hasattr(value, "to_tuple"):                 # transformers' ModelOutput, diffusers' BaseOutput
-        items = value.to_tuple()
-    else:
-        return None
-    for item in items:
-        found = first_tensor(item)
-        if found is not None:
-            return found
-    return None
-
-
 def file_names(model: torch.nn.Module, file: Path) -> dict[str, str]:
     """live module name -> the checkpoint file's module name, by finding each tensor in the file by value."""
-    from safetensors.torch import load_file
     tensors = load_file(str(file))
     by_value = {}
     for key, t in tensors.items():
@@ -86,10 +82,14 @@ def file_names(model: torch.nn.Module, file: Path) -> dict[str, str]:
     return out
 
 
-def trace(model: torch.nn.Module, run, scopes: dict[str, str], file: Path | None = None) -> dict[str, torch.Tensor]:
+def trace(model: torch.nn.Module, run, scopes: dict[str, str], file: Path | None = None,
+          dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """scopes: {module prefix to hook: prefix to remove from its names}; "" hooks every module but the root.
-    file: name modules after this checkpoint file (transformers 5) rather than their live names."""
+    file: name modules after this checkpoint file (transformers 5) rather than their live names.
+    dtype: the weights' precision while run (named first, as the file's values identify them in fp32);
+    `run` passes inputs in that precision. The outputs are kept in it."""
     names = file_names(model, file) if file is not None else None
+    model.to(dtype)
     outputs = {}
     handles = []
     for name, module in model.named_modules():
@@ -106,7 +106,7 @@ def trace(model: torch.nn.Module, run, scopes: dict[str, str], file: Path | None
                     y = first_tensor(output)
                     if y is not None:
                         outputs.pop(short, None)     # keep the forward order of the last call
-                        outputs[short] = y.detach().float().clone().contiguous()
+                        outputs[short] = y.detach().clone().contiguous()
                 handles.append(module.register_forward_hook(hook))
     with torch.no_grad():
         run()
@@ -115,47 +115,71 @@ def trace(model: torch.nn.Module, run, scopes: dict[str, str], file: Path | None
     return outputs
 
 
-def write(name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], source: str) -> None:
+def write(name: str, outputs: dict[str, torch.Tensor], source: str, inputs: dict[str, torch.Tensor] | None = None,
+          **metadata: str) -> None:
+    """inputs: None where the case reuses another's (vit_timm: vit's, the bf16 cases: the fp32 ones')."""
     OUT.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in inputs.items()}, str(OUT / f"{name}_inputs.safetensors"))
-    save_file(outputs, str(OUT / f"{name}_reference.safetensors"),
-              metadata={"order": json.dumps(list(outputs)), "made_by": "tools/make_reference_traces.py", "model": source})
-    size = sum(v.numel() * 4 for v in outputs.values())
+    if inputs is not None:
+        save_file({k: v.contiguous() for k, v in inputs.items()}, str(OUT / f"{name}_inputs.safetensors"))
+    write_trace(OUT / f"{name}_reference.safetensors", outputs,
+                {"made_by": "tools/make_reference_traces.py", "model": source, **metadata})
+    size = sum(v.numel() * v.element_size() for v in outputs.values())
     print(f"{name}: {len(outputs)} modules, {size / 1024:.0f} KiB")
 
 
 def main() -> None:
+    import timm
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, ViTForImageClassification
 
     g = torch.Generator().manual_seed(18)
+    cpu = torch.backends.cpu.get_cpu_capability()   # bf16 sums depend on the kernels: "AVX2", "AVX512", ...
 
     vit_path = FIXTURES / "vit" / "hf_classifier"
     vit = ViTForImageClassification.from_pretrained(str(vit_path), attn_implementation="eager").eval()
     x = {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
-    write("vit", x, trace(vit, lambda: vit(**x), {"": ""}, vit_path / "model.safetensors"), "tests/fixtures/vit/hf_classifier")
+    write("vit", trace(vit, lambda: vit(**x), {"": ""}, vit_path / "model.safetensors"), "tests/fixtures/vit/hf_classifier", x)
+
+    # timm, built as tools/make_reference_vit.py built it (its config.json's architecture and model_args)
+    timm_path = FIXTURES / "vit" / "timm"
+    config = json.loads((timm_path / "config.json").read_text())
+    tm = timm.create_model(config["architecture"], pretrained=False, num_classes=config["num_classes"],
+                           **config["model_args"]).eval()
+    tm.load_state_dict(load_file(str(timm_path / "model.safetensors")), strict=True)
+    write("vit_timm", trace(tm, lambda: tm(x["pixel_values"]), {"": ""}), "tests/fixtures/vit/timm")
 
     clip_path = FIXTURES / "clip" / "text_encoder"
     clip = CLIPTextModel.from_pretrained(str(clip_path), attn_implementation="eager").eval()
     ids = torch.randint(0, 998, (2, 12), generator=g)
     ids[0, -1], ids[1, 7] = 999, 999                 # the end token (the vocabulary's largest id), mid-row in row 1
     x = {"input_ids": ids}
-    write("text_encoder", x, trace(clip, lambda: clip(**x), {"": ""}, clip_path / "model.safetensors"), "tests/fixtures/clip/text_encoder")
+    write("text_encoder", trace(clip, lambda: clip(**x), {"": ""}, clip_path / "model.safetensors"),
+          "tests/fixtures/clip/text_encoder", x)
+    # bf16 with transformers' default attention (SDPA), as ours computes it. The eager path above rounds the
+    # fp32 softmax to bf16 before multiplying by v: 1.2e-2 of a layer's largest value away in bf16, as far
+    # as bf16 is from fp32, where in fp32 the two paths agree to 4e-7.
+    # .to(bf16) after naming is what from_pretrained(dtype=torch.bfloat16) gives (no module kept in fp32).
+    clip = CLIPTextModel.from_pretrained(str(clip_path)).eval()
+    write("text_encoder_bf16", trace(clip, lambda: clip(**x), {"": ""}, clip_path / "model.safetensors", torch.bfloat16),
+          "tests/fixtures/clip/text_encoder", cpu=cpu)
 
     sd = FIXTURES / "sd" / "tiny_diffusers"
     unet = UNet2DConditionModel.from_pretrained(str(sd / "unet")).eval()
     x = {"sample": torch.randn(1, 4, 8, 8, generator=g), "timestep": torch.tensor([411.0]),
          "encoder_hidden_states": torch.randn(1, 7, 32, generator=g)}
-    write("unet", x, trace(unet, lambda: unet(x["sample"], x["timestep"], x["encoder_hidden_states"]), {"": ""}),
-          "tests/fixtures/sd/tiny_diffusers")
+    write("unet", trace(unet, lambda: unet(x["sample"], x["timestep"], x["encoder_hidden_states"]), {"": ""}),
+          "tests/fixtures/sd/tiny_diffusers", x)
+    x16 = {**x, "sample": x["sample"].bfloat16(), "encoder_hidden_states": x["encoder_hidden_states"].bfloat16()}
+    write("unet_bf16", trace(unet, lambda: unet(x16["sample"], x16["timestep"], x16["encoder_hidden_states"]),
+                             {"": ""}, dtype=torch.bfloat16), "tests/fixtures/sd/tiny_diffusers", cpu=cpu)
 
     vae = AutoencoderKL.from_pretrained(str(sd / "vae")).eval()
     x = {"pixel_values": torch.rand(1, 3, 16, 16, generator=g) * 2 - 1}
-    write("vae_encoder", x, trace(vae, lambda: vae.encode(x["pixel_values"]),
-                                  {"encoder": "encoder.", "quant_conv": ""}), "tests/fixtures/sd/tiny_diffusers")
+    write("vae_encoder", trace(vae, lambda: vae.encode(x["pixel_values"]), {"encoder": "encoder.", "quant_conv": ""}),
+          "tests/fixtures/sd/tiny_diffusers", x)
     x = {"latents": torch.randn(1, 4, 4, 4, generator=g)}
-    write("vae_decoder", x, trace(vae, lambda: vae.decode(x["latents"]),
-                                  {"decoder": "decoder.", "post_quant_conv": ""}), "tests/fixtures/sd/tiny_diffusers")
+    write("vae_decoder", trace(vae, lambda: vae.decode(x["latents"]), {"decoder": "decoder.", "post_quant_conv": ""}),
+          "tests/fixtures/sd/tiny_diffusers", x)
 
 
 if __name__ == "__main__":
