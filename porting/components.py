@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from common.state_dict import CheckpointError, rename_keys
+from common.state_dict import CheckpointError, rename, rename_keys
 
 COMPONENTS = ("vit", "text_encoder", "unet", "vae_encoder", "vae_decoder")
 
@@ -68,8 +68,7 @@ def _is_sd_folder(path: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------- ViT
 def load_vit_component(path: Path) -> Component:
-    from vit.weights import TIMM_KEYS, TRANSFORMERS_IGNORED, TRANSFORMERS_KEYS, _QKV, load_vit, rename
-    import re
+    from vit.weights import KEYS, _QKV, load_vit
 
     try:
         loaded = load_vit(path)
@@ -79,21 +78,16 @@ def load_vit_component(path: Path) -> Component:
         loaded = load_vit(path, labels=["LABEL_0"])  # a backbone: its (new) head is not in the file, nor traced
     shapes = _keys_and_shapes(Path(loaded.source))
     config = loaded.model.config
-    if loaded.layout == "timm":
-        pairing, layout = _pair(rename({k: k for k in shapes}, TIMM_KEYS)), "timm-vit"
-    else:
-        named = {("vit." + k if loaded.layout == "transformers-vitmodel" else k): k for k in shapes}
-        named = {k: v for k, v in named.items() if not re.fullmatch(TRANSFORMERS_IGNORED, k)}
-        unfused = rename(named, TRANSFORMERS_KEYS)          # our name (q, k, v still apart) -> file key
-        pairing, groups = {}, {}
-        for ours, theirs in unfused.items():
-            m = _QKV.fullmatch(ours)
-            if m:
-                groups.setdefault(f"{m[1]}.qkv.{m[3]}", {})[m[2]] = theirs
-            else:
-                pairing[ours] = (theirs,)
-        pairing.update({k: (g["q"], g["k"], g["v"]) for k, g in groups.items()})
-        layout = "transformers-vit"
+    unfused = rename({k: k for k in shapes}, KEYS[loaded.layout])   # our name (q, k, v still apart) -> file key
+    pairing, groups = {}, {}
+    for ours, theirs in unfused.items():
+        m = _QKV.fullmatch(ours)
+        if m:
+            groups.setdefault(f"{m[1]}.qkv.{m[3]}", {})[m[2]] = theirs
+        else:
+            pairing[ours] = (theirs,)
+    pairing.update({k: (g["q"], g["k"], g["v"]) for k, g in groups.items()})
+    layout = "timm-vit" if loaded.layout == "timm" else "transformers-vit"
     fused = {f"blocks.{i}.attn.qkv": 3 for i in range(config.num_layers)} if layout == "transformers-vit" else {}
     return Component(
         name="vit", layout=layout, model=loaded.model, run=lambda x: loaded.model(x["pixel_values"]),
