@@ -12,6 +12,7 @@ Every model in this project loads public weights the same way:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import mmap
@@ -137,12 +138,18 @@ FIELDS = {
 }
 
 
+def _fields(template: str) -> list[str]:
+    fields = re.findall(r"\{(\w+)\}", template)
+    for field in fields:
+        if field not in FIELDS:
+            raise ValueError(f"template {template!r}: unknown field {{{field}}} (fields: {', '.join(FIELDS)})")
+    return fields
+
+
+@functools.lru_cache(maxsize=None)   # a table's templates are compiled once, when first used
 def _pattern(template: str) -> re.Pattern:
     r"""A template as a regex: "blocks.{i}.norm1.{w}" -> blocks\.(?P<i>\d+)\.norm1\.(?P<w>weight|bias)."""
     pieces = re.split(r"\{(\w+)\}", template)          # literal, field, literal, ...
-    for field in pieces[1::2]:
-        if field not in FIELDS:
-            raise ValueError(f"template {template!r}: unknown field {{{field}}} (fields: {', '.join(FIELDS)})")
     return re.compile("".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{FIELDS[p]})" for k, p in enumerate(pieces)))
 
 
@@ -159,25 +166,24 @@ class KeyTable:
     def __init__(self, rows: Iterable[tuple[str, str]], *, drop: Iterable[str] = ()):
         self.rows = list(rows)
         self.drop = list(drop)
-        self._compiled = []
         for ours, theirs in self.rows:
-            a, b = _pattern(ours), _pattern(theirs)
-            if sorted(a.groupindex) != sorted(b.groupindex):
+            if sorted(_fields(ours)) != sorted(_fields(theirs)):
                 raise ValueError(f"row ({ours!r}, {theirs!r}): the two sides must hold the same fields")
-            self._compiled.append((a, b, ours, theirs))
-        self._dropped = [_pattern(t) for t in self.drop]
+        for template in self.drop:
+            _fields(template)
 
     def name(self, key: str, *, reverse: bool = False) -> str | None:
         """The checkpoint's key under our name (with reverse=True, ours under the checkpoint's), or
         None when no row matches it."""
-        for ours, theirs, ours_template, theirs_template in self._compiled:
-            match = (ours if reverse else theirs).fullmatch(key)
+        for ours, theirs in self.rows:
+            source, target = (ours, theirs) if reverse else (theirs, ours)
+            match = _pattern(source).fullmatch(key)
             if match:
-                return (theirs_template if reverse else ours_template).format(**match.groupdict())
+                return target.format(**match.groupdict())
         return None
 
     def drops(self, key: str) -> bool:
-        return any(p.fullmatch(key) for p in self._dropped)
+        return any(_pattern(template).fullmatch(key) for template in self.drop)
 
 
 def rename(state_dict: Mapping[str, torch.Tensor], table: KeyTable, *,
