@@ -204,34 +204,6 @@ def rename(state_dict: Mapping[str, torch.Tensor], table: KeyTable, *,
     return out
 
 
-Rule = tuple[str, str]  # (regex matched against the whole source key, replacement with \1 groups)
-
-
-def rename_keys(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule], *,
-                drop: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """Rename every key by the first rule whose regex matches it whole.
-
-    Keys matching a `drop` regex are removed (buffers the reference keeps but we recompute, e.g.
-    `position_ids`). Keys no rule matches keep their name and so show up as "unexpected" in
-    `load_strict`, which is the point: nothing is silently ignored.
-    """
-    compiled = [(re.compile(p), r) for p, r in rules]
-    dropped = [re.compile(p) for p in drop]
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if any(d.fullmatch(key) for d in dropped):
-            continue
-        new = key
-        for pattern, repl in compiled:
-            if pattern.fullmatch(key):
-                new = pattern.sub(repl, key)
-                break
-        if new in out:
-            raise CheckpointError(f"two checkpoint tensors map onto {new!r} (the second is {key!r})")
-        out[new] = value
-    return out
-
-
 def _listing(names: list[str], limit: int = 20) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
