@@ -9,72 +9,94 @@ The same tensors reach us under four prefixes:
     cond_stage_model.transformer.embeddings.token_...                  the same without text_model. (some early SD v1 files)
 
 Below each prefix the names are transformers' CLIPTextModel names; ours drop the `embeddings.` and
-`encoder.` levels. The whole mapping is the three rules in TEXT_RULES. `position_ids` (a saved copy of
-0..76 that older transformers kept in the file, and that some merged SD checkpoints carry as
-not-quite-integer floats) is dropped: we compute positions ourselves.
+`encoder.` levels. The whole mapping is the table TEXT_KEYS, put below a file's prefix by
+`text_table(prefix)` (a KeyTable of common/state_dict.py, read in both directions: loading and
+saving). A file's prefix is what precedes its `embeddings.token_embedding.weight`. `position_ids` (a
+saved copy of 0..76 that older transformers kept in the file, and that some merged SD checkpoints carry
+as not-quite-integer floats) is dropped: we compute positions ourselves.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
 from clip.text_model import CLIPTextConfig, CLIPTextModel
-from common.state_dict import (CheckpointError, Rule, empty_model, load_strict, read_safetensors, rename_keys,
+from common.state_dict import (CheckpointError, KeyTable, empty_model, load_strict, read_safetensors, rename,
                                safetensors_header)
 
 HEAD_WIDTH = 64                  # every OpenAI CLIP text tower uses 64-wide heads (ViT-L/14: 768 = 12 x 64)
 SD_PREFIX = "cond_stage_model."  # everything of SD's text encoder in an original single file lives here
-_PREFIX = r"(?:cond_stage_model\.transformer\.)?(?:text_model\.)?"
+# The prefixes above, and the two that SD v1 writes: its folder's text_encoder/ and its single file's.
+PREFIXES = ("", "text_model.", "cond_stage_model.transformer.", "cond_stage_model.transformer.text_model.")
+FOLDER_PREFIX, SINGLE_FILE_PREFIX = "text_model.", "cond_stage_model.transformer.text_model."
+TOKEN_EMBEDDING = "embeddings.token_embedding.weight"
 
-# (regex over the checkpoint key, our key); `encoder.layers.N.<rest>` keeps <rest>, which already is
-# our name inside a block: self_attn.{q,k,v,out}_proj, layer_norm1, mlp.fc1, mlp.fc2, layer_norm2.
-TEXT_RULES = [
-    (_PREFIX + r"embeddings\.(token_embedding|position_embedding)\.weight", r"\1.weight"),
-    (_PREFIX + r"encoder\.layers\.(\d+)\.((?:self_attn\.[qkv]_proj|self_attn\.out_proj|layer_norm[12]|mlp\.fc[12])"
-               r"\.(?:weight|bias))", r"layers.\1.\2"),
-    (_PREFIX + r"final_layer_norm\.(weight|bias)", r"final_layer_norm.\1"),
+# (our name, transformers' CLIPTextModel name below the file's prefix).
+TEXT_KEYS = [
+    ("token_embedding.weight", "embeddings.token_embedding.weight"),
+    ("position_embedding.weight", "embeddings.position_embedding.weight"),
+    ("layers.{i}.layer_norm1.{w}", "encoder.layers.{i}.layer_norm1.{w}"),
+    ("layers.{i}.self_attn.q_proj.{w}", "encoder.layers.{i}.self_attn.q_proj.{w}"),
+    ("layers.{i}.self_attn.k_proj.{w}", "encoder.layers.{i}.self_attn.k_proj.{w}"),
+    ("layers.{i}.self_attn.v_proj.{w}", "encoder.layers.{i}.self_attn.v_proj.{w}"),
+    ("layers.{i}.self_attn.out_proj.{w}", "encoder.layers.{i}.self_attn.out_proj.{w}"),
+    ("layers.{i}.layer_norm2.{w}", "encoder.layers.{i}.layer_norm2.{w}"),
+    ("layers.{i}.mlp.fc1.{w}", "encoder.layers.{i}.mlp.fc1.{w}"),
+    ("layers.{i}.mlp.fc2.{w}", "encoder.layers.{i}.mlp.fc2.{w}"),
+    ("final_layer_norm.{w}", "final_layer_norm.{w}"),
 ]
 
 
-def text_rules(prefix: str) -> list[Rule]:
-    """TEXT_RULES for one fixed key prefix (loading accepts several; writing a layout needs one), e.g.
-    "text_model." for a diffusers folder's text_encoder/, "cond_stage_model.transformer.text_model."
-    for a single file."""
-    return [(re.escape(prefix) + p.removeprefix(_PREFIX), r) for p, r in TEXT_RULES]
+def text_table(prefix: str) -> KeyTable:
+    """TEXT_KEYS below one key prefix, e.g. FOLDER_PREFIX for a diffusers folder's text_encoder/."""
+    return KeyTable([(ours, prefix + theirs) for ours, theirs in TEXT_KEYS],
+                    drop=[prefix + "embeddings.position_ids"])
 
 
-# Recognised and not loaded: the positions buffer, and the rest of a full CLIPModel (vision tower,
-# the two projections into the joint image-text space, the contrastive temperature).
-DROPPED = [
-    _PREFIX + r"embeddings\.position_ids",
-    r"vision_model\..+", r"visual_projection\.weight", r"text_projection\.weight", r"logit_scale",
-]
+def text_prefix(keys: Iterable[str]) -> str | None:
+    """The one of PREFIXES that the file's keys use, read off its token embedding; None if none does."""
+    found = [k.removesuffix(TOKEN_EMBEDDING) for k in keys if k.endswith(TOKEN_EMBEDDING)]
+    return found[0] if len(found) == 1 and found[0] in PREFIXES else None
+
+
+# The rest of a full CLIPModel (beside text_model.*), recognised and not loaded: the vision tower, the
+# two projections into the joint image-text space, the contrastive temperature.
+CLIP_MODEL_OTHERS = ("vision_model.", "visual_projection.weight", "text_projection.weight", "logit_scale")
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
 
 
 def text_encoder_state_dict(state_dict: dict[str, torch.Tensor], *, source: str) -> dict[str, torch.Tensor]:
     """A CLIP text tower in any of the layouts above -> tensors under our names.
 
     For an SD v1 single file pass the whole file: only its `cond_stage_model.` keys are the text
-    encoder's (the UNet and VAE keys belong to diffusion/checkpoints/load.py). Any other key that no rule
-    recognises stops the load with a CheckpointError naming it; `source` names the file in messages.
+    encoder's (the UNet and VAE keys belong to diffusion/checkpoints/load.py). Any other key that the
+    table does not recognise stops the load with a CheckpointError naming it; `source` names the file
+    in messages.
     """
     if any(k.startswith(SD_PREFIX) for k in state_dict):
         state_dict = {k: v for k, v in state_dict.items() if k.startswith(SD_PREFIX)}
-    known = [re.compile(p) for p, _ in TEXT_RULES] + [re.compile(p) for p in DROPPED]
-    unknown = sorted(k for k in state_dict if not any(p.fullmatch(k) for p in known))
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLIP_MODEL_OTHERS)}
+    hint = ""
+    if any(k.startswith("cond_stage_model.model.") for k in state_dict):
+        hint = (" (cond_stage_model.model.* is the OpenCLIP ViT-H/14 text tower of SD 2.x, "
+                "which this CLIP-L loader does not read)")
+    prefix = text_prefix(state_dict)
+    if prefix is None:
+        raise CheckpointError(f"{source}: no CLIP text encoder found: no tensor named {TOKEN_EMBEDDING} after one of "
+                              f"the prefixes {', '.join(map(repr, PREFIXES))} (the file holds: "
+                              f"{_shown(sorted(state_dict)) or 'nothing'}){hint}")
+    table = text_table(prefix)
+    unknown = sorted(k for k in state_dict if table.name(k) is None and not table.drops(k))
     if unknown:
-        hint = ""
-        if any(k.startswith("cond_stage_model.model.") for k in unknown):
-            hint = (" (cond_stage_model.model.* is the OpenCLIP ViT-H/14 text tower of SD 2.x, "
-                    "which this CLIP-L loader does not read)")
-        shown = ", ".join(unknown[:10]) + (f", ... ({len(unknown) - 10} more)" if len(unknown) > 10 else "")
-        raise CheckpointError(f"{source}: {len(unknown)} tensors are not part of a CLIP text encoder: {shown}{hint}")
-    ours = rename_keys(state_dict, TEXT_RULES, drop=DROPPED)
-    if not ours:
-        raise CheckpointError(f"{source}: no CLIP text-encoder tensors found")
-    return ours
+        raise CheckpointError(f"{source}: {len(unknown)} tensors are not part of a CLIP text encoder: "
+                              f"{_shown(unknown)}{hint}")
+    return rename(state_dict, table)
 
 
 def config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides) -> CLIPTextConfig:

@@ -3,14 +3,16 @@
 Every model in this project loads public weights the same way:
 
 1. read the tensors (safetensors only here; pickles are refused, see `read_safetensors`),
-2. rename the keys with a short list of regex rules written as data next to the model
-   (`rename_keys`), so a reader can audit the whole mapping in one screen,
+2. rename the keys by a table written as data next to the model (`KeyTable`, `rename`): rows of
+   (our name, the checkpoint's name) with fields such as `{i}` for a block index, read in both
+   directions (saving is the same table backwards), so a reader can audit a whole mapping in one screen,
 3. load strictly (`load_strict`): a missing, unexpected or mis-shaped tensor stops the load with
    an error that names it. Nothing is ever loaded non-strictly.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import mmap
@@ -125,28 +127,77 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
     return safetensors_header(path)[1]
 
 
-Rule = tuple[str, str]  # (regex matched against the whole source key, replacement with \1 groups)
+# ---- key tables: one checkpoint layout's names for our tensors, as data read in both directions ----
+# A template is a key with fields in braces; each field matches a fixed vocabulary.
+FIELDS = {
+    "i": r"\d+",                    # an index: a layer, a block, a resolution level
+    "j": r"\d+",                    # a second index (a ResNet within a level)
+    "w": r"weight|bias",
+    "coder": r"encoder|decoder",    # the VAE's two halves, named alike inside
+    "rest": r".+",                  # the rest of the key: a submodule whose inner names agree in both layouts
+}
 
 
-def rename_keys(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule], *,
-                drop: Iterable[str] = ()) -> dict[str, torch.Tensor]:
-    """Rename every key by the first rule whose regex matches it whole.
+def _fields(template: str) -> list[str]:
+    fields = re.findall(r"\{(\w+)\}", template)
+    for field in fields:
+        if field not in FIELDS:
+            raise ValueError(f"template {template!r}: unknown field {{{field}}} (fields: {', '.join(FIELDS)})")
+    return fields
 
-    Keys matching a `drop` regex are removed (buffers the reference keeps but we recompute, e.g.
-    `position_ids`). Keys no rule matches keep their name and so show up as "unexpected" in
-    `load_strict`, which is the point: nothing is silently ignored.
+
+@functools.lru_cache(maxsize=None)   # a table's templates are compiled once, when first used
+def _pattern(template: str) -> re.Pattern:
+    r"""A template as a regex: "blocks.{i}.norm1.{w}" -> blocks\.(?P<i>\d+)\.norm1\.(?P<w>weight|bias)."""
+    pieces = re.split(r"\{(\w+)\}", template)          # literal, field, literal, ...
+    return re.compile("".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{FIELDS[p]})" for k, p in enumerate(pieces)))
+
+
+class KeyTable:
+    """How one checkpoint layout names our tensors: rows of (our template, the checkpoint's template),
+    and the checkpoint's templates of tensors it holds that we do not load (`drop`: buffers we recompute,
+    modules we do not use).
+
+    A row holds the same fields on both sides, so it reads both ways: loading renames the checkpoint's
+    keys to ours, saving ours to the checkpoint's. The first row that matches a key whole renames it,
+    so a specific row goes before a general one (`...nin_shortcut.{rest}` before `...{rest}`).
     """
-    compiled = [(re.compile(p), r) for p, r in rules]
-    dropped = [re.compile(p) for p in drop]
+
+    def __init__(self, rows: Iterable[tuple[str, str]], *, drop: Iterable[str] = ()):
+        self.rows = list(rows)
+        self.drop = list(drop)
+        for ours, theirs in self.rows:
+            if sorted(_fields(ours)) != sorted(_fields(theirs)):
+                raise ValueError(f"row ({ours!r}, {theirs!r}): the two sides must hold the same fields")
+        for template in self.drop:
+            _fields(template)
+
+    def name(self, key: str, *, reverse: bool = False) -> str | None:
+        """The checkpoint's key under our name (with reverse=True, ours under the checkpoint's), or
+        None when no row matches it."""
+        for ours, theirs in self.rows:
+            source, target = (ours, theirs) if reverse else (theirs, ours)
+            match = _pattern(source).fullmatch(key)
+            if match:
+                return target.format(**match.groupdict())
+        return None
+
+    def drops(self, key: str) -> bool:
+        return any(_pattern(template).fullmatch(key) for template in self.drop)
+
+
+def rename(state_dict: Mapping[str, torch.Tensor], table: KeyTable, *,
+           reverse: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under our names (with reverse=True, ours under the checkpoint's).
+
+    Loading leaves out the keys that the table drops. Keys no row matches keep their name and so
+    show up as "unexpected" in `load_strict`, which is the point: nothing is silently ignored.
+    """
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        if any(d.fullmatch(key) for d in dropped):
+        if not reverse and table.drops(key):
             continue
-        new = key
-        for pattern, repl in compiled:
-            if pattern.fullmatch(key):
-                new = pattern.sub(repl, key)
-                break
+        new = table.name(key, reverse=reverse) or key
         if new in out:
             raise CheckpointError(f"two checkpoint tensors map onto {new!r} (the second is {key!r})")
         out[new] = value

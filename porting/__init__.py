@@ -5,7 +5,7 @@
     python -m porting mapping --layout ldm-unet            (checkpoint key, our key, shape, transform) as TSV
 
 `components.py` loads one component of a checkpoint and pairs its tensors with ours (by the loaders'
-own rules), `names.py` turns that pairing into module names, `trace.py` records every module's
+own key tables), `names.py` turns that pairing into module names, `trace.py` records every module's
 output, `compare.py` lines two traces up, `mapping.py` prints the key tables, and `numpy_clip.py` is
 a worked example: the CLIP text encoder ported to numpy and checked with the compare tool.
 docs/porting.md is the guide.

@@ -2,10 +2,9 @@
 
 A `Component` holds the built model, how to run it on named inputs, and `pairing`: for each of our
 tensor names, the checkpoint key(s) it was loaded from. The pairing is made by running the loaders' own
-renaming (clip/weights.py TEXT_RULES, vit/weights.py's template tables, diffusion/checkpoints/
-single_file.py's rules) over the checkpoint's key names, exactly as a load does, so a trace names
-modules the way the file does, whatever variant of a layout it is (transformers 4 or 5 prefixes, old
-diffusers VAE attention names, an SD v1 single file).
+key tables (vit/weights.py, clip/weights.py, diffusion/checkpoints/single_file.py) over the checkpoint's
+key names, exactly as a load does, so a trace names modules the way the file does, whatever variant of
+a layout it is (transformers 4 or 5 prefixes, old diffusers VAE attention names, an SD v1 single file).
 """
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from common.state_dict import CheckpointError, rename_keys
+from common.state_dict import CheckpointError, rename
 
 COMPONENTS = ("vit", "text_encoder", "unet", "vae_encoder", "vae_decoder")
 
@@ -58,7 +57,7 @@ def _keys_and_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _pair(mapping: dict[str, str]) -> dict[str, tuple[str, ...]]:
-    """{our key: checkpoint key} (from rename_keys over {k: k}) -> {our key: (checkpoint key,)}."""
+    """{our key: checkpoint key} (from `rename` over {k: k}) -> {our key: (checkpoint key,)}."""
     return {ours: (theirs,) for ours, theirs in mapping.items()}
 
 
@@ -68,8 +67,7 @@ def _is_sd_folder(path: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------- ViT
 def load_vit_component(path: Path) -> Component:
-    from vit.weights import TIMM_KEYS, TRANSFORMERS_IGNORED, TRANSFORMERS_KEYS, _QKV, load_vit, rename
-    import re
+    from vit.weights import KEYS, _QKV, load_vit
 
     try:
         loaded = load_vit(path)
@@ -79,21 +77,16 @@ def load_vit_component(path: Path) -> Component:
         loaded = load_vit(path, labels=["LABEL_0"])  # a backbone: its (new) head is not in the file, nor traced
     shapes = _keys_and_shapes(Path(loaded.source))
     config = loaded.model.config
-    if loaded.layout == "timm":
-        pairing, layout = _pair(rename({k: k for k in shapes}, TIMM_KEYS)), "timm-vit"
-    else:
-        named = {("vit." + k if loaded.layout == "transformers-vitmodel" else k): k for k in shapes}
-        named = {k: v for k, v in named.items() if not re.fullmatch(TRANSFORMERS_IGNORED, k)}
-        unfused = rename(named, TRANSFORMERS_KEYS)          # our name (q, k, v still apart) -> file key
-        pairing, groups = {}, {}
-        for ours, theirs in unfused.items():
-            m = _QKV.fullmatch(ours)
-            if m:
-                groups.setdefault(f"{m[1]}.qkv.{m[3]}", {})[m[2]] = theirs
-            else:
-                pairing[ours] = (theirs,)
-        pairing.update({k: (g["q"], g["k"], g["v"]) for k, g in groups.items()})
-        layout = "transformers-vit"
+    unfused = rename({k: k for k in shapes}, KEYS[loaded.layout])   # our name (q, k, v still apart) -> file key
+    pairing, groups = {}, {}
+    for ours, theirs in unfused.items():
+        m = _QKV.fullmatch(ours)
+        if m:
+            groups.setdefault(f"{m[1]}.qkv.{m[3]}", {})[m[2]] = theirs
+        else:
+            pairing[ours] = (theirs,)
+    pairing.update({k: (g["q"], g["k"], g["v"]) for k, g in groups.items()})
+    layout = "timm-vit" if loaded.layout == "timm" else "transformers-vit"
     fused = {f"blocks.{i}.attn.qkv": 3 for i in range(config.num_layers)} if layout == "transformers-vit" else {}
     return Component(
         name="vit", layout=layout, model=loaded.model, run=lambda x: loaded.model(x["pixel_values"]),
@@ -105,7 +98,7 @@ def load_vit_component(path: Path) -> Component:
 # ------------------------------------------------------------------------------------- text encoder
 def load_text_component(path: Path, config_dir: Path | None = None) -> Component:
     from clip.text_model import CLIPTextConfig
-    from clip.weights import DROPPED, SD_PREFIX, TEXT_RULES, load_text_encoder
+    from clip.weights import SD_PREFIX, load_text_encoder, text_encoder_state_dict, text_prefix
 
     if _is_sd_folder(path):
         path = path / "text_encoder"
@@ -117,8 +110,8 @@ def load_text_component(path: Path, config_dir: Path | None = None) -> Component
     shapes = _keys_and_shapes(weights)
     if any(k.startswith(SD_PREFIX) for k in shapes):
         shapes = {k: v for k, v in shapes.items() if k.startswith(SD_PREFIX)}
-    pairing = _pair(rename_keys({k: k for k in shapes}, TEXT_RULES, drop=DROPPED))
-    prefix = pairing["token_embedding.weight"][0].removesuffix("embeddings.token_embedding.weight")
+    pairing = _pair(text_encoder_state_dict({k: k for k in shapes}, source=str(weights)))
+    prefix = text_prefix(shapes)
     layout = "ldm-clip" if prefix.startswith(SD_PREFIX) else "transformers-clip"
     c = model.config
     return Component(
@@ -128,13 +121,6 @@ def load_text_component(path: Path, config_dir: Path | None = None) -> Component
 
 
 # ------------------------------------------------------------------------------------ UNet and VAE
-def _single_file_parts(path: Path):
-    from diffusion.checkpoints import single_file
-    from diffusion.checkpoints.load import read_single_file
-
-    return single_file.split_single_file(read_single_file(path), use_ema=False, source=str(path))
-
-
 def _config_file(config_dir: Path, part: str) -> Path:
     """`--config DIR`: DIR/<part>/config.json (a diffusers folder's layout) or DIR/config.json."""
     for candidate in (config_dir / part / "config.json", config_dir / "config.json"):
@@ -143,24 +129,35 @@ def _config_file(config_dir: Path, part: str) -> Path:
     raise TraceError(f"--config {config_dir}: no {part}/config.json (nor config.json) in it")
 
 
-def load_unet_component(path: Path, config_dir: Path | None = None) -> Component:
+def _load_unet_or_vae(path: Path, part: str, config_dir: Path | None):
+    """The UNet or the VAE (`part`) of a diffusers folder or an SD v1 single file, by our loaders:
+    (model, the file's key -> shape, pairing, mapping layout)."""
     from diffusion.checkpoints import load, single_file
     from diffusion.models.unet import UNetConfig
+    from diffusion.models.vae import VAEConfig
 
     if path.is_dir():
-        if not (path / "unet").is_dir():
-            raise TraceError(f"--model {path}: no unet/ folder (not a diffusers Stable Diffusion folder)")
-        model = load.load_unet_folder(path)
-        shapes = _keys_and_shapes(path / "unet" / load.FOLDER_FILES["unet"])
-        pairing, layout = _pair({k: k for k in shapes}), "diffusers-unet"
-    else:
-        unet_t, _, _ = _single_file_parts(path)
-        config = (UNetConfig.from_json(_config_file(config_dir, "unet")) if config_dir is not None
-                  else single_file.infer_unet_config(unet_t, source=str(path)))
-        model = load.load_unet_single_file(unet_t, config, source=str(path))
-        shapes = {k: tuple(v.shape) for k, v in unet_t.items()}
-        pairing = _pair(rename_keys({k: k for k in unet_t}, single_file.unet_rules(config)))
-        layout = "ldm-unet"
+        if not (path / part).is_dir():
+            raise TraceError(f"--model {path}: no {part}/ folder (not a diffusers Stable Diffusion folder)")
+        model = load.load_unet_folder(path) if part == "unet" else load.load_vae_folder(path)
+        shapes = _keys_and_shapes(path / part / load.FOLDER_FILES[part])
+        names = {k: k for k in shapes}   # our modules carry diffusers' names; an old VAE folder, older ones
+        pairing = names if part == "unet" else rename(names, single_file.DEPRECATED_VAE_ATTENTION_KEYS)
+        return model, shapes, _pair(pairing), f"diffusers-{part}"
+    unet_t, vae_t, _ = single_file.split_single_file(load.read_single_file(path), use_ema=False, source=str(path))
+    tensors, config_class, infer_config, table, load_single_file = {
+        "unet": (unet_t, UNetConfig, single_file.infer_unet_config, single_file.unet_table, load.load_unet_single_file),
+        "vae": (vae_t, VAEConfig, single_file.infer_vae_config, single_file.vae_table, load.load_vae_single_file),
+    }[part]
+    config = (config_class.from_json(_config_file(config_dir, part)) if config_dir is not None
+              else infer_config(tensors, source=str(path)))
+    model = load_single_file(tensors, config, source=str(path))
+    pairing = rename({k: k for k in tensors}, table(config))
+    return model, {k: tuple(v.shape) for k, v in tensors.items()}, _pair(pairing), f"ldm-{part}"
+
+
+def load_unet_component(path: Path, config_dir: Path | None = None) -> Component:
+    model, shapes, pairing, layout = _load_unet_or_vae(path, "unet", config_dir)
     c = model.config
     factor = 2 ** (len(c.block_out_channels) - 1)
     return Component(
@@ -176,24 +173,10 @@ def load_vae_component(path: Path, name: str, config_dir: Path | None = None) ->
     """vae_encoder: pixels -> encoder -> quant_conv (the moments); vae_decoder: latents (unscaled,
     what `vae.decode` takes) -> post_quant_conv -> decoder. Names are relative to `encoder.` /
     `decoder.`; the 1x1 quant_conv / post_quant_conv keep their VAE-level names."""
-    from diffusion.checkpoints import load, single_file
-    from diffusion.models.vae import VAEConfig
+    from diffusion.checkpoints.single_file import VAE_PREFIX
 
-    if path.is_dir():
-        if not (path / "vae").is_dir():
-            raise TraceError(f"--model {path}: no vae/ folder (not a diffusers Stable Diffusion folder)")
-        model = load.load_vae_folder(path)
-        shapes = _keys_and_shapes(path / "vae" / load.FOLDER_FILES["vae"])
-        pairing = _pair(rename_keys({k: k for k in shapes}, single_file.DEPRECATED_VAE_ATTENTION_RULES))
-        layout, top = "diffusers-vae", ()
-    else:
-        _, vae_t, _ = _single_file_parts(path)
-        config = (VAEConfig.from_json(_config_file(config_dir, "vae")) if config_dir is not None
-                  else single_file.infer_vae_config(vae_t, source=str(path)))
-        model = load.load_vae_single_file(vae_t, config, source=str(path))
-        shapes = {k: tuple(v.shape) for k, v in vae_t.items()}
-        pairing = _pair(rename_keys({k: k for k in vae_t}, single_file.vae_rules(config)))
-        layout, top = "ldm-vae", (single_file.VAE_PREFIX,)
+    model, shapes, pairing, layout = _load_unet_or_vae(path, "vae", config_dir)
+    top = (VAE_PREFIX,) if layout == "ldm-vae" else ()
     c = model.config
     f = c.spatial_factor
     if name == "vae_encoder":

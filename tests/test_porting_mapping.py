@@ -1,4 +1,5 @@
-"""`python -m porting mapping`: every layout's table against the manifests of the real checkpoints, both ways."""
+"""`python -m porting mapping`: every layout's key table against the manifests of the real checkpoints, both
+ways (our model's names written by the table, and the file's names read by it), and read back."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from porting.mapping import LAYOUTS, table, table_tsv
+from porting.mapping import LAYOUTS, model_and_keys, table, table_tsv
 
 MANIFESTS = Path(__file__).parent / "manifests"
 
@@ -38,6 +39,30 @@ def test_table_covers_the_manifest_both_ways(layout):
     assert {k: got[k] for k in expected} == expected
     fused = [o for _, o, _, t in rows if t == "fuse_qkv"]
     assert all(fused.count(o) == 3 for o in fused), "fuse_qkv: three checkpoint tensors per key of ours"
+
+
+def _our_names(model, layout: str) -> list[str]:
+    """Our model's tensor names as the table names them: transformers keeps q, k and v apart."""
+    from vit.weights import split_qkv
+    return list(split_qkv(model.state_dict()) if layout == "transformers-vit" else model.state_dict())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_table_reads_the_manifest_onto_our_model(layout):
+    """Loading's direction: every key of the file is named by a row or dropped, no two onto one name, and
+    the names are exactly our model's."""
+    model, keys = model_and_keys(layout)
+    named = {k: keys.name(k) for k in manifest(layout) if not keys.drops(k)}
+    assert not [k for k, ours in named.items() if ours is None], "keys of the file no row names"
+    assert len(set(named.values())) == len(named), "two keys of the file onto one of ours"
+    assert sorted(named.values()) == sorted(_our_names(model, layout))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_table_reads_back_what_it_writes(layout):
+    model, keys = model_and_keys(layout)
+    for ours in _our_names(model, layout):
+        assert keys.name(keys.name(ours, reverse=True)) == ours
 
 
 def test_tsv_and_cli(capsys):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common.state_dict import CheckpointError, check_keys, read_safetensors, rename_keys
+from common.state_dict import CheckpointError, check_keys, read_safetensors, rename
 from diffusion.checkpoints import single_file
 from diffusion.models.unet import UNet2DConditionModel, UNetConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
@@ -52,9 +52,9 @@ def test_single_file_manifest_is_covered_exactly(sd_v1_models):
     assert single_file.infer_unet_config(unet_t, source="manifest") == UNetConfig.sd_v1()
     assert single_file.infer_vae_config(vae_t, source="manifest") == VAEConfig.sd_v1()
     unet, vae = sd_v1_models
-    renamed_unet = rename_keys(unet_t, single_file.unet_rules(UNetConfig.sd_v1()))
+    renamed_unet = rename(unet_t, single_file.unet_table(UNetConfig.sd_v1()))
     check_keys(shapes_of(unet), {k: tuple(v.shape) for k, v in renamed_unet.items()}, source="unet")
-    renamed_vae = single_file.vae_attention_as_linear(rename_keys(vae_t, single_file.vae_rules(VAEConfig.sd_v1())))
+    renamed_vae = single_file.vae_attention_as_linear(rename(vae_t, single_file.vae_table(VAEConfig.sd_v1())))
     check_keys(shapes_of(vae), {k: tuple(v.shape) for k, v in renamed_vae.items()}, source="vae")
 
 
@@ -63,8 +63,8 @@ def test_diffusers_manifest_is_covered_exactly(sd_v1_models):
     unet, vae = sd_v1_models
     check_keys(shapes_of(unet), {k: tuple(v) for k, v in files["unet/diffusion_pytorch_model.safetensors"].items()},
                source="unet")
-    vae_t = single_file.vae_attention_as_linear(rename_keys(fake(files["vae/diffusion_pytorch_model.safetensors"]),
-                                                   single_file.DEPRECATED_VAE_ATTENTION_RULES))
+    vae_t = single_file.vae_attention_as_linear(rename(fake(files["vae/diffusion_pytorch_model.safetensors"]),
+                                                   single_file.DEPRECATED_VAE_ATTENTION_KEYS))
     check_keys(shapes_of(vae), {k: tuple(v.shape) for k, v in vae_t.items()}, source="vae")
 
 

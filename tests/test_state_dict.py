@@ -1,5 +1,5 @@
-"""common/state_dict.py: reading safetensors without copies, converting on read, and loading into
-models built on the meta device."""
+"""common/state_dict.py: reading safetensors without copies, converting on read, key tables read both
+ways, and loading into models built on the meta device."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.state_dict import CheckpointError, read_safetensors, safetensors_header
+from common.state_dict import CheckpointError, KeyTable, read_safetensors, rename, safetensors_header
 from diffusion.checkpoints.load import load_stable_diffusion
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -114,3 +114,29 @@ def test_an_empty_model_skips_initialisation_and_restores_it():
     with empty_model():
         layer = torch.nn.Embedding(4, 3)
     assert layer.weight.is_meta and torch.nn.init.normal_ is normal
+
+
+# ---- key tables ---------------------------------------------------------------------------------------
+TABLE = KeyTable([("blocks.{i}.norm.{w}", "layer.{i}.ln.{w}"),
+                  ("blocks.{i}.{rest}", "layer.{i}.{rest}")], drop=["layer.{i}.buffer"])
+
+
+def test_a_key_table_reads_both_ways():
+    theirs = {"layer.0.ln.weight": 1, "layer.12.attn.out.bias": 2, "layer.0.buffer": 3, "other": 4}
+    ours = rename(theirs, TABLE)
+    assert ours == {"blocks.0.norm.weight": 1, "blocks.12.attn.out.bias": 2, "other": 4}  # dropped; unknown kept
+    assert rename(ours, TABLE, reverse=True) == {k: v for k, v in theirs.items() if k != "layer.0.buffer"}
+    assert TABLE.name("unknown") is None and TABLE.drops("layer.3.buffer") and not TABLE.drops("layer.x.buffer")
+
+
+def test_two_tensors_onto_one_name_are_refused():
+    with pytest.raises(CheckpointError, match=r"two checkpoint tensors map onto 'blocks\.0\.norm\.weight' "
+                                              r"\(the second is 'blocks\.0\.norm\.weight'\)"):
+        rename({"layer.0.ln.weight": 1, "blocks.0.norm.weight": 2}, TABLE)
+
+
+def test_a_row_must_read_both_ways():
+    with pytest.raises(ValueError, match="must hold the same fields"):
+        KeyTable([("blocks.{i}.weight", "layer.0.weight")])
+    with pytest.raises(ValueError, match=r"unknown field \{k\}"):
+        KeyTable([("blocks.{k}", "layer.{k}")])

@@ -1,6 +1,6 @@
 """train_dreambooth.py on the tiny SD fixtures: the loss falls, what must stay frozen stays bit-identical,
 exact resume, DDP = one process, class images deterministic and resumable, outputs that load (and keep
-the input's key layout), the saver's key rules on the real SD v1 manifests, and bad input refused
+the input's key layout), the saver's key tables on the real SD v1 manifests, and bad input refused
 before any model is loaded. Every run is a few steps at 16x16 pixels (4x4 latents)."""
 from __future__ import annotations
 
@@ -326,31 +326,34 @@ def test_bad_input_is_refused_before_any_model_loads(data, tmp_path, capsys, no_
     assert "--output_dir" in (err := capsys.readouterr().err) and "cannot write there" in err
 
 
-# ---- the saver's key rules on the real SD v1 layouts --------------------------------------------------------
+# ---- the saver's key tables on the real SD v1 layouts -------------------------------------------------------
 def test_saver_writes_the_real_sd_v1_key_layouts():
-    """Our SD v1 models (meta device) written back through the inverted rules give exactly the published
-    files' tensor names and shapes (the single file without its schedule buffers and position_ids)."""
+    """Our SD v1 models (meta device) written back through the key tables read backwards give exactly the
+    published files' tensor names and shapes (the single file without its schedule buffers and position_ids)."""
     from clip.text_model import CLIPTextConfig, CLIPTextModel
     from diffusion.checkpoints import single_file
-    from clip.weights import text_rules
-    from diffusion.checkpoints.save import TEXT_FOLDER_PREFIX, _vae_attention_as_conv, to_layout
+    from clip.weights import FOLDER_PREFIX, SINGLE_FILE_PREFIX, text_table
+    from diffusion.checkpoints.save import _vae_attention_as_conv, to_layout
     from diffusion.models.unet import UNet2DConditionModel, UNetConfig
     from diffusion.models.vae import AutoencoderKL, VAEConfig
     with torch.device("meta"):
         unet, vae = UNet2DConditionModel(config=UNetConfig.sd_v1()), AutoencoderKL(config=VAEConfig.sd_v1())
         text = CLIPTextModel(CLIPTextConfig.vit_l14())
     shapes = lambda d: {k: list(v.shape) for k, v in d.items()}
-    single = {**to_layout(unet.state_dict(), single_file.unet_rules(unet.config), what="unet"),
-              **to_layout(_vae_attention_as_conv(vae.state_dict()), single_file.vae_rules(vae.config), what="vae"),
-              **to_layout(text.state_dict(), text_rules(single_file.TEXT_PREFIX + TEXT_FOLDER_PREFIX), what="text")}
+    single = {**to_layout(unet.state_dict(), single_file.unet_table(unet.config), what="unet"),
+              **to_layout(_vae_attention_as_conv(vae.state_dict()), single_file.vae_table(vae.config), what="vae"),
+              **to_layout(text.state_dict(), text_table(SINGLE_FILE_PREFIX), what="text")}
     published = json.loads((MANIFESTS / "sd_v1_single_file.json").read_text())["model_tensors"]
     published.pop("cond_stage_model.transformer.text_model.embeddings.position_ids")
     assert shapes(single) == published
-    folder_text = to_layout(text.state_dict(), text_rules(TEXT_FOLDER_PREFIX), what="text")
+    folder_text = to_layout(text.state_dict(), text_table(FOLDER_PREFIX), what="text")
     files = json.loads((MANIFESTS / "sd_v1_diffusers.json").read_text())["files"]
     expected = {k: v for k, v in files["text_encoder/model.safetensors"].items() if not k.endswith("position_ids")}
     assert shapes(folder_text) == expected
     assert shapes(unet.state_dict()) == files["unet/diffusion_pytorch_model.safetensors"]
+    from common.state_dict import CheckpointError
+    with pytest.raises(CheckpointError, match=r"unet: the key table does not write and read back extra\.weight"):
+        to_layout({**unet.state_dict(), "extra.weight": torch.zeros(1)}, single_file.unet_table(unet.config), what="unet")
 
 
 def test_single_file_with_config_dir_takes_its_tokenizer():

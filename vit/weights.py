@@ -1,8 +1,9 @@
 """Loading and saving ViT checkpoints by key mapping.
 
-Three public layouts name the same tensors differently. Each mapping below is the whole story for its
-layout: one row per tensor family, `{i}` a block index and `{w}` weight/bias. The table is read in both
-directions, so the export to transformers' layout is the same data run backwards.
+Three public layouts name the same tensors differently. Each table below is the whole story for its
+layout: one row per tensor family, `{i}` a block index, `{w}` weight/bias and `{rest}` the rest of a
+key (common/state_dict.py's KeyTable). The table is read in both directions, so the export to
+transformers' layout is the same data run backwards.
 
 Our model keeps q, k and v in one fused `attn.qkv` projection (as timm and the original JAX code do);
 transformers stores three separate Linear layers. `fuse_qkv`/`split_qkv` concatenate or split them
@@ -19,13 +20,13 @@ import torch
 from safetensors.torch import save_file
 
 from common.files import atomic_write, read_json
-from common.state_dict import CheckpointError, check_keys, empty_model, load_strict, read_safetensors
+from common.state_dict import (CheckpointError, KeyTable, check_keys, empty_model, load_strict, read_safetensors,
+                               rename)
 from vit.model import ViTConfig, ViTForImageClassification, default_labels
 from vit.preprocess import PreprocessConfig
 
-# (our name, transformers' ViTForImageClassification name). google's in21k `ViTModel` files carry the
-# same names without the `vit.` prefix and with a `pooler` we do not use (the head reads [CLS] directly).
-TRANSFORMERS_KEYS = [
+# (our name, transformers' ViTForImageClassification name).
+TRANSFORMERS_KEYS = KeyTable([
     ("cls_token", "vit.embeddings.cls_token"),
     ("pos_embed", "vit.embeddings.position_embeddings"),
     ("patch_embed.{w}", "vit.embeddings.patch_embeddings.projection.{w}"),
@@ -39,42 +40,22 @@ TRANSFORMERS_KEYS = [
     ("blocks.{i}.mlp.fc2.{w}", "vit.encoder.layer.{i}.output.dense.{w}"),
     ("norm.{w}", "vit.layernorm.{w}"),
     ("head.{w}", "classifier.{w}"),
-]
-TRANSFORMERS_IGNORED = r"vit\.pooler\.dense\.(weight|bias)"  # ViTModel's tanh pooler: unused
+])
+# google's in21k `ViTModel` files: the same names without the `vit.` prefix, and a tanh pooler that we
+# do not use (the head reads [CLS] directly).
+VITMODEL_KEYS = KeyTable([(ours, theirs.removeprefix("vit.")) for ours, theirs in TRANSFORMERS_KEYS.rows],
+                         drop=["pooler.dense.{w}"])
 
 # (our name, timm's VisionTransformer name): identical but for the patch projection.
-TIMM_KEYS = [
+TIMM_KEYS = KeyTable([
     ("cls_token", "cls_token"),
     ("pos_embed", "pos_embed"),
     ("patch_embed.{w}", "patch_embed.proj.{w}"),
-    ("blocks.{i}.{part}.{w}", "blocks.{i}.{part}.{w}"),  # norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2
+    ("blocks.{i}.{rest}", "blocks.{i}.{rest}"),  # norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2
     ("norm.{w}", "norm.{w}"),
     ("head.{w}", "head.{w}"),
-]
-
-_FIELDS = {"i": r"(?P<i>\d+)", "w": r"(?P<w>weight|bias)", "part": r"(?P<part>norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"}
-
-
-def _pattern(template: str) -> re.Pattern:
-    regex = re.escape(template)
-    for name, group in _FIELDS.items():
-        regex = regex.replace(re.escape("{" + name + "}"), group)
-    return re.compile(regex)
-
-
-def rename(state_dict: dict, table: list[tuple[str, str]], *, reverse: bool = False) -> dict:
-    """Rename checkpoint keys to ours (or, with reverse=True, ours to the checkpoint's) by the table.
-
-    Keys that no row matches keep their name, so the strict load reports them as unexpected.
-    """
-    rows = [(_pattern(src), dst) for dst, src in ((b, a) if reverse else (a, b) for a, b in table)]
-    out = {}
-    for key, value in state_dict.items():
-        new = next((dst.format(**m.groupdict()) for pattern, dst in rows if (m := pattern.fullmatch(key))), key)
-        if new in out:
-            raise CheckpointError(f"two checkpoint tensors map onto {new!r} (the second is {key!r})")
-        out[new] = value
-    return out
+])
+KEYS = {"transformers": TRANSFORMERS_KEYS, "transformers-vitmodel": VITMODEL_KEYS, "timm": TIMM_KEYS}
 
 
 _QKV = re.compile(r"(blocks\.\d+\.attn)\.([qkv])\.(weight|bias)")
@@ -143,12 +124,8 @@ def detect_layout(sd: dict, *, source: str) -> str:
 
 
 def to_our_names(sd: dict, layout: str) -> dict:
-    if layout == "timm":
-        return rename(sd, TIMM_KEYS)
-    if layout == "transformers-vitmodel":  # google's in21k ViTModel: the same names without "vit."
-        sd = {"vit." + k: v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if not re.fullmatch(TRANSFORMERS_IGNORED, k)}
-    return fuse_qkv(rename(sd, TRANSFORMERS_KEYS))
+    ours = rename(sd, KEYS[layout])
+    return ours if layout == "timm" else fuse_qkv(ours)
 
 
 def infer_config(sd: dict, layout: str) -> ViTConfig:

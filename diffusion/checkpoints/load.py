@@ -7,7 +7,7 @@
                                                                        (and sd15/tokenizer/ when present)
 
 A diffusers folder needs no renaming at all (our attributes carry diffusers' names), except old VAE
-folders' attention names; the single file goes through the rules in `diffusion/checkpoints/single_file.py`.
+folders' attention names; the single file goes through the key tables in `diffusion/checkpoints/single_file.py`.
 Every model is loaded with `common.state_dict.load_strict`: a missing, unexpected or mis-shaped
 tensor stops the load with an error that names it.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from common.files import read_json
-from common.state_dict import CheckpointError, empty_model, load_strict, read_safetensors, rename_keys
+from common.state_dict import CheckpointError, empty_model, load_strict, read_safetensors, rename
 from diffusion.checkpoints import single_file
 from diffusion.models.unet import UNet2DConditionModel, UNetConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
@@ -96,7 +96,7 @@ def load_vae_folder(folder: Path, dtype: torch.dtype = torch.float32) -> Autoenc
     with empty_model():
         vae = AutoencoderKL(config=VAEConfig.from_json(folder / "vae" / "config.json"))
     file = _weights_file(folder, "vae")
-    tensors = rename_keys(read_safetensors(file, dtype=dtype), single_file.DEPRECATED_VAE_ATTENTION_RULES)
+    tensors = rename(read_safetensors(file, dtype=dtype), single_file.DEPRECATED_VAE_ATTENTION_KEYS)
     load_strict(vae, single_file.vae_attention_as_linear(tensors), source=str(file), dtype=dtype)
     return vae
 
@@ -136,7 +136,7 @@ def load_unet_single_file(unet_tensors: dict, config: UNetConfig, *, source: str
                           dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     with empty_model():
         unet = UNet2DConditionModel(config=config)
-    load_strict(unet, rename_keys(unet_tensors, single_file.unet_rules(config)), source=f"{source} (UNet)",
+    load_strict(unet, rename(unet_tensors, single_file.unet_table(config)), source=f"{source} (UNet)",
                 dtype=dtype)
     return unet
 
@@ -145,7 +145,7 @@ def load_vae_single_file(vae_tensors: dict, config: VAEConfig, *, source: str,
                          dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     with empty_model():
         vae = AutoencoderKL(config=config)
-    tensors = single_file.vae_attention_as_linear(rename_keys(vae_tensors, single_file.vae_rules(config)))
+    tensors = single_file.vae_attention_as_linear(rename(vae_tensors, single_file.vae_table(config)))
     load_strict(vae, tensors, source=f"{source} (VAE)", dtype=dtype)
     return vae
 

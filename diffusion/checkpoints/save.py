@@ -3,16 +3,17 @@
     save_diffusers_folder(models, "out/", trained={"unet"})     StableDiffusionPipeline.from_pretrained("out/") loads it
     save_single_file(models, "out/model.safetensors")           the CompVis/LDM layout, fp16, weights only
 
-No mapping is written twice. Loading renames checkpoint keys onto ours with the regex rules of
-`diffusion/checkpoints/single_file.py` and `clip/weights.py`; saving runs the same rules backwards:
+No mapping is written twice. Loading renames checkpoint keys onto ours by the key tables of
+`diffusion/checkpoints/single_file.py` and `clip/weights.py` (common/state_dict.py's KeyTable); saving
+reads the same tables backwards:
 
 - when the output has the layout of the checkpoint that was loaded, every tensor goes back under the
   key it was read from (`under_source_names`), so the file keeps its exact key set (old VAE attention
   names, `text_model.` prefixes, `position_ids`, LDM's schedule buffers), and parts that were not
   trained are copied byte for byte;
-- otherwise the rules are inverted (`invert_rules`: each rule's replacement becomes the pattern and its
-  pattern the replacement) and the result is checked by running the forward rules over it again: the
-  keys must come back exactly as ours, or the save stops naming the tensors that do not.
+- otherwise our keys are renamed by the table read backwards (`to_layout`), and the result is checked
+  by reading it forwards again: the keys must come back exactly as ours, or the save stops naming the
+  tensors that do not.
 
 Trained weights are written in fp32 to the folder (the dtype they were trained in) and in fp16 to the
 single file (half the size: about 2 GB for SD v1, with no optimizer state and no EMA copy).
@@ -20,100 +21,44 @@ single file (half the size: about 2 GB for SD v1, with no optimizer state and no
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 from safetensors.torch import save_file
 
 from common.files import atomic_write, read_json
-from common.state_dict import CheckpointError, Rule, check_keys, read_safetensors, rename_keys
-from clip.weights import text_rules
+from common.state_dict import CheckpointError, KeyTable, check_keys, read_safetensors, rename
+from clip.weights import FOLDER_PREFIX, SINGLE_FILE_PREFIX, text_encoder_state_dict, text_prefix, text_table
 from diffusion.checkpoints import single_file
 from diffusion.models import unet as unet_module
 from diffusion.models import vae as vae_module
 from diffusion.checkpoints.load import FOLDER_FILES, read_single_file
 
 PARTS = ("unet", "vae", "text_encoder")
-TEXT_FOLDER_PREFIX = "text_model."    # transformers 4's CLIPTextModel names, as in SD v1's text_encoder/
 
 
-# ---- the rules, backwards ---------------------------------------------------------------------------
-def _split_pattern(pattern: str) -> list[str | tuple[str]]:
-    """A rule's regex as literal text and capture groups: r"a\\.b\\.(\\d+)\\.(.+)" -> ["a.b.", ("\\d+",), ".", (".+",)].
-
-    Only what the loading rules use is accepted: escaped or plain literal characters and capturing
-    groups; anything else (an optional group, a bare wildcard) has no single inverse and is refused."""
-    out: list[str | tuple[str]] = [""]
-    i = 0
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\" and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
-            out[-1] += pattern[i + 1]
-            i += 2
-        elif c == "(":
-            depth, j = 1, i + 1
-            while depth:
-                depth += {"(": 1, ")": -1}.get(pattern[j], 0)
-                j += 2 if pattern[j] == "\\" else 1
-            body = pattern[i + 1:j - 1]
-            if body.startswith("?") or (j < len(pattern) and pattern[j] in "?*+{"):
-                raise ValueError(f"rule {pattern!r}: group ({body}) cannot be inverted")
-            out += [(body,), ""]
-            i = j
-        elif c in ".^$*+?{}[]|)\\":
-            raise ValueError(f"rule {pattern!r}: {c!r} outside a group cannot be inverted")
-        else:
-            out[-1] += c
-            i += 1
-    return out
-
-
-def invert_rules(rules: Iterable[Rule]) -> list[Rule]:
-    """(pattern, replacement) -> (replacement as a pattern, pattern as a replacement), in the same
-    order (specific rules first, as when loading). Each group must be used exactly once."""
-    inverted = []
-    for pattern, repl in rules:
-        parts = _split_pattern(pattern)
-        groups = [p[0] for p in parts if isinstance(p, tuple)]
-        pieces = re.split(r"\\(\d+)", repl)          # literal, group number, literal, ...
-        refs = [int(n) for n in pieces[1::2]]
-        if sorted(refs) != list(range(1, len(groups) + 1)):
-            raise ValueError(f"rule {pattern!r} -> {repl!r}: every group must appear exactly once")
-        new_pattern = "".join(re.escape(p) if k % 2 == 0 else f"({groups[int(p) - 1]})"
-                              for k, p in enumerate(pieces))
-        position = {g: n for n, g in enumerate(refs, 1)}   # group g of the old pattern is group n of the new
-        new_repl, g = "", 0
-        for p in parts:
-            if isinstance(p, tuple):
-                g += 1
-                new_repl += f"\\{position[g]}"
-            else:
-                new_repl += p.replace("\\", "\\\\")
-        inverted.append((new_pattern, new_repl))
-    return inverted
-
-
-def to_layout(ours: Mapping[str, torch.Tensor], rules: list[Rule], *, what: str) -> dict[str, torch.Tensor]:
-    """Our tensors under the names from which `rules` load them; checked by loading the names back."""
-    inverse = invert_rules(rules)
-    names = rename_keys({k: k for k in ours}, inverse)          # their name -> our name
-    back = rename_keys({k: k for k in names}, rules)            # must be our names again, exactly
-    bad = sorted(theirs for our, theirs in back.items() if names[theirs] != our)
+# ---- the key tables, backwards ------------------------------------------------------------------------
+def to_layout(ours: Mapping[str, torch.Tensor], table: KeyTable, *, what: str) -> dict[str, torch.Tensor]:
+    """Our tensors under the names from which `table` loads them; checked by loading the names back."""
+    unnamed = [k for k in ours if table.name(k, reverse=True) is None]
+    names = rename({k: k for k in ours}, table, reverse=True)       # their name -> our name
+    back = rename({k: k for k in names}, table)                     # must be our names again, exactly
+    bad = sorted(unnamed + [our for our, theirs in back.items() if names[theirs] != our])
     if bad or set(back) != set(ours):
-        raise CheckpointError(f"{what}: the key rules do not invert for {', '.join(bad[:10]) or 'some tensors'}")
+        raise CheckpointError(f"{what}: the key table does not write and read back "
+                              f"{', '.join(bad[:10]) or 'some tensors'}")
     return {theirs: ours[our] for theirs, our in names.items()}
 
 
-def under_source_names(ours: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor], rules: list[Rule], *,
-                       drop: Iterable[str] = (), what: str) -> dict[str, torch.Tensor]:
+def under_source_names(ours: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor], table: KeyTable, *,
+                       what: str) -> dict[str, torch.Tensor]:
     """Our tensors under the source checkpoint's own keys (shapes as the source had them: LDM's 1x1-conv
-    VAE attention). Source keys that load into nothing (`drop`: e.g. position_ids) keep their tensor."""
-    kept = {k: v for k, v in source.items() if any(re.fullmatch(d, k) for d in drop)}
-    names = rename_keys({k: k for k in source if k not in kept}, rules)      # our name -> source name
+    VAE attention). Source keys that the table drops (e.g. position_ids) keep their tensor."""
+    kept = {k: v for k, v in source.items() if table.drops(k)}
+    names = rename({k: k for k in source if k not in kept}, table)      # our name -> source name
     unknown = sorted(set(names) - set(ours))
     if unknown:
         raise CheckpointError(f"{what}: source tensors map to names the model does not have: "
@@ -175,18 +120,17 @@ def save_diffusers_folder(models, out: str | Path, *, trained: set[str], config_
                 _write_safetensors(out / part / FOLDER_FILES[part], _contiguous(models.unet.state_dict()),
                                    {"format": "pt"})
             else:
-                from clip.weights import DROPPED, TEXT_RULES
-                tensors = under_source_names(models.text_encoder.state_dict(), read_safetensors(file), TEXT_RULES,
-                                             drop=DROPPED, what=str(file))
+                source_tensors = read_safetensors(file)
+                tensors = under_source_names(models.text_encoder.state_dict(), source_tensors,
+                                             text_table(text_prefix(source_tensors)), what=str(file))
                 _write_safetensors(out / part / FOLDER_FILES[part], _contiguous(tensors), {"format": "pt"})
         return out
 
     # A single file: every part written from the models in memory (untrained parts from the file's tensors).
-    from clip.weights import text_encoder_state_dict
     unet_t, vae_t, text_t = single_file.split_single_file(read_single_file(source), use_ema=False, source=str(source))
     unet = (models.unet.state_dict() if "unet" in trained
-            else rename_keys(unet_t, single_file.unet_rules(models.unet.config)))
-    vae = single_file.vae_attention_as_linear(rename_keys(vae_t, single_file.vae_rules(models.vae.config)))
+            else rename(unet_t, single_file.unet_table(models.unet.config)))
+    vae = single_file.vae_attention_as_linear(rename(vae_t, single_file.vae_table(models.vae.config)))
     text = (models.text_encoder.state_dict() if "text_encoder" in trained
             else text_encoder_state_dict(text_t, source=str(source)))
     return _write_folder(models, out, {"unet": unet, "vae": vae, "text_encoder": text},
@@ -207,8 +151,7 @@ def _write_folder(models, out: Path, parts: dict[str, Mapping[str, torch.Tensor]
     """parts: our state dicts -> out/<part>/ files (the text encoder under SD v1's `text_model.*`
     names); configs from `config_dir` where it has them, else written from ours."""
     out.mkdir(parents=True, exist_ok=True)
-    parts = {**parts, "text_encoder": to_layout(parts["text_encoder"], text_rules(TEXT_FOLDER_PREFIX),
-                                                 what="text encoder")}
+    parts = {**parts, "text_encoder": to_layout(parts["text_encoder"], text_table(FOLDER_PREFIX), what="text encoder")}
     for part, tensors in parts.items():
         (out / part).mkdir(exist_ok=True)
         _write_safetensors(out / part / FOLDER_FILES[part], _contiguous(tensors, dtype), {"format": "pt"})
@@ -272,15 +215,14 @@ def save_single_file(models, path: str | Path, *, dtype: torch.dtype = torch.flo
     if models.layout == "single_file":
         source = read_single_file(Path(models.source))
         unet_s, vae_s, text_s = single_file.split_single_file(source, use_ema=False, source=models.source)
-        from clip.weights import DROPPED, TEXT_RULES
-        tensors = {**under_source_names(unet, unet_s, single_file.unet_rules(models.unet.config), what="UNet"),
-                   **under_source_names(vae, vae_s, single_file.vae_rules(models.vae.config), what="VAE"),
-                   **under_source_names(text, text_s, TEXT_RULES, drop=DROPPED, what="text encoder"),
+        tensors = {**under_source_names(unet, unet_s, single_file.unet_table(models.unet.config), what="UNet"),
+                   **under_source_names(vae, vae_s, single_file.vae_table(models.vae.config), what="VAE"),
+                   **under_source_names(text, text_s, text_table(text_prefix(text_s)), what="text encoder"),
                    **{k: v for k, v in source.items() if k in single_file.IGNORED and not k.startswith(single_file.EMA_PREFIX)}}
     else:
-        tensors = {**to_layout(unet, single_file.unet_rules(models.unet.config), what="UNet"),
-                   **to_layout(_vae_attention_as_conv(vae), single_file.vae_rules(models.vae.config), what="VAE"),
-                   **to_layout(text, text_rules(single_file.TEXT_PREFIX + TEXT_FOLDER_PREFIX), what="text encoder")}
+        tensors = {**to_layout(unet, single_file.unet_table(models.unet.config), what="UNet"),
+                   **to_layout(_vae_attention_as_conv(vae), single_file.vae_table(models.vae.config), what="VAE"),
+                   **to_layout(text, text_table(SINGLE_FILE_PREFIX), what="text encoder")}
     _write_safetensors(path, _contiguous(tensors, dtype), {"format": "pt"})
     return path
 

@@ -22,8 +22,9 @@ resolution level. For SD v1 (4 levels, 2 ResNets per level going down, 3 going u
     ...                                 and so on to output_blocks.11
     time_embed.{0,2}, out.{0,2}         time_embedding.linear_{1,2}, conv_norm_out / conv_out
 
-`unet_rules(config)` writes that table for any config; inside a block the names are fixed
-(`UNET_RESNET_RULES`; a spatial transformer's inner names are the same in both layouts).
+`unet_table(config)` writes that table for any config (common/state_dict.py's KeyTable, read in both
+directions: loading and saving); inside a block the names are fixed (`UNET_RESNET_NAMES`; a spatial
+transformer's inner names are the same in both layouts). `vae_table(config)` is the VAE's.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import re
 
 import torch
 
-from common.state_dict import CheckpointError, Rule
+from common.state_dict import CheckpointError, KeyTable
 from diffusion.models.unet import CROSS_DOWN, CROSS_UP, UNetConfig
 from diffusion.models.vae import VAEConfig
 
@@ -46,92 +47,92 @@ IGNORED = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumpro
            "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
            "posterior_mean_coef1", "posterior_mean_coef2", "model_ema.decay", "model_ema.num_updates"}
 
-# Inside an LDM ResBlock: (LDM name, diffusers name). in_layers/out_layers are nn.Sequentials whose
+# Inside an LDM ResBlock: (our name, LDM name). in_layers/out_layers are nn.Sequentials whose
 # SiLU and dropout slots hold no weights, hence the gaps in the numbering.
-UNET_RESNET_RULES = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
-                     ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")]
+UNET_RESNET_NAMES = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+                     ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
 
 
 def unet_blocks(config: UNetConfig) -> list[tuple[str, str, bool]]:
-    """(LDM module prefix, our module prefix, is a ResNet) for every block, by walking LDM's flat lists."""
+    """(our module prefix, LDM module prefix, is a ResNet) for every block, by walking LDM's flat lists."""
     n, layers = len(config.block_out_channels), config.layers_per_block
-    table = [("time_embed.0", "time_embedding.linear_1", False), ("time_embed.2", "time_embedding.linear_2", False),
-             ("input_blocks.0.0", "conv_in", False), ("out.0", "conv_norm_out", False), ("out.2", "conv_out", False),
-             ("middle_block.0", "mid_block.resnets.0", True), ("middle_block.1", "mid_block.attentions.0", False),
-             ("middle_block.2", "mid_block.resnets.1", True)]
+    table = [("time_embedding.linear_1", "time_embed.0", False), ("time_embedding.linear_2", "time_embed.2", False),
+             ("conv_in", "input_blocks.0.0", False), ("conv_norm_out", "out.0", False), ("conv_out", "out.2", False),
+             ("mid_block.resnets.0", "middle_block.0", True), ("mid_block.attentions.0", "middle_block.1", False),
+             ("mid_block.resnets.1", "middle_block.2", True)]
     k = 1  # input_blocks.0 is conv_in
     for level in range(n):
         for j in range(layers):
-            table.append((f"input_blocks.{k}.0", f"down_blocks.{level}.resnets.{j}", True))
+            table.append((f"down_blocks.{level}.resnets.{j}", f"input_blocks.{k}.0", True))
             if config.down_block_types[level] == CROSS_DOWN:
-                table.append((f"input_blocks.{k}.1", f"down_blocks.{level}.attentions.{j}", False))
+                table.append((f"down_blocks.{level}.attentions.{j}", f"input_blocks.{k}.1", False))
             k += 1
         if level < n - 1:
-            table.append((f"input_blocks.{k}.0.op", f"down_blocks.{level}.downsamplers.0.conv", False))
+            table.append((f"down_blocks.{level}.downsamplers.0.conv", f"input_blocks.{k}.0.op", False))
             k += 1
     k = 0
     for i in range(n):
         cross = config.up_block_types[i] == CROSS_UP
         for j in range(layers + 1):
-            table.append((f"output_blocks.{k}.0", f"up_blocks.{i}.resnets.{j}", True))
+            table.append((f"up_blocks.{i}.resnets.{j}", f"output_blocks.{k}.0", True))
             if cross:
-                table.append((f"output_blocks.{k}.1", f"up_blocks.{i}.attentions.{j}", False))
+                table.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{k}.1", False))
             k += 1
         if i < n - 1:  # the upsampler sits in the level's last block, after the attention if any
-            table.append((f"output_blocks.{k - 1}.{2 if cross else 1}.conv", f"up_blocks.{i}.upsamplers.0.conv", False))
+            table.append((f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{k - 1}.{2 if cross else 1}.conv", False))
     return table
 
 
-def unet_rules(config: UNetConfig) -> list[Rule]:
-    rules = []
-    for ldm, ours, is_resnet in unet_blocks(config):
-        src = re.escape(UNET_PREFIX + ldm)
+def unet_table(config: UNetConfig) -> KeyTable:
+    """Our UNet names <-> LDM's: a ResNet's tensors one by one, any other block whole (`{rest}`)."""
+    rows = []
+    for ours, ldm, is_resnet in unet_blocks(config):
         if is_resnet:
-            rules += [(rf"{src}\.{re.escape(a)}\.(weight|bias)", rf"{ours}.{b}.\1") for a, b in UNET_RESNET_RULES]
+            rows += [(f"{ours}.{a}.{{w}}", f"{UNET_PREFIX}{ldm}.{b}.{{w}}") for a, b in UNET_RESNET_NAMES]
         else:
-            rules.append((rf"{src}\.(.+)", rf"{ours}.\1"))
-    return rules
+            rows.append((f"{ours}.{{rest}}", f"{UNET_PREFIX}{ldm}.{{rest}}"))
+    return KeyTable(rows)
 
 
-def vae_rules(config: VAEConfig) -> list[Rule]:
-    """LDM VAE names -> ours. The decoder's `up` list runs from the HIGHEST resolution (up.0 is the
+def vae_table(config: VAEConfig) -> KeyTable:
+    """Our VAE names <-> LDM's. The decoder's `up` list runs from the HIGHEST resolution (up.0 is the
     last level applied), diffusers' `up_blocks` in the order applied, hence the reversal."""
-    n = len(config.block_out_channels)
-    p = re.escape(VAE_PREFIX)
-    rules = [
-        (rf"{p}(encoder|decoder)\.(conv_in|conv_out)\.(.+)", r"\1.\2.\3"),
-        (rf"{p}(encoder|decoder)\.norm_out\.(.+)", r"\1.conv_norm_out.\2"),
-        (rf"{p}(encoder|decoder)\.mid\.block_1\.(.+)", r"\1.mid_block.resnets.0.\2"),
-        (rf"{p}(encoder|decoder)\.mid\.block_2\.(.+)", r"\1.mid_block.resnets.1.\2"),
-        (rf"{p}(encoder|decoder)\.mid\.attn_1\.norm\.(.+)", r"\1.mid_block.attentions.0.group_norm.\2"),
-        (rf"{p}(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.(.+)", r"\1.mid_block.attentions.0.to_\2.\3"),
-        (rf"{p}(encoder|decoder)\.mid\.attn_1\.proj_out\.(.+)", r"\1.mid_block.attentions.0.to_out.0.\2"),
-        (rf"{p}encoder\.down\.(\d+)\.block\.(\d+)\.nin_shortcut\.(.+)",
-         r"encoder.down_blocks.\1.resnets.\2.conv_shortcut.\3"),
-        (rf"{p}encoder\.down\.(\d+)\.block\.(\d+)\.(.+)", r"encoder.down_blocks.\1.resnets.\2.\3"),
-        (rf"{p}encoder\.down\.(\d+)\.downsample\.conv\.(.+)", r"encoder.down_blocks.\1.downsamplers.0.conv.\2"),
-        (rf"{p}(quant_conv|post_quant_conv)\.(.+)", r"\1.\2"),
+    n, p = len(config.block_out_channels), VAE_PREFIX
+    rows = [
+        ("{coder}.conv_in.{w}", p + "{coder}.conv_in.{w}"),
+        ("{coder}.conv_out.{w}", p + "{coder}.conv_out.{w}"),
+        ("{coder}.conv_norm_out.{w}", p + "{coder}.norm_out.{w}"),
+        ("{coder}.mid_block.resnets.0.{rest}", p + "{coder}.mid.block_1.{rest}"),
+        ("{coder}.mid_block.resnets.1.{rest}", p + "{coder}.mid.block_2.{rest}"),
+        ("{coder}.mid_block.attentions.0.group_norm.{w}", p + "{coder}.mid.attn_1.norm.{w}"),
+        ("{coder}.mid_block.attentions.0.to_q.{w}", p + "{coder}.mid.attn_1.q.{w}"),
+        ("{coder}.mid_block.attentions.0.to_k.{w}", p + "{coder}.mid.attn_1.k.{w}"),
+        ("{coder}.mid_block.attentions.0.to_v.{w}", p + "{coder}.mid.attn_1.v.{w}"),
+        ("{coder}.mid_block.attentions.0.to_out.0.{w}", p + "{coder}.mid.attn_1.proj_out.{w}"),
+        ("encoder.down_blocks.{i}.resnets.{j}.conv_shortcut.{w}", p + "encoder.down.{i}.block.{j}.nin_shortcut.{w}"),
+        ("encoder.down_blocks.{i}.resnets.{j}.{rest}", p + "encoder.down.{i}.block.{j}.{rest}"),
+        ("encoder.down_blocks.{i}.downsamplers.0.conv.{w}", p + "encoder.down.{i}.downsample.conv.{w}"),
+        ("quant_conv.{w}", p + "quant_conv.{w}"),
+        ("post_quant_conv.{w}", p + "post_quant_conv.{w}"),
     ]
     for i in range(n):
-        ldm = n - 1 - i
-        rules += [
-            (rf"{p}decoder\.up\.{ldm}\.block\.(\d+)\.nin_shortcut\.(.+)",
-             rf"decoder.up_blocks.{i}.resnets.\1.conv_shortcut.\2"),
-            (rf"{p}decoder\.up\.{ldm}\.block\.(\d+)\.(.+)", rf"decoder.up_blocks.{i}.resnets.\1.\2"),
-            (rf"{p}decoder\.up\.{ldm}\.upsample\.conv\.(.+)", rf"decoder.up_blocks.{i}.upsamplers.0.conv.\1"),
+        up = f"{p}decoder.up.{n - 1 - i}"
+        rows += [
+            (f"decoder.up_blocks.{i}.resnets.{{j}}.conv_shortcut.{{w}}", up + ".block.{j}.nin_shortcut.{w}"),
+            (f"decoder.up_blocks.{i}.resnets.{{j}}.{{rest}}", up + ".block.{j}.{rest}"),
+            (f"decoder.up_blocks.{i}.upsamplers.0.conv.{{w}}", up + ".upsample.conv.{w}"),
         ]
-    return rules
+    return KeyTable(rows)
 
 
 # Old diffusers VAE folders (saved before diffusers 0.14) name the mid attention's projections
-# query/key/value/proj_attn; current ones to_q/to_k/to_v/to_out.0.
-DEPRECATED_VAE_ATTENTION_RULES: list[Rule] = [
-    (r"(.*mid_block\.attentions\.0)\.query\.(.+)", r"\1.to_q.\2"),
-    (r"(.*mid_block\.attentions\.0)\.key\.(.+)", r"\1.to_k.\2"),
-    (r"(.*mid_block\.attentions\.0)\.value\.(.+)", r"\1.to_v.\2"),
-    (r"(.*mid_block\.attentions\.0)\.proj_attn\.(.+)", r"\1.to_out.0.\2"),
-    (r"(.+)", r"\1"),
-]
+# query/key/value/proj_attn; current ones to_q/to_k/to_v/to_out.0. Every other name is ours already.
+DEPRECATED_VAE_ATTENTION_KEYS = KeyTable([
+    ("{coder}.mid_block.attentions.0.to_q.{w}", "{coder}.mid_block.attentions.0.query.{w}"),
+    ("{coder}.mid_block.attentions.0.to_k.{w}", "{coder}.mid_block.attentions.0.key.{w}"),
+    ("{coder}.mid_block.attentions.0.to_v.{w}", "{coder}.mid_block.attentions.0.value.{w}"),
+    ("{coder}.mid_block.attentions.0.to_out.0.{w}", "{coder}.mid_block.attentions.0.proj_attn.{w}"),
+])
 VAE_ATTENTION_LINEAR = re.compile(r".*mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight")
 
 
