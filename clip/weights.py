@@ -24,8 +24,8 @@ from typing import Iterable
 import torch
 
 from clip.text_model import CLIPTextConfig, CLIPTextModel
-from common.state_dict import (CheckpointError, KeyTable, empty_model, load_strict, read_safetensors, rename,
-                               safetensors_header)
+from common.state_dict import (CheckpointError, KeyTable, empty_model, listing, load_strict, read_safetensors,
+                               rename, safetensors_header)
 
 HEAD_WIDTH = 64                  # every OpenAI CLIP text tower uses 64-wide heads (ViT-L/14: 768 = 12 x 64)
 SD_PREFIX = "cond_stage_model."  # everything of SD's text encoder in an original single file lives here
@@ -67,10 +67,6 @@ def text_prefix(keys: Iterable[str]) -> str | None:
 CLIP_MODEL_OTHERS = ("vision_model.", "visual_projection.weight", "text_projection.weight", "logit_scale")
 
 
-def _shown(names: list[str]) -> str:
-    return ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
-
-
 def text_encoder_state_dict(state_dict: dict[str, torch.Tensor], *, source: str) -> dict[str, torch.Tensor]:
     """A CLIP text tower in any of the layouts above -> tensors under our names.
 
@@ -90,12 +86,12 @@ def text_encoder_state_dict(state_dict: dict[str, torch.Tensor], *, source: str)
     if prefix is None:
         raise CheckpointError(f"{source}: no CLIP text encoder found: no tensor named {TOKEN_EMBEDDING} after one of "
                               f"the prefixes {', '.join(map(repr, PREFIXES))} (the file holds: "
-                              f"{_shown(sorted(state_dict)) or 'nothing'}){hint}")
+                              f"{listing(sorted(state_dict), 10) or 'nothing'}){hint}")
     table = text_table(prefix)
     unknown = sorted(k for k in state_dict if table.name(k) is None and not table.drops(k))
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} tensors are not part of a CLIP text encoder: "
-                              f"{_shown(unknown)}{hint}")
+                              f"{listing(unknown, 10)}{hint}")
     return rename(state_dict, table)
 
 

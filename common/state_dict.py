@@ -204,7 +204,8 @@ def rename(state_dict: Mapping[str, torch.Tensor], table: KeyTable, *,
     return out
 
 
-def _listing(names: list[str], limit: int = 20) -> str:
+def listing(names: list[str], limit: int = 20) -> str:
+    """The first `limit` names, comma-separated, and how many more there are: for error messages."""
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
@@ -218,11 +219,11 @@ def check_keys(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[
                        for k in set(expected) & set(got) if tuple(expected[k]) != tuple(got[k]))
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)}: {_listing(missing)}")
+        problems.append(f"missing {len(missing)}: {listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected {len(unexpected)}: {_listing(unexpected)}")
+        problems.append(f"unexpected {len(unexpected)}: {listing(unexpected)}")
     if misshaped:
-        problems.append(f"mis-shaped {len(misshaped)}: {_listing(misshaped)}")
+        problems.append(f"mis-shaped {len(misshaped)}: {listing(misshaped)}")
     if problems:
         raise CheckpointError(f"{source}: checkpoint does not match the model; " + "; ".join(problems))
 

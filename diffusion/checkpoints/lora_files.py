@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.state_dict import CheckpointError, read_safetensors, safetensors_metadata
+from common.state_dict import CheckpointError, listing, read_safetensors, safetensors_metadata
 from diffusion import lora
 
 PARTS = ("unet", "text_encoder")
@@ -189,8 +189,7 @@ def read_lora(path: str | Path, models, *, skip_unknown: bool = False) -> tuple[
                  else _adapter_alpha(metadata, part, module, rank))
         updates.append(LoRAUpdate(part=part, module=module, down=down, up=up, alpha=alpha, key=key))
     if unknown and not skip_unknown:
-        shown = ", ".join(unknown[:10]) + (f", ... ({len(unknown) - 10} more)" if len(unknown) > 10 else "")
-        raise CheckpointError(f"{source}: {len(unknown)} key(s) match no module of this model: {shown} "
+        raise CheckpointError(f"{source}: {len(unknown)} key(s) match no module of this model: {listing(unknown, 10)} "
                               "(--lora_skip_unknown skips them)")
     if not updates:
         raise CheckpointError(f"{source}: no LoRA update in this file")

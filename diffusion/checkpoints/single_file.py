@@ -32,7 +32,7 @@ import re
 
 import torch
 
-from common.state_dict import CheckpointError, KeyTable
+from common.state_dict import CheckpointError, KeyTable, listing
 from diffusion.models.unet import CROSS_DOWN, CROSS_UP, UNetConfig
 from diffusion.models.vae import VAEConfig
 
@@ -160,9 +160,8 @@ def split_single_file(tensors: dict[str, torch.Tensor], *, use_ema: bool, source
     ema = {k for k in tensors if k.startswith(EMA_PREFIX) and k not in IGNORED}
     unknown = sorted(set(tensors) - set(unet) - set(vae) - set(text) - ema - IGNORED)
     if unknown:
-        shown = ", ".join(unknown[:20]) + (f", ... ({len(unknown) - 20} more)" if len(unknown) > 20 else "")
         raise CheckpointError(f"{source}: unexpected {len(unknown)} tensors outside the UNet/VAE/text "
-                              f"encoder prefixes: {shown}")
+                              f"encoder prefixes: {listing(unknown)}")
     for name, part in (("UNet (model.diffusion_model.*)", unet), ("VAE (first_stage_model.*)", vae),
                        ("text encoder (cond_stage_model.transformer.*)", text)):
         if not part:
