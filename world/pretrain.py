@@ -3,7 +3,7 @@ built from this project's own modules and trained from scratch on world/'s capti
 
     python -m world.pretrain --out runs/world                     # both stages, resumable
     python -m world.pretrain --out runs/world --export embedded/tiny_world_sd   # ship (fp16)
-    python -m world.pretrain --out runs/dec --base embedded/world_sd --vae_decoder_steps 600  # stage 3 only
+    python -m world.pretrain --out runs/dec --base embedded/world_sd --vae_decoder_steps 300 --vae_batch_size 16  # stage 3 only
 
 Stage 1, "vae": the autoencoder alone (reconstruction + a tiny KL term, as LDM's first stage).
 Its latent scaling factor is then measured as 1 / std of the latents, as Rombach et al. did for SD
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae_lr", type=float, default=5e-4)
     parser.add_argument("--vae_decoder_steps", type=int, default=0,
                         help="stage 3: fine-tune the VAE decoder on two-colour objects too (0: no stage 3)")
-    parser.add_argument("--vae_decoder_lr", type=float, default=2e-4)
+    parser.add_argument("--vae_decoder_lr", type=float, default=5e-4)
     parser.add_argument("--base", type=Path, default=None,
                         help="a finished model folder: run only stage 3 on its VAE and write <out>/model")
     parser.add_argument("--steps", type=int, default=8000, help="text-to-image steps (8000)")
