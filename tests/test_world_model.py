@@ -16,7 +16,7 @@ from world.checker import check
 from world.scene import COLOURS, Scene, draw
 from world.subject import instance_images, looks_like_subject, reference_colours, subject_similarity
 from world.vocabulary import RARE_TOKEN, build_tokenizer, world_words
-from world.world import World
+from world.world import TwoColourWorld, World
 
 MAX_BYTES = 20 * 2**20
 
@@ -62,6 +62,19 @@ def test_subject_images_deterministic_and_scored_apart_from_plain_stars():
         star = draw(Scene(colour=colour, shape="star", size="large", position="center", background=background))
         assert not looks_like_subject(star), colour
         assert subject_similarity(star, reference) < 0.7, colour
+
+
+def test_two_colour_world_never_draws_the_subject():
+    """The VAE decoder's two-colour scenes: a second colour at the centre, never the subject's own
+    combination (an orange star with a blue centre), and every sample a pure function of its index."""
+    world, seen = TwoColourWorld(0, split="all"), set()
+    for i in range(3000):
+        scene, _ = world.scene(i)
+        assert scene.centre not in (None, scene.colour, scene.background), scene
+        assert (scene.colour, scene.shape, scene.centre) != ("orange", "star", "blue"), i
+        seen.add((scene.colour, scene.shape))
+    assert ("orange", "star") in seen   # orange stars are drawn, with other centres
+    assert np.array_equal(world.batch(5, 3).images, TwoColourWorld(0, split="all").batch(5, 3).images)
 
 
 # ---- the shipped model -------------------------------------------------------------------------------
@@ -123,7 +136,7 @@ def test_train_dreambooth_without_arguments_runs_the_demo(monkeypatch):
 
 
 def test_demo_end_to_end_in_small(tmp_path, monkeypatch):
-    """The demo's whole path (instance images, class images, two trainings, scores, grid) with a few
+    """The demo's whole path (instance images, class images, three trainings, scores, grid) with a few
     steps of everything; the full run's figures are in embedded/README.md."""
     import world.dreambooth_demo as demo
     steps = demo.TRAINING.index("--max_train_steps") + 1
@@ -134,9 +147,11 @@ def test_demo_end_to_end_in_small(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "SAMPLING", dict(steps=3, guidance_scale=7.5))
     assert demo.run(tmp_path) == 0
     report = json.loads((tmp_path / "demo_report.json").read_text())
-    assert set(report) == {"base", "with_prior", "no_prior"}
-    assert len(list((tmp_path / "class_images").glob("*.png"))) == 4
+    assert set(report) == {"base", "with_prior", "lora", "no_prior"}
+    assert len(list((tmp_path / "class_images").glob("*.png"))) == 4   # made once, read by the LoRA run too
     assert (tmp_path / "comparison.png").is_file() and (tmp_path / "with_prior" / "model_index.json").is_file()
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert set(report["lora"]) == set(report["base"])   # scored as the others
 
 
 # ---- pretraining: deterministic and resumable ----------------------------------------------------------
@@ -146,13 +161,31 @@ def test_pretraining_resumes_bit_for_bit(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain_world, "measure_scaling_factor",
                         lambda vae, world: round(1 / vae.encode(pretrain_world.to_pixels(world.batch(0, 16).images))
                                                  .mean.std().item(), 5))
-    flags = ["--vae_steps", "4", "--steps", "4", "--checkpoint_every", "2", "--batch_size", "4", "--vae_batch_size", "4"]
+    flags = ["--vae_steps", "4", "--steps", "4", "--checkpoint_every", "2", "--batch_size", "4", "--vae_batch_size", "4",
+             "--vae_decoder_steps", "4"]
     pretrain_world.main(["--out", str(tmp_path / "a"), *flags])
     pretrain_world.main(["--out", str(tmp_path / "b"), *flags])
-    for stage in ("vae", "t2i"):   # as if the run had stopped after step 2 of each stage
+    for stage in ("vae", "vae_decoder", "t2i"):   # as if the run had stopped after step 2 of each stage
         (tmp_path / "b" / stage / "checkpoint-4.pt").unlink()
     pretrain_world.main(["--out", str(tmp_path / "b"), *flags])
     from safetensors.torch import load_file
     for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"):
         a, b = (load_file(tmp_path / run / "model" / f"{part}.safetensors") for run in ("a", "b"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_decoder_stage_on_a_finished_model_changes_only_the_decoder(tmp_path, monkeypatch):
+    """Stage 3 with --base: the VAE decoder fine-tuned, the encoder, quant_conv (so the latents and the
+    scaling factor), the UNet and the text encoder exactly the base's."""
+    import world.pretrain as pretrain_world
+    from diffusion.checkpoints.load import load_stable_diffusion
+    pretrain_world.main(["--out", str(tmp_path), "--base", str(WORLD_SD), "--vae_decoder_steps", "2",
+                         "--vae_batch_size", "4"])
+    base, tuned = load_stable_diffusion(WORLD_SD), load_stable_diffusion(tmp_path / "model")
+    assert tuned.vae.config.scaling_factor == base.vae.config.scaling_factor
+    changed = []
+    for part in ("unet", "text_encoder", "vae"):
+        a, b = getattr(base, part).state_dict(), getattr(tuned, part).state_dict()
+        assert a.keys() == b.keys()
+        changed += [f"{part}.{k}" for k in a if not torch.equal(a[k], b[k])]
+    assert changed and all(k.startswith(("vae.decoder.", "vae.post_quant_conv.")) for k in changed), changed

@@ -3,6 +3,7 @@ built from this project's own modules and trained from scratch on world/'s capti
 
     python -m world.pretrain --out runs/world                     # both stages, resumable
     python -m world.pretrain --out runs/world --export embedded/tiny_world_sd   # ship (fp16)
+    python -m world.pretrain --out runs/dec --base embedded/world_sd --vae_decoder_steps 300 --vae_batch_size 16  # stage 3 only
 
 Stage 1, "vae": the autoencoder alone (reconstruction + a tiny KL term, as LDM's first stage).
 Its latent scaling factor is then measured as 1 / std of the latents, as Rombach et al. did for SD
@@ -11,6 +12,12 @@ Stage 2, "t2i": the VAE frozen; the text encoder and the UNet trained jointly on
 objective (DDPM eq. 14) with Min-SNR-5 weighting, and the caption dropped (replaced by "") 10% of
 the time so that one network learns both halves of classifier-free guidance (Ho & Salimans 2022).
 An exponential moving average of both is what gets exported.
+Stage 3, "vae_decoder" (--vae_decoder_steps N, off by default): the VAE's decoder alone fine-tuned on a
+mix of the world's scenes and two-colour objects (world/world.py's TwoColourWorld), which stage 1 never
+showed. The encoder and quant_conv stay frozen, so the latents, their scaling factor and every model
+trained on them stay valid, as SD's ft-EMA/ft-MSE decoders were made (the "sd-vae-ft-*" model cards).
+It runs after stage 1, or with --base on a finished model folder (the shipped one included); only the
+VAE of that folder changes.
 
 Everything is a pure function of --seed and the step: batch s is World(seed).batch(s, B), and
 every random draw of step s comes from a generator seeded with (seed, stage, s). So a run that is
@@ -30,6 +37,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +50,7 @@ from diffusion.models.unet import CROSS_DOWN, CROSS_UP, PLAIN_DOWN, PLAIN_UP, UN
 from diffusion.models.vae import DOWN, UP, AutoencoderKL, VAEConfig
 from diffusion.checkpoints.load import StableDiffusionModels
 from world.vocabulary import MAX_LENGTH, build_tokenizer
-from world.world import World
+from world.world import TwoColourWorld, World
 
 # ---- the architectures ------------------------------------------------------------------------------
 # 64x64 images -> 16x16x4 latents (three levels: spatial factor 4).
@@ -65,6 +73,7 @@ LOGVAR_INIT = -6.0      # initial log variance of the VAE posterior (see train_v
 MIN_SNR_GAMMA = 5.0     # Hang et al. 2023
 EMA_DECAY = 0.999
 WARMUP = 500
+DECODER_WARMUP = 50     # stage 3's warmup steps (it starts from a trained decoder)
 
 
 def to_pixels(images) -> torch.Tensor:
@@ -241,6 +250,59 @@ def train_t2i(args, world: World, vae: AutoencoderKL) -> None:
     print(f"text-to-image done: {state['cpu_seconds'] / 60:.1f} CPU minutes; model in {args.out / 'model'}")
 
 
+# ---- stage 3: the VAE decoder on two-colour objects -----------------------------------------------------
+def train_vae_decoder(args, vae: AutoencoderKL) -> AutoencoderKL:
+    """Fine-tune `vae`'s decoder (post_quant_conv + decoder) for --vae_decoder_steps steps, each on half a
+    batch of the world's scenes and half of two-colour objects, with stage 1's reconstruction loss (no
+    KL term: the encoder, hence the posterior, is frozen). fp32 throughout (stage 1 ran under bf16
+    autocast on a CPU with AMX; on one without, bf16 is emulated and ~100x slower)."""
+    folder = args.out / "vae_decoder"
+    vae = copy.deepcopy(vae).train()
+    vae.requires_grad_(False)
+    params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=args.vae_decoder_lr, weight_decay=0.0)
+    state = {"vae": vae, "optimizer": optimizer, "cpu_seconds": 0.0}
+    checkpoints = Checkpoints(folder, total_limit=2)
+    step = resume(checkpoints, state)
+    log = MetricsLog(folder, start_step=step)
+    plain, two_colour = World(args.seed, split="all"), TwoColourWorld(args.seed, split="all")
+    half = args.vae_batch_size // 2
+    with StopOnSignal() as stop:
+        while step < args.vae_decoder_steps and stop.signum is None:
+            t0 = time.process_time()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, total=args.vae_decoder_steps, peak=args.vae_decoder_lr,
+                                            schedule="cosine", warmup=DECODER_WARMUP)
+            x = to_pixels(np.concatenate([plain.batch(step, half).images,
+                                          two_colour.batch(step, args.vae_batch_size - half).images]))  # (B, 3, 64, 64)
+            with torch.no_grad():
+                z = vae.encode(x).sample(generator(args.seed, 3, step))              # (B, 4, 16, 16)
+            recon = vae.decode(z)                                                    # (B, 3, 64, 64)
+            weight = 1 + (FOREGROUND_WEIGHT - 1) * foreground(x)                    # stage 1's loss, less the KL
+            l1 = (weight * (recon - x).abs()).mean() / weight.mean()
+            edges = (F.l1_loss(recon.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(recon.diff(dim=-2), x.diff(dim=-2)))
+            loss = l1 + edges
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            state["cpu_seconds"] += time.process_time() - t0
+            if step % 50 == 0 or step == args.vae_decoder_steps:
+                log.log({"step": step, "l1": l1.item(), "edges": edges.item(), "cpu_s": round(state["cpu_seconds"])})
+                print(f"vae_decoder {step}/{args.vae_decoder_steps} l1 {l1.item():.4f} edges {edges.item():.4f} "
+                      f"cpu {state['cpu_seconds'] / 60:.1f} min", flush=True)
+            if step % args.checkpoint_every == 0 or step == args.vae_decoder_steps or stop.signum is not None:
+                checkpoint(checkpoints, step, state)
+    log.close()
+    if step < args.vae_decoder_steps:
+        sys.exit(f"stopped at VAE decoder step {step}; run the same command again to resume")
+    print(f"VAE decoder done: {state['cpu_seconds'] / 60:.1f} CPU minutes")
+    return vae.eval().requires_grad_(False)
+
+
 def load_trained_vae(args) -> AutoencoderKL:
     found = list_checkpoints(args.out / "vae")
     if not found or found[-1][0] < args.vae_steps:
@@ -274,6 +336,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae_steps", type=int, default=3000)
     parser.add_argument("--vae_batch_size", type=int, default=32)
     parser.add_argument("--vae_lr", type=float, default=5e-4)
+    parser.add_argument("--vae_decoder_steps", type=int, default=0,
+                        help="stage 3: fine-tune the VAE decoder on two-colour objects too (0: no stage 3)")
+    parser.add_argument("--vae_decoder_lr", type=float, default=5e-4)
+    parser.add_argument("--base", type=Path, default=None,
+                        help="a finished model folder: run only stage 3 on its VAE and write <out>/model")
     parser.add_argument("--steps", type=int, default=8000, help="text-to-image steps (8000)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -289,7 +356,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.export is not None:
         export(args)
         return
+    if args.base is not None:
+        from diffusion.checkpoints.load import load_stable_diffusion
+        if args.vae_decoder_steps < 1:
+            raise SystemExit("--base runs stage 3 only: give --vae_decoder_steps N")
+        models = load_stable_diffusion(args.base)
+        models.vae = train_vae_decoder(args, models.vae)
+        save_models_folder(models, args.out / "model")
+        print(f"wrote {args.out / 'model'}: {args.base} with the fine-tuned VAE decoder")
+        return
     vae = load_trained_vae(args)
+    if args.vae_decoder_steps:   # the encoder is unchanged, so stage 2 trains on the same latents either way
+        vae = train_vae_decoder(args, vae)
     train_t2i(args, World(args.seed), vae)
 
 

@@ -2,6 +2,9 @@
 
 A scene is one shape, in one named colour, size and position, on a plain background of another
 named colour. Everything a caption can say about it is in `Scene`; `draw` turns it into pixels.
+A scene may also carry a disc of a second colour at the shape's centre (`centre`): the two-colour
+objects that only the VAE decoder's fine-tuning sees (world/world.py's `TwoColourWorld`); captions
+never mention it, and the world's ordinary scenes have none.
 
 Geometry is written in "shape units": a shape of radius 1 centred on (0, 0), y pointing down, and
 scaled by the size's radius (a fraction of the image side). So the same tables draw a 64x64 or a
@@ -61,6 +64,8 @@ class Scene:
     background: str    # a key of COLOURS, never the shape's colour
     dx: float = 0.0    # jitter of the centre from its grid point, fraction of the side (|dx| <= JITTER)
     dy: float = 0.0
+    centre: str | None = None   # colour of a disc at the shape's centre (a two-colour object), or None
+    centre_radius: float = 0.42  # the disc's radius in shape units (the star's outer radius is 1.15)
 
     def __post_init__(self):
         for name, value, allowed in (("colour", self.colour, COLOURS), ("shape", self.shape, SHAPES),
@@ -70,6 +75,8 @@ class Scene:
                 raise ValueError(f"Scene {name}={value!r}: choose one of {', '.join(allowed)}")
         if self.background == self.colour:
             raise ValueError(f"Scene background={self.background!r} equals the shape's colour")
+        if self.centre is not None and (self.centre not in COLOURS or self.centre == self.colour):
+            raise ValueError(f"Scene centre={self.centre!r}: a key of COLOURS other than the shape's colour, or None")
 
     def attributes(self) -> dict[str, str]:
         """The words a caption may use, by attribute name."""
@@ -149,6 +156,9 @@ def draw(scene: Scene, *, image_size: int = 64, supersample: int = 4) -> Image.I
         pen.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
     else:
         pen.polygon([(cx + radius * x, cy + radius * y) for x, y in POLYGONS[scene.shape]], fill=fill)
+    if scene.centre is not None:
+        r = scene.centre_radius * radius
+        pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[scene.centre])
     if supersample == 1:
         return image
     return image.resize((image_size, image_size), Image.Resampling.BOX)  # (big, big) -> (size, size)

@@ -14,10 +14,8 @@ A single-coloured orange star scores about the subject's orange share; any other
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw
-
 from world.checker import NAMED_LAB, NAMES, as_array, srgb_to_lab
-from world.scene import COLOURS, POLYGONS, SIZES, Scene, centre
+from world.scene import Scene, draw
 
 BODY, CENTRE = "orange", "blue"    # the star's colour and its centre disc's
 CENTRE_RADIUS = 0.42               # of the disc, in shape units (the star's outer radius is 1.15)
@@ -34,17 +32,9 @@ INSTANCE_SCENES = (
 
 def draw_subject(position: str, size: str, background: str, dx: float = 0.0, dy: float = 0.0, *,
                  image_size: int = 64, supersample: int = 4) -> Image.Image:
-    """The subject drawn as world/scene.py draws a star (same geometry, same antialiasing)."""
-    scene = Scene(colour=BODY, shape="star", size=size, position=position, background=background, dx=dx, dy=dy)
-    big = image_size * supersample
-    image = Image.new("RGB", (big, big), COLOURS[background])
-    pen = ImageDraw.Draw(image)
-    cx, cy = (c * big for c in centre(scene))
-    radius = SIZES[size] * big
-    pen.polygon([(cx + radius * x, cy + radius * y) for x, y in POLYGONS["star"]], fill=COLOURS[BODY])
-    r = CENTRE_RADIUS * radius
-    pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[CENTRE])
-    return image.resize((image_size, image_size), Image.Resampling.BOX)
+    """The subject: a star drawn by world/scene.py with its centre disc (same geometry, same antialiasing)."""
+    return draw(Scene(colour=BODY, shape="star", size=size, position=position, background=background, dx=dx, dy=dy,
+                      centre=CENTRE, centre_radius=CENTRE_RADIUS), image_size=image_size, supersample=supersample)
 
 
 def instance_images(image_size: int = 64) -> list[Image.Image]:

@@ -7,17 +7,25 @@ without replaying the first s batches. There are no epochs: every index is a new
 
 Splits: "train" never draws a HELD_OUT colour + shape combination; "held_out" draws only those;
 "all" draws every combination.
+
+`TwoColourWorld` is the same stream with a disc of a second colour at each object's centre: pictures
+for fine-tuning the VAE decoder only (its captions do not mention the disc and no text-to-image
+training reads them). It never draws the DreamBooth subject's own combination (world/subject.py: an
+orange star with a blue centre), so the subject stays one the whole world has never shown.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
 from world.captions import TEMPLATES, caption
 from world.scene import COLOURS, HELD_OUT, JITTER, POSITIONS, SHAPES, SIZES, Scene, draw
+from world.subject import BODY, CENTRE
+
+CENTRE_RADII = (0.3, 0.6)   # a two-colour object's disc radius, uniform in this range (shape units)
 
 SPLITS = ("train", "held_out", "all")
 
@@ -88,3 +96,19 @@ class World:
         while True:
             yield self.batch(step, batch_size)
             step += 1
+
+
+class TwoColourWorld(World):
+    """World's scenes (same shapes, colours, sizes, places, backgrounds) whose object has a disc of a
+    second colour at its centre, neither the object's nor the background's colour, of radius uniform
+    in CENTRE_RADII. Sample i's extra draws come from the generator seeded [seed, i, 1], so sample i is
+    still a pure function of (seed, split, i). The subject's combination (a BODY star with a CENTRE
+    disc) is never drawn: its centre is redrawn among the other colours."""
+
+    def scene(self, i: int) -> tuple[Scene, int]:
+        scene, template = super().scene(i)
+        rng = np.random.default_rng([self.seed, i, 1])
+        centres = [name for name in COLOURS if name not in (scene.colour, scene.background)
+                   and (scene.colour, scene.shape, name) != (BODY, "star", CENTRE)]
+        return replace(scene, centre=centres[rng.integers(len(centres))],
+                       centre_radius=float(rng.uniform(*CENTRE_RADII))), template
