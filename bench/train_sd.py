@@ -28,6 +28,9 @@ resident memory (getrusage's ru_maxrss) is its own. Each subprocess takes one wa
 timed ones. Prints median step time and the largest peak RSS of each, and the ratios (speed: diffusers'
 time / ours, > 1 means ours is faster; memory: ours / diffusers', < 1 means ours uses less). Without
 diffusers (and, for LoRA, peft) installed, only our side runs, and the script says so.
+`--pairs N` adds a steadier speed figure (this machine is shared and its speed swings by tens of
+percent between runs): both sides built in one process and timed in N alternating back-to-back pairs, the
+median of the per-pair ratios with its quartiles.
 """
 from __future__ import annotations
 
@@ -90,10 +93,11 @@ def trainable(impl: str, trains: str, unet: torch.nn.Module, precision: str) -> 
     return params
 
 
-def child(impl: str, trains: str, steps: int, resolution: int, their_layout: str, precision: str) -> None:
+def setup(impl: str, trains: str, resolution: int, their_layout: str, precision: str) -> tuple[callable, list]:
+    """One side built and set up for training; returns (step, what AdamW moves): step() takes one training
+    step on fixed inputs and returns its wall time."""
     unet, forward = build(impl, their_layout, precision)
     params = trainable(impl, trains, unet, precision)
-    built_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE[trains], weight_decay=1e-2)
     g = torch.Generator().manual_seed(0)
     side = resolution // VAE_FACTOR
@@ -101,8 +105,8 @@ def child(impl: str, trains: str, steps: int, resolution: int, their_layout: str
     noise = torch.randn(2, 4, side, side, generator=g)
     t = torch.randint(0, 1000, (2,), generator=g)
     states = torch.randn(2, 77, 768, generator=g)
-    times = []
-    for i in range(steps + 1):
+
+    def step() -> float:
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             pred = forward(latents + noise, t, states)
@@ -112,12 +116,34 @@ def child(impl: str, trains: str, steps: int, resolution: int, their_layout: str
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if i > 0:                                                # step 0 is the warm-up
-            times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+    return step, params
+
+
+def child(impl: str, trains: str, steps: int, resolution: int, their_layout: str, precision: str) -> None:
+    step, params = setup(impl, trains, resolution, their_layout, precision)
+    built_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = [step() for _ in range(steps + 1)][1:]               # step 0 is the warm-up
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"times": times, "peak_mb": peak_mb, "built_mb": built_mb,
                       "trained_parameters": sum(p.numel() for p in params),
                       "trained_dtypes": sorted({str(p.dtype) for p in params})}))
+
+
+def paired(trains: str, pairs: int, resolution: int, their_layout: str, precision: str) -> None:
+    """Both sides in this one process, timed in alternating back-to-back pairs (the order flips each pair),
+    so that the machine's swings hit both alike: prints the median per-pair ratio and its quartiles."""
+    steps = {impl: setup(impl, trains, resolution, their_layout, precision)[0] for impl in ("ours", "diffusers")}
+    for step in steps.values():
+        step()                                                   # warm-up
+    ratios = []
+    for i in range(pairs):
+        times = {impl: steps[impl]() for impl in (("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours"))}
+        ratios.append(times["diffusers"] / times["ours"])
+        print(f"pair {i}: ours {times['ours']:.2f} s, diffusers {times['diffusers']:.2f} s", flush=True)
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    print(f"paired, {pairs} pairs in one process: speed ratio diffusers/ours, {LABEL[trains]}: {median:.2f}x "
+          f"(quartiles {q1:.2f}-{q3:.2f})")
 
 
 LABEL = {"full": "full FT", "lora": "LoRA"}
@@ -141,6 +167,8 @@ def main() -> None:
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                    help="bf16: --mixed_precision bf16 (autocast; LoRA's frozen weights bf16); fp32: --mixed_precision no, "
                         "for a CPU without bf16 instructions, where bf16 is emulated ~100x slower")
+    p.add_argument("--pairs", type=int, default=0,
+                   help="also time ours and diffusers' in one process, N alternating pairs (steadier on a noisy machine)")
     p.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--trains", choices=["full", "lora"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -194,6 +222,8 @@ def main() -> None:
         ratio = lora["peak_mb"] / full["peak_mb"]
         print(f"peak RSS ours LoRA / ours full FT: {ratio:.3f} (target <= 0.40: {'met' if ratio <= 0.40 else 'NOT met'});"
               f" step time LoRA / full FT {statistics.median(lora['times']) / statistics.median(full['times']):.2f}")
+    if args.pairs and ("diffusers", trains) in results:
+        paired(trains, args.pairs, resolution, args.their_layout, args.precision)
 
 
 if __name__ == "__main__":
