@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from common.precision import DTYPES
 from vit.preprocess import preprocess
 from vit.weights import load_vit
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FUNCTIONS = ("softmax", "sigmoid", "none")
 # What predict_emotion.py and serve_emotion.py say instead of writing NaN or Infinity, which are not JSON.
 NON_FINITE = "the model gave a non-finite score (NaN or infinity): its weights or its --dtype overflowed"
