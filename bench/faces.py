@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from faces import default_cascade, detect_faces  # noqa: E402
 from faces.cascade import DEFAULT_CASCADE  # noqa: E402
+from tools.reference_models import opencv  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "faces"
 PARAMS = dict(scale_factor=1.1, min_neighbors=3, min_size=(30, 30))
@@ -43,16 +44,6 @@ def _images() -> dict[str, np.ndarray]:
             "astronaut 1280x720": _photo(1280, 720)}
 
 
-def _opencv():
-    try:
-        import cv2
-    except ImportError:
-        return None, "OpenCV not installed"
-    if not hasattr(cv2, "CascadeClassifier"):
-        return None, f"OpenCV {cv2.__version__} has no CascadeClassifier (needs 4.x)"
-    return cv2, f"OpenCV {cv2.__version__}"
-
-
 def _time(run, repeats: int) -> tuple[float, float, list]:
     walls, cpus = [], []
     result = run()                                   # warm-up
@@ -69,7 +60,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     default_cascade()                                # parse the XML once, outside the timings
-    cv2, cv_note = _opencv()
+    cv2, cv_note = opencv()
     print(f"reference: {cv_note}")
     if cv2 is not None:
         detector = cv2.CascadeClassifier(str(DEFAULT_CASCADE))

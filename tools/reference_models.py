@@ -70,6 +70,18 @@ def add_dreambooth_lora(unet, *, rank: int, weight_dtype):
     return [p for p in unet.parameters() if p.requires_grad]
 
 
+# ---- OpenCV's Haar cascades (bench/faces.py) ------------------------------------------------------
+def opencv():
+    """(the cv2 module, a note naming its version), or (None, why not) when OpenCV 4.x is not installed."""
+    try:
+        import cv2
+    except ImportError:
+        return None, "OpenCV not installed"
+    if not hasattr(cv2, "CascadeClassifier"):
+        return None, f"OpenCV {cv2.__version__} has no CascadeClassifier (needs 4.x)"
+    return cv2, f"OpenCV {cv2.__version__}"
+
+
 # ---- transformers' image-classification pipeline (bench/predict_emotion.py) ------------------------
 def write_vit_classifier(folder: str | Path, *, labels: list[str]) -> Path:
     """A full-size ViT-B/16 classifier folder (224x224, 16x16 patches, 12 layers of width 768: transformers'
