@@ -435,4 +435,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without the interpreter's finalization: request threads closed after the grace and the batcher
+    # are daemon threads, and finalizing while one of them is still alive sometimes ran into torch's own
+    # teardown and aborted the process ("terminate called without an active exception", exit -6) after a
+    # clean shutdown. Everything is closed and written by now; flush and go.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
