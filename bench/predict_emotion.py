@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.whole_process import alternate, in_child, summary, table_row  # noqa: E402
+from bench.whole_process import alternate, in_child, skip_emulated, summary, table_row  # noqa: E402
 
 N_IMAGES = 64   # --images' default
 CASES = ["embedded-fp32", "b16-fp32", "b16-bf16", "b16-fp16"]   # model-precision
@@ -115,11 +115,8 @@ def main() -> None:
     b16 = "yes" if any(c.startswith("b16") for c in cases) else "no"
     setup = in_child("bench.predict_emotion:prepare", args.workdir, str(args.images), args.model or "", b16)
     faces, folders = Path(setup["faces"]), {name: Path(f) for name, f in setup["folders"].items()}
-    emulated = [c for c in cases if not setup["native"][c.split("-")[1]]]
-    if emulated and not args.emulated:
-        print(f"skipping {', '.join(emulated)}: this CPU has no bf16/fp16 instructions, so torch emulates them "
-              "(about 100x slower than fp32, for transformers as for us); --emulated runs them anyway")
-        cases = [c for c in cases if c not in emulated]
+    cases = skip_emulated(cases, lambda c: c.split("-")[1], setup["native"], run_anyway=args.emulated,
+                          flag="--emulated", reference="transformers")
     rows = []
     for case in cases:
         with tempfile.TemporaryDirectory() as tmp:   # both sides' last outputs, compared after the pairs

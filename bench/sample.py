@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.whole_process import alternate, in_child, summary, table_row  # noqa: E402
+from bench.whole_process import alternate, in_child, skip_emulated, summary, table_row  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 CASES = ["256-4-fp32-1", "256-4-bf16-1", "256-4-fp32-4", "256-4-bf16-4",
@@ -37,12 +37,11 @@ THEIRS = ("import sys; from tools.reference_models import sample_with_pipeline; 
 
 
 def prepare(workdir: str) -> dict:
-    """In a child process (in_child): the model folder, and whether this CPU computes bf16 in hardware."""
-    import torch
-
-    from common.precision import native_on_cpu
+    """In a child process (in_child): the model folder, and which precisions this CPU computes in hardware."""
+    from common.precision import DTYPES, native_on_cpu
     from tools.reference_models import write_random_sd15
-    return {"folder": str(write_random_sd15(Path(workdir) / "sd15")), "bf16_native": native_on_cpu(torch.bfloat16)}
+    return {"folder": str(write_random_sd15(Path(workdir) / "sd15")),
+            "native": {name: native_on_cpu(dtype) for name, dtype in DTYPES.items()}}
 
 
 def commands(case: str, folder: Path, out: Path) -> dict[str, list[str]]:
@@ -64,11 +63,8 @@ def main() -> None:
     setup = in_child("bench.sample:prepare", args.workdir)
     folder = Path(setup["folder"])
     cases = [c for c in args.cases.split(",") if c]
-    emulated = [c for c in cases if c.split("-")[2] == "bf16" and not setup["bf16_native"]]
-    if emulated and not args.emulated_bf16:
-        print(f"skipping {', '.join(emulated)}: this CPU has no bf16 instructions, so torch emulates bf16 "
-              "(about 100x slower than fp32, for diffusers as for us); --emulated_bf16 runs them anyway")
-        cases = [c for c in cases if c not in emulated]
+    cases = skip_emulated(cases, lambda c: c.split("-")[2], setup["native"], run_anyway=args.emulated_bf16,
+                          flag="--emulated_bf16", reference="diffusers")
     rows = []
     for case in cases:
         t, m = alternate(lambda side, out: (commands(case, folder, out)[side], None), sides=("ours", "diffusers"),

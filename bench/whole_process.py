@@ -51,6 +51,20 @@ def run(command: list[str], *, stdout: Path | None = None) -> tuple[float, float
     return seconds, usage.ru_maxrss / 2**20
 
 
+def skip_emulated(cases: list[str], precision_of: Callable[[str], str], native: dict[str, bool], *,
+                  run_anyway: bool, flag: str, reference: str) -> list[str]:
+    """The cases to run: those in a precision this CPU computes in hardware (`native`, from
+    common/precision.native_on_cpu), or every case when `run_anyway` (the bench's `flag`). On a CPU without
+    bf16/fp16 instructions torch emulates them about 100x slower than fp32, which times nothing useful."""
+    emulated = [c for c in cases if not native[precision_of(c)]]
+    if not emulated or run_anyway:
+        return cases
+    names = "/".join(sorted({precision_of(c) for c in emulated}))
+    print(f"skipping {', '.join(emulated)}: this CPU has no {names} instructions, so torch emulates {names} "
+          f"(about 100x slower than fp32, for {reference} as for us); {flag} runs them anyway")
+    return [c for c in cases if c not in emulated]
+
+
 Command = Callable[[str, Path], "tuple[list[str], Path | None]"]   # (side, a fresh folder) -> (argv, stdout file)
 
 
