@@ -90,6 +90,16 @@ def foreground(x: torch.Tensor) -> torch.Tensor:
     return ((x - background).abs().amax(dim=1, keepdim=True) > 0.1).float()
 
 
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(l1, edges): L1 on pixels, the object's pixels weighted FOREGROUND_WEIGHT times (it covers 2-15% of
+    the image: unweighted, the background alone drives the loss for the first thousand steps), and L1 on
+    the horizontal/vertical pixel differences (edges stay sharp)."""
+    weight = 1 + (FOREGROUND_WEIGHT - 1) * foreground(x)                    # (B, 1, 64, 64)
+    l1 = (weight * (recon - x).abs()).mean() / weight.mean()
+    edges = (F.l1_loss(recon.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(recon.diff(dim=-2), x.diff(dim=-2)))
+    return l1, edges
+
+
 def generator(seed: int, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 10_000_019 + step)
 
@@ -142,13 +152,9 @@ def train_vae(args, world: World) -> AutoencoderKL:
             with torch.autocast("cpu", dtype=torch.bfloat16):                        # 1.7x faster here
                 posterior = vae.encode(x)
                 recon = vae.decode(posterior.sample(generator(args.seed, 1, step))).float()  # (B, 3, 64, 64)
-            # L1 on pixels, the object's pixels weighted FOREGROUND_WEIGHT times (it covers 2-15% of the
-            # image: unweighted, the background alone drives the loss for the first thousand steps), and
-            # on the horizontal/vertical pixel differences (edges stay sharp); plus the KL divergence to
-            # N(0, I) summed over the latent elements (Kingma & Welling 2014, appendix B).
-            weight = 1 + (FOREGROUND_WEIGHT - 1) * foreground(x)                    # (B, 1, 64, 64)
-            l1 = (weight * (recon - x).abs()).mean() / weight.mean()
-            edges = (F.l1_loss(recon.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(recon.diff(dim=-2), x.diff(dim=-2)))
+            # the reconstruction loss, plus the KL divergence to N(0, I) summed over the latent elements
+            # (Kingma & Welling 2014, appendix B)
+            l1, edges = reconstruction_loss(recon, x)
             mean, logvar = posterior.mean.float(), posterior.logvar.float()
             kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
             loss = l1 + edges + KL_WEIGHT * kl
@@ -280,9 +286,7 @@ def train_vae_decoder(args, vae: AutoencoderKL) -> AutoencoderKL:
             with torch.no_grad():
                 z = vae.encode(x).sample(generator(args.seed, 3, step))              # (B, 4, 16, 16)
             recon = vae.decode(z)                                                    # (B, 3, 64, 64)
-            weight = 1 + (FOREGROUND_WEIGHT - 1) * foreground(x)                    # stage 1's loss, less the KL
-            l1 = (weight * (recon - x).abs()).mean() / weight.mean()
-            edges = (F.l1_loss(recon.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(recon.diff(dim=-2), x.diff(dim=-2)))
+            l1, edges = reconstruction_loss(recon, x)                               # stage 1's loss, less the KL
             loss = l1 + edges
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
