@@ -52,8 +52,8 @@ from common.files import check_writable, remove_stale_temporaries
 from diffusion.checkpoints.lora_files import load_lora_files, parse_lora_flags, save_lora_files
 from dreambooth.data import (DataError, check_model_size, generate_class_images, image_files, load_image,
                              missing_class_indices)
-from dreambooth.steps import (OFFSET_NOISE_SCALE, denoising_loss, denoising_prediction, load_models, make_batch,
-                              restore_training_state, text_states, trainable_parameters, training_state)
+from dreambooth.steps import (OFFSET_NOISE_SCALE, LatentCache, denoising_loss, denoising_prediction, load_models,
+                              make_batch, restore_training_state, text_states, trainable_parameters, training_state)
 
 # The settings that shape a run: resuming with any of them changed needs --allow_config_change.
 RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instance_data_dir", "instance_prompt",
@@ -61,7 +61,7 @@ RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instan
                "train_text_encoder", "resolution", "center_crop", "train_batch_size", "gradient_accumulation_steps",
                "world_size", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
                "num_train_epochs", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-               "mixed_precision", "seed", "offset_noise", "snr_gamma", "rank", "lora")
+               "mixed_precision", "seed", "offset_noise", "snr_gamma", "rank", "lora", "cache_latents")
 CLASS_SAMPLING = dict(steps=50, guidance_scale=7.5)        # StableDiffusionPipeline's defaults, as diffusers uses
 VALIDATION_SAMPLING = dict(steps=25, guidance_scale=7.5)   # diffusers' DreamBooth validation settings
 LEARNING_RATE = {"full": 5e-6, "lora": 5e-4}   # train_dreambooth.py's and train_dreambooth_lora.py's defaults
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_train_steps", type=int, help="optimizer steps in all (overrides --num_train_epochs)")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     a("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    a("--cache_latents", action="store_true",
+      help="encode each crop with the frozen VAE once and keep its posterior (a fresh sample every step)")
     a("--learning_rate", type=finite_float,
       help=f"peak learning rate of AdamW (default {LEARNING_RATE['full']}; with --rank {LEARNING_RATE['lora']})")
     a("--scale_lr", action="store_true", help="multiply the learning rate by the global batch size")
@@ -320,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     info = (start_run_record(output_dir, args, parser, device=str(dist.device), world_size=dist.world_size,
                              dtype=precision, argv=argv, memory_format=layouts) if dist.is_main else None)
 
+    latent_cache = LatentCache(vae, precision) if args.cache_latents else None
+
     # ---- the loop ---------------------------------------------------------------------------------------
     bar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     stopped_by = None
@@ -342,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     trained=args.train_text_encoder)
                                         for prompt in [args.instance_prompt] + ([args.class_prompt] if prior else [])])
                     pred, target, t = denoising_prediction(unet_ddp, vae, schedule, batch, states,
-                                                           precision=precision, offset_noise=args.offset_noise)
+                                                           precision=precision, offset_noise=args.offset_noise,
+                                                           latent_cache=latent_cache)
                     per_image = denoising_loss(pred, target, t, schedule=schedule, snr_gamma=args.snr_gamma)
                     instance_loss, prior_loss = per_image.chunk(2) if prior else (per_image, per_image[:0])
                     # DreamBooth eq. 2: the instance loss plus lambda times the loss on the class images.

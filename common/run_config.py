@@ -223,9 +223,10 @@ def _write_info(output_dir: Path, info: dict) -> None:
 
 # ---- resume compatibility -----------------------------------------------------------------------------
 def config_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> list[str]:
-    """Lines "key: checkpoint X, now Y" for the run-shaping settings that differ."""
-    return [f"  {k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
-            for k in keys if saved.get(k) != current.get(k)]
+    """Lines "key: checkpoint X, now Y" for the run-shaping settings that differ. A setting the checkpoint
+    does not record (it was written before the setting existed) is not compared."""
+    return [f"  {k}: checkpoint {saved[k]!r}, now {current.get(k)!r}"
+            for k in keys if k in saved and saved[k] != current.get(k)]
 
 
 def check_resume_config(saved: dict, current: dict, keys: tuple[str, ...], *, checkpoint: str | Path,

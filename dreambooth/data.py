@@ -58,8 +58,9 @@ def load_image(file: Path, resolution: int, *, flag: str | None = None) -> torch
         return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)       # (3, H, W)
 
 
-def crop(image: torch.Tensor, resolution: int, *, center: bool, generator: torch.Generator) -> torch.Tensor:
-    """A `resolution` square of a (3, H, W) uint8 image -> (3, r, r) float in [-1, 1].
+def crop(image: torch.Tensor, resolution: int, *, center: bool,
+         generator: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A `resolution` square of a (3, H, W) uint8 image -> ((3, r, r) float in [-1, 1], its (top, left)).
 
     centre: torchvision's CenterCrop offsets (rounded half-differences); else a uniform random
     offset drawn from `generator` (drawn in both cases, so the random stream does not depend on it)."""
@@ -69,7 +70,7 @@ def crop(image: torch.Tensor, resolution: int, *, center: bool, generator: torch
     if center:
         top, left = int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0))
     pixels = image[:, top:top + resolution, left:left + resolution].float() / 255.0
-    return pixels * 2.0 - 1.0                                                    # [0, 1] -> [-1, 1]
+    return pixels * 2.0 - 1.0, (top, left)                                       # [0, 1] -> [-1, 1]
 
 
 def example_generator(seed: int, epoch: int, position: int) -> torch.Generator:

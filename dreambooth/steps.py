@@ -4,7 +4,8 @@
     params = trainable_parameters(models, ...)     what the optimizer moves (LoRA plugs in here)
     batch  = make_batch(...)                        instance (+ class) crops and their generators
     states = text_states(...)                       the prompts' CLIP states (trained or not)
-    pred, target, t = denoising_prediction(...)    VAE latents, forward process, one UNet call
+    pred, target, t = denoising_prediction(...)    VAE latents (LatentCache: once per crop), forward process,
+                                                   one UNet call
     per_image = denoising_loss(pred, target, ...)  MSE per image (with min-SNR weighting if asked)
     grad_norm = optimizer_step(...)                 unscale, clip, step, zero (common/training.py)
     training_state / restore_training_state         the whole training state, for exact resume
@@ -76,6 +77,7 @@ def trainable_parameters(models, *, train_text_encoder: bool, gradient_checkpoin
 class Batch:
     pixels: torch.Tensor              # (N, 3, r, r) in [-1, 1]: the instance crops, then the class crops
     generators: list                  # N generators: example i's for its instance and its class image
+    crops: list                       # N (source, image index, top, left): which crop each row is
 
 
 def make_batch(positions: range, *, order: torch.Tensor, epoch: int, seed: int, instance_images: list,
@@ -85,12 +87,39 @@ def make_batch(positions: range, *, order: torch.Tensor, epoch: int, seed: int, 
     preservation) come after the instance crops, so one UNet call denoises both."""
     generators = [example_generator(seed, epoch, k) for k in positions]
     ids = [int(order[k]) for k in positions]
-    pixels = [crop(instance_images[i % len(instance_images)], resolution, center=center_crop, generator=g)
-              for i, g in zip(ids, generators)]
-    if class_images:
-        pixels += [crop(class_images[i % len(class_images)], resolution, center=center_crop, generator=g)
-                   for i, g in zip(ids, generators)]
-    return Batch(pixels=torch.stack(pixels), generators=generators * (2 if class_images else 1))
+    sources = [("instance", instance_images)] + ([("class", class_images)] if class_images else [])
+    pixels, crops = [], []
+    for source, images in sources:
+        for i, g in zip(ids, generators):
+            square, (top, left) = crop(images[i % len(images)], resolution, center=center_crop, generator=g)
+            pixels.append(square)
+            crops.append((source, i % len(images), top, left))
+    return Batch(pixels=torch.stack(pixels), generators=generators * len(sources), crops=crops)
+
+
+class LatentCache:
+    """--cache_latents: the frozen VAE's posterior q(z|x) of each crop, computed the first time the crop is
+    drawn and kept (each step still draws a fresh sample z from it, as without the cache), so the encoder
+    runs once per distinct crop instead of on every example of every step. With square images or
+    --center_crop that is once per image; random crops of larger images add an entry per distinct offset.
+
+    Each crop is encoded alone, so its posterior does not depend on which crops shared its first batch
+    (a resumed run, or N processes, get the same numbers). Batched encoding differs from this in the last
+    bits (about 1e-6 of the latents on a CPU), which is why a run with the cache is close to one without,
+    not bit-identical."""
+
+    def __init__(self, vae, precision: str):
+        self.vae, self.precision, self.moments = vae, precision, {}   # crop -> (1, 2L, h, w) moments
+
+    @torch.no_grad()
+    def posterior(self, batch: Batch):
+        from diffusion.models.vae import DiagonalGaussian
+        device = batch.pixels.device
+        for key, pixels in zip(batch.crops, batch.pixels):
+            if key not in self.moments:
+                with autocast(self.precision, device):
+                    self.moments[key] = self.vae.encode(pixels[None]).moments
+        return DiagonalGaussian(torch.cat([self.moments[key] for key in batch.crops]))
 
 
 def text_states(text_encoder, tokenizer, prompts: list[str], *, precision: str, trained: bool) -> torch.Tensor:
@@ -102,14 +131,16 @@ def text_states(text_encoder, tokenizer, prompts: list[str], *, precision: str, 
 
 
 def denoising_prediction(unet, vae, schedule, batch: Batch, states: torch.Tensor, *, precision: str,
-                         offset_noise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         offset_noise: bool, latent_cache: LatentCache | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prediction, target, t) for one batch: the images' latents, noised to a random timestep t each
     ((N,)), and what the UNet should predict there (the noise, or v for v-prediction models), (N, C, h, w)."""
     device = batch.pixels.device
     g = batch.generators
     # Latents: a sample of the frozen VAE's posterior q(z|x), times the scaling factor (0.18215 for SD v1).
     with torch.no_grad(), autocast(precision, device):
-        latents = vae.encode(batch.pixels).sample(g).float() * vae.config.scaling_factor   # (N, L, r/f, r/f)
+        posterior = latent_cache.posterior(batch) if latent_cache is not None else vae.encode(batch.pixels)
+        latents = posterior.sample(g).float() * vae.config.scaling_factor           # (N, L, r/f, r/f)
     noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=gen) for gen in g])
     if offset_noise:     # a per-image, per-channel constant: lets the model shift brightness
         noise = noise + OFFSET_NOISE_SCALE * torch.cat([torch.randn((1, latents.shape[1], 1, 1), generator=gen)

@@ -81,6 +81,13 @@ def test_resume_check_lists_differences():
     assert check_resume_config(saved, now, keys, checkpoint="ck.pt", allow_change=True) == [
         "  learning_rate: checkpoint 0.001, now 0.002"]
     assert check_resume_config(saved, {**saved, "output_dir": "c"}, keys, checkpoint="ck.pt", allow_change=False) == []
+    # a setting newer than the checkpoint (not in its record) is not compared; one it records is
+    newer = keys + ("cache_latents",)
+    assert check_resume_config(saved, {**saved, "cache_latents": False}, newer, checkpoint="ck.pt",
+                               allow_change=False) == []
+    with pytest.raises(ValueError, match=r"cache_latents: checkpoint False, now True"):
+        check_resume_config({**saved, "cache_latents": False}, {**saved, "cache_latents": True}, newer,
+                            checkpoint="ck.pt", allow_change=False)
 
 
 def test_example_config_is_valid():

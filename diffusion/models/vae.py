@@ -80,6 +80,7 @@ class DiagonalGaussian:
     """q(z|x) = N(mean, diag(std^2)), from the encoder's 2*latent_channels moments (mean, log variance)."""
 
     def __init__(self, moments: torch.Tensor):
+        self.moments = moments                          # (B, 2L, h, w): what the encoder gave
         self.mean, logvar = moments.chunk(2, dim=1)     # (B, L, h, w) each
         self.logvar = logvar.clamp(-30.0, 20.0)         # as LDM: keeps exp() finite
         self.std = torch.exp(0.5 * self.logvar)
