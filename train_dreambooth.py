@@ -41,7 +41,7 @@ from common.precision import DTYPES, MIXED_PRECISION, check_device_runs, slow_pr
 from common.run_config import (check_resume_config, finish_run_record, finite_float, parse_args_with_config,
                                start_run_record)
 from common.state_dict import CheckpointError
-from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, MetricsLog, StopOnSignal, all_reduce_sum,
+from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, MetricsLog, StopOnSignal, adamw, all_reduce_sum,
                              barrier, check_output_dir, fail, fail_run, grad_scaler, gradient_sync, learning_rate,
                              nonfinite_loss_message, optimizer_step, rng_state, save_training_state, stopped_run,
                              seed_everything, set_rng_state, setup_distributed, stop_requested,
@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(--train_batch_size x --gradient_accumulation_steps x processes)", dist)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     peak_lr = args.learning_rate * (global_batch if args.scale_lr else 1)   # --scale_lr: x the global batch
-    optimizer = torch.optim.AdamW(params, lr=peak_lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = adamw(params, lr=peak_lr, betas=(args.adam_beta1, args.adam_beta2),
+                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     scaler = grad_scaler(dist.device, precision)
 
     # ---- resume: weights, optimizer, scaler, step and RNG state (the data stream follows from the step) ---

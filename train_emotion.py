@@ -30,7 +30,7 @@ from common.run_config import (check_resume_config, finish_run_record, finite_fl
                                start_run_record)
 from common.state_dict import CheckpointError
 from common.files import check_writable, remove_stale_temporaries
-from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, MetricsLog, StopOnSignal, all_reduce_sum,
+from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, MetricsLog, StopOnSignal, adamw, all_reduce_sum,
                              check_output_dir, fail, fail_run, grad_scaler, gradient_sync, learning_rate,
                              nonfinite_loss_message, optimizer_step, rng_state, save_training_state, stopped_run,
                              seed_everything, set_rng_state, setup_distributed, stop_requested,
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(--train_batch_size x --gradient_accumulation_steps x processes)", dist)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     micro_per_epoch = steps_per_epoch * accumulation
-    optimizer = torch.optim.AdamW(parameter_groups(model, weight_decay=args.weight_decay), lr=args.learning_rate)
+    optimizer = adamw(parameter_groups(model, weight_decay=args.weight_decay), lr=args.learning_rate)
     scaler = grad_scaler(dist.device, precision)
 
     # ---- resume: model, optimizer, scaler, step, data position and every RNG state -----------------

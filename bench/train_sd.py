@@ -7,7 +7,8 @@ for full fine-tuning and for DreamBooth-LoRA.
 --with_prior_preservation --mixed_precision bf16 --gradient_checkpointing: random weights (860M parameters,
 fp32), a batch of 1 instance + 1 class latent (2 x 4 x 32 x 32) with 77x768 text states, one UNet call under
 bf16 autocast with gradient checkpointing, the split loss mse(instance) + 1.0 * mse(class), backward,
-gradient clipping and an AdamW step (whose moments, 2 x 3.4 GB, are allocated on the first step). Ours
+gradient clipping and an AdamW step (whose moments, 2 x 3.4 GB, are allocated on the first step; ours is
+torch's fused AdamW as train_dreambooth.py uses it, diffusers' the per-tensor one its scripts use). Ours
 against diffusers' examples/dreambooth/train_dreambooth.py step.
 
 --case lora: the same step at 512x512 (latents 2 x 4 x 64 x 64) with --rank 4, three sides: ours as
@@ -50,6 +51,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from common.training import adamw  # noqa: E402
 from diffusion.speed import LAYOUTS  # noqa: E402
 
 VAE_FACTOR = 8
@@ -98,7 +100,8 @@ def setup(impl: str, trains: str, resolution: int, their_layout: str, precision:
     step on fixed inputs and returns its wall time."""
     unet, forward = build(impl, their_layout, precision)
     params = trainable(impl, trains, unet, precision)
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE[trains], weight_decay=1e-2)
+    # ours: train_dreambooth.py's optimizer (torch's fused AdamW); diffusers': its scripts' torch.optim.AdamW
+    optimizer = (adamw if impl == "ours" else torch.optim.AdamW)(params, lr=LEARNING_RATE[trains], weight_decay=1e-2)
     g = torch.Generator().manual_seed(0)
     side = resolution // VAE_FACTOR
     latents = torch.randn(2, 4, side, side, generator=g)         # instance + class
