@@ -141,14 +141,14 @@ def test_demo_end_to_end_in_small(tmp_path, monkeypatch):
     import world.dreambooth_demo as demo
     steps = demo.TRAINING.index("--max_train_steps") + 1
     monkeypatch.setattr(demo, "TRAINING", [*demo.TRAINING[:steps], "3", *demo.TRAINING[steps + 1:]])
-    monkeypatch.setattr(demo, "PRIOR", [x if x != "64" else "4" for x in demo.PRIOR])
+    monkeypatch.setattr(demo, "NUM_CLASS_IMAGES", 4)
     monkeypatch.setattr(demo, "FIDELITY_SEEDS", 1)
     monkeypatch.setattr(demo, "PRIOR_SEEDS", 2)
-    monkeypatch.setattr(demo, "SAMPLING", dict(steps=3, guidance_scale=7.5))
+    monkeypatch.setattr(demo, "SAMPLING_STEPS", 3)
     assert demo.run(tmp_path) == 0
     report = json.loads((tmp_path / "demo_report.json").read_text())
     assert set(report) == {"base", "with_prior", "lora", "no_prior"}
-    assert len(list((tmp_path / "class_images").glob("*.png"))) == 4   # made once, read by the LoRA run too
+    assert len(list((tmp_path / "class_images" / "samples").glob("*.png"))) == 4   # made once, read by both
     assert (tmp_path / "comparison.png").is_file() and (tmp_path / "with_prior" / "model_index.json").is_file()
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert set(report["lora"]) == set(report["base"])   # scored as the others

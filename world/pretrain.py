@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from clip.text_model import CLIPTextConfig, CLIPTextModel
-from common.training import (CHECKPOINT_NAME, Checkpoints, MetricsLog, StopOnSignal, learning_rate,
+from common.training import (CHECKPOINT_NAME, Checkpoints, MetricsLog, StopOnSignal, adamw, learning_rate,
                              list_checkpoints, load_checkpoint)
 from diffusion.checkpoints.save import save_models_folder
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -137,7 +137,7 @@ def train_vae(args, world: World) -> AutoencoderKL:
         # background for hundreds of steps (measured: 0% colour read back at step 500); the tiny KL
         # weight barely pulls the variance up again.
         vae.quant_conv.bias[VAE.latent_channels:] = LOGVAR_INIT
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    optimizer = adamw(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     state = {"vae": vae, "optimizer": optimizer, "cpu_seconds": 0.0, "scaling_factor": None}
     checkpoints = Checkpoints(folder, total_limit=2)
     step = resume(checkpoints, state)
@@ -199,7 +199,7 @@ def train_t2i(args, world: World, vae: AutoencoderKL) -> None:
     text_encoder, unet = CLIPTextModel(text_config), UNet2DConditionModel(config=copy.deepcopy(UNET))
     ema_text, ema_unet = copy.deepcopy(text_encoder).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
     params = [*text_encoder.parameters(), *unet.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    optimizer = adamw(params, lr=args.lr, weight_decay=0.01)
     state = {"text_encoder": text_encoder, "unet": unet, "ema_text_encoder": ema_text, "ema_unet": ema_unet,
              "optimizer": optimizer, "cpu_seconds": 0.0}
     checkpoints = Checkpoints(folder, total_limit=2)
@@ -268,7 +268,7 @@ def train_vae_decoder(args, vae: AutoencoderKL) -> AutoencoderKL:
     params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=args.vae_decoder_lr, weight_decay=0.0)
+    optimizer = adamw(params, lr=args.vae_decoder_lr, weight_decay=0.0)
     state = {"vae": vae, "optimizer": optimizer, "cpu_seconds": 0.0}
     checkpoints = Checkpoints(folder, total_limit=2)
     step = resume(checkpoints, state)
