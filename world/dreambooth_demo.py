@@ -15,10 +15,10 @@
 3. Prints the table, writes demo_report.json and comparison.png (rows: instances, base, with prior, LoRA,
    without prior; columns: the prompts).
 
-The jobs run two at a time, each on one CPU thread (OMP_NUM_THREADS=1), each as soon as the jobs it needs
-are done. On this small model two one-thread processes do about 1.8x the work of one two-thread process
-(its operations are too small to split well), and a one-thread process computes the same numbers on any
-machine whatever its number of cores, so the table is the same to the last digit on every rerun.
+The jobs run one per CPU core (up to 4), each on one thread (OMP_NUM_THREADS=1), each as soon as the jobs it
+needs are done. On this small model two one-thread processes do about 1.8x the work of one two-thread
+process (its operations are too small to split well), and a one-thread process computes the same numbers
+whatever the machine's number of cores or load, so the table is the same to the last digit on every rerun.
 
 What is measured (Ruiz et al. 2022, section 4.1 and 4.3):
 - subject fidelity: "a sks star on a <colour> background" for four backgrounds (one the instance
@@ -50,7 +50,8 @@ from world.subject import instance_images, looks_like_subject, reference_colours
 
 ROOT = Path(__file__).resolve().parent.parent   # where train_dreambooth.py is
 OUT = Path("runs/dreambooth_demo")
-LANES = 2                                       # jobs running at once, one CPU thread each
+# jobs running at once, one CPU thread each: one per core, up to 4 (beyond that the jobs wait on each other)
+LANES = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 INSTANCE_PROMPT, CLASS_PROMPT = "a sks star", "a star"
 FIDELITY_BACKGROUNDS = ("white", "green", "black", "red")   # red: a background no instance image had
 FIDELITY_SEEDS = 4
@@ -58,19 +59,17 @@ PRIOR_SEEDS = 16
 SAMPLING_STEPS, GUIDANCE = 50, 7.5                          # sample.py's defaults (DDIM)
 NUM_CLASS_IMAGES = 64
 # Chosen by the sweeps in docs/dreambooth_demo_sweep.md: a cosine decay to 0 (at a constant rate "a star" fell to
-# 44-56% stars whatever the prior weight; decayed, it stays near the base model's 75%), 300 steps.
-TRAINING = ["--resolution", "64", "--train_batch_size", "4", "--max_train_steps", "300", "--lr_scheduler", "cosine",
+# 44-56% stars whatever the prior weight; decayed, it stays near the base model's 75%), 450 steps (at 300 the
+# subject came out in 62-75% of the samples), and the prior loss at its usual weight, 1.
+TRAINING = ["--resolution", "64", "--train_batch_size", "4", "--max_train_steps", "450", "--lr_scheduler", "cosine",
             "--lr_warmup_steps", "30", "--seed", "0", "--checkpointing_steps", "100000", "--validation_steps", "100000",
             "--cache_latents"]
 # The whole UNet and the text encoder (as the seed repository; the subject went from 44% to 75% at a constant 2e-4).
-FULL = ["--train_text_encoder", "--learning_rate", "4e-4"]
+FULL = ["--train_text_encoder", "--learning_rate", "5e-4"]
 # LoRA (diffusers' train_dreambooth_lora.py: rank-r updates of the UNet's attention projections), 10x full
 # fine-tuning's rate; with the text encoder's attention adapted too, or at ranks 4 to 16 and rates 1e-3 to 2e-3,
 # it learned less of the subject and lost more of "a star" (the sweep).
 LORA = ["--rank", "16", "--learning_rate", "4e-3"]
-# The prior loss's weight: 0.5 gave full fine-tuning more of the subject and no less of "a star" than 1.0; the LoRA
-# lost "a star" at 0.5 (31% stars against 50% at 1.0).
-PRIOR_WEIGHT = {"with_prior": "0.5", "lora": "1.0"}
 MODELS = ("base", "with_prior", "lora", "no_prior")        # the table's rows, the grid's after the instances
 
 
@@ -101,15 +100,17 @@ def sample_images(models, prompt_list: list[str], seeds: int, steps: int = SAMPL
 
 def evaluate(model_dir: Path, lora: Path | None = None, *, fidelity_seeds: int = FIDELITY_SEEDS,
              prior_seeds: int = PRIOR_SEEDS, steps: int = SAMPLING_STEPS) -> tuple[dict, list, list]:
-    """Scores of one model folder (with `lora`: that LoRA file fused into it, as sample.py --lora does), and
-    its fidelity and prior images."""
+    """Scores of one model folder, loaded as sample.py loads it (with `lora`: that LoRA file fused in, as
+    sample.py --lora does; the speed arrangement of diffusion/speed.py), and its fidelity and prior images."""
     from diffusion.checkpoints.load import load_stable_diffusion
     from diffusion.checkpoints.lora_files import load_lora_files
+    from diffusion.speed import arrange_for_speed
     models = load_stable_diffusion(model_dir)
     if lora is not None:
         load_lora_files(models, [(str(lora), 1.0)])
     for m in (models.unet, models.vae, models.text_encoder):
         m.eval()
+    arrange_for_speed(models, device=torch.device("cpu"), precision="fp32")
     reference = reference_colours()
     fidelity = sample_images(models, fidelity_prompts(), fidelity_seeds, steps)
     asked = [colour for colour in FIDELITY_BACKGROUNDS for _ in range(fidelity_seeds)]
@@ -126,21 +127,21 @@ def evaluate(model_dir: Path, lora: Path | None = None, *, fidelity_seeds: int =
     return scores, fidelity, prior
 
 
-def comparison_grid(rows: list[list], labels: list[str], columns: list[str]):
-    """One row of images per model, enlarged 2x, with the model's name on the left and each column's
-    prompt above it."""
+def comparison_grid(rows: list[list], labels: list[str], headings: list[str]):
+    """The instance images, then one row of images per model, each enlarged 2x, with its name on the left;
+    above the models' rows, each column's prompt."""
     from PIL import Image, ImageDraw
-    side, gap, left, top_margin = 128, 4, 110, 30
+    side, gap, left, band = 128, 4, 110, 30
     width = left + max(len(r) for r in rows) * (side + gap)
-    sheet = Image.new("RGB", (width, top_margin + len(rows) * (side + gap) + gap), (255, 255, 255))
+    sheet = Image.new("RGB", (width, band + len(rows) * (side + gap) + gap), (255, 255, 255))
     pen = ImageDraw.Draw(sheet)
-    for x, heading in enumerate(columns):
-        pen.multiline_text((left + x * (side + gap) + 2, 4), heading, fill=(0, 0, 0), spacing=2)
     for y, (row, label) in enumerate(zip(rows, labels)):
-        top = top_margin + gap + y * (side + gap)
+        top = gap + y * (side + gap) + (band if y > 0 else 0)
         pen.text((6, top + side // 2 - 6), label, fill=(0, 0, 0))
         for x, image in enumerate(row):
             sheet.paste(image.resize((side, side), Image.Resampling.NEAREST), (left + x * (side + gap), top))
+    for x, heading in enumerate(headings):       # in the band between the instances and the models
+        pen.multiline_text((left + x * (side + gap) + 2, side + 2 * gap + 2), heading, fill=(0, 0, 0), spacing=2)
     return sheet
 
 
@@ -159,8 +160,7 @@ def jobs(out: Path) -> list[Job]:
     instance_dir, class_dir = out / "instance_images", out / "class_images" / "samples"
     prior = ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--num_class_images", str(NUM_CLASS_IMAGES),
              "--class_data_dir", str(class_dir)]
-    trainings = {"with_prior": [*FULL, *TRAINING, *prior, "--prior_loss_weight", PRIOR_WEIGHT["with_prior"]],
-                 "lora": [*LORA, *TRAINING, *prior, "--prior_loss_weight", PRIOR_WEIGHT["lora"]],
+    trainings = {"with_prior": [*FULL, *TRAINING, *prior], "lora": [*LORA, *TRAINING, *prior],
                  "no_prior": [*FULL, *TRAINING]}
     train = {name: Job(name, ["train_dreambooth.py", "--pretrained_model_name_or_path", str(WORLD_SD),
                               "--instance_data_dir", str(instance_dir), "--instance_prompt", INSTANCE_PROMPT,
@@ -195,33 +195,39 @@ def run_jobs(todo: list[Job], logs: Path, started: float) -> int:
     # scripts by their path and the package on PYTHONPATH, so the jobs run from the user's folder (paths as given)
     path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path}
-    waiting, running, done = list(todo), [], set()
     clock = lambda: f"[{time.perf_counter() - started:4.0f} s]"
-    while waiting or running:
-        for job in [j for j in waiting if all(n in done for n in j.needs)][:LANES - len(running)]:
-            print(f"{clock()} {job.name}: {command_line(job)}", flush=True)
-            with open(logs / f"{job.name}.log", "w") as log:
+    waiting, running, done = list(todo), [], set()
+    try:
+        while waiting or running:
+            for job in [j for j in waiting if all(n in done for n in j.needs)][:LANES - len(running)]:
+                print(f"{clock()} {job.name}: {command_line(job)}", flush=True)
                 script = [str(ROOT / job.argv[0])] if job.argv[0].endswith(".py") else job.argv[:1]
-                job.process = subprocess.Popen([sys.executable, *script, *job.argv[1:]], env=env, stdout=log,
-                                               stderr=subprocess.STDOUT)
-            job.started = time.perf_counter()
-            waiting.remove(job)
-            running.append(job)
-        finished = next((j for j in running if j.process.poll() is not None), None)
-        if finished is None:
-            time.sleep(0.2)
-            continue
-        running.remove(finished)
-        code = finished.process.returncode
-        if code != 0:
-            for job in running:
-                job.process.terminate()
-                job.process.wait()
-            print(f"{clock()} {finished.name} failed (exit {code}); the end of {logs / finished.name}.log:")
-            print("".join((logs / f"{finished.name}.log").read_text(errors="replace").splitlines(True)[-20:]))
-            return code
-        done.add(finished.name)
-        print(f"{clock()} {finished.name} done in {time.perf_counter() - finished.started:.0f} s", flush=True)
+                with open(logs / f"{job.name}.log", "w") as log:
+                    job.process = subprocess.Popen([sys.executable, *script, *job.argv[1:]], env=env, stdout=log,
+                                                   stderr=subprocess.STDOUT)
+                job.started = time.perf_counter()
+                waiting.remove(job)
+                running.append(job)
+            finished = next((j for j in running if j.process.poll() is not None), None)
+            if finished is None:
+                time.sleep(0.2)
+                continue
+            running.remove(finished)
+            if finished.process.returncode != 0:
+                for job in running:
+                    job.process.terminate()
+                    job.process.wait()
+                log = logs / f"{finished.name}.log"
+                print(f"{clock()} {finished.name} failed (exit {finished.process.returncode}); the end of {log}:")
+                print("".join(log.read_text(errors="replace").splitlines(True)[-20:]))
+                return finished.process.returncode
+            done.add(finished.name)
+            print(f"{clock()} {finished.name} done in {time.perf_counter() - finished.started:.0f} s", flush=True)
+    except KeyboardInterrupt:   # the jobs got the same Ctrl-C: let them stop as they do on their own
+        for job in running:
+            job.process.wait()
+        print(f"{clock()} stopped; finished: {', '.join(sorted(done)) or 'nothing'}")
+        return 130
     return 0
 
 

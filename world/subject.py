@@ -14,6 +14,8 @@ A single-coloured orange star scores about the subject's orange share; any other
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
+
 from world.checker import NAMED_LAB, NAMES, as_array, srgb_to_lab
 from world.scene import Scene, draw
 
