@@ -12,7 +12,6 @@ Without transformers installed, only our side runs and the script says so.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys

@@ -14,7 +14,7 @@ from common.state_dict import read_safetensors
 from diffusion.checkpoints import single_file
 from diffusion.models.unet import UNet2DConditionModel, UNetConfig
 from diffusion.models.unet_blocks import timestep_embedding
-from diffusion.models.vae import AutoencoderKL, VAEConfig
+from diffusion.models.vae import VAEConfig
 from diffusion.checkpoints.load import (load_unet_folder, load_unet_single_file, load_vae_folder, load_vae_single_file)
 from diffusion.speed import (keep_the_layout_in_spatial_transformers, memory_format_of,
                              take_inputs_in_weights_layout, upsample2x_conv3x3, use_subpixel_upsamplers)

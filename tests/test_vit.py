@@ -13,8 +13,7 @@ from vit.classifier import ImageClassifier
 from vit.model import EMOTION_LABELS, ViTConfig, ViTForImageClassification
 from common.images import load_image
 from vit.preprocess import PreprocessConfig, preprocess
-from vit.weights import (TRANSFORMERS_KEYS, load_vit, save_pretrained, split_qkv, to_our_names,
-                         transformers_state_dict)
+from vit.weights import TRANSFORMERS_KEYS, load_vit, save_pretrained, split_qkv, to_our_names
 
 FIX = Path(__file__).parent / "fixtures"
 VIT = FIX / "vit"

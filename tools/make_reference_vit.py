@@ -10,7 +10,6 @@ This is the only ViT code that imports transformers or timm; the tests read what
 """
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import sys

@@ -15,7 +15,7 @@ Module attributes carry diffusers' key names, so a diffusers `unet/` folder load
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
