@@ -154,6 +154,21 @@ def test_demo_end_to_end_in_small(tmp_path, monkeypatch):
     assert set(report["lora"]) == set(report["base"])   # scored as the others
 
 
+def test_demo_scoring_refuses_bad_input_by_name(tmp_path, capsys):
+    """`python -m world.dreambooth_demo score`, whose command lines the demo prints for users to retype."""
+    import world.dreambooth_demo as demo
+    assert demo.score_main([str(tmp_path / "missing"), "--out", str(tmp_path / "s")]) == 2
+    assert str(tmp_path / "missing") in capsys.readouterr().err
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    assert demo.score_main([str(demo.WORLD_SD), "--lora", str(tmp_path / "bad.safetensors"),
+                            "--out", str(tmp_path / "s")]) == 2
+    assert "bad.safetensors" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.score_main([str(demo.WORLD_SD), "--steps", "0", "--out", str(tmp_path / "s")])
+    assert "--steps 0: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 # ---- pretraining: deterministic and resumable ----------------------------------------------------------
 def test_pretraining_resumes_bit_for_bit(tmp_path, monkeypatch):
     import world.pretrain as pretrain_world

@@ -243,8 +243,15 @@ def score_main(argv: list[str]) -> int:
     parser.add_argument("--prior_seeds", type=int, default=PRIOR_SEEDS, help=f"images of '{CLASS_PROMPT}'")
     parser.add_argument("--steps", type=int, default=SAMPLING_STEPS, help="DDIM steps")
     args = parser.parse_args(argv)
-    scores, fidelity, prior = evaluate(args.model, args.lora, fidelity_seeds=args.fidelity_seeds,
-                                       prior_seeds=args.prior_seeds, steps=args.steps)
+    for flag in ("fidelity_seeds", "prior_seeds", "steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    try:   # CheckpointError is a ValueError
+        scores, fidelity, prior = evaluate(args.model, args.lora, fidelity_seeds=args.fidelity_seeds,
+                                           prior_seeds=args.prior_seeds, steps=args.steps)
+    except (OSError, ValueError) as e:   # the message names the file
+        print(f"python -m world.dreambooth_demo score: error: {e}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     for kind, images in (("fidelity", fidelity), ("prior", prior)):
         for k, image in enumerate(images):
