@@ -40,7 +40,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from common.precision import sampling_precision  # noqa: E402
 from diffusion.speed import LAYOUTS  # noqa: E402
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    """The weights' dtype of a --precision, as sample.py reads it ("autocast": fp32 weights)."""
+    return sampling_precision(precision, torch.device("cpu"))[0]
 
 SD_V1_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
@@ -51,7 +57,6 @@ def rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "autocast": torch.float32}   # the weights' dtype
 
 
 def build(impl: str, model: str, precision: str, their_layout: str) -> torch.nn.Module:
@@ -64,13 +69,13 @@ def build(impl: str, model: str, precision: str, their_layout: str) -> torch.nn.
         from diffusion.models.vae import AutoencoderKL, VAEConfig
         from diffusion.speed import arrange_for_speed
         net = (UNet2DConditionModel(config=UNetConfig.sd_v1()) if model == "unet"
-               else AutoencoderKL(config=VAEConfig.sd_v1())).to(DTYPE[precision])
+               else AutoencoderKL(config=VAEConfig.sd_v1())).to(weights_dtype(precision))
         arrange_for_speed(SimpleNamespace(**{model: net}), device=torch.device("cpu"),
                           precision="bf16" if precision == "autocast" else precision)
         return net.eval()
     from tools.reference_models import autoencoder_kl, sd_v1_unet
     net = sd_v1_unet() if model == "unet" else autoencoder_kl(**SD_V1_VAE)
-    return net.to(DTYPE[precision]).to(memory_format=LAYOUTS[their_layout]).eval()
+    return net.to(weights_dtype(precision)).to(memory_format=LAYOUTS[their_layout]).eval()
 
 
 def workload(impl: str, model: str, net: torch.nn.Module):

@@ -51,6 +51,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from common.precision import DTYPES  # noqa: E402
 from common.training import adamw  # noqa: E402
 from diffusion.speed import LAYOUTS  # noqa: E402
 
@@ -89,7 +90,7 @@ def trainable(impl: str, trains: str, unet: torch.nn.Module, precision: str) -> 
     params = list(unet.parameters())
     if trains == "lora":
         from tools.reference_models import add_dreambooth_lora
-        params = add_dreambooth_lora(unet, rank=RANK, weight_dtype=DTYPE[precision])
+        params = add_dreambooth_lora(unet, rank=RANK, weight_dtype=DTYPES[precision])
     unet.train()
     unet.enable_gradient_checkpointing()
     return params
@@ -150,7 +151,6 @@ def paired(trains: str, pairs: int, resolution: int, their_layout: str, precisio
 
 
 LABEL = {"full": "full FT", "lora": "LoRA"}
-DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def name(side: tuple[str, str]) -> str:
