@@ -127,6 +127,30 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
     return safetensors_header(path)[1]
 
 
+def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+                      ) -> None:
+    """Write a .safetensors file atomically (common/files.py), its bytes a function of its contents alone:
+    safetensors passes the metadata through a hash map, in a new order each run, so the header is then
+    rewritten in place with the metadata sorted (the same length, as safetensors pads it; nothing else moves)."""
+    from safetensors.torch import save_file
+
+    from common.files import atomic_write
+
+    def write(tmp: str) -> None:
+        save_file(dict(tensors), tmp, metadata=metadata)
+        if not metadata:
+            return
+        with open(tmp, "r+b") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+            text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()   # as safetensors writes
+            assert len(text) <= n, "the same entries in another order are never longer"
+            f.seek(8)
+            f.write(text.ljust(n))
+    atomic_write(Path(path), write)
+
+
 # ---- key tables: one checkpoint layout's names for our tensors, as data read in both directions ----
 # A template is a key with fields in braces; each field matches a fixed vocabulary.
 FIELDS = {

@@ -17,11 +17,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
 
-from common.files import atomic_write
 from common.precision import DTYPES
-from common.state_dict import CheckpointError, read_safetensors
+from common.state_dict import CheckpointError, read_safetensors, write_safetensors
 from porting.components import Component, TraceError, check_inputs, load_component
 from porting.names import checkpoint_names
 
@@ -142,17 +140,10 @@ def trace(component: Component, inputs: dict[str, torch.Tensor], *, names: str =
 
 
 def write_trace(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """safetensors keeps neither the tensors' insertion order (so the forward order travels in the
-    metadata) nor the metadata's (it goes through a Rust HashMap, in a new order each run): the header
-    is written back with the metadata sorted, so the same trace is the same bytes."""
-    meta = {**metadata, "order": json.dumps(list(tensors))}
-    data = save({k: v.contiguous().clone() for k, v in tensors.items()}, metadata=meta)
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()   # as safetensors writes it
-    assert len(text) <= n, "the reordered header must fit where the old one was"
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data[:8] + text.ljust(n) + data[8 + n:]))
+    """safetensors keeps no insertion order, so the forward order travels in the metadata; the file is the
+    same bytes for the same trace (`write_safetensors` sorts the metadata)."""
+    write_safetensors(path, {k: v.contiguous().clone() for k, v in tensors.items()},
+                      {**metadata, "order": json.dumps(list(tensors))})
 
 
 def run_trace(*, model: str, component: str, inputs: str, out: str, precision: str = "fp32",

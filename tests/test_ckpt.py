@@ -445,7 +445,7 @@ def test_failed_conversion_keeps_the_old_output(tmp_path, monkeypatch, capsys):
         Path(tmp).write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(convert_module, "save_file", disk_full)
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)   # under write_safetensors
     assert convert_module.main([str(SMALL_CKPT), str(out)]) == 1
     assert "No space left" in capsys.readouterr().err
     assert out.read_bytes() == b"an earlier conversion"

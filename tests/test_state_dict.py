@@ -140,3 +140,20 @@ def test_a_row_must_read_both_ways():
         KeyTable([("blocks.{i}.weight", "layer.0.weight")])
     with pytest.raises(ValueError, match=r"unknown field \{k\}"):
         KeyTable([("blocks.{k}", "layer.{k}")])
+
+
+def test_write_safetensors_is_the_same_bytes_for_the_same_contents(tmp_path):
+    """safetensors orders the metadata anew on each write; write_safetensors sorts it, so convert.py, the savers
+    and the fixture tools write the same file for the same tensors and metadata."""
+    from common.state_dict import write_safetensors
+    tensors = {"b": torch.arange(3.0), "a": torch.ones(2, 2, dtype=torch.float16)}
+    metadata = {k: k * 3 for k in "zyxwvu"}
+    for name in ("1", "2", "3"):
+        write_safetensors(tmp_path / f"{name}.safetensors", tensors, metadata)
+    data = [(tmp_path / f"{name}.safetensors").read_bytes() for name in ("1", "2", "3")]
+    assert data[0] == data[1] == data[2]
+    header, meta, _ = safetensors_header(tmp_path / "1.safetensors")
+    assert list(meta) == sorted(metadata) and meta == metadata
+    back = load_file(tmp_path / "1.safetensors")
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.safetensors", "2.safetensors", "3.safetensors"]

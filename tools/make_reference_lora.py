@@ -32,6 +32,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from common.state_dict import write_safetensors  # noqa: E402
+
 SD_FOLDER = ROOT / "tests" / "fixtures" / "sd" / "tiny_diffusers"
 OUT = ROOT / "tests" / "fixtures" / "lora"
 UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
@@ -228,7 +231,7 @@ def main() -> None:
     tensors, runs = {}, {}
     for name, f in files.items():
         path = OUT / f"{name}.safetensors"
-        save_file({k: v.contiguous() for k, v in f["tensors"].items()}, str(path), metadata=f["metadata"])
+        write_safetensors(path, {k: v.contiguous() for k, v in f["tensors"].items()}, f["metadata"])   # sorted
         n = len([k for k in f["tensors"] if k.endswith("down.weight") or k.endswith("lora_A.weight")])
         runs[name] = reference(name, path, tensors, n)
         print(f"{name}: {n} modules, diffusers adapted {runs[name]['adapted_modules']}")

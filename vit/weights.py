@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from common.files import atomic_write, read_json
 from common.state_dict import (CheckpointError, KeyTable, check_keys, empty_model, load_strict, read_safetensors,
-                               rename)
+                               rename, write_safetensors)
 from vit.model import ViTConfig, ViTForImageClassification, default_labels
 from vit.preprocess import PreprocessConfig
 
@@ -252,7 +251,7 @@ def save_pretrained(model: ViTForImageClassification, preprocess: PreprocessConf
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = transformers_state_dict(model)
-    atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_safetensors(folder / "model.safetensors", tensors, {"format": "pt"})
     for name, content in (("config.json", model.config.to_hf_dict()),
                           ("preprocessor_config.json", preprocess.to_hf_dict())):
         text = json.dumps(content, indent=2) + "\n"

@@ -9,8 +9,8 @@ like are left behind). Stable Diffusion's "full-ema" files carry a second copy o
 dropped unless `--keep_ema`. `--half` stores every floating-point tensor but 0-dim scalars as
 float16, halving the file; that includes the DDPM schedule buffers (`betas`, `alphas_cumprod`, ...),
 which our loader ignores (sampling recomputes the schedule from its config). The write is atomic: a temporary file in the same
-folder, fsync, then `os.replace` (`common.training.atomic_write`), so an interrupted run never
-leaves a half-written OUT.
+folder, fsync, then `os.replace` (`common.state_dict.write_safetensors`), so an interrupted run never
+leaves a half-written OUT; and the same input gives the same bytes (the metadata sorted).
 """
 from __future__ import annotations
 
@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
-from safetensors.torch import save_file
 
-from common.state_dict import CheckpointError
-from common.files import atomic_write
+from common.state_dict import CheckpointError, write_safetensors
 from diffusion.checkpoints.ckpt import read_checkpoint_full, state_dict_of
 
 EMA_PREFIX = "model_ema."
@@ -86,7 +84,7 @@ def convert(src: str | Path, dst: str | Path, *, half: bool = False, keep_ema: b
         for key in ("epoch", "global_step", "pytorch-lightning_version"):
             if isinstance(tree.get(key), (int, str)):
                 metadata[key] = str(tree[key])
-    atomic_write(dst, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_safetensors(dst, tensors, metadata)
     return tensors, [key for key in state_dict if key not in tensors]
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.state_dict import CheckpointError, listing, read_safetensors, safetensors_metadata
+from common.state_dict import CheckpointError, listing, read_safetensors, safetensors_metadata, write_safetensors
 from diffusion import lora
 
 PARTS = ("unet", "text_encoder")
@@ -256,13 +256,11 @@ KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 def save_lora_files(models, folder: str | Path, *, parts=PARTS, kohya: bool = False) -> list[Path]:
     """folder/pytorch_lora_weights.safetensors in diffusers' format (and, with `kohya`, the kohya file);
     each written atomically. Returns the paths written."""
-    from safetensors.torch import save_file
-    from common.files import atomic_write
     folder = Path(folder)
     written = []
     for name, tensors in ((DIFFUSERS_FILE, diffusers_lora_tensors(models, parts)),
                           *([(KOHYA_FILE, kohya_lora_tensors(models, parts))] if kohya else [])):
         tensors = {k: v.float().cpu() for k, v in tensors.items()}
-        atomic_write(folder / name, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        write_safetensors(folder / name, tensors, {"format": "pt"})
         written.append(folder / name)
     return written

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import save_file
 
 from common.files import atomic_write, read_json
-from common.state_dict import CheckpointError, KeyTable, check_keys, read_safetensors, rename
+from common.state_dict import CheckpointError, KeyTable, check_keys, read_safetensors, rename, write_safetensors
 from clip.weights import FOLDER_PREFIX, SINGLE_FILE_PREFIX, text_encoder_state_dict, text_prefix, text_table
 from diffusion.checkpoints import single_file
 from diffusion.models import unet as unet_module
@@ -82,7 +81,7 @@ def _contiguous(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None =
 
 def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=metadata))
+    write_safetensors(path, tensors, metadata)
 
 
 def _write_json(path: Path, data: dict) -> None:
