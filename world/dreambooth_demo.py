@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.files import atomic_write
 from embedded import WORLD_SD
 from world.checker import check
 from world.subject import instance_images, looks_like_subject, reference_colours, subject_similarity
@@ -149,7 +150,7 @@ def comparison_grid(rows: list[list], labels: list[str], headings: list[str]):
 @dataclass
 class Job:
     name: str
-    argv: list[str]                                # run as `python ARGV`, from the repository root
+    argv: list[str]                                # run as `python ARGV`: a script of the repository, or -m MODULE
     needs: tuple[str, ...] = ()                    # jobs that must have finished first
     process: subprocess.Popen | None = field(default=None, repr=False)
     started: float = 0.0
@@ -256,7 +257,7 @@ def score_main(argv: list[str]) -> int:
     for kind, images in (("fidelity", fidelity), ("prior", prior)):
         for k, image in enumerate(images):
             image.save(args.out / f"{kind}-{k:02d}.png")
-    (args.out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    atomic_write(args.out / "scores.json", lambda tmp: Path(tmp).write_text(json.dumps(scores, indent=2) + "\n"))
     print(json.dumps(scores, indent=2))
     return 0
 
@@ -294,7 +295,7 @@ def run(out: Path = OUT) -> int:
         labels.append(name.replace("_", " "))
     headings = [f"{INSTANCE_PROMPT} on a\n{c} background" for c in FIDELITY_BACKGROUNDS] + [CLASS_PROMPT] * 6
     comparison_grid([instance_images(), *rows], ["instances", *labels], headings).save(out / "comparison.png")
-    (out / "demo_report.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write(out / "demo_report.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
 
     print(f"\n{'':>11} | 'a sks star on a <colour> background' ({len(FIDELITY_BACKGROUNDS) * FIDELITY_SEEDS}) "
           f"| 'a star' ({PRIOR_SEEDS})")
