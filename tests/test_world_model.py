@@ -154,6 +154,15 @@ def test_demo_end_to_end_in_small(tmp_path, monkeypatch):
     assert set(report["lora"]) == set(report["base"])   # scored as the others
 
 
+def test_demo_stops_at_a_failed_job_and_shows_its_log(tmp_path, monkeypatch, capsys):
+    import world.dreambooth_demo as demo
+    monkeypatch.setattr(demo, "FULL", ["--train_text_encoder", "--learning_rate", "-1"])
+    assert demo.run(tmp_path) == 2                       # train_dreambooth.py's exit code for a bad flag
+    out = capsys.readouterr().out
+    assert "no_prior failed (exit 2)" in out and "--learning_rate must be > 0" in out   # the log's end, shown
+    assert not (tmp_path / "demo_report.json").exists()
+
+
 def test_demo_scoring_refuses_bad_input_by_name(tmp_path, capsys):
     """`python -m world.dreambooth_demo score`, whose command lines the demo prints for users to retype."""
     import world.dreambooth_demo as demo
