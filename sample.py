@@ -7,9 +7,9 @@
     python sample.py          # no --ckpt: the embedded tiny model (embedded/world_sd), 64x64, in seconds
 
 --ckpt takes a diffusers folder or one original single file (.safetensors or .ckpt). Each prompt
-(--prompt, or every line of --from-file) is one batch of --n_samples images, started from
-torch.randn((n_samples, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed)): the same
-seed gives the images diffusers' StableDiffusionPipeline gives with generator=manual_seed(seed)
+(--prompt, or every line of --from-file) is --n_iter batches (default 1) of --n_samples images, batch k
+started from torch.randn((n_samples, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed + k)):
+the same seed gives the images diffusers' StableDiffusionPipeline gives with generator=manual_seed(seed)
 (each prompt starts from the seed afresh). DDIM by default (as CompVis); --sampler dpmpp_2m_karras
 gives the same picture in about half the steps (docs/sampling.md); --plms is --sampler plms. Writes outdir/samples/NNNNN.png (numbering continues after the files already there;
 nothing is ever overwritten) and one grid per prompt in outdir, and prints every path written.
@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replaces the empty unconditional prompt of classifier-free guidance")
     p.add_argument("--from-file", dest="from_file", default=None, help="read prompts from this file, one per line")
     p.add_argument("--outdir", default="outputs/txt2img-samples", help="where to write samples/ and the grids")
-    p.add_argument("--n_samples", type=int, default=3, help="images per prompt, sampled as one batch")
+    p.add_argument("--n_samples", type=int, default=3, help="images per batch, sampled together")
+    p.add_argument("--n_iter", type=int, default=1, help="batches per prompt (CompVis's 'sample this often'); "
+                                                         "batch k starts from --seed + k")
     p.add_argument("--sampler", default="ddim", help=f"one of {', '.join(SAMPLERS)} (default ddim; "
                                                        "dpmpp_2m_karras needs about half the steps)")
     p.add_argument("--ddim_steps", type=int, default=50, help="sampling steps, for every sampler (as CompVis "
@@ -112,7 +114,7 @@ def check_args(args: argparse.Namespace) -> None:
                          f"{' (--plms)' if args.plms else ''}: {why}")
     if args.ddim_eta is not None and args.ddim_eta < 0:
         raise UsageError(f"--ddim_eta {args.ddim_eta}: must be >= 0")
-    for flag in ("n_samples", "ddim_steps"):
+    for flag in ("n_samples", "n_iter", "ddim_steps"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be >= 1")
     if not Path(args.ckpt).exists():
@@ -242,17 +244,20 @@ def main(argv: list[str] | None = None) -> list[Path]:
                             memory_format=layouts)
     written = []
     for prompt in prompts:
-        images = generate(models, [prompt], negative_prompt=args.negative_prompt,
-                          num_images_per_prompt=args.n_samples, steps=args.ddim_steps,
-                          eta=args.ddim_eta, guidance_scale=args.scale, height=args.H, width=args.W,
-                          seed=args.seed, sampler=args.sampler, autocast=autocast,
-                          progress=True, output="pil")
-        for image in images:
-            written.append(save_new(image, samples, r"(\d+)\.\w+", lambda i: f"{i:05d}.png"))
-            print(written[-1], flush=True)
+        images = []
+        for k in range(args.n_iter):     # batch k: what `--seed SEED+k --n_iter 1` gives
+            batch = generate(models, [prompt], negative_prompt=args.negative_prompt,
+                             num_images_per_prompt=args.n_samples, steps=args.ddim_steps,
+                             eta=args.ddim_eta, guidance_scale=args.scale, height=args.H, width=args.W,
+                             seed=args.seed + k, sampler=args.sampler, autocast=autocast,
+                             progress=True, output="pil")
+            for image in batch:
+                written.append(save_new(image, samples, r"(\d+)\.\w+", lambda i: f"{i:05d}.png"))
+                print(written[-1], flush=True)
+            images += batch
         slug = re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-")[:30] or "prompt"
-        written.append(save_new(make_grid(images), outdir, r".*-grid-(\d+)\.png",
-                                lambda i: f"{slug}-grid-{i:04d}.png"))
+        written.append(save_new(make_grid(images, columns=args.n_samples), outdir, r".*-grid-(\d+)\.png",
+                                lambda i: f"{slug}-grid-{i:04d}.png"))   # a row per batch, as CompVis
         print(written[-1], flush=True)
     finish_run_record(outdir, info, images_written=len(written))
     return written

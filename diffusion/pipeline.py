@@ -111,13 +111,17 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(im.numpy()) for im in images]
 
 
-def make_grid(images: Sequence, *, padding: int = 2):
-    """One row of PIL images with `padding` black pixels around each (as torchvision's make_grid)."""
+def make_grid(images: Sequence, *, columns: int | None = None, padding: int = 2):
+    """PIL images in rows of `columns` (default: all in one row), `padding` black pixels around each
+    (as torchvision's make_grid with nrow=columns)."""
     from PIL import Image
     w, h = images[0].size
-    grid = Image.new("RGB", (len(images) * (w + padding) + padding, h + 2 * padding))
+    columns = columns or len(images)
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * (w + padding) + padding, rows * (h + padding) + padding))
     for i, image in enumerate(images):
-        grid.paste(image, (padding + i * (w + padding), padding))
+        row, column = divmod(i, columns)
+        grid.paste(image, (padding + column * (w + padding), padding + row * (h + padding)))
     return grid
 
 

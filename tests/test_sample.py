@@ -297,6 +297,7 @@ def no_model_work(monkeypatch):
     (["--sampler", "heun"], "--sampler heun: must be one of ddim, plms, dpmpp_2m, dpmpp_2m_karras, euler, euler_a"),
     (["--sampler", "euler", "--plms"], "--plms cannot be used with --sampler euler"),
     (["--n_samples", "0"], "--n_samples"),
+    (["--n_iter", "0"], "--n_iter 0: must be >= 1"),
     (["--prompt", "  "], "--prompt"),
 ])
 def test_bad_input_is_reported_before_model_work(extra, message, tmp_path, no_model_work):
@@ -333,6 +334,18 @@ def test_empty_prompt_file_is_reported(tmp_path, no_model_work):
         sample.main(["--ckpt", str(FOLDER), "--from-file", str(empty), "--outdir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--from-file"):
         sample.main(["--ckpt", str(FOLDER), "--from-file", str(tmp_path / "missing.txt")])
+
+
+def test_n_iter_batches_are_the_next_seeds_batches(tmp_path):
+    """--n_iter (CompVis's flag): batch k is what --seed SEED+k gives alone; the grid has a row per batch."""
+    from PIL import Image
+    common = ["--ckpt", str(FOLDER), "--prompt", "a cat", "--n_samples", "2", "--ddim_steps", "2", "--H", "32",
+              "--W", "32", "--device", "cpu"]
+    both = sample.main([*common, "--outdir", str(tmp_path / "both"), "--seed", "5", "--n_iter", "2"])
+    alone = [sample.main([*common, "--outdir", str(tmp_path / f"seed{s}"), "--seed", str(s)]) for s in (5, 6)]
+    assert [p.name for p in both] == ["00000.png", "00001.png", "00002.png", "00003.png", "a-cat-grid-0000.png"]
+    assert [p.read_bytes() for p in both[:4]] == [p.read_bytes() for run in alone for p in run[:2]]
+    assert Image.open(both[4]).size == (2 * (32 + 2) + 2, 2 * (32 + 2) + 2)
 
 
 def test_prompt_file_gives_one_batch_per_line(tmp_path):
