@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -186,7 +187,7 @@ def jobs(out: Path) -> list[Job]:
 
 
 def command_line(job: Job) -> str:
-    return "OMP_NUM_THREADS=1 python " + " ".join(f"'{a}'" if " " in a else a for a in job.argv)
+    return "OMP_NUM_THREADS=1 " + shlex.join(["python", *job.argv])   # quoted as run_info.json's command is
 
 
 def run_jobs(todo: list[Job], logs: Path, started: float) -> int:
