@@ -71,6 +71,27 @@ def native_on_cpu(dtype: torch.dtype) -> bool:
         return True
 
 
+def cpu_kind() -> str:
+    """The kernels this CPU runs, as far as they decide the last bits of a result: torch's vector width
+    (`get_cpu_capability()`: "AVX2", "AVX512", ...) and which low-precision units oneDNN uses ("bf16",
+    "fp16": `native_on_cpu`; "AMX": tile matmuls). E.g. "AVX2" (bf16 and fp16 emulated), "AVX512+bf16"
+    (AMD Zen 4), "AVX512+bf16+fp16+AMX" (Intel Sapphire Rapids).
+
+    The same program gives the same bits on two CPUs of one kind. Across kinds, fp32 results agree to
+    rounding (~1e-6 relative), but bf16 and fp16 ones do not: an emulated bf16 matmul rounds its inputs
+    and sums in fp32 with one vector width, a native one sums in another order, and at bf16's 8-bit
+    mantissa a few steps of a sampler turn that into images 10-24/255 apart (tests/test_sample.py says
+    how far). Fixtures that depend on it record the kind they were made on."""
+    kind = [torch.backends.cpu.get_cpu_capability()]
+    kind += [name for name in ("bf16", "fp16") if native_on_cpu(DTYPES[name])]
+    try:
+        if torch._C._cpu._init_amx():        # asks the kernel for the AMX tile state; False without AMX
+            kind.append("AMX")
+    except (AttributeError, RuntimeError):
+        pass
+    return "+".join(kind)
+
+
 def slow_precision_warning(dtype: torch.dtype, device: torch.device, *, flag: str) -> str | None:
     """A line for stderr when `dtype` runs but only emulated on this CPU (about 100x slower than fp32)."""
     if device.type != "cpu" or native_on_cpu(dtype):

@@ -14,8 +14,10 @@ Writes under tests/fixtures/sampling/:
   add_noise and get_velocity outputs.
 - pipeline/<run>.png + pipeline/<run>.json: whole StableDiffusionPipeline runs on the tiny diffusers
   folder (tests/fixtures/sd/tiny_diffusers), uint8 images exactly as the pipeline's "pil" output.
-- half/<run>_<bf16|fp16>.json + PNGs: some of those runs again with torch_dtype bfloat16 / float16
-  (`--half_only` writes only these).
+- half/<cpu kind>/<run>_<bf16|fp16>.json + PNGs: some of those runs again with torch_dtype bfloat16 /
+  float16 (`--half_only` writes only these). Their bits depend on the CPU's kernels, so each kind of CPU
+  (common/precision.cpu_kind: "AVX2", "AVX512+bf16", ...) has its own folder: run this on a CPU of each
+  kind the suite should check tightly; other kinds are checked against the fp32 images.
 """
 from __future__ import annotations
 
@@ -276,11 +278,15 @@ HALF_PRECISION_RUNS = ["ddim_cat_2x32x32", "plms3_car_2x32x32", "dpmpp_2m5_negat
 
 
 def make_half_precision_fixtures() -> None:
-    """half/<run>_<bf16|fp16>.json + PNGs: the runs above with torch_dtype=bfloat16 and float16."""
+    """half/<cpu kind>/<run>_<bf16|fp16>.json + PNGs: the runs above with torch_dtype=bfloat16 and float16,
+    on this CPU's kind (only that kind's folder is rewritten)."""
     from diffusers import StableDiffusionPipeline
     import diffusers
+    sys.path.insert(0, str(ROOT))
+    from common.precision import cpu_kind        # torch only: the same string the tests compute
 
-    out = OUT / "half"
+    kind = cpu_kind()
+    out = OUT / "half" / kind
     out.mkdir(parents=True, exist_ok=True)
     for old in out.iterdir():
         old.unlink()
@@ -301,7 +307,8 @@ def make_half_precision_fixtures() -> None:
                           guidance_scale=scale, height=height, width=width, seed=seed, sampler=sampler,
                           torch_dtype=dtype_name, scheduler=type(pipe.scheduler).__name__, images=files,
                           fp32_images=[f"{name}_{i}.png" for i in range(len(images))],
-                          diffusers_version=diffusers.__version__, torch_version=torch.__version__)
+                          diffusers_version=diffusers.__version__, torch_version=torch.__version__,
+                          cpu_kind=kind)
             (out / f"{name}_{dtype_name}.json").write_text(json.dumps(params, indent=1) + "\n")
             print(f"{name} {dtype_name}: {len(images)} images {images[0].size}")
 
