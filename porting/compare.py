@@ -7,6 +7,7 @@ flat vectors and marked. The first key beyond --rtol is marked: it is where a po
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,18 @@ def read_trace(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
         raise TraceError(f"{path}: not a readable safetensors file ({e})") from None
     order = [k for k in json.loads(meta.get("order", "[]")) if k in tensors]
     return tensors, order + sorted(set(tensors) - set(order))
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype and values in order: two layers are bit for bit the same where these
+    are (shapes are `compare`'s to check: it accepts the same values flat, as a (1, 7, 32) position
+    embedding against a (7, 32) one). A bf16 trace is only reproducible on the kind of CPU that made it;
+    tests/fixtures/traces keeps each kind's digests, so the test asks bit-identity there without a
+    trace file per kind."""
+    t = tensor.detach().cpu().contiguous().reshape(-1)
+    h = hashlib.sha256(f"{t.dtype} ".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def compare(reference: str | Path, other: str | Path, *, rtol: float = 1e-4) -> Result:

@@ -15,7 +15,18 @@ tests/fixtures/traces/:
                                             timm's module names (`blocks.1.attn.qkv`, `patch_embed.proj`)
     <component>_bf16_reference.safetensors  text_encoder and unet with their weights in bf16, as a user
                                             with dtype=torch.bfloat16 runs them, stored in bf16; the
-                                            metadata's `cpu` names the kernels that made them
+                                            metadata's `cpu` names the kind of CPU that made them
+                                            (common/precision.cpu_kind)
+    bf16_digests.json                       {cpu kind: {bf16 trace: {module: sha256}}} (porting/compare
+                                            `digest`), one entry per kind of CPU this was run on
+
+bf16 results depend on the CPU's kernels (emulated bf16 on AVX2, native on AVX512-BF16, AMX), so a bf16
+trace is reproducible only on its own kind. Run on a CPU of another kind,
+
+    .venv-dev/bin/python tools/make_reference_traces.py --bf16_digests_only
+
+records that kind's digests and leaves every trace file as it was: the test then asks bit-identity on
+each recorded kind, and 3e-2 of the trace file elsewhere.
 
 transformers 5 renames modules on loading (ViT's `encoder.layer.N.attention.attention.query` lives as
 `layers.N.attention.q_proj`; CLIPTextModel drops `text_model.`), so its live names are not the file's.
@@ -30,7 +41,9 @@ The tests trace our models on the same inputs (`python -m porting trace`) and ho
 checkpoints are the committed tiny fixtures (tools/make_reference_sd.py, make_reference_clip.py,
 make_reference_vit.py); the inputs are small (a 8x8 latent, a 16x16 image) so that all traces
 together stay near 2 MB. Files are written by porting/trace.py's `write_trace`, which makes the same
-trace the same bytes: regenerating leaves every file as it was.
+trace the same bytes: regenerating on the same kind of CPU leaves every file as it was (on another kind
+the fp32 traces move by float rounding, up to 1.3e-6 of a layer measured between AVX2 and AVX512+bf16,
+and the bf16 ones by up to 1.7e-2: use --bf16_digests_only).
 """
 from __future__ import annotations
 
@@ -43,6 +56,8 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common.precision import cpu_kind  # noqa: E402
+from porting.compare import digest  # noqa: E402
 from porting.trace import first_tensor, write_trace  # noqa: E402  (the package's own, as ours is traced)
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -115,10 +130,23 @@ def trace(model: torch.nn.Module, run, scopes: dict[str, str], file: Path | None
     return outputs
 
 
+def record_digests(name: str, outputs: dict[str, torch.Tensor], kind: str) -> None:
+    """This kind's digests of a bf16 trace into bf16_digests.json, the other kinds' entries kept."""
+    path = OUT / "bf16_digests.json"
+    table = json.loads(path.read_text()) if path.exists() else {}
+    table.setdefault(kind, {})[name] = {key: digest(t) for key, t in outputs.items()}
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+
+
 def write(name: str, outputs: dict[str, torch.Tensor], source: str, inputs: dict[str, torch.Tensor] | None = None,
           **metadata: str) -> None:
-    """inputs: None where the case reuses another's (vit_timm: vit's, the bf16 cases: the fp32 ones')."""
+    """inputs: None where the case reuses another's (vit_timm: vit's, the bf16 cases: the fp32 ones').
+    A `cpu` in the metadata marks a trace whose bits depend on the kind of CPU: its digests are recorded."""
     OUT.mkdir(parents=True, exist_ok=True)
+    if "cpu" in metadata:
+        record_digests(name, outputs, metadata["cpu"])
+    if "--bf16_digests_only" in sys.argv:
+        return                                       # the trace files stay as another kind of CPU made them
     if inputs is not None:
         save_file({k: v.contiguous() for k, v in inputs.items()}, str(OUT / f"{name}_inputs.safetensors"))
     write_trace(OUT / f"{name}_reference.safetensors", outputs,
@@ -133,7 +161,7 @@ def main() -> None:
     from transformers import CLIPTextModel, ViTForImageClassification
 
     g = torch.Generator().manual_seed(18)
-    cpu = torch.backends.cpu.get_cpu_capability()   # bf16 sums depend on the kernels: "AVX2", "AVX512", ...
+    cpu = cpu_kind()                                 # bf16 sums depend on the kernels: "AVX2", "AVX512+bf16", ...
 
     vit_path = FIXTURES / "vit" / "hf_classifier"
     vit = ViTForImageClassification.from_pretrained(str(vit_path), attn_implementation="eager").eval()
