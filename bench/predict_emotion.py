@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.whole_process import alternate, in_child, skip_emulated, summary, table_row  # noqa: E402
+from bench.whole_process import alternate, in_child, machine, skip_emulated, summary, table_row  # noqa: E402
 
 N_IMAGES = 64   # --images' default
 CASES = ["embedded-fp32", "b16-fp32", "b16-bf16", "b16-fp16"]   # model-precision
@@ -61,7 +61,6 @@ def prepare(workdir: str, images: str, model: str, b16: str) -> dict:
     """In a child process (bench/whole_process.py's in_child): the faces, the model folders (with `b16` "yes", the
     full-size one: --model, else the random ViT-B/16, written once) and which precisions this CPU computes in
     hardware."""
-    from common.precision import DTYPES, native_on_cpu
     from embedded import EMOTION_VIT
     from tools.reference_models import write_vit_classifier
     from vit.model import EMOTION_LABELS
@@ -69,8 +68,7 @@ def prepare(workdir: str, images: str, model: str, b16: str) -> dict:
     folders = {"embedded": str(EMOTION_VIT)}
     if b16 == "yes":
         folders["b16"] = model or str(write_vit_classifier(Path(workdir) / "vit-b16", labels=list(EMOTION_LABELS)))
-    return {"faces": str(faces), "folders": folders,
-            "native": {name: native_on_cpu(dtype) for name, dtype in DTYPES.items()}}
+    return {"faces": str(faces), "folders": folders, **machine()}
 
 
 def agreement(ours: Path, theirs: Path) -> str:
@@ -114,6 +112,7 @@ def main() -> None:
             raise SystemExit(f"--cases {case}: choose from {', '.join(CASES)}")
     b16 = "yes" if any(c.startswith("b16") for c in cases) else "no"
     setup = in_child("bench.predict_emotion:prepare", args.workdir, str(args.images), args.model or "", b16)
+    print(f"machine: {setup['cpu']}", flush=True)
     faces, folders = Path(setup["faces"]), {name: Path(f) for name, f in setup["folders"].items()}
     cases = skip_emulated(cases, lambda c: c.split("-")[1], setup["native"], run_anyway=args.emulated,
                           flag="--emulated", reference="transformers")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.whole_process import alternate, in_child, skip_emulated, summary, table_row  # noqa: E402
+from bench.whole_process import alternate, in_child, machine, skip_emulated, summary, table_row  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 CASES = ["256-4-fp32-1", "256-4-bf16-1", "256-4-fp32-4", "256-4-bf16-4",
@@ -38,10 +38,8 @@ THEIRS = ("import sys; from tools.reference_models import sample_with_pipeline; 
 
 def prepare(workdir: str) -> dict:
     """In a child process (in_child): the model folder, and which precisions this CPU computes in hardware."""
-    from common.precision import DTYPES, native_on_cpu
     from tools.reference_models import write_random_sd15
-    return {"folder": str(write_random_sd15(Path(workdir) / "sd15")),
-            "native": {name: native_on_cpu(dtype) for name, dtype in DTYPES.items()}}
+    return {"folder": str(write_random_sd15(Path(workdir) / "sd15")), **machine()}
 
 
 def commands(case: str, folder: Path, out: Path) -> dict[str, list[str]]:
@@ -61,6 +59,7 @@ def main() -> None:
     p.add_argument("--emulated_bf16", action="store_true", help="run the bf16 cases on a CPU without bf16 too")
     args = p.parse_args()
     setup = in_child("bench.sample:prepare", args.workdir)
+    print(f"machine: {setup['cpu']}", flush=True)
     folder = Path(setup["folder"])
     cases = [c for c in args.cases.split(",") if c]
     cases = skip_emulated(cases, lambda c: c.split("-")[2], setup["native"], run_anyway=args.emulated_bf16,

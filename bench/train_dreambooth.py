@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.whole_process import alternate, in_child, summary, table_row  # noqa: E402
+from bench.whole_process import alternate, in_child, machine, summary, table_row  # noqa: E402
 
 INSTANCE_PROMPT, CLASS_PROMPT = "a sks star", "a star"
 NUM_CLASS_IMAGES = 5
@@ -47,7 +47,6 @@ def prepare(workdir: str, model: str, resolution: str) -> dict:
     """In a child process (bench/whole_process.py's in_child): the model folder (--model, else bench/sample.py's
     full-size random SD v1.5, written once), the instance and class images (written once), and which
     precisions this CPU computes in hardware."""
-    from common.precision import DTYPES, native_on_cpu
     from world.scene import Scene, draw
     from world.subject import instance_images
     data = Path(workdir) / "dreambooth"
@@ -65,8 +64,7 @@ def prepare(workdir: str, model: str, resolution: str) -> dict:
     if not model:
         from tools.reference_models import write_random_sd15
         model = str(write_random_sd15(Path(workdir) / "sd15"))
-    return {"model": model, "instance": str(instance), "class": str(classes),
-            "native": {name: native_on_cpu(dtype) for name, dtype in DTYPES.items()}}
+    return {"model": model, "instance": str(instance), "class": str(classes), **machine()}
 
 
 def commands(setup: dict, args, out: Path) -> dict[str, list[str]]:
@@ -100,6 +98,7 @@ def main() -> None:
         raise SystemExit(f"{', '.join(missing)} not installed: pip install -r requirements-dev.txt")
     model = str(Path(args.model).resolve()) if args.model else ""
     setup = in_child("bench.train_dreambooth:prepare", args.workdir, model, str(args.resolution))
+    print(f"machine: {setup['cpu']}", flush=True)
     precision = {"no": "fp32"}.get(args.mixed_precision, args.mixed_precision)
     if not setup["native"][precision] and not args.emulated:
         raise SystemExit(f"--mixed_precision {args.mixed_precision}: this CPU has no {precision} instructions, so "

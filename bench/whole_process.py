@@ -37,6 +37,20 @@ def in_child(function: str, *args: str):
     return json.loads(done.stdout.splitlines()[-1])
 
 
+def machine() -> dict:
+    """Called in the set-up child (`in_child`), so that the bench process never imports torch: which
+    precisions this CPU computes in hardware ("native", for `skip_emulated`), and a line saying which CPU
+    the figures come from ("cpu": its model name, CPU count, kind as common/precision.cpu_kind names it,
+    and torch's threads), which every bench prints first."""
+    import torch
+    from common.precision import DTYPES, cpu_kind, native_on_cpu
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "a CPU")
+    return {"native": {name: native_on_cpu(dtype) for name, dtype in DTYPES.items()},
+            "cpu": f"{name}, {os.cpu_count()} CPUs, {cpu_kind()}, torch {torch.__version__} on "
+                   f"{torch.get_num_threads()} threads"}
+
+
 def run(command: list[str], *, stdout: Path | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in GB) of one process, start to exit; its standard output goes to the file
     `stdout` (as a user's `> out.jsonl`), else nowhere."""
