@@ -17,6 +17,7 @@ The scripts speak of precision in these spellings, all mapped here:
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -58,9 +59,10 @@ def check_device_runs(dtype: torch.dtype, device: torch.device, *, flag: str) ->
 
 
 def native_on_cpu(dtype: torch.dtype) -> bool:
-    """Whether this CPU computes `dtype` matmuls and convolutions in hardware (bf16: AVX512-BF16 or AMX;
-    fp16: AVX512-FP16 or AMX-FP16), as oneDNN reports it. Without, torch emulates them: on an AVX2 CPU
-    a 1024x1024 bf16 matmul took 2.3 s against 20 ms in fp32."""
+    """Whether this CPU computes `dtype` matmuls and convolutions at speed, as torch's oneDNN probes report
+    it (bf16: any AVX-512 CPU, where oneDNN emulates what AVX512-BF16 or AMX would do in a few
+    instructions; fp16: AVX512-FP16 or AMX-FP16). Without, torch emulates them slowly: on an AVX2 CPU a
+    1024x1024 bf16 matmul took 2.3 s against 20 ms in fp32. (Which units compute it: `cpu_kind`.)"""
     if dtype == torch.float32:
         return True
     try:
@@ -71,24 +73,45 @@ def native_on_cpu(dtype: torch.dtype) -> bool:
         return True
 
 
+# oneDNN's instruction sets, lowest first, as its ONEDNN_MAX_CPU_ISA variable names them (a cap on what
+# it uses; unset, it uses all the CPU has). AVX10_1_512 is AVX512_CORE_FP16's newer name, and so on.
+ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+               "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
+               "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16")
+
+
+def _onednn_may_use(isa: str) -> bool:
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
+    return cap not in ONEDNN_ISAS or ONEDNN_ISAS.index(cap) >= ONEDNN_ISAS.index(isa)
+
+
 def cpu_kind() -> str:
     """The kernels this CPU runs, as far as they decide the last bits of a result: torch's vector width
-    (`get_cpu_capability()`: "AVX2", "AVX512", ...) and which low-precision units oneDNN uses ("bf16",
-    "fp16": `native_on_cpu`; "AMX": tile matmuls). E.g. "AVX2" (bf16 and fp16 emulated), "AVX512+bf16"
-    (AMD Zen 4), "AVX512+bf16+fp16+AMX" (Intel Sapphire Rapids).
+    (`get_cpu_capability()`: "AVX2", "AVX512"; ATEN_CPU_CAPABILITY lowers it) and the low-precision units
+    oneDNN computes with ("bf16": AVX512-BF16 instructions; "fp16": AVX512-FP16; "AMX": tile matmuls;
+    ONEDNN_MAX_CPU_ISA withholds them). E.g. "AVX2" (bf16 and fp16 emulated in fp32), "AVX512" (Intel
+    Skylake to Cascade Lake: bf16 emulated with AVX-512), "AVX512+bf16" (AMD Zen 4), "AVX512+bf16+fp16+AMX"
+    (Intel Sapphire Rapids).
 
-    The same program gives the same bits on two CPUs of one kind. Across kinds, fp32 results agree to
-    rounding (~1e-6 relative), but bf16 and fp16 ones do not: an emulated bf16 matmul rounds its inputs
-    and sums in fp32 with one vector width, a native one sums in another order, and at bf16's 8-bit
-    mantissa a few steps of a sampler turn that into images 10-24/255 apart (tests/test_sample.py says
-    how far). Fixtures that depend on it record the kind they were made on."""
+    Not `native_on_cpu`: torch reports bf16 as supported on every AVX-512 CPU, where oneDNN emulates what
+    the CPU lacks, fast but in other roundings. The same program gives the same bits on two CPUs of one
+    kind. Across kinds, fp32 results agree to rounding (~1e-6 relative), but bf16 and fp16 ones do not:
+    at bf16's 8-bit mantissa a few sampler steps turn other sums into images 10-24/255 apart
+    (tests/test_sample.py says how far). Fixtures that depend on it record the kind they were made on.
+    With ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, an AVX-512 CPU computes as the AVX2 kind does,
+    bit for bit (the AVX2 fixtures pass so on an AMD Zen 4)."""
+    probe = torch.cpu
     kind = [torch.backends.cpu.get_cpu_capability()]
-    kind += [name for name in ("bf16", "fp16") if native_on_cpu(DTYPES[name])]
     try:
-        if torch._C._cpu._init_amx():        # asks the kernel for the AMX tile state; False without AMX
-            kind.append("AMX")
-    except (AttributeError, RuntimeError):
-        pass
+        amx = probe._is_amx_tile_supported() and _onednn_may_use("AVX512_CORE_AMX")
+        if (probe._is_avx512_bf16_supported() or amx) and _onednn_may_use("AVX512_CORE_BF16"):
+            kind.append("bf16")
+    except AttributeError:                   # a torch without these probes: the capability alone
+        return kind[0]
+    if native_on_cpu(torch.float16):         # AVX512-FP16 (oneDNN's own probe, which honours the cap)
+        kind.append("fp16")
+    if amx:
+        kind.append("AMX")
     return "+".join(kind)
 
 
