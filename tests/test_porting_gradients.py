@@ -57,9 +57,10 @@ def _held_to_the_reference(reference_file: Path, ours: dict[str, torch.Tensor], 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_gradient_matches_the_reference_library(case, tmp_path):
-    """Measured (torch 2.13 here, 2.14 there, this CPU): CLIP and timm's ViT bit-equal; transformers' ViT
-    4e-7 at most, the VAE 6e-7, the UNet 3.5e-6 (median 9e-7: diffusers' own fp32 UNet output moves by 1e-6
-    with where its tensors sit in memory). The forward half is the forward trace, unchanged."""
+    """Measured (torch 2.13 here, 2.14 there; the fixtures made on AVX512+bf16): on that kind of CPU CLIP and
+    timm's ViT bit-equal, transformers' ViT 3.2e-7 at most, the VAE 5.6e-7, the UNet 3.5e-6 (median 9e-7:
+    diffusers' own fp32 UNet output moves by 1e-6 with where its tensors sit in memory); with torch's AVX2
+    kernels (ATEN_CPU_CAPABILITY=avx2) 2.8e-6 at most. The forward half is the forward trace, unchanged."""
     component, model, inputs = CASES[case]
     loaded = load_component(model, component)
     ours = trace(loaded, _inputs(inputs), backward=True)
@@ -127,11 +128,12 @@ def test_our_names_and_a_fused_qkv(tmp_path):
     assert {k for k in ours if k.startswith(GRAD)} == {GRAD + n for n, _ in component.model.named_parameters()}
 
 
-@pytest.mark.parametrize("case, bound", [("text_encoder", 6e-2), ("unet", 0.15)])
+@pytest.mark.parametrize("case, bound", [("text_encoder", 0.1), ("unet", 0.15)])
 def test_bf16_gradients_are_in_bf16_and_near_fp32(case, bound, tmp_path):
     """--precision bf16 --backward: the weights and their gradients in bf16, the loss in fp32. No bf16 reference
-    is stored; against the fp32 one, measured worst 3.1e-2 (CLIP) and 7.7e-2 (UNet) of a module's largest
-    gradient, median 1.4e-2 and 2.3e-2: the bound is twice the worst, to catch a gradient gone wrong, not rounding."""
+    is stored (its bits would depend on the kind of CPU); against the fp32 one, measured worst 3.1e-2 (CLIP) and
+    7.7e-2 (UNet) of a module's largest gradient on AVX512+bf16, 5.6e-2 and 6.9e-2 with torch's AVX2 kernels
+    (ATEN_CPU_CAPABILITY=avx2), medians 1.3e-2 to 2.6e-2: bounds to catch a gradient gone wrong, not rounding."""
     component, model, inputs = CASES[case]
     ours = trace(load_component(model, component), _inputs(inputs), precision="bf16", backward=True)
     assert ours["loss"].dtype == torch.float32
