@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--precision", default="fp32", help="fp32 or bf16")
     t.add_argument("--config", default=None, help="configs for a single file (a diffusers folder, or a folder with config.json)")
     t.add_argument("--names", default="checkpoint", help="checkpoint (the file's module names) or ours")
+    t.add_argument("--backward", action="store_true",
+                   help="also the loss mean((output - target)^2), target from --inputs, and each parameter's gradient as grad:<key>")
     c = sub.add_parser("compare", help="two traces, key by key, in forward order")
     c.add_argument("reference")
     c.add_argument("other")
@@ -29,10 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     from porting.components import TraceError
     try:
         if args.command == "trace":
-            from porting.trace import run_trace
+            from porting.trace import GRAD, run_trace
             tensors = run_trace(model=args.model, component=args.component, inputs=args.inputs, out=args.out,
-                                precision=args.precision, names=args.names, config_dir=args.config)
-            print(f"wrote {args.out}: {len(tensors)} module outputs")
+                                precision=args.precision, names=args.names, config_dir=args.config,
+                                backward=args.backward)
+            grads = sum(k.startswith(GRAD) for k in tensors)
+            print(f"wrote {args.out}: {len(tensors) - grads - args.backward} module outputs"
+                  + (f", the loss {tensors['loss'].item():.6g} and {grads} gradients" if args.backward else ""))
             return 0
         if args.command == "compare":
             from porting.compare import compare, report

@@ -88,11 +88,17 @@ def load_vit_component(path: Path) -> Component:
     pairing.update({k: (g["q"], g["k"], g["v"]) for k, g in groups.items()})
     layout = "timm-vit" if loaded.layout == "timm" else "transformers-vit"
     fused = {f"blocks.{i}.attn.qkv": 3 for i in range(config.num_layers)} if layout == "transformers-vit" else {}
+    model = loaded.model
+    if loaded.new_head:   # a backbone (transformers' ViTModel): its output is the final LayerNorm's tokens
+        run = lambda x: model.forward_features(x["pixel_values"])
+        scope = tuple(n for n, _ in [*model.named_children(), *model.named_parameters(recurse=False)] if n != "head")
+    else:
+        run, scope = lambda x: model(x["pixel_values"]), ("",)
     return Component(
-        name="vit", layout=layout, model=loaded.model, run=lambda x: loaded.model(x["pixel_values"]),
+        name="vit", layout=layout, model=model, run=run,
         inputs={"pixel_values": Input("float", ("B", config.num_channels, None, None),
                                       multiple={2: config.patch_size, 3: config.patch_size})},
-        scope=("",), strip=(), pairing=pairing, shapes=shapes, fused=fused)
+        scope=scope, strip=(), pairing=pairing, shapes=shapes, fused=fused)
 
 
 # ------------------------------------------------------------------------------------- text encoder

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from porting.components import TraceError
+
 # transformers' ViT: wrappers with no module of ours ({p} is "vit." in a classifier file, "" in a ViTModel file)
 TRANSFORMERS_VIT_EXTRAS = [
     ("{p}embeddings", "blocks.0", "input", None),                          # [CLS] + patches + positions
@@ -42,6 +44,21 @@ EXTRAS = {"transformers-vit": TRANSFORMERS_VIT_EXTRAS, "timm-vit": TIMM_VIT_EXTR
 SEQUENTIAL_LAYOUTS = ("ldm-unet", "ldm-vae")
 # LDM's nn.ModuleLists, which its code indexes but never calls (unlike its nn.Sequentials): no output.
 LDM_MODULE_LISTS = ("input_blocks", "output_blocks", "down", "up", "block", "attn", "transformer_blocks")
+
+
+def checkpoint_tensors(component, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors shaped as our parameters (their gradients) under the checkpoint's keys, in the file's shapes,
+    by the loaders' pairing: a tensor of ours loaded from several keys (the ViT's qkv, vit/weights.py
+    `fuse_qkv`) splits along its first dimension into them, in their order; one the file holds in another
+    shape of the same size (the LDM VAE's 1x1 convs, our Linears) takes the file's shape."""
+    out = {}
+    for ours, x in tensors.items():
+        keys = component.pairing.get(ours)
+        if keys is None:
+            raise TraceError(f"our tensor {ours} comes from no key of the checkpoint, so it has no name there")
+        for key, part in zip(keys, x.chunk(len(keys), dim=0)):
+            out[key] = part.reshape(component.shapes[key])
+    return out
 
 
 def transform(kind: str | None, x: torch.Tensor) -> torch.Tensor:

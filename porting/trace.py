@@ -9,6 +9,12 @@ owns a weight must have run, or the trace stops naming it.
 `--precision bf16` runs the component with bf16 weights, as a transformers or diffusers user with
 `dtype=torch.bfloat16` does: the float inputs (pixels, latents, text states) are cast to bf16, ids and
 timesteps stay as given (a timestep is a number: 411 in bf16 would be 412), and the outputs are bf16.
+
+`--backward` (the inputs then hold a `target` shaped as the component's output) runs the same forward
+with autograd on, takes DreamBooth's objective, diffusers' `train_dreambooth.py`
+`F.mse_loss(model_pred.float(), target.float(), reduction="mean")`, and writes after the module outputs
+the loss (`loss`) and every parameter's gradient as `grad:<checkpoint key>`, in the order backward
+finishes them (the output end first), in the file's shapes and in the weights' precision.
 """
 from __future__ import annotations
 
@@ -21,9 +27,11 @@ import torch
 from common.precision import DTYPES
 from common.state_dict import CheckpointError, read_safetensors, write_safetensors
 from porting.components import Component, TraceError, check_inputs, load_component
-from porting.names import checkpoint_names
+from porting.names import checkpoint_names, checkpoint_tensors
 
 PRECISIONS = ("fp32", "bf16")          # names in common/precision.py's one map (DTYPES)
+TARGET = "target"                      # --backward: the inputs' tensor the output is compared with
+GRAD = "grad:"                         # --backward: a gradient's key is this + the parameter's name
 
 
 def first_tensor(value):
@@ -70,12 +78,20 @@ def _map_like(x: torch.Tensor, module: str, outputs: dict[str, torch.Tensor]) ->
 
 
 def trace(component: Component, inputs: dict[str, torch.Tensor], *, names: str = "checkpoint",
-          precision: str = "fp32") -> dict[str, torch.Tensor]:
-    """{name: activation} in forward order (a module's output counts when its forward ends)."""
+          precision: str = "fp32", backward: bool = False) -> dict[str, torch.Tensor]:
+    """{name: activation} in forward order (a module's output counts when its forward ends); with
+    backward, then `loss` and {grad:<name>: gradient} in backward order. inputs["target"] is the
+    backward's target (and is left alone without backward)."""
     if names not in ("checkpoint", "ours"):
         raise TraceError(f"--names {names!r}: choose checkpoint or ours")
     if precision not in PRECISIONS:
         raise TraceError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    inputs = dict(inputs)
+    target = inputs.pop(TARGET, None)
+    if backward and target is None:
+        raise TraceError(f"--backward: the inputs hold no {TARGET!r} (what the output is compared with)")
+    if backward and not target.is_floating_point():
+        raise TraceError(f"--backward: target has dtype {target.dtype}; a float tensor shaped as the output is needed")
     inputs = check_inputs(component, inputs)
     dtype = DTYPES[precision]
     model = component.model.to(dtype).eval()     # as loaded: the plain path (diffusion/speed.py is not applied)
@@ -110,9 +126,14 @@ def trace(component: Component, inputs: dict[str, torch.Tensor], *, names: str =
     handles = []
     for name, module in traced.items():
         handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
+    params = {n: p for n, p in model.named_parameters() if _in_scope(n, component)}
+    if backward:
+        for name, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(name in params)
     try:
-        with torch.no_grad():
-            component.run(inputs)
+        with torch.set_grad_enabled(backward):
+            output = component.run(inputs)
     finally:
         for h in handles:
             h.remove()
@@ -136,7 +157,36 @@ def trace(component: Component, inputs: dict[str, torch.Tensor], *, names: str =
         short = _strip(name, component)
         if short:
             out[short] = x.contiguous().clone()   # each its own memory (one output can sit under two names)
+    if backward:
+        loss, grads = loss_and_gradients(component, first_tensor(output), target, params)
+        out["loss"] = loss
+        grads = grads if names == "ours" else checkpoint_tensors(component, grads)
+        out.update({GRAD + k: g.contiguous() for k, g in grads.items()})
     return out
+
+
+def loss_and_gradients(component: Component, output: torch.Tensor, target: torch.Tensor,
+                       params: dict[str, torch.nn.Parameter]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DreamBooth's (DDPM's) objective on the output and {our parameter: its gradient} in the order the
+    backward pass finishes them. A parameter the loss does not reach has gradient zero."""
+    if tuple(target.shape) != tuple(output.shape):
+        raise TraceError(f"--backward: target has shape {tuple(target.shape)}; the {component.name}'s output "
+                         f"has shape {tuple(output.shape)}")
+    done = []
+    handles = [p.register_post_accumulate_grad_hook(lambda p, name=name: done.append(name)) for name, p in params.items()]
+    try:
+        # diffusers' train_dreambooth.py: F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+        loss = torch.nn.functional.mse_loss(output.float(), target.float(), reduction="mean")
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    grads = {}
+    for name in dict.fromkeys(done + list(params)):      # then any the loss does not reach
+        p = params[name]
+        grads[name] = p.grad if p.grad is not None else torch.zeros_like(p, requires_grad=False)
+        p.grad = None                                    # the trace owns it now
+    return loss.detach(), grads
 
 
 def write_trace(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -147,7 +197,8 @@ def write_trace(path: str | Path, tensors: dict[str, torch.Tensor], metadata: di
 
 
 def run_trace(*, model: str, component: str, inputs: str, out: str, precision: str = "fp32",
-              names: str = "checkpoint", config_dir: str | None = None) -> dict[str, torch.Tensor]:
+              names: str = "checkpoint", config_dir: str | None = None, backward: bool = False
+              ) -> dict[str, torch.Tensor]:
     out_path = Path(out)
     if out_path.suffix != ".safetensors":
         raise TraceError(f"--out {out}: must end in .safetensors")
@@ -157,8 +208,12 @@ def run_trace(*, model: str, component: str, inputs: str, out: str, precision: s
         given = read_safetensors(inputs)
     except CheckpointError as e:
         raise TraceError(f"--inputs: {e}") from None
+    if backward and TARGET not in given:   # before loading the model
+        raise TraceError(f"--backward: {inputs} holds no {TARGET!r} tensor (what the output is compared with: "
+                         f"loss = mean((output - target)^2)); it holds {', '.join(sorted(given)) or 'nothing'}")
     comp = load_component(model, component, config_dir=config_dir)
-    tensors = trace(comp, given, names=names, precision=precision)
+    tensors = trace(comp, given, names=names, precision=precision, backward=backward)
     write_trace(out_path, tensors, {"model": str(model), "component": component, "layout": comp.layout,
-                                    "names": names, "precision": precision})
+                                    "names": names, "precision": precision,
+                                    **({"loss": "F.mse_loss(output.float(), target.float())"} if backward else {})})
     return tensors

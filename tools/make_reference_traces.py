@@ -64,8 +64,9 @@ FIXTURES = ROOT / "tests" / "fixtures"
 OUT = FIXTURES / "traces"
 
 
-def file_names(model: torch.nn.Module, file: Path) -> dict[str, str]:
-    """live module name -> the checkpoint file's module name, by finding each tensor in the file by value."""
+def file_keys(model: torch.nn.Module, file: Path) -> dict[str, str]:
+    """live parameter name -> the checkpoint file's key, by finding each tensor in the file by value (every
+    tensor of the tiny fixtures is perturbed, so each is found once)."""
     tensors = load_file(str(file))
     by_value = {}
     for key, t in tensors.items():
@@ -75,6 +76,13 @@ def file_names(model: torch.nn.Module, file: Path) -> dict[str, str]:
                  if torch.equal(tensors[k].float(), p.detach().float())]
         assert len(found) == 1, f"tensor of shape {tuple(p.shape)} found {len(found)} times in {file}"
         return found[0]
+    return {name: file_key(p) for name, p in model.named_parameters()}
+
+
+def file_names(model: torch.nn.Module, file: Path) -> dict[str, str]:
+    """live module name -> the checkpoint file's module name, by finding each tensor in the file by value."""
+    tensors = load_file(str(file))
+    key_of = file_keys(model, file)
     prefixes: dict[str, set] = {}
     for key in tensors:
         parts = key.split(".")
@@ -86,9 +94,9 @@ def file_names(model: torch.nn.Module, file: Path) -> dict[str, str]:
             by_set.setdefault(frozenset(keys), []).append(p)
     groups: dict[frozenset, list[str]] = {}
     for name, module in model.named_modules():
-        params = list(module.parameters())
+        params = [f"{name}.{n}" for n, _ in module.named_parameters()]
         if name and params:
-            groups.setdefault(frozenset(file_key(p) for p in params), []).append(name)
+            groups.setdefault(frozenset(key_of[p] for p in params), []).append(name)
     out = {}
     for keys, live in groups.items():
         live = sorted(live, key=lambda n: -n.count("."))
