@@ -193,6 +193,34 @@ class NoiseSchedule:
         return sqrt_a * noise - sqrt_one_minus_a * x0
 
 
+def predicted_x0_and_eps(model_output: torch.Tensor, x_t: torch.Tensor, *, alpha_t: torch.Tensor | float,
+                         sigma_t: torch.Tensor | float, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the UNet predicts (`model_output`) -> the pair (x_0, eps) a sampler's update needs.
+
+    All three follow from x_t = alpha_t x_0 + sigma_t eps. The DDIM, PLMS and DPM-Solver samplers keep
+    x_t on the variance-preserving scale of DDPM eq. 4: alpha_t = sqrt(alpha_bar_t), sigma_t =
+    sqrt(1 - alpha_bar_t) (DPM-Solver's alpha_t and sigma_t). The Euler samplers keep x on the
+    variance-exploding scale of `samplers/sigmas.py`, x = x_0 + sigma_ve eps: alpha_t = 1, sigma_t = sigma_ve.
+    - "epsilon": the UNet predicts eps; x_0 = (x_t - sigma_t eps) / alpha_t          (DDIM eq. 9)
+    - "sample": it predicts x_0; eps = (x_t - alpha_t x_0) / sigma_t
+    - "v_prediction": it predicts v = alpha eps - sigma x_0 on the variance-preserving scale
+      (Salimans & Ho 2022, sec. 4 and appendix D; `NoiseSchedule.get_velocity`). With c = alpha_t^2 +
+      sigma_t^2 (1 on that scale, 1 + sigma_ve^2 on the other), v = (alpha_t eps - sigma_t x_0) / sqrt(c), so
+          x_0 = alpha_t x_t / c - sigma_t v / sqrt(c),   eps = sigma_t x_t / c + alpha_t v / sqrt(c)
+    Each sampler passes its own alpha_t and sigma_t, computed as the diffusers scheduler it equals
+    computes them, so that the numbers stay those of diffusers.
+    """
+    if prediction_type == "epsilon":
+        return (x_t - sigma_t * model_output) / alpha_t, model_output
+    if prediction_type == "v_prediction":
+        c = alpha_t ** 2 + sigma_t ** 2
+        return (alpha_t * x_t / c - sigma_t / c ** 0.5 * model_output,
+                sigma_t * x_t / c + alpha_t / c ** 0.5 * model_output)
+    if prediction_type == "sample":
+        return model_output, (x_t - alpha_t * model_output) / sigma_t
+    raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
+
+
 def randn(shape: tuple[int, ...], *, generator: torch.Generator | None, device: torch.device | str,
           dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Gaussian noise drawn the way diffusers' `randn_tensor` draws it: on the generator's own device
