@@ -52,7 +52,7 @@ from common.state_dict import CheckpointError
 from embedded import EMOTION_VIT
 from faces.crops import face_crops
 from serving.batcher import Batcher
-from serving.body import HTTPError, parse_body
+from serving.body import HTTPError, content_length, parse_body, read_body
 from serving.connections import BoundedHTTPServer, DeadlineReader
 from serving.memory import release_freed_memory
 from vit.classifier import DTYPES, NON_FINITE, ImageClassifier, apply_function, rank
@@ -142,7 +142,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(404, {"error": f"no route {path}: POST / for predictions, GET /health"})
             return
         try:
-            body = self.read_body()
+            length = content_length(self.headers, max_bytes=self.server.max_body_bytes)
+            self.reader.deadline = time.monotonic() + self.server.read_timeout_s   # the whole body within it
+            body = read_body(self.rfile, length, timeout_s=self.server.read_timeout_s)
             image_bytes, parameters = parse_body(body, self.headers.get("Content-Type", ""))
             del body      # a multipart body's image is a copy: keep one of the two
             predictions = self.server.predict(image_bytes, parameters)
@@ -164,56 +166,18 @@ class Handler(BaseHTTPRequestHandler):
 
     do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = method_not_allowed
 
-    # -- reading the body --
-    def content_length(self) -> int:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise HTTPError(411, "chunked bodies are not supported: send a Content-Length")
-        values = set(self.headers.get_all("Content-Length") or [])
-        if not values:
-            raise HTTPError(411, "a Content-Length header is required")
-        if len(values) > 1:
-            raise HTTPError(400, f"conflicting Content-Length headers: {', '.join(sorted(values))}")
-        raw = values.pop()
-        if not raw.strip().isdigit():
-            raise HTTPError(400, f"Content-Length {raw!r} is not a number of bytes")
-        length = int(raw)
-        if length > self.server.max_body_bytes:
-            raise HTTPError(413, f"body of {length} bytes is over the limit of {self.server.max_body_bytes} "
-                                 "bytes (--max_body_mb)")
-        if length == 0:
-            raise HTTPError(400, "empty body: send the image bytes, or JSON with \"inputs\"")
-        return length
-
-    def read_body(self) -> bytes:
-        """Exactly Content-Length bytes, all within read_timeout_s (a slow sender cannot hold the thread)."""
-        length = self.content_length()
-        timeout = self.server.read_timeout_s
-        self.reader.deadline = time.monotonic() + timeout
-        chunks, received = [], 0
-        while received < length:
-            try:
-                chunk = self.rfile.read1(min(length - received, 1 << 16))
-            except TimeoutError:
-                raise HTTPError(408, f"body not received within {timeout:g} s ({received} of {length} bytes); "
-                                     "check the Content-Length") from None
-            if not chunk:
-                raise HTTPError(400, f"body ended after {received} of the {length} bytes its Content-Length "
-                                     "announced")
-            chunks.append(chunk)
-            received += len(chunk)
-        return b"".join(chunks)
-
+    # -- answering --
     def handle_expect_100(self) -> bool:
-        """Refuse an oversized or unsized body before the client sends it."""
+        """`Expect: 100-continue`: refuse an oversized or unsized body (serving/body.py's content_length)
+        before the client sends it, else tell it to go on."""
         if self.command == "POST":
             try:
-                self.content_length()
+                content_length(self.headers, max_bytes=self.server.max_body_bytes)
             except HTTPError as e:
                 self.send_json(e.status, {"error": e.message})
                 return False
         return super().handle_expect_100()
 
-    # -- answering --
     def send_json(self, status: int, payload, headers=()) -> None:
         body = json.dumps(payload, allow_nan=False).encode()   # NaN and Infinity are not JSON: never sent
         self.errored, self.answered = status >= 400, True

@@ -16,14 +16,15 @@ removed, so `clip/weights.py` maps a checkpoint with a handful of prefix rules.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.files import config_from_json
+from common.configs import TRANSFORMERS_FIXED, TRANSFORMERS_GENERIC, TRANSFORMERS_METADATA, config_from_dict
+from common.files import read_json
 from common.recompute import maybe_recompute
 
 LEGACY_EOS_TOKEN_ID = 2  # see CLIPTextModel.pool
@@ -62,22 +63,30 @@ class CLIPTextConfig:
 
     # ---- the public config.json ----------------------------------------------------------------
     @classmethod
-    def from_dict(cls, config: dict) -> "CLIPTextConfig":
-        """From transformers' CLIPTextConfig dict, or a CLIPConfig dict (its "text_config" is used).
+    def from_dict(cls, config: dict, *, source: str = "CLIP text config") -> "CLIPTextConfig":
+        """From transformers' CLIPTextConfig dict, or a CLIPConfig dict (its "text_config" is read; the
+        rest holds the image tower and the projections, which the text encoder does not use).
 
-        Keys we do not model (dropout, projection_dim, architectures, ...) are ignored; missing keys
+        Keys that change nothing here are ignored (IGNORED_FIELDS, transformers' metadata and generic
+        options), any other key we do not read is refused by name (common/configs.py); missing keys
         take transformers' CLIPTextConfig defaults, as transformers itself would.
         """
         if isinstance(config.get("text_config"), dict):
-            config = config["text_config"]
-        known = {f.name for f in fields(cls)}
-        values = {**TRANSFORMERS_DEFAULTS, **{k: v for k, v in config.items() if k in known}}
-        return cls(**values)
+            config, source = config["text_config"], f"{source}, text_config"
+        return config_from_dict(cls, config, fixed=TRANSFORMERS_FIXED, defaults=TRANSFORMERS_DEFAULTS,
+                                ignored=TRANSFORMERS_METADATA + TRANSFORMERS_GENERIC + IGNORED_FIELDS, source=source)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "CLIPTextConfig":
-        return config_from_json(path, cls.from_dict)
+        return cls.from_dict(read_json(path), source=str(path))
 
+
+# Keys of a transformers CLIP text config that change nothing here: `projection_dim` sizes the text
+# projection of CLIPModel / CLIPTextModelWithProjection, not part of the text encoder; the initializer
+# scales only matter to a freshly built model; dropout is not modelled (0.0 in the public configs, and
+# off at inference anyway); `id2label`/`label2id` name classification labels a text encoder has none of.
+IGNORED_FIELDS = ("projection_dim", "initializer_factor", "initializer_range", "dropout", "attention_dropout",
+                  "id2label", "label2id")
 
 # transformers' CLIPTextConfig defaults (they fill keys an old config.json leaves out).
 TRANSFORMERS_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,

@@ -19,8 +19,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes 0600; the file gets what open() would give it
         write(tmp)
+        # mkstemp makes 0600; the file gets what open() would give it. Set after `write`, which may have
+        # replaced the temporary with a new file of its own (safetensors' save_file does: 0600 again).
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -16,7 +16,9 @@ generation can reuse them):
        eps = eps_uncond + scale * (eps_cond - eps_uncond)
    which is Ho & Salimans 2022 ("Classifier-Free Diffusion Guidance") eq. 6,
    (1 + w) eps_cond - w eps_uncond, with w = scale - 1; both halves in one UNet call, the
-   unconditional half first.
+   unconditional half first. The same combination is applied to whatever the UNet predicts (eps, v or
+   x_0; a linear map of eps at each x_t, so the guided output is the guided eps in that parameterisation),
+   as diffusers does; the sampler turns it into x_0 and eps (`predicted_x0_and_eps`).
 4. `decode_to_uint8`: z / scaling_factor -> VAE decoder -> [-1, 1] -> uint8, as diffusers'
    `VaeImageProcessor.postprocess` does.
 """
@@ -84,11 +86,12 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
         x_in = x if uncond is None else torch.cat([x, x])            # (2n, C, h, w)
         x_in = sampler.scale_model_input(x_in, t)
         t_batch = t.to(x.device).expand(x_in.shape[0])               # (2n,), the sampler's dtype (int or float)
-        eps = unet(x_in, t_batch, states).to(x.dtype)               # (2n, C, h, w); fp32 again under autocast
+        model_output = unet(x_in, t_batch, states).to(x.dtype)      # (2n, C, h, w): eps, v or x_0; fp32 under autocast
         if uncond is not None:
-            eps_uncond, eps_cond = eps.chunk(2)                      # (n, C, h, w) each
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # Ho & Salimans eq. 6, w = scale - 1
-        x = sampler.step(eps, t, x, generator=generator)
+            uncond_output, cond_output = model_output.chunk(2)       # (n, C, h, w) each
+            # Ho & Salimans eq. 6, w = scale - 1
+            model_output = uncond_output + guidance_scale * (cond_output - uncond_output)
+        x = sampler.step(model_output, t, x, generator=generator)
     return x
 
 

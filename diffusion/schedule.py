@@ -14,7 +14,6 @@ Stable Diffusion folder loads as is. SD v1's values are in `ScheduleConfig.sd_v1
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +22,32 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from common.configs import DIFFUSERS_METADATA, config_from_dict
 from common.files import read_json
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
-# Keys of a diffusers scheduler_config.json that select features this project does not implement.
-# A config that switches one of them on is refused, rather than sampled differently from diffusers.
-_UNSUPPORTED_IF_TRUE = ("thresholding", "rescale_betas_zero_snr")
+# Keys of a diffusers scheduler_config.json that select features this project does not implement,
+# with the only value accepted. A config that switches one on is refused by name, rather than sampled
+# differently from diffusers (common/configs.py: the policy every config is read by).
+UNSUPPORTED_FIELDS = {"thresholding": False, "rescale_betas_zero_snr": False}
+# Keys a scheduler_config.json may hold that change nothing here, beside diffusers' metadata:
+# - `dynamic_thresholding_ratio`, `sample_max_value`: used only with thresholding (refused above);
+# - the options of diffusers' scheduler classes (PNDM's `skip_prk_steps`, DPM-Solver's `solver_order`,
+#   Euler's `use_karras_sigmas`, ...): a public folder's file is written for one class, but here the
+#   sampler is chosen by name (`diffusion.samplers.make_sampler`), each with the options of the diffusers
+#   scheduler it equals (`SAMPLERS`), as `OtherScheduler.from_config(config)` in diffusers keeps only
+#   the keys the other class knows.
+IGNORED_FIELDS = (
+    "dynamic_thresholding_ratio", "sample_max_value", "skip_prk_steps", "variance_type", "interpolation_type",
+    "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
+    "sigma_min", "sigma_max", "timestep_type", "final_sigmas_type", "solver_order", "algorithm_type",
+    "solver_type", "lower_order_final", "euler_at_final", "flow_shift", "lambda_min_clipped",
+    "use_dynamic_shifting", "time_shift_type", "predict_x0", "disable_corrector", "solver_p", "shift_terminal",
+    "original_inference_steps", "timestep_scaling",
+)
 
 
 @dataclass(kw_only=True)
@@ -40,7 +56,7 @@ class ScheduleConfig:
     beta_start: float = 0.0001           # beta_1
     beta_end: float = 0.02               # beta_T
     beta_schedule: str = "linear"        # how betas go from beta_start to beta_end, see `make_betas`
-    trained_betas: list[float] | None = None  # an explicit beta table; overrides the three above
+    trained_betas: tuple[float, ...] | None = None  # an explicit beta table; overrides the three above
     prediction_type: str = "epsilon"     # what the UNet predicts: the noise, v (Salimans & Ho 2022), or x_0
     timestep_spacing: str = "leading"    # which timesteps a short sampling run visits, see `inference_timesteps`
     steps_offset: int = 0                # added to every "leading" timestep (SD v1: 1)
@@ -63,17 +79,14 @@ class ScheduleConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], *, source: str = "scheduler config") -> "ScheduleConfig":
-        """Read a diffusers scheduler_config.json dict (DDIMScheduler's or PNDMScheduler's).
+        """Read a diffusers scheduler_config.json dict (any diffusers scheduler's: PNDM's in SD v1).
 
-        Keys for other schedulers' options (`skip_prk_steps`, `_class_name`, ...) are ignored: they do
-        not change the schedule. Options that would change the numbers and are not implemented here
-        are refused by name.
+        Options of the diffusers scheduler classes and diffusers' metadata are ignored (IGNORED_FIELDS
+        says why); options that would change the numbers and are not implemented here, and any key
+        not known, are refused by name.
         """
-        for key in _UNSUPPORTED_IF_TRUE:
-            if config.get(key):
-                raise ValueError(f"{source}: {key}=true is not supported by this implementation")
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in config.items() if k in names})
+        cfg = config_from_dict(cls, config, fixed=UNSUPPORTED_FIELDS, ignored=DIFFUSERS_METADATA + IGNORED_FIELDS,
+                               source=source)
         if cfg.beta_schedule not in BETA_SCHEDULES and cfg.trained_betas is None:
             raise ValueError(f"{source}: beta_schedule {cfg.beta_schedule!r} is not one of {BETA_SCHEDULES}")
         if cfg.timestep_spacing not in TIMESTEP_SPACINGS:
@@ -178,6 +191,34 @@ class NoiseSchedule:
         (Salimans & Ho 2022, "Progressive Distillation", sec. 4 and appendix D)."""
         sqrt_a, sqrt_one_minus_a = self._coefficients(t, x0)
         return sqrt_a * noise - sqrt_one_minus_a * x0
+
+
+def predicted_x0_and_eps(model_output: torch.Tensor, x_t: torch.Tensor, *, alpha_t: torch.Tensor | float,
+                         sigma_t: torch.Tensor | float, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the UNet predicts (`model_output`) -> the pair (x_0, eps) a sampler's update needs.
+
+    All three follow from x_t = alpha_t x_0 + sigma_t eps. The DDIM, PLMS and DPM-Solver samplers keep
+    x_t on the variance-preserving scale of DDPM eq. 4: alpha_t = sqrt(alpha_bar_t), sigma_t =
+    sqrt(1 - alpha_bar_t) (DPM-Solver's alpha_t and sigma_t). The Euler samplers keep x on the
+    variance-exploding scale of `samplers/sigmas.py`, x = x_0 + sigma_ve eps: alpha_t = 1, sigma_t = sigma_ve.
+    - "epsilon": the UNet predicts eps; x_0 = (x_t - sigma_t eps) / alpha_t          (DDIM eq. 9)
+    - "sample": it predicts x_0; eps = (x_t - alpha_t x_0) / sigma_t
+    - "v_prediction": it predicts v = alpha eps - sigma x_0 on the variance-preserving scale
+      (Salimans & Ho 2022, sec. 4 and appendix D; `NoiseSchedule.get_velocity`). With c = alpha_t^2 +
+      sigma_t^2 (1 on that scale, 1 + sigma_ve^2 on the other), v = (alpha_t eps - sigma_t x_0) / sqrt(c), so
+          x_0 = alpha_t x_t / c - sigma_t v / sqrt(c),   eps = sigma_t x_t / c + alpha_t v / sqrt(c)
+    Each sampler passes its own alpha_t and sigma_t, computed as the diffusers scheduler it equals
+    computes them, so that the numbers stay those of diffusers.
+    """
+    if prediction_type == "epsilon":
+        return (x_t - sigma_t * model_output) / alpha_t, model_output
+    if prediction_type == "v_prediction":
+        c = alpha_t ** 2 + sigma_t ** 2
+        return (alpha_t * x_t / c - sigma_t / c ** 0.5 * model_output,
+                sigma_t * x_t / c + alpha_t / c ** 0.5 * model_output)
+    if prediction_type == "sample":
+        return model_output, (x_t - alpha_t * model_output) / sigma_t
+    raise ValueError(f"prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
 
 
 def randn(shape: tuple[int, ...], *, generator: torch.Generator | None, device: torch.device | str,

@@ -36,8 +36,9 @@ and bench/train_sd.py; the machine is shared, so these are medians of alternatin
      the caller's latents or image in the layout of the conv's weights (no copy when they already are):
      the channel slice that a channels-last VAE's posterior mean is, say, would otherwise carry its
      layout into a channels-first UNet;
-   - `LayoutKeepingSpatialTransformer`: the spatial transformer hands its map back in its input's
-     layout. The plain one ends as diffusers' does, with `.contiguous()` (channels-first); in a
+   - `keep_the_layout_in_spatial_transformers`: the spatial transformer hands its map back in its
+     input's layout (it sets the plain module's `arrange_map` seam; the one forward stays the one a
+     reader reads). The plain one ends as diffusers' does, with `.contiguous()` (channels-first); in a
      channels-last UNet that is a transposing copy to channels-first and, in the next conv, another
      back: 32 copies per SD v1 UNet call at 512x512, which took 0.62-0.66 s in bf16 (the copies alone,
      timed on this shared machine under load). Channels-last, its tokens are already the map in
@@ -56,7 +57,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.recompute import maybe_recompute
 from diffusion.models.attention import SpatialTransformer
 from diffusion.models.unet_blocks import Upsample2D
 
@@ -184,25 +184,17 @@ def take_inputs_in_weights_layout(model: nn.Module) -> int:
     return added
 
 
-class LayoutKeepingSpatialTransformer(SpatialTransformer):
-    """`SpatialTransformer`, but the map goes back to `proj_out` in the layout of the input x instead
-    of channels-first: no copy at all in a channels-last UNet (see 3. above), the plain copy otherwise."""
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x))
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C).contiguous()  # (B, HW, C): free when channels-last
-        for block in self.transformer_blocks:
-            h = maybe_recompute(block, self.gradient_checkpointing, h, context)
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)                   # (B, C, H, W), channels-last strides
-        return x + self.proj_out(h.contiguous(memory_format=memory_format_of(x)))
+def in_the_layout_of_the_input(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A spatial transformer's map for `proj_out` (its `arrange_map`) in the layout of its input x: for a
+    channels-last x no copy at all, the map's strides already being channels-last (see 3. above)."""
+    return h.contiguous(memory_format=memory_format_of(x))
 
 
 def keep_the_layout_in_spatial_transformers(model: nn.Module) -> int:
-    """Make every plain `SpatialTransformer` of `model` a `LayoutKeepingSpatialTransformer`: the same
-    module (parameters, names, hooks, checkpointing flag), only its forward changes. Returns how many
-    changed (0 when done before)."""
-    plain = [m for m in model.modules() if type(m) is SpatialTransformer]
+    """Set every `SpatialTransformer`'s `arrange_map` seam in `model` to `in_the_layout_of_the_input`;
+    the module, its forward and its keys stay what they were. Returns how many changed (0 when done before)."""
+    plain = [m for m in model.modules()
+             if isinstance(m, SpatialTransformer) and m.arrange_map is not in_the_layout_of_the_input]
     for module in plain:
-        module.__class__ = LayoutKeepingSpatialTransformer
+        module.arrange_map = in_the_layout_of_the_input
     return len(plain)

@@ -1,6 +1,7 @@
-"""What a POST body may hold, and its parameters: the raw image bytes, JSON in the Hugging Face
-Inference API's format, or a multipart/form-data upload. Every body that does not fit raises
-HTTPError with its status and a message for the client.
+"""A POST body: how it is read (its Content-Length checked, then exactly that many bytes), and what it
+may hold with its parameters: the raw image bytes, JSON in the Hugging Face Inference API's format, or
+a multipart/form-data upload. Every body that does not fit raises HTTPError with its status and a
+message for the client. Nothing here needs a socket: headers are a parsed message, the body a stream.
 
     raw           the image bytes (any Content-Type but the two below)
     JSON          {"inputs": "<base64 image>", "parameters": {...}}; told by its Content-Type
@@ -16,7 +17,8 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from typing import Callable
+from email.message import Message
+from typing import BinaryIO, Callable
 
 from serving.multipart import MultipartError, parse_multipart
 from vit.classifier import FUNCTIONS
@@ -28,6 +30,48 @@ class HTTPError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+# ---- reading the body: its announced length, then exactly that many bytes ----------------------------
+def content_length(headers: Message, *, max_bytes: int) -> int:
+    """The body's length from the request's headers (http.server's parsed message), refused before a
+    byte of the body is read: chunked (411), no Content-Length (411), two that disagree or one that
+    is not a number (400), over `max_bytes` (413), or zero (400)."""
+    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        raise HTTPError(411, "chunked bodies are not supported: send a Content-Length")
+    values = set(headers.get_all("Content-Length") or [])
+    if not values:
+        raise HTTPError(411, "a Content-Length header is required")
+    if len(values) > 1:
+        raise HTTPError(400, f"conflicting Content-Length headers: {', '.join(sorted(values))}")
+    raw = values.pop()
+    if not raw.strip().isdigit():
+        raise HTTPError(400, f"Content-Length {raw!r} is not a number of bytes")
+    length = int(raw)
+    if length > max_bytes:
+        raise HTTPError(413, f"body of {length} bytes is over the limit of {max_bytes} bytes (--max_body_mb)")
+    if length == 0:
+        raise HTTPError(400, "empty body: send the image bytes, or JSON with \"inputs\"")
+    return length
+
+
+def read_body(stream: BinaryIO, length: int, *, timeout_s: float) -> bytes:
+    """Exactly `length` bytes from `stream` (a buffered reader, read in chunks of up to 64 KiB). The
+    caller bounds the whole body in time: the stream raises TimeoutError once `timeout_s` has passed
+    (serving/connections.py's DeadlineReader), which is a 408 naming how much came; a body shorter
+    than announced is a 400."""
+    chunks, received = [], 0
+    while received < length:
+        try:
+            chunk = stream.read1(min(length - received, 1 << 16))
+        except TimeoutError:
+            raise HTTPError(408, f"body not received within {timeout_s:g} s ({received} of {length} bytes); "
+                                 "check the Content-Length") from None
+        if not chunk:
+            raise HTTPError(400, f"body ended after {received} of the {length} bytes its Content-Length announced")
+        chunks.append(chunk)
+        received += len(chunk)
+    return b"".join(chunks)
 
 
 # ---- the request's parameters: one row per name -----------------------------------------------------

@@ -195,3 +195,25 @@ def test_karras_sigmas_are_eq5_between_the_tables_ends():
     assert s[0] == pytest.approx(10.0) and s[-1] == pytest.approx(0.1)
     inv = s ** (1 / 7)
     assert inv[:-1] - inv[1:] == pytest.approx([(10 ** (1 / 7) - 0.1 ** (1 / 7)) / 4] * 4)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_one_conversion_recovers_x0_and_eps_on_both_scales(prediction_type):
+    """predicted_x0_and_eps inverts what the UNet is trained to predict (NoiseSchedule.add_noise and
+    get_velocity give x_t and v), on the VP scale of DDIM/PLMS/DPM-Solver and the VE scale of Euler."""
+    from diffusion.schedule import predicted_x0_and_eps
+    schedule = NoiseSchedule(config=ScheduleConfig.sd_v1())
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64), torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 500, 999])
+    schedule.alphas_cumprod = schedule.alphas_cumprod.double()
+    x_t = schedule.add_noise(x0, eps, t)                                  # VP scale
+    target = {"epsilon": eps, "v_prediction": schedule.get_velocity(x0, eps, t), "sample": x0}[prediction_type]
+    a = schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    alpha_t, sigma_t = a ** 0.5, (1 - a) ** 0.5
+    sigma_ve = sigma_t / alpha_t
+    for x, alpha, sigma in ((x_t, alpha_t, sigma_t), (x_t / alpha_t, 1, sigma_ve)):   # VP, then VE (Euler)
+        got_x0, got_eps = predicted_x0_and_eps(target, x, alpha_t=alpha, sigma_t=sigma, prediction_type=prediction_type)
+        assert torch.allclose(got_x0, x0, atol=1e-9) and torch.allclose(got_eps, eps, atol=1e-9)
+    with pytest.raises(ValueError, match="prediction_type 'score'"):
+        predicted_x0_and_eps(target, x_t, alpha_t=alpha_t, sigma_t=sigma_t, prediction_type="score")

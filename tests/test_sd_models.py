@@ -214,22 +214,3 @@ def test_config_refuses_unsupported_fields():
     vae_raw = json.loads((FOLDER / "vae" / "config.json").read_text())
     with pytest.raises(ValueError, match="shift_factor=0.1"):
         VAEConfig.from_dict({**vae_raw, "shift_factor": 0.1})
-
-
-def test_public_sd_v1_5_configs_give_the_presets():
-    # runwayml/stable-diffusion-v1-5's unet/config.json and vae/config.json (diffusers 0.6 era: no
-    # scaling_factor, which then defaults to SD v1's 0.18215)
-    unet = {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
-            "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
-            "cross_attention_dim": 768, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                                             "CrossAttnDownBlock2D", "DownBlock2D"],
-            "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
-            "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
-            "out_channels": 4, "sample_size": 64,
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
-    assert UNetConfig.from_dict(unet) == UNetConfig.sd_v1()
-    vae = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0", "act_fn": "silu",
-           "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-           "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
-           "out_channels": 3, "sample_size": 512, "up_block_types": ["UpDecoderBlock2D"] * 4}
-    assert VAEConfig.from_dict(vae) == VAEConfig.sd_v1()

@@ -26,6 +26,7 @@ import predict_emotion
 import serve_emotion
 from serve_emotion import EmotionServer
 from serving.batcher import Batcher
+from serving.body import HTTPError, content_length, read_body
 from vit.classifier import ImageClassifier
 from common.images import load_image
 
@@ -292,6 +293,66 @@ def test_bad_request_answered_and_server_keeps_serving(server, name):
     assert word.lower() in payload["error"].lower(), payload
     assert request(server, "GET", "/health")[0] == 200
     assert request(server, body=JPEG)[0] == 200
+
+
+# ---- reading the body, without a socket (serving/body.py) --------------------------------------------------
+def headers(*lines: str):
+    """Request headers parsed as http.server parses them."""
+    return http.client.parse_headers(io.BytesIO("".join(f"{line}\r\n" for line in lines).encode() + b"\r\n"))
+
+
+@pytest.mark.parametrize("lines, status, word", [
+    ((), 411, "Content-Length header is required"),
+    (("Transfer-Encoding: chunked", "Content-Length: 5"), 411, "chunked"),
+    (("Content-Length: 5", "Content-Length: 6"), 400, "conflicting Content-Length headers: 5, 6"),
+    (("Content-Length: -5",), 400, "'-5' is not a number"),
+    (("Content-Length: 1e3",), 400, "'1e3' is not a number"),
+    (("Content-Length: 1001",), 413, "body of 1001 bytes is over the limit of 1000 bytes (--max_body_mb)"),
+    (("Content-Length: 0",), 400, "empty body"),
+])
+def test_content_length_refusals(lines, status, word):
+    with pytest.raises(HTTPError) as refused:
+        content_length(headers(*lines), max_bytes=1000)
+    assert refused.value.status == status and word in refused.value.message
+
+
+def test_content_length_accepts_repeats_that_agree_and_the_limit_itself():
+    assert content_length(headers("Content-Length: 1000", "Content-Length: 1000"), max_bytes=1000) == 1000
+    assert content_length(headers("Content-Length: 7"), max_bytes=1000) == 7
+
+
+class TrickleThenTimeout(io.RawIOBase):
+    """A connection that gives `data` a few bytes at a time, then hits its deadline."""
+
+    def __init__(self, data: bytes, chunk: int):
+        self.data, self.chunk = data, chunk
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if not self.data:
+            raise TimeoutError("deadline passed")
+        n = min(self.chunk, len(buffer), len(self.data))
+        buffer[:n], self.data = self.data[:n], self.data[n:]
+        return n
+
+
+def test_read_body_reads_exactly_the_announced_bytes():
+    stream = io.BufferedReader(io.BytesIO(JPEG + b"next request"))
+    assert read_body(stream, len(JPEG), timeout_s=1.0) == JPEG
+    assert stream.read() == b"next request"                      # nothing past the body was taken
+    big = bytes(range(256)) * 1000                               # more than one 64 KiB chunk
+    assert read_body(io.BufferedReader(TrickleThenTimeout(big, 1000)), len(big), timeout_s=1.0) == big
+
+
+def test_read_body_short_or_slow_is_named():
+    with pytest.raises(HTTPError) as short:
+        read_body(io.BufferedReader(io.BytesIO(b"12345")), 8, timeout_s=1.0)
+    assert short.value.status == 400 and "ended after 5 of the 8 bytes" in short.value.message
+    with pytest.raises(HTTPError) as slow:
+        read_body(io.BufferedReader(TrickleThenTimeout(b"x" * 30, 10)), 1000, timeout_s=2.5)
+    assert slow.value.status == 408 and "within 2.5 s (30 of 1000 bytes)" in slow.value.message
 
 
 # ---- multipart/form-data ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from diffusion.checkpoints.load import load_unet_folder, load_vae_folder
 from diffusion.models.unet_blocks import Upsample2D
 from diffusion.models.attention import SpatialTransformer
-from diffusion.speed import (LayoutKeepingSpatialTransformer, SubpixelUpsample2D, arrange_for_speed,
+from diffusion.speed import (SubpixelUpsample2D, arrange_for_speed, in_the_layout_of_the_input,
                              keep_the_layout_in_spatial_transformers, memory_format_of,
                              take_inputs_in_weights_layout, use_subpixel_upsamplers)
 
@@ -98,7 +98,8 @@ def test_layout_keeping_spatial_transformers_alone_equal_plain(plain, ref, plain
     unet = copy.deepcopy(plain.unet).to(memory_format=FORMATS[model_layout])
     n = keep_the_layout_in_spatial_transformers(unet)
     transformers = [m for m in unet.modules() if isinstance(m, SpatialTransformer)]
-    assert n == len(transformers) > 0 and all(type(m) is LayoutKeepingSpatialTransformer for m in transformers)
+    assert n == len(transformers) > 0 and all(m.arrange_map is in_the_layout_of_the_input for m in transformers)
+    assert all(type(m) is SpatialTransformer for m in transformers)   # configured, not replaced
     assert unet.state_dict().keys() == plain.unet.state_dict().keys()
     seen = []
     hooks = [m.register_forward_hook(lambda m, args, out: seen.append(memory_format_of(out))) for m in transformers]
@@ -142,3 +143,18 @@ def test_plain_models_hold_no_speed_code():
         text = path.read_text()
         for word in ("memory_format", "channels_last", "in_layout_of", "subpixel", "diffusion.speed"):
             assert word not in text, f"{path.name} mentions {word}"
+
+
+def test_no_module_changes_an_objects_class():
+    """A fast path configures a seam (STYLE.md rule 19): nothing outside tests/ assigns `__class__`, so a
+    debugger always shows a module's own class and the one forward a learner reads."""
+    import ast
+    root = Path(__file__).parent.parent
+    for path in root.rglob("*.py"):
+        if {"tests", ".venv", ".venv-dev"} & set(path.relative_to(root).parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            assert not any(isinstance(t, ast.Attribute) and t.attr == "__class__" for t in targets), \
+                f"{path.relative_to(root)}:{node.lineno} assigns __class__"

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import train_emotion
 from common.files import atomic_write, check_writable, read_json
+from common.run_config import finish_run_record
+from common.state_dict import write_safetensors
 from common.training import Checkpoints, MetricsLog, list_checkpoints
 
 TINY = ["--image_size", "32", "--num_synthetic_train", "48", "--num_synthetic_eval", "14",
@@ -182,13 +185,37 @@ def test_output_folder_that_is_a_file_is_named(tmp_path, capsys):
     assert "which is a file" in capsys.readouterr().err
 
 
-def test_atomic_write_honours_the_umask(tmp_path):
+def _write_safetensors(folder: Path) -> Path:
+    write_safetensors(folder / "model.safetensors", {"w": torch.zeros(2)}, {"format": "pt"})
+    return folder / "model.safetensors"
+
+
+def _torch_save(folder: Path) -> Path:
+    return Checkpoints(folder).save(1, {"w": torch.zeros(2)})
+
+
+def _json(folder: Path) -> Path:
+    finish_run_record(folder, {"command": "python train_emotion.py"})
+    return folder / "run_info.json"
+
+
+def _png(folder: Path) -> Path:
+    image = Image.new("RGB", (4, 4))
+    atomic_write(folder / "class-00000.png", lambda tmp: image.save(tmp, format="PNG"))   # as dreambooth/data.py
+    return folder / "class-00000.png"
+
+
+@pytest.mark.parametrize("write", [_write_safetensors, _torch_save, _json, _png],
+                         ids=["safetensors", "torch.save", "json", "png"])
+def test_written_files_honour_the_umask(tmp_path, write):
+    """Every writer through atomic_write gives what open() would: 0644 under umask 022. mkstemp alone
+    gives 0600, and safetensors replaces the temporary with a new 0600 file of its own."""
     old = os.umask(0o022)
     try:
-        atomic_write(tmp_path / "model.safetensors", lambda tmp: Path(tmp).write_bytes(b"weights"))
+        path = write(tmp_path)
     finally:
         os.umask(old)
-    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o644   # mkstemp alone gives 0600
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644, oct(stat.S_IMODE(path.stat().st_mode))
 
 
 def test_checkpoints_never_prune_a_file_of_another_run(tmp_path):

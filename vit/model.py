@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.files import config_from_json
+from common.configs import TRANSFORMERS_FIXED, TRANSFORMERS_GENERIC, TRANSFORMERS_METADATA, build, check_config_keys
+from common.files import read_json
 
 # The label order of dima806/facial_emotions_image_detection (its config.json id2label).
 EMOTION_LABELS = ("sad", "disgust", "angry", "neutral", "fear", "surprise", "happy")
@@ -83,29 +84,38 @@ class ViTConfig:
 
     # ---- transformers' config.json -------------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, d: dict) -> "ViTConfig":
-        """Read a transformers ViTConfig dict (the `config.json` of a ViT checkpoint folder)."""
+    def from_hf_dict(cls, d: dict, *, source: str = "ViT config") -> "ViTConfig":
+        """Read a transformers ViTConfig dict (the `config.json` of a ViT checkpoint folder). Keys that
+        change nothing here are ignored (IGNORED_HF_FIELDS, transformers' metadata and generic options),
+        any other key not read is refused by name (common/configs.py)."""
+        d = check_config_keys(d, read=HF_FIELDS, fixed=TRANSFORMERS_FIXED, source=source,
+                              ignored=TRANSFORMERS_METADATA + TRANSFORMERS_GENERIC + IGNORED_HF_FIELDS)
+
         def square(v, name):
             if isinstance(v, (list, tuple)):
                 if len(set(v)) != 1:
-                    raise ValueError(f"config.json: non-square {name} {v} is not supported")
+                    raise ValueError(f"{source}: non-square {name} {v} is not supported")
                 v = v[0]
-            return int(v)
+            try:
+                return int(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"{source}: {name} {v!r} is not an integer") from None
         labels = None
         if "id2label" in d:
             if not isinstance(d["id2label"], dict):
-                raise ValueError(f"id2label must map indices to labels, not {d['id2label']!r}")
+                raise ValueError(f"{source}: id2label must map indices to labels, not {d['id2label']!r}")
             id2label = {int(k): str(v) for k, v in d["id2label"].items()}
             if sorted(id2label) != list(range(len(id2label))):
-                raise ValueError(f"id2label indices {sorted(id2label)} are not 0 .. {len(id2label) - 1}")
+                raise ValueError(f"{source}: id2label indices {sorted(id2label)} are not 0 .. {len(id2label) - 1}")
             labels = [id2label[i] for i in range(len(id2label))]
-        return cls(image_size=square(d.get("image_size", 224), "image_size"),
-                   patch_size=square(d.get("patch_size", 16), "patch_size"),
-                   num_channels=d.get("num_channels", 3), hidden_size=d.get("hidden_size", 768),
-                   num_layers=d.get("num_hidden_layers", 12), num_heads=d.get("num_attention_heads", 12),
-                   mlp_size=d.get("intermediate_size", 3072), layer_norm_eps=d.get("layer_norm_eps", 1e-12),
-                   qkv_bias=d.get("qkv_bias", True), hidden_act=d.get("hidden_act", "gelu"),
-                   labels=labels if labels is not None else default_labels(d.get("num_labels", 2)))
+        return build(cls, dict(
+            image_size=square(d.get("image_size", 224), "image_size"),
+            patch_size=square(d.get("patch_size", 16), "patch_size"),
+            num_channels=d.get("num_channels", 3), hidden_size=d.get("hidden_size", 768),
+            num_layers=d.get("num_hidden_layers", 12), num_heads=d.get("num_attention_heads", 12),
+            mlp_size=d.get("intermediate_size", 3072), layer_norm_eps=d.get("layer_norm_eps", 1e-12),
+            qkv_bias=d.get("qkv_bias", True), hidden_act=d.get("hidden_act", "gelu"),
+            labels=labels if labels is not None else default_labels(d.get("num_labels", 2))), source=source)
 
     def to_hf_dict(self) -> dict:
         """The `config.json` that transformers' `ViTForImageClassification.from_pretrained` reads."""
@@ -123,10 +133,22 @@ class ViTConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ViTConfig":
-        return config_from_json(path, cls.from_hf_dict)
+        return cls.from_hf_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# The keys of a transformers ViT config.json that `ViTConfig.from_hf_dict` reads ...
+HF_FIELDS = ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "intermediate_size", "layer_norm_eps", "qkv_bias", "hidden_act", "id2label", "num_labels")
+# ... and those that change nothing here: `label2id` is id2label read backwards; dropout is not modelled
+# (0.0 in the public ViT configs, and off at inference anyway); the initializer scale only matters to
+# a freshly built model; `encoder_stride` sizes ViTForMaskedImageModeling's decoder, and `pooler_act`,
+# `pooler_output_size` ViTModel's pooler, neither of which the classifier has. (`problem_type`, which
+# picks transformers' training loss, is among the generic options: train_emotion.py has its own flags.)
+IGNORED_HF_FIELDS = ("label2id", "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range",
+                     "encoder_stride", "pooler_act", "pooler_output_size")
 
 
 def default_labels(num_labels: int) -> list[str]:

@@ -90,6 +90,11 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+def channels_first(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The spatial transformer's map as diffusers hands it to proj_out: contiguous, channels-first."""
+    return h.contiguous()
+
+
 class SpatialTransformer(nn.Module):
     """GroupNorm, 1x1 conv in, transformer blocks over the H*W positions, 1x1 conv out, residual.
 
@@ -115,6 +120,10 @@ class SpatialTransformer(nn.Module):
         # Checkpointing recomputes the transformer blocks only, as diffusers does: the GroupNorm and
         # 1x1 projections around them are cheap to store and would cost a recompute each.
         self.gradient_checkpointing = False
+        # How the map is stored for proj_out: channels-first, as diffusers' does. A seam for
+        # diffusion/speed.py, which keeps a channels-last UNet's map as its tokens already hold it (no
+        # copy); the same numbers either way.
+        self.arrange_map = channels_first
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -122,5 +131,5 @@ class SpatialTransformer(nn.Module):
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, C).contiguous()  # (B, HW, C): one token per pixel
         for block in self.transformer_blocks:
             h = maybe_recompute(block, self.gradient_checkpointing, h, context)
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()   # (B, C, H, W)
-        return x + self.proj_out(h)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)                # (B, C, H, W)
+        return x + self.proj_out(self.arrange_map(h, x))

@@ -15,13 +15,14 @@ Module attributes carry diffusers' key names, so a diffusers `unet/` folder load
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.configs import DIFFUSERS_METADATA, config_from_dict
 from common.files import read_json
 from diffusion.models.unet_blocks import DownBlock, MidBlock, TimestepEmbedding, UpBlock, timestep_embedding
 
@@ -30,7 +31,7 @@ CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 
 # diffusers `unet/config.json` fields this implementation does not model, with the only value it
 # accepts (SD v1's). A config that sets one of them to anything else is refused by name, instead of
-# silently building a different network.
+# silently building a different network (common/configs.py: the policy every config is read by).
 SD_V1_ONLY_FIELDS = {
     "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
     "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "transformer_layers_per_block": 1,
@@ -45,35 +46,6 @@ SD_V1_ONLY_FIELDS = {
     "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
     "addition_embed_type_num_heads": 64,
 }
-
-
-def _normalise(value):
-    return tuple(_normalise(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def check_fixed_fields(config: dict, fixed: dict, *, source: str) -> dict:
-    """Return `config` minus metadata (`_class_name`, ...) and minus the `fixed` fields, raising
-    ValueError that names the first fixed field set to a value other than SD v1's."""
-    kept = {}
-    for key, value in config.items():
-        if key.startswith("_"):
-            continue
-        if key in fixed:
-            if _normalise(value) != _normalise(fixed[key]):
-                raise ValueError(f"{source}: {key}={value!r} is not supported (only SD v1's {fixed[key]!r})")
-            continue
-        kept[key] = value
-    return kept
-
-
-def config_from_dict(cls, config: dict, fixed: dict, *, source: str):
-    """Build dataclass `cls` from a diffusers config dict; unknown fields are errors that name them."""
-    kept = check_fixed_fields(config, fixed, source=source)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(kept) - known)
-    if unknown:
-        raise ValueError(f"{source}: unknown config field(s) {', '.join(unknown)}")
-    return cls(**{k: _normalise(v) for k, v in kept.items()})
 
 
 @dataclass
@@ -117,7 +89,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, config: dict, *, source: str = "unet config") -> "UNetConfig":
-        return config_from_dict(cls, config, SD_V1_ONLY_FIELDS, source=source)
+        return config_from_dict(cls, config, fixed=SD_V1_ONLY_FIELDS, ignored=DIFFUSERS_METADATA, source=source)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "UNetConfig":

@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.configs import DIFFUSERS_METADATA, config_from_dict
 from common.files import read_json
-from diffusion.models.unet import config_from_dict
 from diffusion.models.unet_blocks import Downsample2D, ResnetBlock2D, Upsample2D
 
 DOWN, UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
 RESNET_EPS = 1e-6  # every GroupNorm of LDM's autoencoder uses eps 1e-6 (diffusers follows)
 
-SD_V1_ONLY_FIELDS = {  # diffusers `vae/config.json` fields accepted only at SD v1's value (see unet.py)
+SD_V1_ONLY_FIELDS = {  # diffusers `vae/config.json` fields accepted only at SD v1's value (common/configs.py)
     "act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None, "force_upcast": True,
     "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
 }
@@ -66,7 +66,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, config: dict, *, source: str = "vae config") -> "VAEConfig":
-        return config_from_dict(cls, config, SD_V1_ONLY_FIELDS, source=source)
+        return config_from_dict(cls, config, fixed=SD_V1_ONLY_FIELDS, ignored=DIFFUSERS_METADATA, source=source)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "VAEConfig":

@@ -1,4 +1,4 @@
-"""Samplers: each turns the UNet's noise prediction at timestep t into the latents of the next step.
+"""Samplers: each turns the UNet's prediction at timestep t into the latents of the next step.
 
 Every sampler has the same small interface, so the sampling loop (`diffusion/pipeline.py`, `denoise`)
 knows none of them by type:
@@ -7,8 +7,11 @@ knows none of them by type:
     timesteps = sampler.set_timesteps(steps)               # (model calls,) descending
     x = x_T * sampler.init_noise_sigma                     # 1 for DDIM/PLMS/DPM-Solver, sigma_max-ish for Euler
     for t in timesteps:
-        eps = unet(sampler.scale_model_input(x, t), t)     # the Euler family feeds x / sqrt(sigma^2 + 1)
-        x = sampler.step(eps, t, x, generator=generator)   # stochastic samplers draw from `generator`
+        model_output = unet(sampler.scale_model_input(x, t), t)    # Euler feeds x / sqrt(sigma_ve^2 + 1)
+        x = sampler.step(model_output, t, x, generator=generator)  # stochastic samplers draw from `generator`
+
+`model_output` is what the UNet predicts, eps, v or x_0 as the scheduler config's `prediction_type`
+says; every sampler turns it into x_0 and eps by the one `predicted_x0_and_eps` (diffusion/schedule.py).
 
 Options that only one sampler has are construction options (`make_sampler(..., "ddim", eta=0.5)`),
 never arguments of `step`. A new sampler is one file in this folder and one line in `SAMPLERS`.

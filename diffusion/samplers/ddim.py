@@ -3,15 +3,18 @@
 Numerically equal to diffusers' `DDIMScheduler` under the same scheduler_config (tested per step
 against stored reference latents). Notation: alpha_bar_t is the paper's alpha_t (the cumulative
 product, `NoiseSchedule.alphas_cumprod`), t -> t_prev is one sampling step of a run with fewer steps
-than training had.
+than training had, and the paper's sigma_t, the noise an eta > 0 step adds, is written sigma_eta here
+(it is not the forward process's sqrt(1 - alpha_bar_t)).
 
     x_{t_prev} = sqrt(alpha_bar_prev) * x0_pred                                 "predicted x_0"
-               + sqrt(1 - alpha_bar_prev - sigma_t^2) * eps_pred                "direction pointing to x_t"
-               + sigma_t * z,  z ~ N(0, I)                                      "random noise"
+               + sqrt(1 - alpha_bar_prev - sigma_eta^2) * eps_pred              "direction pointing to x_t"
+               + sigma_eta * z,  z ~ N(0, I)                                    "random noise"
                                                                                        (DDIM eq. 12)
-    sigma_t = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_prev)
+    sigma_eta = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_prev)
                                                                                        (DDIM eq. 16)
 eta = 0 is the deterministic DDIM sampler; eta = 1 is DDPM's ancestral sampler on the same steps.
+x0_pred and eps_pred come from what the UNet predicts (eps, v or x_0) by `predicted_x0_and_eps`
+(diffusion/schedule.py), the conversion every sampler shares.
 
 Usage (eta is fixed when the sampler is made, so the loop is the same for every sampler):
     sampler = DDIMSampler.from_config(models.scheduler_config, eta=0.0)
@@ -24,28 +27,7 @@ from typing import Any, Mapping
 
 import torch
 
-from diffusion.schedule import NoiseSchedule, ScheduleConfig, randn
-
-
-def predicted_x0_and_eps(model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor,
-                         prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn what the UNet predicts into the pair (x_0, eps) that the update needs.
-
-    All three follow from x_t = sqrt(a) x_0 + sqrt(1 - a) eps (DDPM eq. 4), a = alpha_bar_t:
-    - "epsilon": x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a)           (DDIM eq. 9, the "f_theta" of eq. 12)
-    - "v_prediction": v = sqrt(a) eps - sqrt(1 - a) x_0 (Salimans & Ho 2022), so
-          x_0 = sqrt(a) x_t - sqrt(1 - a) v,  eps = sqrt(a) v + sqrt(1 - a) x_t
-    - "sample": the UNet predicts x_0 directly.
-    """
-    beta_bar_t = 1 - alpha_bar_t
-    if prediction_type == "epsilon":
-        return (x_t - beta_bar_t ** 0.5 * model_output) / alpha_bar_t ** 0.5, model_output
-    if prediction_type == "v_prediction":
-        return (alpha_bar_t ** 0.5 * x_t - beta_bar_t ** 0.5 * model_output,
-                alpha_bar_t ** 0.5 * model_output + beta_bar_t ** 0.5 * x_t)
-    if prediction_type == "sample":
-        return model_output, (x_t - alpha_bar_t ** 0.5 * model_output) / beta_bar_t ** 0.5
-    raise ValueError(f"prediction_type {prediction_type!r} is not epsilon, v_prediction or sample")
+from diffusion.schedule import NoiseSchedule, ScheduleConfig, predicted_x0_and_eps, randn
 
 
 class DDIMSampler:
@@ -99,22 +81,24 @@ class DDIMSampler:
         alpha_bar_t = self.schedule.alphas_cumprod[t]
         alpha_bar_prev = self.schedule.alpha_bar_prev(prev_t, set_alpha_to_one=self.set_alpha_to_one)
 
-        # "predicted x_0" (eq. 12, first bracket; eq. 9) and the noise estimate eps_theta(x_t)
-        x0_pred, eps_pred = predicted_x0_and_eps(model_output, x_t, alpha_bar_t, cfg.prediction_type)
+        # "predicted x_0" (eq. 12, first bracket; eq. 9) and the noise estimate eps_theta(x_t), on the
+        # forward process's scale x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+        x0_pred, eps_pred = predicted_x0_and_eps(model_output, x_t, alpha_t=alpha_bar_t ** 0.5,
+                                                 sigma_t=(1 - alpha_bar_t) ** 0.5, prediction_type=cfg.prediction_type)
         if cfg.clip_sample:  # off for SD v1; pixel-space models clamp x_0 to the data range
             x0_pred = x0_pred.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
 
-        # sigma_t(eta), DDIM eq. 16: eta * sqrt((1 - a_prev)/(1 - a_t)) * sqrt(1 - a_t/a_prev)
+        # sigma_eta, DDIM eq. 16: eta * sqrt((1 - a_prev)/(1 - a_t)) * sqrt(1 - a_t/a_prev)
         variance = ((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * (1 - alpha_bar_t / alpha_bar_prev)
-        sigma_t = eta * variance ** 0.5
+        sigma_eta = eta * variance ** 0.5
 
         # "direction pointing to x_t" (eq. 12, second term)
-        direction = (1 - alpha_bar_prev - sigma_t ** 2) ** 0.5 * eps_pred
+        direction = (1 - alpha_bar_prev - sigma_eta ** 2) ** 0.5 * eps_pred
         # eq. 12 without its random term
         x_prev = alpha_bar_prev ** 0.5 * x0_pred + direction
         if eta > 0:
-            # "random noise" sigma_t * z (eq. 12, third term)
+            # "random noise" sigma_eta * z (eq. 12, third term)
             z = randn(tuple(model_output.shape), generator=generator, device=model_output.device,
                       dtype=model_output.dtype)
-            x_prev = x_prev + sigma_t * z
+            x_prev = x_prev + sigma_eta * z
         return x_prev

@@ -1,16 +1,19 @@
 """DPM-Solver++(2M): Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
-Probabilistic Models", the multistep second-order solver in data-prediction form (their Algorithm 2).
+Probabilistic Models", the multistep second-order solver in data-prediction form (the paper's
+Algorithm 2, DPM-Solver++(2M)).
 
 Numerically equal to diffusers' `DPMSolverMultistepScheduler` with its defaults (algorithm_type
 "dpmsolver++", solver_order 2, solver_type "midpoint", lower_order_final, final_sigmas_type "zero";
 tested per step against stored reference latents).
 
-Notation (VP form): x_t = alpha_t x_0 + sigma_t eps with alpha_t = sqrt(alpha_bar_t), sigma_t =
-sqrt(1 - alpha_bar_t), and the half log-SNR lambda_t = log(alpha_t / sigma_t). Here they are computed
-from the VE noise level s = sqrt((1 - alpha_bar) / alpha_bar) (`sigmas.py`) as alpha = 1 / sqrt(s^2 + 1),
-sigma = s alpha. x_theta(x_t, t) is the model's data (x_0) prediction.
+Notation, the paper's: x_t = alpha_t x_0 + sigma_t eps on the variance-preserving scale, alpha_t =
+sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t), so sigma_t in this file is the VP sigma. The run's
+noise levels are kept, as diffusers keeps them, as the VE sigma_ve = sigma_t / alpha_t of `sigmas.py`
+(`sigmas_ve`); `vp_alpha_sigma` turns one into (alpha_t, sigma_t): alpha_t = 1 / sqrt(sigma_ve^2 + 1),
+sigma_t = sigma_ve alpha_t. lambda_t = log(alpha_t / sigma_t) is the half log-SNR, and x_theta(x_t, t) the
+model's data (x_0) prediction, from whatever the UNet predicts (`predicted_x0_and_eps`, diffusion/schedule.py).
 
-- First order, DPM-Solver++(1) (DPM-Solver++ eq. 5 with k = 1; the same step as DDIM):
+- First order (the paper's first-order DPM-Solver++, which it notes is the DDIM step):
       x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x_theta(x_s, s),    h = lambda_t - lambda_s
 - Second order, multistep (Algorithm 2), reusing the previous step's x_theta:
       r = h_prev / h
@@ -30,8 +33,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from diffusion.samplers.sigmas import config_with_own_spacing, interpolate_sigmas, sigma_table
-from diffusion.schedule import NoiseSchedule, ScheduleConfig
+from diffusion.samplers.sigmas import config_with_own_spacing, interpolate_sigmas, sigma_ve_table
+from diffusion.schedule import NoiseSchedule, ScheduleConfig, predicted_x0_and_eps
 
 
 class DPMSolverPP2MSampler:
@@ -41,7 +44,7 @@ class DPMSolverPP2MSampler:
 
     def __init__(self, *, schedule: NoiseSchedule):
         self.schedule = schedule
-        self.sigmas: torch.Tensor | None = None      # (steps + 1,) float32 VE noise levels, last 0
+        self.sigmas_ve: torch.Tensor | None = None   # (steps + 1,) float32 VE noise levels, last 0
         self.timesteps: torch.Tensor | None = None   # (steps,) int64
         self.step_index = 0
         self.x0_history: list[torch.Tensor] = []     # x_theta of the previous step (at most one kept)
@@ -65,17 +68,17 @@ class DPMSolverPP2MSampler:
         return ts - 1
 
     def sigmas_and_timesteps(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
-        """The noise levels of the run (without the final 0) and the UNet timesteps at them."""
+        """The VE noise levels of the run (without the final 0) and the UNet timesteps at them."""
         ts = self.spaced_timesteps(num_steps)
-        return interpolate_sigmas(ts, sigma_table(self.schedule)), ts
+        return interpolate_sigmas(ts, sigma_ve_table(self.schedule)), ts
 
     def set_timesteps(self, num_steps: int) -> torch.Tensor:
         """The timesteps of a `num_steps` run: (num_steps,) int64, descending."""
         T = self.schedule.num_train_timesteps
         if not 1 <= num_steps <= T:
             raise ValueError(f"number of sampling steps must be in 1..{T} (num_train_timesteps), got {num_steps}")
-        sigmas, ts = self.sigmas_and_timesteps(num_steps)
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))   # end on sigma 0
+        sigmas_ve, ts = self.sigmas_and_timesteps(num_steps)
+        self.sigmas_ve = torch.from_numpy(np.concatenate([sigmas_ve, [0.0]]).astype(np.float32))   # end on sigma 0
         self.timesteps = torch.from_numpy(ts).to(torch.int64)
         self.step_index, self.x0_history = 0, []
         return self.timesteps
@@ -85,46 +88,37 @@ class DPMSolverPP2MSampler:
         return x
 
     @staticmethod
-    def alpha_sigma(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """VE noise level s -> (alpha_t, sigma_t) of the VP form: alpha = 1/sqrt(s^2 + 1), sigma = s alpha."""
-        alpha = 1 / ((s ** 2 + 1) ** 0.5)
-        return alpha, s * alpha
-
-    def data_prediction(self, model_output: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """x_theta(x_t, t), the x_0 estimate DPM-Solver++ integrates (its sec. 4: data prediction)."""
-        alpha_t, sigma_t = self.alpha_sigma(s)
-        prediction_type = self.schedule.config.prediction_type
-        if prediction_type == "epsilon":         # x_t = alpha x_0 + sigma eps
-            return (x - sigma_t * model_output) / alpha_t
-        if prediction_type == "v_prediction":    # v = alpha eps - sigma x_0 (Salimans & Ho 2022)
-            return alpha_t * x - sigma_t * model_output
-        return model_output                      # "sample"
+    def vp_alpha_sigma(sigma_ve: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VE noise level -> (alpha_t, sigma_t) of the VP form: alpha_t = 1/sqrt(sigma_ve^2 + 1), sigma_t = sigma_ve alpha_t."""
+        alpha_t = 1 / ((sigma_ve ** 2 + 1) ** 0.5)
+        return alpha_t, sigma_ve * alpha_t
 
     def step(self, model_output: torch.Tensor, t: torch.Tensor | int, x: torch.Tensor, *,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """One step t_{i-1} -> t_i; deterministic (`generator` is unused). model_output, x: (B, C, h, w)."""
-        if self.sigmas is None:
+        if self.sigmas_ve is None:
             raise RuntimeError(f"{type(self).__name__}.step called before set_timesteps(num_steps)")
         i = self.step_index
         if i >= len(self.timesteps) or int(t) != int(self.timesteps[i]):
             raise RuntimeError(f"{type(self).__name__}: t={t} is not the run's next timestep "
                                f"(step {i} of {len(self.timesteps)})")
-        x0 = self.data_prediction(model_output, x, self.sigmas[i])
+        alpha_t, sigma_t = self.vp_alpha_sigma(self.sigmas_ve[i + 1])     # where we land
+        alpha_s0, sigma_s0 = self.vp_alpha_sigma(self.sigmas_ve[i])       # where we are
+        x0, _ = predicted_x0_and_eps(model_output, x, alpha_t=alpha_s0, sigma_t=sigma_s0,   # x_theta(x_s0, s0)
+                                     prediction_type=self.schedule.config.prediction_type)
         self.x0_history = self.x0_history[-1:] + [x0]
         x = x.to(torch.float32)
 
-        alpha_t, sigma_t = self.alpha_sigma(self.sigmas[i + 1])     # where we land
-        alpha_s0, sigma_s0 = self.alpha_sigma(self.sigmas[i])       # where we are
         lambda_t = torch.log(alpha_t) - torch.log(sigma_t)          # +inf on the final sigma 0
         lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
         h = lambda_t - lambda_s0
         last = i == len(self.timesteps) - 1
         if len(self.x0_history) < 2 or last:
-            # DPM-Solver++(1): (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x_theta
+            # first order: (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x_theta
             x_next = (sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0
         else:
             # DPM-Solver++(2M), Algorithm 2: the previous step's x_theta gives the second-order term
-            alpha_s1, sigma_s1 = self.alpha_sigma(self.sigmas[i - 1])
+            alpha_s1, sigma_s1 = self.vp_alpha_sigma(self.sigmas_ve[i - 1])
             lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
             m0, m1 = self.x0_history[-1], self.x0_history[-2]
             r0 = (lambda_s0 - lambda_s1) / h                         # r_i = h_{i-1} / h_i

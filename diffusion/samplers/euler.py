@@ -2,7 +2,8 @@
 S_churn = 0, i.e. the deterministic Algorithm 1 without its Heun correction).
 
 Numerically equal to diffusers' `EulerDiscreteScheduler` with its defaults (tested per step against
-stored reference latents). In the sigma view (`sigmas.py`) the probability-flow ODE is
+stored reference latents). In the sigma view (`sigmas.py`; every sigma in this file is that VE noise
+level, sigma_ve, Karras et al.'s sigma) the probability-flow ODE is
 
     dx/dsigma = (x - D(x; sigma)) / sigma                                            (EDM eq. 3, s(t) = 1)
 
@@ -13,8 +14,10 @@ where D is the denoiser, the model's estimate of x_0. One Euler step from sigma_
 
 With an eps-predicting UNet, D(x; sigma) = x - sigma eps(x / sqrt(sigma^2 + 1), t(sigma)): the latents x
 live on the VE scale (x_0 + sigma eps), and the UNet, trained on the VP scale, sees them divided by
-sqrt(sigma^2 + 1) (`scale_model_input`, EDM Table 1's c_in). The run starts from x_T = sigma_max-ish
-times N(0, I) (`init_noise_sigma`) and ends on sigma = 0, where x is the clean latent.
+sqrt(sigma^2 + 1) (`scale_model_input`, EDM Table 1's c_in). For any prediction type, D is the x_0 of
+`predicted_x0_and_eps` (diffusion/schedule.py) on that scale: alpha_t = 1, sigma_t = sigma. The run
+starts from x_T = sigma_max-ish times N(0, I) (`init_noise_sigma`) and ends on sigma = 0, where x is the
+clean latent.
 
 Usage:
     sampler = EulerSampler.from_config(models.scheduler_config)
@@ -30,8 +33,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from diffusion.samplers.sigmas import config_with_own_spacing, interpolate_sigmas, sigma_table
-from diffusion.schedule import NoiseSchedule, ScheduleConfig
+from diffusion.samplers.sigmas import config_with_own_spacing, interpolate_sigmas, sigma_ve_table
+from diffusion.schedule import NoiseSchedule, ScheduleConfig, predicted_x0_and_eps
 
 
 class EulerSampler:
@@ -45,7 +48,7 @@ class EulerSampler:
             raise ValueError(f"{type(self).__name__} supports prediction_type {' or '.join(self.prediction_types)}, "
                              f"not {cfg.prediction_type!r} (as diffusers' scheduler)")
         self.schedule = schedule
-        self.sigmas: torch.Tensor | None = None      # (steps + 1,) float32, descending, last 0
+        self.sigmas_ve: torch.Tensor | None = None   # (steps + 1,) float32, descending, last 0
         self.timesteps: torch.Tensor | None = None   # (steps,) float32
         self.step_index = 0
 
@@ -69,8 +72,8 @@ class EulerSampler:
         else:  # "trailing"
             ts = np.arange(T, 0, -T / num_steps).round().copy().astype(np.float32)
             ts -= 1
-        sigmas = interpolate_sigmas(ts, sigma_table(self.schedule))           # (steps,)
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))   # end on sigma 0
+        sigmas_ve = interpolate_sigmas(ts, sigma_ve_table(self.schedule))        # (steps,)
+        self.sigmas_ve = torch.from_numpy(np.concatenate([sigmas_ve, [0.0]]).astype(np.float32))   # end on sigma 0
         self.timesteps = torch.from_numpy(ts)
         self.step_index = 0
         return self.timesteps
@@ -79,20 +82,20 @@ class EulerSampler:
     def init_noise_sigma(self) -> torch.Tensor:
         """x_T = N(0, I) * this. For "leading" spacing diffusers takes sqrt(sigma_max^2 + 1), the
         standard deviation of x_0 + sigma_max eps for unit-variance x_0; for the others sigma_max."""
-        if self.sigmas is None:
+        if self.sigmas_ve is None:
             raise RuntimeError(f"{type(self).__name__}.init_noise_sigma needs set_timesteps(num_steps) first")
-        max_sigma = self.sigmas.max()
+        max_sigma = self.sigmas_ve.max()
         if self.schedule.config.timestep_spacing in ("linspace", "trailing"):
             return max_sigma
         return (max_sigma ** 2 + 1) ** 0.5
 
     def _sigma_now(self, t: torch.Tensor | float) -> torch.Tensor:
-        if self.sigmas is None:
+        if self.sigmas_ve is None:
             raise RuntimeError(f"{type(self).__name__} used before set_timesteps(num_steps)")
         if self.step_index >= len(self.timesteps) or float(t) != float(self.timesteps[self.step_index]):
             raise RuntimeError(f"{type(self).__name__}: t={float(t)} is not the run's next timestep "
                                f"(step {self.step_index} of {len(self.timesteps)})")
-        return self.sigmas[self.step_index]
+        return self.sigmas_ve[self.step_index]
 
     def scale_model_input(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """x / sqrt(sigma^2 + 1): the VE-scaled latents back on the VP scale the UNet was trained on
@@ -101,13 +104,10 @@ class EulerSampler:
         return x / ((sigma ** 2 + 1) ** 0.5)
 
     def denoised(self, model_output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """D(x; sigma), the x_0 estimate, from what the UNet predicts (x is VE-scaled)."""
-        prediction_type = self.schedule.config.prediction_type
-        if prediction_type == "epsilon":        # x = x_0 + sigma eps
-            return x - sigma * model_output
-        if prediction_type == "v_prediction":   # v on the VP scale (Salimans & Ho 2022), rewritten in sigma
-            return model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + (x / (sigma ** 2 + 1))
-        return model_output                     # "sample": the UNet predicts x_0 itself
+        """D(x; sigma), the x_0 estimate, from what the UNet predicts; x is on the VE scale, x_0 + sigma eps."""
+        x0_pred, _ = predicted_x0_and_eps(model_output, x, alpha_t=1, sigma_t=sigma,
+                                          prediction_type=self.schedule.config.prediction_type)
+        return x0_pred
 
     def step(self, model_output: torch.Tensor, t: torch.Tensor | float, x: torch.Tensor, *,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -117,7 +117,7 @@ class EulerSampler:
         x = x.to(torch.float32)
         x0_pred = self.denoised(model_output, x, sigma)
         derivative = (x - x0_pred) / sigma                        # d_i, EDM eq. 3
-        dt = self.sigmas[self.step_index + 1] - sigma             # sigma_{i+1} - sigma_i (< 0)
+        dt = self.sigmas_ve[self.step_index + 1] - sigma             # sigma_{i+1} - sigma_i (< 0)
         x_next = x + derivative * dt
         self.step_index += 1
         return x_next.to(model_output.dtype)

@@ -35,7 +35,7 @@ class EulerAncestralSampler(EulerSampler):
         sigma = self._sigma_now(t)
         x = x.to(torch.float32)
         x0_pred = self.denoised(model_output, x, sigma)
-        sigma_from, sigma_to = sigma, self.sigmas[self.step_index + 1]
+        sigma_from, sigma_to = sigma, self.sigmas_ve[self.step_index + 1]
         sigma_up = (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5
         sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
         derivative = (x - x0_pred) / sigma                       # d, EDM eq. 3

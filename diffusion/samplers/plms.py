@@ -23,6 +23,9 @@ diffusers follows with skip_prk_steps instead of PNDM's Runge-Kutta start):
   this is why the timestep list repeats its second entry and has num_steps + 1 entries;
 - then 2nd-order (3 e_t - e_{t+1})/2, 3rd-order (23 e_t - 16 e_{t+1} + 5 e_{t+2})/12,
   and from then on the 4th-order formula above.
+The e's are the model's outputs as they come: a v-predicting model's v's are combined the same way and
+the combination turned into a noise estimate inside phi (`predicted_x0_and_eps`, diffusion/schedule.py),
+as diffusers does.
 
 Usage (one model call per entry of the timestep list):
     sampler = PLMSSampler.from_config(models.scheduler_config)
@@ -36,7 +39,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from diffusion.schedule import NoiseSchedule, ScheduleConfig
+from diffusion.schedule import NoiseSchedule, ScheduleConfig, predicted_x0_and_eps
 
 
 class PLMSSampler:
@@ -53,7 +56,7 @@ class PLMSSampler:
         self.set_alpha_to_one = False if cfg.set_alpha_to_one is None else cfg.set_alpha_to_one
         self.num_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
-        self.eps_history: list[torch.Tensor] = []   # the last (up to 4) noise estimates, oldest first
+        self.output_history: list[torch.Tensor] = []   # the last (up to 4) model outputs (eps, or v), oldest first
         self.x_first: torch.Tensor | None = None     # x_T, kept for the improved-Euler redo of step 1
         self.counter = 0                             # model calls so far in this run
 
@@ -71,23 +74,22 @@ class PLMSSampler:
         calls = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1]    # repeat the second-largest
         self.num_steps = num_steps
         self.timesteps = torch.from_numpy(calls.astype(np.int64).copy())
-        self.eps_history, self.x_first, self.counter = [], None, 0
+        self.output_history, self.x_first, self.counter = [], None, 0
         return self.timesteps
 
     def transfer(self, x_t: torch.Tensor, t: int, prev_t: int, model_output: torch.Tensor) -> torch.Tensor:
-        """phi(x_t, e, t, t_prev), PNDM eq. 9. `model_output` is the (combined) estimate; v-prediction
-        is turned into eps here, after the combination, as diffusers does."""
+        """phi(x_t, e, t, t_prev), PNDM eq. 9. `model_output` is the (combined) estimate; a v-prediction
+        is turned into the noise estimate e here, after the combination, as diffusers does."""
         alpha_bar_t = self.schedule.alphas_cumprod[t]
         alpha_bar_prev = self.schedule.alpha_bar_prev(prev_t, set_alpha_to_one=self.set_alpha_to_one)
         beta_bar_t, beta_bar_prev = 1 - alpha_bar_t, 1 - alpha_bar_prev
-        if self.schedule.config.prediction_type == "v_prediction":
-            # eps = sqrt(a) v + sqrt(1 - a) x_t (Salimans & Ho 2022)
-            model_output = alpha_bar_t ** 0.5 * model_output + beta_bar_t ** 0.5 * x_t
+        _, e = predicted_x0_and_eps(model_output, x_t, alpha_t=alpha_bar_t ** 0.5, sigma_t=beta_bar_t ** 0.5,
+                                    prediction_type=self.schedule.config.prediction_type)
         # coefficient of x_t: 1 + (a_prev - a_t) / (sqrt(a_t) (sqrt(a_prev) + sqrt(a_t))) = sqrt(a_prev / a_t)
         x_coeff = (alpha_bar_prev / alpha_bar_t) ** 0.5
         # denominator of e in eq. 9: sqrt(a_t) (sqrt((1 - a_prev) a_t) + sqrt((1 - a_t) a_prev))
         e_denominator = alpha_bar_t * beta_bar_prev ** 0.5 + (alpha_bar_t * beta_bar_t * alpha_bar_prev) ** 0.5
-        return x_coeff * x_t - (alpha_bar_prev - alpha_bar_t) * model_output / e_denominator
+        return x_coeff * x_t - (alpha_bar_prev - alpha_bar_t) * e / e_denominator
 
     def scale_model_input(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """PLMS feeds the UNet x_t as it is."""
@@ -109,8 +111,8 @@ class PLMSSampler:
             # and is averaged with e_0 but not kept in the history.
             prev_t, t = t, t + stride
         else:
-            self.eps_history = self.eps_history[-3:] + [model_output]
-        e = self.eps_history
+            self.output_history = self.output_history[-3:] + [model_output]
+        e = self.output_history
 
         if len(e) == 1 and self.counter == 0:        # Euler step with e_0; remember x_T
             combined = model_output

@@ -4,10 +4,15 @@ Karras et al. 2022 ("Elucidating the Design Space of Diffusion-Based Generative 
 the variance-preserving forward process x_t = sqrt(a) x_0 + sqrt(1 - a) eps (DDPM eq. 4, a = alpha_bar_t)
 in variance-exploding form: divide by sqrt(a) and
 
-    x_t / sqrt(a) = x_0 + sigma_t eps,     sigma_t = sqrt((1 - a) / a)            (EDM Table 1, "VP")
+    x_t / sqrt(a) = x_0 + sigma_ve eps,     sigma_ve = sqrt((1 - a) / a)          (EDM Table 1, "VP")
 
-so a sampler can step in sigma, the noise level, instead of in t. For SD v1 sigma runs from 0.029
+so a sampler can step in sigma_ve, the noise level, instead of in t. For SD v1 sigma_ve runs from 0.029
 (t = 0) to 14.6 (t = 999). The UNet still wants t and the VP-scaled input; `sigma_to_t` maps back.
+
+Two sigmas meet in these samplers: this VE noise level, which EDM and k-diffusion call sigma and which
+the code calls sigma_ve (`sigmas_ve` of a run), and the VP sigma_t = sqrt(1 - a) of DDPM and DPM-Solver
+(sigma_t = sigma_ve / sqrt(sigma_ve^2 + 1)). Every "sigma" in this file and in `euler.py` / `euler_a.py`
+is the VE one.
 
 The numbers follow diffusers' schedulers operation for operation (float32 table, float64 numpy
 interpolation, float32 result), so that the samplers equal them to the last bit or nearly.
@@ -42,8 +47,8 @@ def config_with_own_spacing(scheduler_config: Mapping[str, Any] | ScheduleConfig
     return cfg
 
 
-def sigma_table(schedule: NoiseSchedule) -> np.ndarray:
-    """(T,) float32 sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), t = 0 .. T-1 (ascending)."""
+def sigma_ve_table(schedule: NoiseSchedule) -> np.ndarray:
+    """(T,) float32 sigma_ve = sqrt((1 - alpha_bar_t) / alpha_bar_t), t = 0 .. T-1 (ascending)."""
     a = schedule.alphas_cumprod
     return (((1 - a) / a) ** 0.5).numpy()
 
