@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from common.hub_cache import resolve_model
 from common.precision import slow_precision_warning
 from common.state_dict import CheckpointError
 from embedded import EMOTION_VIT
@@ -35,8 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", help="image files, folders (walked for images) or glob patterns")
     p.add_argument("--model", default=str(EMOTION_VIT),
-                   help="a transformers ViT folder, a timm folder/file or a bare .safetensors (default: the "
-                        "embedded demo model, trained on synthetic cartoon faces only: embedded/emotion_vit)")
+                   help="a transformers ViT folder, a timm folder/file or a bare .safetensors, or a repo id of "
+                        "the Hugging Face cache, org/name[@revision] (default: the embedded demo model, trained on synthetic cartoon faces only: embedded/emotion_vit)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--top_k", type=int, default=5, help="labels per image (capped at the number of labels)")
     p.add_argument("--threshold", type=float, default=None,
@@ -152,7 +153,8 @@ def main(argv=None) -> int:
         print("error: no images to classify", file=sys.stderr)
         return 2
     try:
-        classifier = ImageClassifier(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        classifier = ImageClassifier(resolve_model(args.model), device=args.device, dtype=args.dtype,
+                                     quantize=args.quantize)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,9 @@
 
     python sample.py          # no --ckpt: the embedded tiny model (embedded/world_sd), 64x64, in seconds
 
---ckpt takes a diffusers folder or one original single file (.safetensors or .ckpt). Each prompt
+--ckpt takes a diffusers folder or one original single file (.safetensors or .ckpt), or a repo id read from
+the Hugging Face cache (`runwayml/stable-diffusion-v1-5`, `org/name@revision`, `org/name/file.safetensors`;
+nothing is downloaded: common/hub_cache.py). Each prompt
 (--prompt, or every line of --from-file) is --n_iter batches (default 1) of --n_samples images, batch k
 started from torch.randn((n_samples, 4, H/8, W/8), generator=torch.Generator("cpu").manual_seed(seed + k)):
 the same seed gives the images diffusers' StableDiffusionPipeline gives with generator=manual_seed(seed)
@@ -21,6 +23,7 @@ import re
 import sys
 from pathlib import Path
 
+from common.hub_cache import resolve_model
 from common.precision import SAMPLING_PRECISIONS
 from common.run_config import finish_run_record, finite_float, read_config, start_run_record
 from diffusion.checkpoints.lora_files import parse_lora_flags
@@ -37,8 +40,14 @@ class UsageError(ValueError):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="diffusers folder or single .safetensors/.ckpt file (default: the embedded "
-                                  "tiny model of world/'s coloured shapes, embedded/world_sd)")
+    p.add_argument("--ckpt", help="diffusers folder or single .safetensors/.ckpt file, or a repo id of the Hugging "
+                                  "Face cache: org/name[@revision][/file] (default: the embedded tiny model of "
+                                  "world/'s coloured shapes, embedded/world_sd)")
+    p.add_argument("--revision", help="with a repo id: the branch, tag or commit in the cache (default main)")
+    p.add_argument("--variant", help="diffusers folder: read its <name>.VARIANT.safetensors files, e.g. fp16, "
+                                     "as diffusers' from_pretrained(variant=...)")
+    p.add_argument("--weights_name", help="the file to read in the --ckpt folder or repo, e.g. "
+                                          "v1-5-pruned-emaonly.safetensors")
     p.add_argument("--prompt", default=None, help=f"the prompt to render (default: {DEFAULT_PROMPT!r}; with the "
                                                   f"embedded model {EMBEDDED_PROMPT!r})")
     p.add_argument("--negative_prompt", default=None,
@@ -117,12 +126,15 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("n_samples", "n_iter", "ddim_steps"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be >= 1")
-    if not Path(args.ckpt).exists():
-        raise UsageError(f"--ckpt {args.ckpt}: no such file or folder")
+    args.ckpt = str(resolve_model(args.ckpt, flag="--ckpt", revision=args.revision, weights_name=args.weights_name))
+    if args.config_dir is not None:
+        args.config_dir = str(resolve_model(args.config_dir, flag="--config"))
     if args.config_dir is not None and not Path(args.config_dir).is_dir():
         raise UsageError(f"--config {args.config_dir}: not a folder (nor a run config FILE.toml)")
     if args.use_ema and Path(args.ckpt).is_dir():
         raise UsageError("--use_ema applies to a single-file --ckpt; a diffusers folder holds one UNet")
+    if args.variant is not None and not Path(args.ckpt).is_dir():
+        raise UsageError(f"--variant {args.variant}: applies to a diffusers folder; --ckpt {args.ckpt} is a single file")
     parse_lora_flags(args.lora or [])     # raises ValueError naming --lora
 
 
@@ -214,7 +226,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         print(warning, file=sys.stderr)
     try:
         models = load_stable_diffusion(args.ckpt, config_dir=args.config_dir, use_ema=args.use_ema,
-                                       dtype=weights_dtype)
+                                       dtype=weights_dtype, variant=args.variant)
     except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"sample.py: error: --ckpt {args.ckpt}: {e}")
     if configs is None:  # a .ckpt: its architecture is known now, before any sampling

@@ -47,6 +47,7 @@ from http.server import BaseHTTPRequestHandler
 import torch
 from PIL import Image
 
+from common.hub_cache import resolve_model
 from common.precision import slow_precision_warning
 from common.state_dict import CheckpointError
 from embedded import EMOTION_VIT
@@ -304,8 +305,8 @@ class EmotionServer(BoundedHTTPServer):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(EMOTION_VIT),
-                   help="a transformers ViT folder, a timm folder/file or a bare .safetensors (default: the "
-                        "embedded demo model, trained on synthetic cartoon faces only: embedded/emotion_vit)")
+                   help="a transformers ViT folder, a timm folder/file or a bare .safetensors, or a repo id of "
+                        "the Hugging Face cache, org/name[@revision] (default: the embedded demo model, trained on synthetic cartoon faces only: embedded/emotion_vit)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the address is printed)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -360,7 +361,8 @@ def main(argv=None) -> int:
     if threads:
         torch.set_num_threads(threads)
     try:
-        classifier = ImageClassifier(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        classifier = ImageClassifier(resolve_model(args.model), device=args.device, dtype=args.dtype,
+                                     quantize=args.quantize)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2

@@ -51,7 +51,7 @@ from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from common.files import check_writable, remove_stale_temporaries
 from diffusion.checkpoints.lora_files import load_lora_files, parse_lora_flags, save_lora_files
 from dreambooth.data import (DataError, check_model_size, generate_class_images, image_files, load_image,
-                             missing_class_indices)
+                             missing_class_indices, resolve_base)
 from dreambooth.steps import (OFFSET_NOISE_SCALE, LatentCache, denoising_loss, denoising_prediction, load_models,
                               make_batch, restore_training_state, text_states, trainable_parameters, training_state)
 
@@ -61,7 +61,7 @@ RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instan
                "train_text_encoder", "resolution", "center_crop", "train_batch_size", "gradient_accumulation_steps",
                "world_size", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
                "num_train_epochs", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-               "mixed_precision", "seed", "offset_noise", "snr_gamma", "rank", "lora", "cache_latents")
+               "mixed_precision", "seed", "offset_noise", "snr_gamma", "rank", "lora", "cache_latents", "variant")
 CLASS_SAMPLING = dict(steps=50, guidance_scale=7.5)        # StableDiffusionPipeline's defaults, as diffusers uses
 VALIDATION_SAMPLING = dict(steps=25, guidance_scale=7.5)   # diffusers' DreamBooth validation settings
 LEARNING_RATE = {"full": 5e-6, "lora": 5e-4}   # train_dreambooth.py's and train_dreambooth_lora.py's defaults
@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_dreambooth.py", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--config", help="a TOML file of flag = value lines; flags on the command line override it")
-    a("--pretrained_model_name_or_path", help="SD v1 diffusers folder or single .safetensors/.ckpt file (required)")
+    a("--pretrained_model_name_or_path", help="SD v1 diffusers folder or single .safetensors/.ckpt file, or a repo id "
+                                              "of the Hugging Face cache: org/name[@revision][/file] (required)")
+    a("--revision", help="with a repo id: the branch, tag or commit of the cached model (default main)")
+    a("--variant", help="read the model's <name>.VARIANT.safetensors files, e.g. fp16, as diffusers' from_pretrained")
     a("--pretrained_config_dir", help="for a single file: folder with unet/, vae/, text_encoder/ config.json (and "
                                       "tokenizer/), as sample.py --config (default: inferred from the shapes)")
     a("--instance_data_dir", help="folder with the photos of the subject (required)")
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- every input problem is reported here, before any model is loaded ----------------------------
     try:
+        args.pretrained_model_name_or_path, args.pretrained_config_dir = resolve_base(args)   # repo ids: the cache's
         instance_files = image_files(args.instance_data_dir, flag="--instance_data_dir")
         if not instance_files:
             raise DataError(f"--instance_data_dir {args.instance_data_dir}: no images in this folder")
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         models, layouts = load_models(args.pretrained_model_name_or_path, config_dir=args.pretrained_config_dir,
                                       resolution=args.resolution, device=dist.device, precision=precision,
-                                      dtype=weights_dtype)
+                                      dtype=weights_dtype, variant=args.variant)
     except (CheckpointError, OSError, ValueError) as e:
         return fail(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: {e}", dist)
     # --lora: the base is the model with these LoRA files fused in (read and checked first, as sample.py),
@@ -260,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:   # the base model itself, or a copy of it in --prior_generation_precision's dtype
         generation_models = models if generation_dtype == weights_dtype else load_models(
             args.pretrained_model_name_or_path, config_dir=args.pretrained_config_dir, resolution=args.resolution,
-            device=dist.device, precision=generation_precision, dtype=generation_dtype)[0]
+            device=dist.device, precision=generation_precision, dtype=generation_dtype, variant=args.variant)[0]
         if generation_models is not models and lora_files:   # the same base: the files fused into the copy too
             load_lora_files(generation_models, lora_files, skip_unknown=args.lora_skip_unknown)
         generate_class_images(generation_models, class_dir, missing, prompt=args.class_prompt,

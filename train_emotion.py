@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--config", help="a TOML file of flag = value lines; flags on the command line override it")
     a("--data_dir", help="FER2013-style folder (train/ and test/ class folders, or class folders + "
                          "--validation_split); without it, the built-in synthetic faces")
-    a("--pretrained_model_name_or_path", help="a local ViT checkpoint (any layout predict_emotion.py reads); "
-                                              "a new head when its labels differ")
+    a("--pretrained_model_name_or_path", help="a ViT checkpoint (any layout predict_emotion.py reads, or a repo id "
+                                              "of the Hugging Face cache, org/name[@revision]); a new head when its "
+                                              "labels differ")
     a("--preset", default="small", choices=list(ViTConfig.PRESETS), help="architecture when training from scratch")
     a("--image_size", type=int, help="input side for a model trained from scratch (default: the preset's)")
     a("--output_dir", default="runs/emotion", help="model, checkpoints, metrics and run record go here")

@@ -24,8 +24,9 @@ from typing import Iterable
 import torch
 
 from clip.text_model import CLIPTextConfig, CLIPTextModel
-from common.state_dict import (CheckpointError, KeyTable, empty_model, listing, load_strict, read_safetensors,
-                               rename, safetensors_header)
+from common.state_dict import (CheckpointError, KeyTable, empty_model, find_weights, listing, load_strict,
+                               read_safetensors, rename, safetensors_header)
+from diffusion.checkpoints.ckpt import read_weights
 
 HEAD_WIDTH = 64                  # every OpenAI CLIP text tower uses 64-wide heads (ViT-L/14: 768 = 12 x 64)
 SD_PREFIX = "cond_stage_model."  # everything of SD's text encoder in an original single file lives here
@@ -124,23 +125,23 @@ def _read_text_tensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor
 
 
 def load_text_encoder(path: str | Path, *, config: CLIPTextConfig | None = None,
-                      dtype: torch.dtype = torch.float32) -> CLIPTextModel:
-    """A CLIPTextModel from a folder (config.json + model.safetensors) or a .safetensors file, in eval mode,
-    its weights in `dtype` (on the file's pages when already so, see common/state_dict.py).
+                      dtype: torch.dtype = torch.float32, variant: str | None = None) -> CLIPTextModel:
+    """A CLIPTextModel from a folder (config.json + model.safetensors, or its `variant`, sharded or pickled:
+    common/state_dict.py `find_weights`) or a .safetensors file, in eval mode, its weights in `dtype` (on
+    the file's pages when already so, see common/state_dict.py).
 
     Without a config.json or a `config`, the architecture is inferred from the tensor shapes.
     """
     path = Path(path)
     if path.is_dir():
-        weights = path / "model.safetensors"
-        if not weights.exists():
-            raise CheckpointError(f"{path}: no model.safetensors in this folder "
-                                  f"(found {sorted(p.name for p in path.iterdir())})")
+        weights = find_weights(path, "transformers", variant=variant)
         if config is None and (path / "config.json").exists():
             config = CLIPTextConfig.from_json(path / "config.json")
     else:
         weights = path
-    state_dict = text_encoder_state_dict(_read_text_tensors(weights, dtype), source=str(weights))
+    # a folder's weights as transformers reads them (sharded, or a pickle); a file named by the user: safetensors
+    tensors = read_weights(weights, dtype=dtype) if path.is_dir() else _read_text_tensors(weights, dtype)
+    state_dict = text_encoder_state_dict(tensors, source=str(weights))
     if config is None:
         config = config_from_state_dict(state_dict)
     width = state_dict["token_embedding.weight"].shape[1] if "token_embedding.weight" in state_dict else None

@@ -89,7 +89,8 @@ def safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str
 
 def read_safetensors(path: str | Path, *, dtype: torch.dtype | None = None,
                      keys: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of one .safetensors file (those whose name `keys` accepts, when given).
+    """The tensors of one .safetensors file (those whose name `keys` accepts, when given), or of a sharded
+    checkpoint read as one through its index (`model.safetensors.index.json`: see `read_index`).
 
     Without copies: every tensor is a view of its own stretch of the file mapped into memory
     (copy-on-write, so writing to a tensor never touches the file), and a page is read from disk only
@@ -100,6 +101,11 @@ def read_safetensors(path: str | Path, *, dtype: torch.dtype | None = None,
     once converted, so an fp32 file loads as bf16 holding only the bf16 tensors (and one fp32 tensor
     at a time). Pickle files are refused: unpickling can run code."""
     path = Path(path)
+    if path.name.endswith(".json"):          # an index: its shards, each on its own pages
+        out = {}
+        for shard, names in read_index(path).items():
+            out.update(check_shard(shard, names, read_safetensors(shard, dtype=dtype, keys=keys), keys=keys))
+        return out
     header, _, start = safetensors_header(path)
     out: dict[str, torch.Tensor] = {}
     with open(path, "rb") as f:
@@ -121,6 +127,75 @@ def read_safetensors(path: str | Path, *, dtype: torch.dtype | None = None,
                                           offset=begin - first).view(shape)
             out[name] = tensor.to(dtype) if dtype is not None and stored.is_floating_point else tensor
     return out
+
+
+# ---- sharded checkpoints and the files of a model folder ----------------------------------------------------
+def read_index(path: str | Path) -> dict[Path, set[str]]:
+    """A sharded checkpoint's index (`model.safetensors.index.json`, `diffusion_pytorch_model.safetensors.index.json`,
+    `pytorch_model.bin.index.json`, as transformers and diffusers write it: {"metadata": ..., "weight_map":
+    {tensor name: shard file name}}) as {shard path: the names it holds}. Shards sit beside the index, named
+    without any folder (so an index never reaches outside its folder)."""
+    from common.files import read_json
+
+    path = Path(path)
+    index = read_json(path, error=CheckpointError, missing=CheckpointError)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: not a sharded-checkpoint index (no weight_map of tensor names to shard files)")
+    shards: dict[Path, set[str]] = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{path}: tensor {name}: shard {shard!r} is not a file name beside the index")
+        shards.setdefault(path.parent / shard, set()).add(name)
+    for shard in shards:
+        if not shard.exists():
+            raise CheckpointError(f"{shard}: no such file (a shard that {path.name} names)")
+    return dict(sorted(shards.items()))
+
+
+def check_shard(shard: Path, names: set[str], tensors: dict[str, torch.Tensor], *,
+                keys: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """A shard's tensors (those `keys` accepts), checked against the names its index gives it."""
+    wanted = names if keys is None else {n for n in names if keys(n)}
+    missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - names)
+    if missing or extra:
+        raise CheckpointError(f"{shard}: does not hold what its index says: "
+                              + "; ".join([f"missing {len(missing)}: {listing(missing, 5)}"] * bool(missing)
+                                          + [f"not in the index for it {len(extra)}: {listing(extra, 5)}"] * bool(extra)))
+    return tensors
+
+
+# The weights files of the two public folder layouts, as their libraries name them: (safetensors, pickle).
+WEIGHTS_NAMES = {"transformers": ("model.safetensors", "pytorch_model.bin"),
+                 "diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")}
+
+
+def variant_name(name: str, variant: str | None) -> str:
+    """model.safetensors -> model.fp16.safetensors, model.safetensors.index.json -> model.safetensors.index.fp16.json
+    (the variant before the last suffix, as transformers' and diffusers' `_add_variant`)."""
+    if variant is None:
+        return name
+    stem, _, suffix = name.rpartition(".")
+    return f"{stem}.{variant}.{suffix}"
+
+
+def find_weights(folder: str | Path, layout: str, *, variant: str | None = None) -> Path:
+    """The weights of one model folder (`layout`: "transformers" or "diffusers", see WEIGHTS_NAMES), looked for
+    as transformers and diffusers look: one safetensors file, a safetensors index of shards, then the pickles
+    (a .bin, a .bin index), each with `variant` in its name when given (no fallback to the plain name: a
+    pipeline decides per component, see diffusion/checkpoints/load.py). A pickle is read by the restricted
+    unpickler (diffusion/checkpoints/ckpt.py `read_weights`)."""
+    from common.hub_cache import cache_hint
+
+    folder = Path(folder)
+    safetensors, pickle = WEIGHTS_NAMES[layout]
+    names = [variant_name(n, variant) for n in (safetensors, safetensors + ".index.json", pickle, pickle + ".index.json")]
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    raise CheckpointError(f"{folder}: no {names[0]} in this folder (nor {', '.join(names[1:])}; found: "
+                          f"{', '.join(found) or 'nothing'}){cache_hint(folder)}")
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:

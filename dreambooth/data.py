@@ -81,6 +81,19 @@ def example_generator(seed: int, epoch: int, position: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def resolve_base(args) -> tuple[str, str | None]:
+    """--pretrained_model_name_or_path and --pretrained_config_dir as local paths: a repo id (with --revision)
+    read from the Hugging Face cache, a local path as it is (common/hub_cache.py)."""
+    from common.hub_cache import resolve_model
+    model = resolve_model(args.pretrained_model_name_or_path, flag="--pretrained_model_name_or_path",
+                          revision=args.revision)
+    config = args.pretrained_config_dir and resolve_model(args.pretrained_config_dir, flag="--pretrained_config_dir")
+    if args.variant is not None and not model.is_dir():
+        raise DataError(f"--variant {args.variant}: applies to a diffusers folder; --pretrained_model_name_or_path "
+                        f"{args.pretrained_model_name_or_path} is a single file")
+    return str(model), config and str(config)
+
+
 def check_model_size(args) -> None:
     """--resolution against the model's configs, read without loading weights (as sample.py does)."""
     from diffusion.checkpoints.configs import read_configs

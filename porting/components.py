@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from common.state_dict import CheckpointError, rename
+from common.hub_cache import resolve_model
+from common.state_dict import CheckpointError, find_weights, rename
 
 COMPONENTS = ("vit", "text_encoder", "unet", "vae_encoder", "vae_decoder")
 
@@ -49,6 +50,9 @@ class Component:
 
 
 def _keys_and_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    if path.suffix != ".safetensors":   # a folder's sharded or pickled weights, as the loaders read them
+        from diffusion.checkpoints.ckpt import read_weights
+        return {k: tuple(v.shape) for k, v in read_weights(path).items()}
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -112,7 +116,7 @@ def load_text_component(path: Path, config_dir: Path | None = None) -> Component
     if config_dir is not None:
         config = CLIPTextConfig.from_json(_config_file(config_dir, "text_encoder"))
     model = load_text_encoder(path, config=config)
-    weights = path / "model.safetensors" if path.is_dir() else path
+    weights = find_weights(path, "transformers") if path.is_dir() else path
     shapes = _keys_and_shapes(weights)
     if any(k.startswith(SD_PREFIX) for k in shapes):
         shapes = {k: v for k, v in shapes.items() if k.startswith(SD_PREFIX)}
@@ -146,7 +150,7 @@ def _load_unet_or_vae(path: Path, part: str, config_dir: Path | None):
         if not (path / part).is_dir():
             raise TraceError(f"--model {path}: no {part}/ folder (not a diffusers Stable Diffusion folder)")
         model = load.load_unet_folder(path) if part == "unet" else load.load_vae_folder(path)
-        shapes = _keys_and_shapes(path / part / load.FOLDER_FILES[part])
+        shapes = _keys_and_shapes(load.weights_file(path, part))
         names = {k: k for k in shapes}   # our modules carry diffusers' names; an old VAE folder, older ones
         pairing = names if part == "unet" else rename(names, single_file.DEPRECATED_VAE_ATTENTION_KEYS)
         return model, shapes, _pair(pairing), f"diffusers-{part}"
@@ -199,14 +203,12 @@ def load_vae_component(path: Path, name: str, config_dir: Path | None = None) ->
 def load_component(path: str | Path, name: str, *, config_dir: str | Path | None = None) -> Component:
     """config_dir: configs for a single file whose shapes cannot tell everything (a diffusers folder
     or a folder holding config.json), as `load_stable_diffusion(config_dir=...)` takes them."""
-    path = Path(path)
-    config_dir = Path(config_dir) if config_dir is not None else None
+    path = resolve_model(path, flag="--model")          # a local path, or a repo id of the Hugging Face cache
+    config_dir = resolve_model(config_dir, flag="--config") if config_dir is not None else None
     if config_dir is not None and path.is_dir():
         raise TraceError(f"--config {config_dir}: only for single files; {path} is a folder with its own configs")
     if name not in COMPONENTS:
         raise TraceError(f"--component {name!r}: unknown; choose one of {', '.join(COMPONENTS)}")
-    if not path.exists():
-        raise TraceError(f"--model {path}: no such file or folder")
     try:
         if name == "vit":
             return load_vit_component(path)

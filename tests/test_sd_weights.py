@@ -117,7 +117,8 @@ def test_folder_errors_name_file_and_tensor(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{file}.*missing 1: mid_block\.attentions\.0\.proj_out\.bias"):
         load_unet_folder(folder)
     file.unlink()
-    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors: missing"):
+    with pytest.raises(CheckpointError, match="unet: no diffusion_pytorch_model.safetensors in this folder "
+                                              r"\(nor .*\.index\.json, diffusion_pytorch_model\.bin"):
         load_unet_folder(folder)
 
 

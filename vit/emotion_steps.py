@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
+from common.hub_cache import resolve_model
 from vit.emotion_data import Augment, FaceDataset, balanced_class_weights, load_folder_items, synthetic_items
 from vit.model import ViTConfig, ViTForImageClassification
 from vit.preprocess import PreprocessConfig
@@ -34,8 +35,8 @@ def build_model(pretrained: str | None, *, labels: list[str], preset: str,
                 image_size: int | None) -> tuple[ViTForImageClassification, PreprocessConfig]:
     """A checkpoint (any layout predict_emotion.py reads; a new head when its labels differ from `labels`),
     or without one a new ViT of `preset` (at `image_size` when given), and its preprocessing."""
-    if pretrained:
-        loaded = load_vit(pretrained, labels=labels)
+    if pretrained:   # a local path, or a repo id read from the Hugging Face cache
+        loaded = load_vit(resolve_model(pretrained, flag="--pretrained_model_name_or_path"), labels=labels)
         if loaded.new_head:
             print(f"new {len(labels)}-label head on {loaded.source}", file=sys.stderr)
         return loaded.model, loaded.preprocess

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from common.files import atomic_write, read_json
-from common.state_dict import (CheckpointError, KeyTable, check_keys, empty_model, load_strict, read_safetensors,
-                               rename, write_safetensors)
+from common.state_dict import (CheckpointError, KeyTable, check_keys, empty_model, find_weights, load_strict,
+                               read_safetensors, rename, write_safetensors)
+from diffusion.checkpoints.ckpt import read_weights
 from vit.model import ViTConfig, ViTForImageClassification, default_labels
 from vit.preprocess import PreprocessConfig
 
@@ -161,22 +162,18 @@ def _timm_config(d: dict, sd: dict) -> tuple[ViTConfig, PreprocessConfig | None]
 def load_vit(path: str | Path, *, labels: list[str] | None = None) -> LoadedViT:
     """Load a ViT classifier from a folder or a .safetensors file, strictly.
 
-    path: a transformers folder (config.json + model.safetensors [+ preprocessor_config.json]), a
+    path: a transformers folder (config.json + model.safetensors [+ preprocessor_config.json]; the weights
+    may be sharded, or a pickle read by the restricted unpickler: common/state_dict.py `find_weights`), a
     timm folder or file, or a bare .safetensors (architecture from shapes). `labels`: when given and
     different from the checkpoint's (or when the checkpoint has no head, like google's in21k ViTModel),
     a new head of len(labels) outputs is initialised for fine-tuning.
     """
     path = Path(path)
     if path.is_dir():
-        weights = path / "model.safetensors"
-        if not weights.exists():
-            others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
-            raise CheckpointError(f"{path}: no model.safetensors in this folder"
-                                  + (f" (found {', '.join(others)})" if others else ""))
-        folder = path
+        weights, folder = find_weights(path, "transformers"), path
     else:
         weights, folder = path, path.parent
-    sd = read_safetensors(weights)
+    sd = read_weights(weights) if path.is_dir() else read_safetensors(weights)   # a file named by the user: safetensors
     source = str(weights)
     check_finite(sd, source=source)
     layout = detect_layout(sd, source=source)

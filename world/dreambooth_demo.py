@@ -46,6 +46,8 @@ import numpy as np
 import torch
 
 from common.files import atomic_write
+from common.hub_cache import resolve_model
+from diffusion.checkpoints.lora_files import lora_weights_file
 from embedded import WORLD_SD
 from world.checker import check
 from world.subject import instance_images, looks_like_subject, reference_colours, subject_similarity
@@ -238,9 +240,11 @@ def score_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m world.dreambooth_demo score",
                                      description="Score one model on the demo's prompts: DIR/scores.json and "
                                                  "its fidelity-NN.png and prior-NN.png samples.")
-    parser.add_argument("model", type=Path, help="a diffusers folder (the base model with --lora)")
+    parser.add_argument("model", help="a diffusers folder or a repo id of the Hugging Face cache (the base model "
+                                      "with --lora)")
     parser.add_argument("--out", type=Path, required=True, help="folder for scores.json and the samples")
-    parser.add_argument("--lora", type=Path, help="a LoRA file to fuse into MODEL first, as sample.py --lora")
+    parser.add_argument("--lora", help="a LoRA file (or folder, or repo id) to fuse into MODEL first, as sample.py "
+                                       "--lora")
     parser.add_argument("--fidelity_seeds", type=int, default=FIDELITY_SEEDS, help="images per background")
     parser.add_argument("--prior_seeds", type=int, default=PRIOR_SEEDS, help=f"images of '{CLASS_PROMPT}'")
     parser.add_argument("--steps", type=int, default=SAMPLING_STEPS, help="DDIM steps")
@@ -249,7 +253,8 @@ def score_main(argv: list[str]) -> int:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} {getattr(args, flag)}: must be >= 1")
     try:   # CheckpointError is a ValueError
-        scores, fidelity, prior = evaluate(args.model, args.lora, fidelity_seeds=args.fidelity_seeds,
+        model, lora = resolve_model(args.model, flag="MODEL"), args.lora and lora_weights_file(args.lora)
+        scores, fidelity, prior = evaluate(model, lora, fidelity_seeds=args.fidelity_seeds,
                                            prior_seeds=args.prior_seeds, steps=args.steps)
     except (OSError, ValueError) as e:   # the message names the file
         print(f"python -m world.dreambooth_demo score: error: {e}", file=sys.stderr)

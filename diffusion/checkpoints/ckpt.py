@@ -51,6 +51,7 @@ import io
 import pickle
 import pickletools
 import struct
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -59,11 +60,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from common.state_dict import CheckpointError, read_safetensors
+from common.state_dict import CheckpointError, check_shard, read_index, read_safetensors
 from diffusion.checkpoints.pickle_allowlist import (ALLOWED, CODE_RUNNING, INERT_CLASSES, InertObject, StorageType,
                                        placeholder_class)
 
-__all__ = ["read_checkpoint", "read_checkpoint_full", "state_dict_of", "UnsafeCheckpointError", "InertObject",
+__all__ = ["read_checkpoint", "read_checkpoint_full", "read_weights", "state_dict_of", "UnsafeCheckpointError", "InertObject",
            "INERT_CLASSES", "PICKLE_CHECKPOINT_SUFFIXES"]
 
 PICKLE_CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -266,3 +267,22 @@ def read_checkpoint(path: str | Path, *, inert: Iterable[str] = ()) -> dict[str,
     the caller's choice). Tensors of a pickle file may be views sharing one storage, as saved.
     """
     return state_dict_of(read_checkpoint_full(path, inert=inert), source=path)
+
+
+def read_weights(path: str | Path, *, dtype: torch.dtype | None = None,
+                 keys: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a model folder's weights file as `common.state_dict.find_weights` names it (those whose
+    name `keys` accepts, floating ones in `dtype` when given): safetensors, one file or an index of shards,
+    on the file's pages without copies (`read_safetensors`); a pickle, a `.bin` or an index of `.bin` shards
+    (what a repo without safetensors holds), through the restricted unpickler above, said on stderr."""
+    path = Path(path)
+    shards = read_index(path) if path.name.endswith(".json") else {path: None}
+    if not any(shard.suffix in PICKLE_CHECKPOINT_SUFFIXES for shard in shards):
+        return read_safetensors(path, dtype=dtype, keys=keys)
+    print(f"{path}: no safetensors weights here, so this pickle is read by the restricted unpickler "
+          "(diffusion/checkpoints/ckpt.py: nothing in the file is run)", file=sys.stderr)
+    out = {}
+    for shard, names in shards.items():
+        tensors = {k: v for k, v in read_checkpoint(shard).items() if keys is None or keys(k)}
+        out.update(tensors if names is None else check_shard(shard, names, tensors, keys=keys))
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in out.items()}

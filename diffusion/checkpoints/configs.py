@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from diffusion.checkpoints import single_file
+from diffusion.checkpoints.load import not_a_pipeline
 from diffusion.models.unet import UNetConfig
 from diffusion.models.vae import VAEConfig
 
@@ -23,7 +24,7 @@ def read_configs(ckpt: str | Path, config_dir: str | Path | None, *,
         flag = ckpt_flag if folder == Path(ckpt) else config_flag
         for part in ("unet", "vae"):
             if not (folder / part / "config.json").is_file():
-                raise ValueError(f"{flag} {folder}: no {part}/config.json")
+                raise ValueError(f"{flag} {folder}: no {part}/config.json{not_a_pipeline(folder)}")
         try:
             return UNetConfig.from_json(folder / "unet" / "config.json"), VAEConfig.from_json(folder / "vae" / "config.json")
         except ValueError as e:

@@ -5,6 +5,10 @@
     load_stable_diffusion("sd-v1-4.ckpt", use_ema=True)                (read without unpickling code)
     load_stable_diffusion("model.safetensors", config_dir="sd15/")     configs from sd15/{unet,vae,text_encoder}/
                                                                        (and sd15/tokenizer/ when present)
+    load_stable_diffusion("sd15/", variant="fp16")                     diffusion_pytorch_model.fp16.safetensors ...
+
+A folder's weights may also be sharded (an index and its shards, read as one) or, in a repo published
+without safetensors, pickles read by the restricted unpickler (common/state_dict.py `find_weights`).
 
 A diffusers folder needs no renaming at all (our attributes carry diffusers' names), except old VAE
 folders' attention names; the single file goes through the key tables in `diffusion/checkpoints/single_file.py`.
@@ -13,14 +17,16 @@ tensor stops the load with an error that names it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from common.files import read_json
-from common.state_dict import CheckpointError, empty_model, load_strict, read_safetensors, rename
+from common.hub_cache import cache_hint
+from common.state_dict import CheckpointError, empty_model, find_weights, load_strict, read_safetensors, rename
 from diffusion.checkpoints import single_file
+from diffusion.checkpoints.ckpt import read_checkpoint, read_weights
 from diffusion.models.unet import UNet2DConditionModel, UNetConfig
 from diffusion.models.vae import AutoencoderKL, VAEConfig
 
@@ -34,7 +40,8 @@ SD_V1_SCHEDULER_CONFIG = {
     "prediction_type": "epsilon",
 }
 FOLDER_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-                "text_encoder": "model.safetensors"}
+                "text_encoder": "model.safetensors"}                      # the names we write
+FOLDER_LAYOUTS = {"unet": "diffusers", "vae": "diffusers", "text_encoder": "transformers"}   # how each is read
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
 
@@ -47,13 +54,16 @@ class StableDiffusionModels:
     scheduler_config: dict          # diffusers scheduler_config.json fields
     source: str                     # the path loaded
     layout: str                     # "diffusers" or "single_file"
+    files: dict = field(default_factory=dict)   # part -> the weights file read (a variant, an index, a .bin)
 
 
 def load_stable_diffusion(path: str | Path, *, config_dir: str | Path | None = None,
-                          use_ema: bool = False, dtype: torch.dtype = torch.float32) -> StableDiffusionModels:
+                          use_ema: bool = False, dtype: torch.dtype = torch.float32,
+                          variant: str | None = None) -> StableDiffusionModels:
     """Every model of an SD v1 checkpoint, in eval mode, on the CPU, its weights in `dtype` (as
     diffusers' `torch_dtype`). Tensors already in `dtype` stay on the file's pages (no copy; see
-    `common.state_dict.read_safetensors`); the others are converted one by one."""
+    `common.state_dict.read_safetensors`); the others are converted one by one. `variant` ("fp16"):
+    a folder's variant files, as diffusers' `from_pretrained(variant=...)` picks them (`part_variants`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint (a diffusers folder or a single .safetensors/.ckpt file)")
@@ -63,8 +73,10 @@ def load_stable_diffusion(path: str | Path, *, config_dir: str | Path | None = N
                              "with its own configs")
         if use_ema:
             raise ValueError(f"--use_ema: {path} is a diffusers folder, which holds one set of UNet weights")
-        models = _load_folder(path, dtype)
+        models = _load_folder(path, dtype, variant)
     else:
+        if variant is not None:
+            raise ValueError(f"--variant {variant}: only for a diffusers folder; {path} is a single file")
         models = _load_single_file(path, config_dir=None if config_dir is None else Path(config_dir), use_ema=use_ema,
                                    dtype=dtype)
     for m in (models.unet, models.vae, models.text_encoder):
@@ -73,49 +85,72 @@ def load_stable_diffusion(path: str | Path, *, config_dir: str | Path | None = N
 
 
 # ------------------------------------------------------------------------------ diffusers folder
-def _weights_file(folder: Path, name: str) -> Path:
-    file = folder / name / FOLDER_FILES[name]
-    if not file.is_file():
-        others = sorted(p.name for p in (folder / name).glob("*")) if (folder / name).is_dir() else []
-        raise FileNotFoundError(f"{file}: missing (found in {folder / name}: {', '.join(others) or 'nothing'}); "
-                                "a .bin folder must be converted to safetensors first")
-    return file
+def weights_file(folder: Path, part: str, variant: str | None = None) -> Path:
+    """The weights file of `part` ("unet", "vae", "text_encoder") in a diffusers folder: safetensors, sharded
+    or not, else a pickle; with `variant`, that variant's (common/state_dict.py `find_weights`)."""
+    return find_weights(folder / part, FOLDER_LAYOUTS[part], variant=variant)
+
+
+def part_variants(folder: Path, index: dict, variant: str | None) -> dict[str, str | None]:
+    """What diffusers' DiffusionPipeline.from_pretrained(variant=...) reads (0.42, _identify_model_variants):
+    a component whose folder holds a file named `<name>.<variant>.<...>` loads that variant, every other
+    component its plain files; when no component of model_index.json has the variant, it is an error."""
+    if variant is None:
+        return {part: None for part in FOLDER_LAYOUTS}
+    having = {name for name in index if (folder / name).is_dir()
+              and any(p.name.split(".")[1:2] == [variant] for p in (folder / name).iterdir())}
+    if not having:
+        raise CheckpointError(f"{folder}: --variant {variant}: no component of this pipeline has {variant} files "
+                              f"(such as unet/diffusion_pytorch_model.{variant}.safetensors){cache_hint(folder)}")
+    return {part: variant if part in having else None for part in FOLDER_LAYOUTS}
+
+
+def not_a_pipeline(folder: Path) -> str:
+    """What to say about a folder that is not a diffusers pipeline: the single files it holds, if any (a
+    repo that publishes both layouts, downloaded with only its single file)."""
+    singles = sorted(p.name for p in folder.iterdir() if p.suffix in SINGLE_FILE_SUFFIXES) if folder.is_dir() else []
+    return ((f"; it holds the single file{'s' * (len(singles) > 1)} {', '.join(singles)}: give one of them as "
+             "the checkpoint" if singles else "") + cache_hint(folder))
 
 
 # Every model is built on the meta device (no memory, no random initialisation) and takes the file's
 # tensors themselves as its weights (common.state_dict.load_strict).
-def load_unet_folder(folder: Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+def load_unet_folder(folder: Path, dtype: torch.dtype = torch.float32, variant: str | None = None
+                     ) -> UNet2DConditionModel:
     with empty_model():
         unet = UNet2DConditionModel(config=UNetConfig.from_json(folder / "unet" / "config.json"))
-    file = _weights_file(folder, "unet")
-    load_strict(unet, read_safetensors(file, dtype=dtype), source=str(file), dtype=dtype)
+    file = weights_file(folder, "unet", variant)
+    load_strict(unet, read_weights(file, dtype=dtype), source=str(file), dtype=dtype)
     return unet
 
 
-def load_vae_folder(folder: Path, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+def load_vae_folder(folder: Path, dtype: torch.dtype = torch.float32, variant: str | None = None) -> AutoencoderKL:
     with empty_model():
         vae = AutoencoderKL(config=VAEConfig.from_json(folder / "vae" / "config.json"))
-    file = _weights_file(folder, "vae")
-    tensors = rename(read_safetensors(file, dtype=dtype), single_file.DEPRECATED_VAE_ATTENTION_KEYS)
+    file = weights_file(folder, "vae", variant)
+    tensors = rename(read_weights(file, dtype=dtype), single_file.DEPRECATED_VAE_ATTENTION_KEYS)
     load_strict(vae, single_file.vae_attention_as_linear(tensors), source=str(file), dtype=dtype)
     return vae
 
 
-def _load_folder(folder: Path, dtype: torch.dtype) -> StableDiffusionModels:
+def _load_folder(folder: Path, dtype: torch.dtype, variant: str | None = None) -> StableDiffusionModels:
     from clip.tokenizer import CLIPTokenizer
     from clip.weights import load_text_encoder
 
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder}: no model_index.json, so not a diffusers folder{not_a_pipeline(folder)}")
     index = read_json(folder / "model_index.json")
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if name not in index:
             raise ValueError(f"{folder / 'model_index.json'}: no {name!r} entry; not an SD v1 pipeline folder")
-    _weights_file(folder, "text_encoder")
+    variants = part_variants(folder, index, variant)
+    files = {part: weights_file(folder, part, variants[part]) for part in FOLDER_LAYOUTS}   # all found, then read
     return StableDiffusionModels(
-        unet=load_unet_folder(folder, dtype), vae=load_vae_folder(folder, dtype),
-        text_encoder=load_text_encoder(folder / "text_encoder", dtype=dtype),
+        unet=load_unet_folder(folder, dtype, variants["unet"]), vae=load_vae_folder(folder, dtype, variants["vae"]),
+        text_encoder=load_text_encoder(folder / "text_encoder", dtype=dtype, variant=variants["text_encoder"]),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
-        source=str(folder), layout="diffusers")
+        source=str(folder), layout="diffusers", files=files)
 
 
 # ------------------------------------------------------------------------------ original single file
@@ -125,11 +160,7 @@ def read_single_file(path: Path, dtype: torch.dtype | None = None) -> dict[str, 
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected a diffusers folder "
                               f"or one of {', '.join(SINGLE_FILE_SUFFIXES)}")
-    try:
-        from diffusion.checkpoints.ckpt import read_checkpoint  # a restricted unpickler: never runs code from the file
-    except ImportError:
-        raise CheckpointError(f"{path}: .ckpt files are not supported yet; convert it to .safetensors") from None
-    return read_checkpoint(path)
+    return read_checkpoint(path)   # a restricted unpickler: never runs code from the file
 
 
 def load_unet_single_file(unet_tensors: dict, config: UNetConfig, *, source: str,
@@ -190,4 +221,5 @@ def _load_single_file(path: Path, *, config_dir: Path | None, use_ema: bool, dty
         # this model's own tokenizer/; otherwise the shipped SD v1 (OpenAI CLIP) vocabulary.
         tokenizer=CLIPTokenizer.from_pretrained(config_dir / "tokenizer" if config_dir is not None
                                                 and (config_dir / "tokenizer").is_dir() else None),
-        scheduler_config=dict(SD_V1_SCHEDULER_CONFIG), source=source, layout="single_file")
+        scheduler_config=dict(SD_V1_SCHEDULER_CONFIG), source=source, layout="single_file",
+        files={part: path for part in FOLDER_LAYOUTS})

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.hub_cache import resolve_model
 from common.state_dict import CheckpointError, listing, read_safetensors, safetensors_metadata, write_safetensors
 from diffusion import lora
 
@@ -111,11 +112,12 @@ def _split(key: str, kohya_names: dict[str, dict[str, str]]) -> tuple[str, str, 
 # ---- the --lora flag ----------------------------------------------------------------------------------
 def parse_lora_flags(values: list[str]) -> list[tuple[str, float]]:
     """--lora FILE or FILE:SCALE (sample.py and train_dreambooth.py) -> [(FILE, SCALE)], scale 1.0 by
-    default; a FILE whose own name holds a colon is taken whole. Raises ValueError naming the flag."""
+    default; a FILE whose own name holds a colon is taken whole. FILE may be a folder or a repo id of the
+    Hugging Face cache (`lora_weights_file`). Raises ValueError naming the flag."""
     files = []
     for value in values:
         path, scale = value, 1.0
-        if not Path(value).exists() and ":" in value:
+        if not Path(value).exists() and ":" in value and "/" not in value.rsplit(":", 1)[1]:   # not hf://
             path, text = value.rsplit(":", 1)
             try:
                 scale = float(text)
@@ -123,10 +125,24 @@ def parse_lora_flags(values: list[str]) -> list[tuple[str, float]]:
                 raise ValueError(f"--lora {value}: the scale {text!r} is not a number (FILE or FILE:SCALE)") from None
             if scale != scale or scale in (float("inf"), float("-inf")):
                 raise ValueError(f"--lora {value}: the scale must be finite")
-        if not Path(path).is_file():
-            raise ValueError(f"--lora {value}: no such file {path}")
-        files.append((path, scale))
+        files.append((str(lora_weights_file(path)), scale))
     return files
+
+
+def lora_weights_file(value: str, *, flag: str = "--lora") -> Path:
+    """The LoRA file that `value` names: a file; or a folder, a repo id of the Hugging Face cache included
+    (common/hub_cache.py), holding pytorch_lora_weights.safetensors or one other .safetensors file (as
+    diffusers' load_lora_weights guesses its weight_name, refusing where that guess would be arbitrary)."""
+    path = resolve_model(value, flag=flag)
+    if not path.is_dir():
+        return path
+    found = sorted(p.name for p in path.iterdir() if p.suffix == ".safetensors"
+                   and not any(word in p.name for word in ("scheduler", "optimizer", "checkpoint")))
+    for name in (DIFFUSERS_FILE, *found[:1] * (len(found) == 1), PICKLE_FILE):
+        if (path / name).is_file():
+            return path / name     # (a pickle is refused by name when read, with how to convert it)
+    raise ValueError(f"{flag} {value}: {path} holds " + (f"several LoRA files ({', '.join(found)}): name one"
+                                                         if found else "no LoRA .safetensors file"))
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -250,6 +266,7 @@ def kohya_lora_tensors(models, parts=PARTS) -> dict[str, torch.Tensor]:
 
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"          # the name load_lora_weights(folder) looks for
+PICKLE_FILE = "pytorch_lora_weights.bin"                     # what older diffusers wrote
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
 

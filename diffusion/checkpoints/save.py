@@ -29,11 +29,12 @@ from typing import Mapping
 import torch
 
 from common.files import atomic_write, read_json
-from common.state_dict import CheckpointError, KeyTable, check_keys, read_safetensors, rename, write_safetensors
+from common.state_dict import CheckpointError, KeyTable, check_keys, rename, write_safetensors
 from clip.weights import FOLDER_PREFIX, SINGLE_FILE_PREFIX, text_encoder_state_dict, text_prefix, text_table
 from diffusion.checkpoints import single_file
 from diffusion.models import unet as unet_module
 from diffusion.models import vae as vae_module
+from diffusion.checkpoints.ckpt import read_weights
 from diffusion.checkpoints.load import FOLDER_FILES, read_single_file
 
 PARTS = ("unet", "vae", "text_encoder")
@@ -112,14 +113,16 @@ def save_diffusers_folder(models, out: str | Path, *, trained: set[str], config_
         for part in PARTS:
             (out / part).mkdir(exist_ok=True)
             shutil.copy2(source / part / "config.json", out / part / "config.json")
-            file = source / part / FOLDER_FILES[part]
-            if part not in trained:
+            file = models.files[part]          # what was read: a variant's, an index of shards, a pickle
+            if part not in trained and file.suffix == ".safetensors":
                 shutil.copy2(file, out / part / FOLDER_FILES[part])
+            elif part not in trained:          # the same tensors, under the same names, in one safetensors file
+                _write_safetensors(out / part / FOLDER_FILES[part], _contiguous(read_weights(file)), {"format": "pt"})
             elif part == "unet":   # our UNet attributes carry diffusers' names: no renaming
                 _write_safetensors(out / part / FOLDER_FILES[part], _contiguous(models.unet.state_dict()),
                                    {"format": "pt"})
             else:
-                source_tensors = read_safetensors(file)
+                source_tensors = read_weights(file)
                 tensors = under_source_names(models.text_encoder.state_dict(), source_tensors,
                                              text_table(text_prefix(source_tensors)), what=str(file))
                 _write_safetensors(out / part / FOLDER_FILES[part], _contiguous(tensors), {"format": "pt"})
