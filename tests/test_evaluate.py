@@ -132,6 +132,20 @@ def test_prompts_file_reading(tmp_path):
     assert drop_token("a sks dog on sksy sand", "sks") == "a dog on sksy sand"
 
 
+# ---- sample.py's prompts.jsonl, read by the evaluation and skipped by the trainer --------------------------
+def test_sample_py_writes_the_prompts_file(tmp_path):
+    common = ["--ddim_steps", "1", "--n_samples", "2", "--H", "32", "--W", "32", "--outdir", str(tmp_path)]
+    sample.main(["--prompt", "a sks dog in the snow"] + common)
+    sample.main(["--prompt", "a red sks dog"] + common)          # numbering continues; so does the file
+    samples = tmp_path / "samples"
+    assert read_prompts(samples / PROMPTS_FILE) == {"00000.png": "a sks dog in the snow", "00001.png": "a sks dog in the snow",
+                                                    "00002.png": "a red sks dog", "00003.png": "a red sks dog"}
+    assert [p.name for p in image_files(samples, flag="--class_data_dir")] == [f"0000{i}.png" for i in range(4)]
+    out = tmp_path / "scores.json"
+    assert evaluate.main(score_argv(out, generated=samples, class_generated=None)) == 0
+    assert json.loads(out.read_text())["counts"]["generated"] == 4
+
+
 # ---- the benchmark protocol ---------------------------------------------------------------------------
 def test_benchmark_prompts_are_the_papers():
     objects, live = benchmark_prompts("sks", "dog", live=False), benchmark_prompts("sks", "dog", live=True)
