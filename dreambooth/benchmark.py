@@ -120,17 +120,13 @@ def save_png(image, path: Path) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def generate_images(args: argparse.Namespace, prompts: list[str], device) -> tuple[list[Path], list[Path]]:
-    """The benchmark's images, as sample.py makes them; returns (samples, class samples) paths."""
-    from tqdm import tqdm
-
+def load_models(args: argparse.Namespace, device):
+    """--model (and --lora) as sample.py loads them: (models, the autocast dtype name or "fp32")."""
     from common.precision import DTYPES, check_device_runs, sampling_precision
     from common.state_dict import CheckpointError
     from diffusion.checkpoints.load import load_stable_diffusion
     from diffusion.checkpoints.lora_files import load_lora_files, parse_lora_flags
-    from diffusion.pipeline import generate
     from diffusion.speed import arrange_for_speed
-    from dreambooth.prompts import record_prompt
 
     weights_dtype, autocast = sampling_precision(args.sample_precision, device)
     compute = autocast if autocast != "fp32" else next(k for k, v in DTYPES.items() if v == weights_dtype)
@@ -144,6 +140,18 @@ def generate_images(args: argparse.Namespace, prompts: list[str], device) -> tup
     for module in (models.unet, models.vae, models.text_encoder):
         module.to(device).eval()
     arrange_for_speed(models, device=device, precision=compute)
+    return models, autocast
+
+
+def generate_images(args: argparse.Namespace, prompts: list[str], device) -> tuple[list[Path], list[Path]]:
+    """The benchmark's images, as sample.py makes them; returns (samples, class samples) paths. The models
+    are let go on return, before DINO and CLIP load."""
+    from tqdm import tqdm
+
+    from diffusion.pipeline import generate
+    from dreambooth.prompts import record_prompt
+
+    models, autocast = load_models(args, device)
 
     def run(prompt: str, n: int, seed: int):
         return generate(models, [prompt], num_images_per_prompt=n, steps=args.ddim_steps, guidance_scale=args.scale,
@@ -169,8 +177,6 @@ def generate_images(args: argparse.Namespace, prompts: list[str], device) -> tup
                 path = class_samples / f"class-{len(written_class):05d}.png"
                 save_png(image, path)
                 written_class.append(path)
-    del models
-    gc.collect()
     return written, written_class
 
 
@@ -186,6 +192,7 @@ def run_benchmark(argv: list[str]) -> int:
     device, _ = device_and_precision(args)
     prompts = benchmark_prompts(args.token, args.class_noun, live=args.live)[:args.num_prompts]
     generated, class_generated = generate_images(args, prompts, device)
+    gc.collect()                                   # the diffusion models, before DINO and CLIP load
     as_read = [p for p in prompts for _ in range(args.images_per_prompt)]
     if args.drop_token:
         as_read = [drop_token(p, args.drop_token) for p in as_read]

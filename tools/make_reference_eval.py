@@ -317,7 +317,6 @@ def main() -> None:
     (EVAL / "reference.json").write_text(json.dumps(numbers, indent=1, sort_keys=True) + "\n")
     print(json.dumps(numbers, indent=1, sort_keys=True))
     # at least one image of each folder set must meet an odd margin where the two crop rules differ
-    from torchvision.transforms import functional as F
     sizes = [im.size for im in load(sum(folders.values(), []))]
     def margins(size, edge, crop):
         w, h = size
@@ -325,7 +324,6 @@ def main() -> None:
         return long_ - crop
     assert any(margins(s, 256, 224) % 4 == 3 for s in sizes), "no image exercises DINO's half-to-even crop"
     assert any(margins(s, 224, 224) % 2 == 1 for s in sizes), "no image exercises CLIP's floor crop"
-    del F
     MANIFESTS.mkdir(parents=True, exist_ok=True)
     manifests()
     total = sum(p.stat().st_size for d in (DINO, CLIPM, EVAL) for p in d.rglob("*") if p.is_file())
