@@ -19,8 +19,8 @@ import argparse
 import gc
 from pathlib import Path
 
-from dreambooth.evaluate import (Inputs, UsageError, add_scoring_flags, check_models, check_scoring_flags,
-                                 device_and_precision, finish, images, model_path, score)
+from dreambooth.scoring import (Inputs, UsageError, add_scoring_flags, check_models, check_scoring_flags,
+                                device_and_precision, finish, images, model_path, score)
 
 
 def benchmark_parser() -> argparse.ArgumentParser:
