@@ -55,9 +55,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from common.state_dict import write_safetensors  # noqa: E402  (metadata sorted: the same contents, the same bytes)
+
 FIX = ROOT / "tests" / "fixtures"
 IMAGES = FIX / "images"
 DINO, CLIPM, EVAL = FIX / "dino", FIX / "clip_model", FIX / "evaluate"
@@ -173,8 +176,8 @@ def make_dino() -> dict:
     with torch.no_grad():
         ref = {"pixels": sample(pixels, 14), "hf_cls": hf(pixel_values=pixels).last_hidden_state[:, 0],
                "timm_cls": tm(pixels)}
-    save_file({k: v.contiguous() for k, v in ref.items()}, str(DINO / "reference.safetensors"),
-              metadata={"images": json.dumps([p.name for p in image_files(IMAGES)]), "sample": "[:, :, 3::14, 5::14]"})
+    write_safetensors(DINO / "reference.safetensors", {k: v.contiguous() for k, v in ref.items()},
+                      {"images": json.dumps([p.name for p in image_files(IMAGES)]), "sample": "[:, :, 3::14, 5::14]"})
     return {"hf": hf, "timm": tm}
 
 
@@ -236,9 +239,9 @@ def make_clip() -> dict:
     with torch.no_grad():
         ref.update(b32_pixels=sample(pixels, 4), b32_image=b32_vision(pixel_values=pixels).image_embeds,
                    b32_ids=b32_ids, b32_text=b32_text(input_ids=b32_ids).text_embeds)
-    save_file({k: v.contiguous() for k, v in ref.items()}, str(CLIPM / "reference.safetensors"),
-              metadata={"images": json.dumps([p.name for p in image_files(IMAGES)]), "prompts": json.dumps(PROMPTS),
-                        "sample": "l14: [:, :, 3::14, 5::14], b32: [:, :, 3::4, 5::4]"})
+    write_safetensors(CLIPM / "reference.safetensors", {k: v.contiguous() for k, v in ref.items()},
+                      {"images": json.dumps([p.name for p in image_files(IMAGES)]), "prompts": json.dumps(PROMPTS),
+                       "sample": "l14: [:, :, 3::14, 5::14], b32: [:, :, 3::4, 5::4]"})
     return {"model": l14, "tokenizer": tokenizer, "processor": clip_processor(224)}
 
 
