@@ -67,10 +67,11 @@ def check_models(args: argparse.Namespace) -> tuple[Path, Path]:
     except CheckpointError as e:
         raise UsageError(f"--clip {args.clip}: {e}") from None
     if not (vision and text):
-        has, lacks = ("image", "text") if vision else ("text", "image")
-        raise UsageError(f"--clip {args.clip}: {weights} holds CLIP's {has} tower only (CLIP{has.title()}Model"
-                         f"WithProjection); CLIP-I and CLIP-T need both: give a full CLIPModel "
-                         f"(openai/clip-vit-large-patch14), which has the {lacks} tower too")
+        has, lacks, kind = (("image", "text", "CLIPVisionModelWithProjection") if vision else
+                            ("text", "image", "CLIPTextModelWithProjection"))
+        raise UsageError(f"--clip {args.clip}: {weights} holds CLIP's {has} tower only ({kind}); CLIP-I and "
+                         f"CLIP-T need both: give a full CLIPModel (openai/clip-vit-large-patch14), which has the "
+                         f"{lacks} tower too")
     return dino, clip
 
 
