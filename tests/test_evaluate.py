@@ -50,7 +50,7 @@ def test_numbers_equal_transformers_and_timm(tmp_path, capsys, layout, drop):
 
 
 def test_bf16_close_to_the_reference(tmp_path):
-    """Autocast bf16 (the default where the CPU has it): within 2e-3 of fp32 on these models (1.6e-3 measured)."""
+    """Autocast bf16 (the default where the CPU has it): within 5e-3 of the fp32 reference (1.6e-3 measured here)."""
     out = tmp_path / "scores.json"
     assert evaluate.main(score_argv(out, extra=["--precision", "bf16"])) == 0
     result = json.loads(out.read_text())
