@@ -14,7 +14,8 @@ started from torch.randn((n_samples, 4, H/8, W/8), generator=torch.Generator("cp
 the same seed gives the images diffusers' StableDiffusionPipeline gives with generator=manual_seed(seed)
 (each prompt starts from the seed afresh). DDIM by default (as CompVis); --sampler dpmpp_2m_karras
 gives the same picture in about half the steps (docs/sampling.md); --plms is --sampler plms. Writes outdir/samples/NNNNN.png (numbering continues after the files already there;
-nothing is ever overwritten) and one grid per prompt in outdir, and prints every path written.
+nothing is ever overwritten) and one grid per prompt in outdir, and prints every path written; each sample's
+prompt goes into outdir/samples/prompts.jsonl, which `python -m dreambooth.evaluate --prompts` reads.
 """
 from __future__ import annotations
 
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     from diffusion.speed import arrange_for_speed
     from diffusion.pipeline import generate, make_grid
     from diffusion.checkpoints.load import load_stable_diffusion
+    from dreambooth.prompts import record_prompt
 
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -265,6 +267,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                              progress=True, output="pil")
             for image in batch:
                 written.append(save_new(image, samples, r"(\d+)\.\w+", lambda i: f"{i:05d}.png"))
+                record_prompt(samples, written[-1].name, prompt)    # samples/prompts.jsonl, for CLIP-T
                 print(written[-1], flush=True)
             images += batch
         slug = re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-")[:30] or "prompt"

@@ -113,10 +113,12 @@ class CLIPTextOutput:
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head self-attention with a causal mask (Vaswani et al. 2017, eq. 1)."""
+    """Multi-head self-attention (Vaswani et al. 2017, eq. 1), with a causal mask in the text tower;
+    the image tower (clip/vision_model.py) lets every token see every other (causal=False)."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: CLIPTextConfig, *, causal: bool = True):
         super().__init__()
+        self.causal = causal
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         d = config.hidden_size
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
@@ -127,7 +129,7 @@ class CLIPAttention(nn.Module):
         q, k, v = (proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         # softmax(q k^T / sqrt(hd) + causal mask) v: token t attends to tokens 0..t only
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)                  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)           # (B, H, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))                      # (B, T, D)
 
 
@@ -143,12 +145,12 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """One pre-norm block: x + Attn(LN1(x)), then x + MLP(LN2(x))."""
+    """One pre-norm block: x + Attn(LN1(x)), then x + MLP(LN2(x)). `config`: a text or vision config."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: CLIPTextConfig, *, causal: bool = True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = CLIPAttention(config)
+        self.self_attn = CLIPAttention(config, causal=causal)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
 

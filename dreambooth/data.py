@@ -17,6 +17,7 @@ import torch
 
 from common.files import atomic_write
 from common.images import ImageError, load_image as read_image
+from dreambooth.prompts import PROMPTS_FILE
 
 MAX_IMAGE_PIXELS = 89_478_485   # Pillow's own decompression-bomb limit, refused here with a message naming the file
 CLASS_IMAGE_NAME = re.compile(r"class-(\d+)\.png")   # generated class image of index N: class-0000N.png
@@ -27,13 +28,14 @@ class DataError(ValueError):
 
 
 def image_files(folder: str | Path, *, flag: str) -> list[Path]:
-    """Every file of `folder` (sorted, hidden files skipped), each decoded in full here, before any model
-    loads: a file that is not an image, a truncated one, one over MAX_IMAGE_PIXELS or in a format that
-    needs an external program (EPS) is a DataError naming the flag and the file."""
+    """Every file of `folder` (sorted, hidden files and the prompts.jsonl sample.py keeps beside its samples
+    skipped), each decoded in full here, before any model loads: a file that is not an image, a truncated
+    one, one over MAX_IMAGE_PIXELS or in a format that needs an external program (EPS) is a DataError
+    naming the flag and the file."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{flag} {folder}: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != PROMPTS_FILE)
     for file in files:
         _decode(file, flag=flag).close()
     return files

@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("trace", help="every module's output of one component, under the checkpoint's names")
     t.add_argument("--model", required=True, help="a diffusers SD folder, an SD single file, a CLIP or ViT folder/file")
-    t.add_argument("--component", required=True, help="vit, text_encoder, unet, vae_encoder or vae_decoder")
+    t.add_argument("--component", required=True, help="vit, text_encoder, clip_vision, unet, vae_encoder or vae_decoder")
     t.add_argument("--inputs", required=True, help="safetensors with the forward's inputs by name")
     t.add_argument("--out", required=True, help="the .safetensors trace to write")
     t.add_argument("--precision", default="fp32", help="fp32 or bf16")

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from common.hub_cache import resolve_model
 from common.state_dict import CheckpointError, find_weights, rename
 
-COMPONENTS = ("vit", "text_encoder", "unet", "vae_encoder", "vae_decoder")
+COMPONENTS = ("vit", "text_encoder", "clip_vision", "unet", "vae_encoder", "vae_decoder")
 
 
 class TraceError(ValueError):
@@ -130,6 +130,27 @@ def load_text_component(path: Path, config_dir: Path | None = None) -> Component
         scope=("",), strip=(), pairing=pairing, shapes=shapes, ckpt_prefix=prefix)
 
 
+# ------------------------------------------------------------------------------ CLIP's image tower
+def load_clip_vision_component(path: Path) -> Component:
+    """CLIP's image tower and its projection (what get_image_features runs), from a CLIPModel or a
+    CLIPVisionModelWithProjection file; names as the file's (`vision_model.encoder.layers.3.mlp.fc1`)."""
+    from clip.model_weights import CLIP_KEYS, VISION, load_clip
+
+    loaded = load_clip(path)
+    model = loaded.model
+    if model.vision_model is None:
+        raise CheckpointError(f"{loaded.source}: a CLIP text tower only (CLIPTextModelWithProjection)")
+    shapes = {k: v for k, v in _keys_and_shapes(Path(loaded.source)).items()
+              if k.startswith(VISION) or k == "visual_projection.weight"}
+    c = model.config.vision
+    return Component(
+        name="clip_vision", layout="transformers-clip-vision", model=model,
+        run=lambda x: model.get_image_features(x["pixel_values"]),
+        inputs={"pixel_values": Input("float", ("B", c.num_channels, c.image_size, c.image_size))},
+        scope=("vision_model", "visual_projection"), strip=(), pairing=_pair(rename({k: k for k in shapes}, CLIP_KEYS)),
+        shapes=shapes)
+
+
 # ------------------------------------------------------------------------------------ UNet and VAE
 def _config_file(config_dir: Path, part: str) -> Path:
     """`--config DIR`: DIR/<part>/config.json (a diffusers folder's layout) or DIR/config.json."""
@@ -214,6 +235,8 @@ def load_component(path: str | Path, name: str, *, config_dir: str | Path | None
             return load_vit_component(path)
         if name == "text_encoder":
             return load_text_component(path, config_dir)
+        if name == "clip_vision":
+            return load_clip_vision_component(path)
         if name == "unet":
             return load_unet_component(path, config_dir)
         return load_vae_component(path, name, config_dir)

@@ -39,8 +39,13 @@ CLIP_EXTRAS = [
     ("{p}encoder", "final_layer_norm", "input", None),
     ("{p-}", "final_layer_norm", "output", None),                           # CLIPTextTransformer, when {p} ends in text_model.
 ]
+# transformers' CLIP image tower (CLIPModel or CLIPVisionModelWithProjection files)
+CLIP_VISION_EXTRAS = [
+    ("vision_model.embeddings", "vision_model.pre_layernorm", "input", None),   # class + patches + positions
+    ("vision_model.encoder", "vision_model", "output", None),   # the last block's output: last_hidden_state
+]
 EXTRAS = {"transformers-vit": TRANSFORMERS_VIT_EXTRAS, "timm-vit": TIMM_VIT_EXTRAS,
-          "transformers-clip": CLIP_EXTRAS, "ldm-clip": CLIP_EXTRAS}
+          "transformers-clip": CLIP_EXTRAS, "ldm-clip": CLIP_EXTRAS, "transformers-clip-vision": CLIP_VISION_EXTRAS}
 SEQUENTIAL_LAYOUTS = ("ldm-unet", "ldm-vae")
 # LDM's nn.ModuleLists, which its code indexes but never calls (unlike its nn.Sequentials): no output.
 LDM_MODULE_LISTS = ("input_blocks", "output_blocks", "down", "up", "block", "attn", "transformer_blocks")

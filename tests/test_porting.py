@@ -27,14 +27,15 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TRACES = FIXTURES / "traces"
 SD = FIXTURES / "sd" / "tiny_diffusers"
 MODELS = {"vit": FIXTURES / "vit" / "hf_classifier", "text_encoder": FIXTURES / "clip" / "text_encoder",
-          "unet": SD, "vae_encoder": SD, "vae_decoder": SD}
+          "clip_vision": FIXTURES / "clip_model" / "b32_vision", "unet": SD, "vae_encoder": SD, "vae_decoder": SD}
 # reference trace -> (component, checkpoint); the inputs are <component>_inputs.safetensors
 CASES = {**{c: (c, m) for c, m in MODELS.items()}, "vit_timm": ("vit", FIXTURES / "vit" / "timm")}
 # The published names' wrappers that transformers 5 no longer builds as modules (it renames on loading):
 # our trace has them (from the data rows in porting/names.py), the reference cannot. timm has none.
 ONLY_OURS = {"vit": r"vit\.encoder|vit\.encoder\.layer\.\d+\.(attention\.attention|attention\.output|intermediate|output)",
              "text_encoder": r"text_model(\.embeddings|\.encoder)?",
-             "text_encoder_bf16": r"text_model(\.embeddings|\.encoder)?"}
+             "text_encoder_bf16": r"text_model(\.embeddings|\.encoder)?",
+             "clip_vision": r"vision_model\.encoder"}
 
 
 def _check_every_layer(case: str, reference_file: Path, ours: dict[str, torch.Tensor], rtol: float, tmp_path: Path):
@@ -194,3 +195,14 @@ def test_the_numpy_port_of_clip_matches_our_trace_layer_by_layer(tmp_path, capsy
     code, io = _run(["compare", tmp_path / "ours.safetensors", tmp_path / "numpy.safetensors"], capsys)
     assert code == 0 and "0 beyond" in io.out, io.out
     assert "33 shared keys" in io.out   # the port dumps no wrapper (mlp, embeddings, encoder): listed, not failed
+
+
+def test_clip_vision_of_a_full_clip_file_and_a_text_only_one(tmp_path, capsys):
+    """A full CLIPModel file traces its image tower and projection only; a text-only file has no image tower."""
+    ours = trace(load_component(FIXTURES / "clip_model" / "l14", "clip_vision"), {"pixel_values": torch.randn(1, 3, 224, 224)})
+    assert list(ours)[-1] == "visual_projection" and not any(k.startswith("text_model") for k in ours)
+    assert "vision_model.pre_layrnorm" in ours and ours["visual_projection"].shape == (1, 12)
+    save_file({"pixel_values": torch.zeros(1, 3, 64, 64)}, str(tmp_path / "in.safetensors"))
+    code, io = _run(["trace", "--model", FIXTURES / "clip_model" / "b32_text", "--component", "clip_vision",
+                     "--inputs", tmp_path / "in.safetensors", "--out", tmp_path / "out.safetensors"], capsys)
+    assert code == 2 and "a CLIP text tower only" in io.err and io.err.count("\n") == 1, io.err

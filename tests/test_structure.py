@@ -16,6 +16,7 @@ PACKAGES = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file(
 SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py"))
 RUNTIME = {"torch", "numpy", "safetensors", "tokenizers", "PIL", "tqdm"}
 ENTRY_POINTS = [*SCRIPTS, "clip.__main__", "faces.__main__", "world.__main__", "world.pretrain", "world.score",
+                "dreambooth.evaluate", "porting.__main__",
                 "diffusion.checkpoints.convert"]
 OPTIONAL = {"tensorboard": "common.training"}   # imported only behind --report_to tensorboard, by this module
 REFERENCE_LIBRARIES = ("transformers", "diffusers", "timm", "open_clip", "cv2", "accelerate", "peft", "tensorboard")

@@ -2,10 +2,10 @@
 
     .venv-dev/bin/python tools/make_reference_traces.py
 
-Hooks every module of transformers' ViTForImageClassification and CLIPTextModel, timm's
-VisionTransformer and diffusers' UNet2DConditionModel and AutoencoderKL (encoder + quant_conv,
-post_quant_conv + decoder) that holds a tensor, runs each on fixed inputs, and writes under
-tests/fixtures/traces/:
+Hooks every module of transformers' ViTForImageClassification, CLIPTextModel and
+CLIPVisionModelWithProjection, timm's VisionTransformer and diffusers' UNet2DConditionModel and
+AutoencoderKL (encoder + quant_conv, post_quant_conv + decoder) that holds a tensor, runs each on fixed
+inputs, and writes under tests/fixtures/traces/:
 
     <component>_inputs.safetensors          the inputs, by the names `python -m porting trace` takes
     <component>_reference.safetensors       each module's output (the first tensor of a tuple or output
@@ -39,7 +39,7 @@ timm and diffusers keep the file's names as module names, so theirs are used as 
 The tests trace our models on the same inputs (`python -m porting trace`) and hold every layer to
 1e-4 of the reference's largest magnitude (fp32), or to the bf16 trace bit for bit (bf16). The
 checkpoints are the committed tiny fixtures (tools/make_reference_sd.py, make_reference_clip.py,
-make_reference_vit.py); the inputs are small (a 8x8 latent, a 16x16 image) so that all traces
+make_reference_vit.py, make_reference_eval.py); the inputs are small (a 8x8 latent, a 16x16 image) so that all traces
 together stay near 2 MB. Files are written by porting/trace.py's `write_trace`, which makes the same
 trace the same bytes: regenerating on the same kind of CPU leaves every file as it was (on another kind
 the fp32 traces move by float rounding, up to 1.3e-6 of a layer measured between AVX2 and AVX512+bf16,
@@ -166,7 +166,7 @@ def write(name: str, outputs: dict[str, torch.Tensor], source: str, inputs: dict
 def main() -> None:
     import timm
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, ViTForImageClassification
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection, ViTForImageClassification
 
     g = torch.Generator().manual_seed(18)
     cpu = cpu_kind()                                 # bf16 sums depend on the kernels: "AVX2", "AVX512+bf16", ...
@@ -216,6 +216,14 @@ def main() -> None:
     x = {"latents": torch.randn(1, 4, 4, 4, generator=g)}
     write("vae_decoder", trace(vae, lambda: vae.decode(x["latents"]), {"decoder": "decoder.", "post_quant_conv": ""}),
           "tests/fixtures/sd/tiny_diffusers", x)
+
+    # CLIP's image tower with its projection (tools/make_reference_eval.py's ViT-B/32-shaped file); its own
+    # generator, so that the inputs above stay what they were
+    clipv_path = FIXTURES / "clip_model" / "b32_vision"
+    clipv = CLIPVisionModelWithProjection.from_pretrained(str(clipv_path), attn_implementation="eager").eval()
+    x = {"pixel_values": torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(19))}
+    write("clip_vision", trace(clipv, lambda: clipv(**x), {"": ""}, clipv_path / "model.safetensors"),
+          "tests/fixtures/clip_model/b32_vision", x)
 
 
 if __name__ == "__main__":

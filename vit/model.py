@@ -220,7 +220,8 @@ class ViTForImageClassification(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + config.num_patches, D))
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
-        self.head = nn.Linear(D, config.num_labels)
+        # No labels: a backbone (DINO's ViT, google's in21k ViTModel), its output the [CLS] features (timm's num_classes=0)
+        self.head = nn.Linear(D, config.num_labels) if config.num_labels else nn.Identity()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -261,5 +262,6 @@ class ViTForImageClassification(nn.Module):
         return self.norm(x)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised pixels -> (B, num_labels) logits, read at the [CLS] token."""
+        """(B, 3, H, W) normalised pixels -> (B, num_labels) logits, read at the [CLS] token; with no
+        labels, (B, D): the [CLS] token itself after the final LayerNorm."""
         return self.head(self.forward_features(pixel_values)[:, 0])

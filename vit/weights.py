@@ -166,7 +166,8 @@ def load_vit(path: str | Path, *, labels: list[str] | None = None) -> LoadedViT:
     may be sharded, or a pickle read by the restricted unpickler: common/state_dict.py `find_weights`), a
     timm folder or file, or a bare .safetensors (architecture from shapes). `labels`: when given and
     different from the checkpoint's (or when the checkpoint has no head, like google's in21k ViTModel),
-    a new head of len(labels) outputs is initialised for fine-tuning.
+    a new head of len(labels) outputs is initialised for fine-tuning. `labels=[]`: a backbone without a
+    head (vit/dino.py), whose forward gives the [CLS] features; a checkpoint with a head is refused then.
     """
     path = Path(path)
     if path.is_dir():
@@ -209,8 +210,11 @@ def load_vit(path: str | Path, *, labels: list[str] | None = None) -> LoadedViT:
         preprocess = PreprocessConfig(size=(config.image_size, config.image_size))
 
     has_head = "head.weight" in ours
+    if has_head and labels is not None and not labels:
+        raise CheckpointError(f"{source}: a ViT classifier (a head of {ours['head.weight'].shape[0]} outputs), "
+                              "not a backbone without a head")
     ckpt_labels = config.labels if has_head else None
-    new_head = labels is not None and list(labels) != ckpt_labels
+    new_head = bool(labels) and list(labels) != ckpt_labels
     if labels is not None:
         config.labels = list(labels)
     elif not has_head:
