@@ -27,8 +27,9 @@ from clip.text_model import CLIPTextConfig
 from clip.vision_model import CLIPVisionConfig
 from clip.weights import SD_PREFIX, TEXT_KEYS, config_from_state_dict
 from common.files import read_json
-from common.state_dict import (CheckpointError, KeyTable, empty_model, listing, load_strict, read_safetensors,
-                               rename, safetensors_header)
+from common.state_dict import (CheckpointError, KeyTable, empty_model, find_weights, listing, load_strict,
+                               read_safetensors, rename)
+from diffusion.checkpoints.ckpt import read_weights
 from vit.preprocess import ResizeCropConfig
 from vit.weights import check_finite
 
@@ -117,17 +118,16 @@ def read_config(folder: Path | None, sd: dict[str, torch.Tensor], vision: bool, 
 
 
 def load_clip(path: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedCLIP:
-    """A CLIP model with its projection(s) from a folder (config.json + model.safetensors
+    """A CLIP model with its projection(s) from a folder (config.json + the weights as common/state_dict.py
+    `find_weights` finds them: model.safetensors, shards, or a pickle
     [+ preprocessor_config.json, tokenizer files]) or a bare .safetensors (architecture from shapes),
     strictly: every tensor of the file is loaded, and every missing, unexpected or mis-shaped one is named."""
     path = Path(path)
-    weights, folder = (path / "model.safetensors", path) if path.is_dir() else (path, None)
-    if path.is_dir() and not weights.exists():
-        raise CheckpointError(f"{path}: no model.safetensors in this folder "
-                              f"(found {listing(sorted(p.name for p in path.iterdir()), 10)})")
+    weights, folder = (find_weights(path, "transformers"), path) if path.is_dir() else (path, None)
     source = str(weights)
-    vision, text = check_clip_keys(list(safetensors_header(weights)[0]), source=source)
-    sd = rename(read_safetensors(weights, dtype=dtype), CLIP_KEYS)
+    tensors = read_weights(weights, dtype=dtype) if path.is_dir() else read_safetensors(weights, dtype=dtype)
+    vision, text = check_clip_keys(list(tensors), source=source)
+    sd = rename(tensors, CLIP_KEYS)
     check_finite(sd, source=source)
     config = read_config(folder, sd, vision, text)
     with empty_model():

@@ -19,14 +19,15 @@ clip/model_weights.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from clip.text_model import ACTIVATIONS, CLIPEncoderLayer
-from common.files import config_from_json
+from clip.text_model import ACTIVATIONS, IGNORED_FIELDS, CLIPEncoderLayer
+from common.configs import TRANSFORMERS_FIXED, TRANSFORMERS_GENERIC, TRANSFORMERS_METADATA, config_from_dict
+from common.files import read_json
 
 
 @dataclass(kw_only=True)
@@ -77,20 +78,29 @@ class CLIPVisionConfig:
 
     # ---- the public config.json ----------------------------------------------------------------
     @classmethod
-    def from_dict(cls, config: dict) -> "CLIPVisionConfig":
-        """From transformers' CLIPVisionConfig dict, or a CLIPConfig dict (its "vision_config" is used).
+    def from_dict(cls, config: dict, *, source: str = "CLIP vision config") -> "CLIPVisionConfig":
+        """From transformers' CLIPVisionConfig dict, or a CLIPConfig dict (its "vision_config" is read).
 
-        Keys we do not model (dropout, projection_dim, architectures, ...) are ignored; missing keys take
-        transformers' CLIPVisionConfig defaults (ViT-B/32's), which are this class's.
+        The one config policy (common/configs.py), as the text tower's: keys that change nothing here are
+        ignored (clip/text_model.py IGNORED_FIELDS, transformers' metadata and generic options), any other
+        key we do not read is refused by name; missing keys take transformers' CLIPVisionConfig defaults
+        (ViT-B/32's), which are this class's.
         """
         if isinstance(config.get("vision_config"), dict):
-            config = config["vision_config"]
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in known})
+            config, source = config["vision_config"], f"{source}, vision_config"
+        return config_from_dict(cls, config, fixed=TRANSFORMERS_FIXED,
+                                ignored=TRANSFORMERS_METADATA + TRANSFORMERS_GENERIC + IGNORED_VISION_FIELDS,
+                                source=source)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "CLIPVisionConfig":
-        return config_from_json(path, cls.from_dict)
+        return cls.from_dict(read_json(path), source=str(path))
+
+
+# The text tower's ignorable keys (clip/text_model.py IGNORED_FIELDS), and the token ids that transformers
+# 4.x wrote into every sub-config (openai/clip-vit-large-patch14's vision_config has them): an image tower
+# reads no tokens.
+IGNORED_VISION_FIELDS = IGNORED_FIELDS + ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 @dataclass

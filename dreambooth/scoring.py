@@ -35,19 +35,26 @@ def add_scoring_flags(p: argparse.ArgumentParser) -> None:
 
 
 def model_path(flag: str, value: str) -> Path:
-    """The file or folder a model flag names: the one place each model flag's path is resolved."""
-    path = Path(value)
-    if not path.exists():
-        raise UsageError(f"{flag} {value}: no such file or folder")
-    return path
+    """The file or folder a model flag names (a path, or a repo id in the local Hugging Face cache:
+    common/hub_cache.py): the one place each model flag's path is resolved."""
+    from common.hub_cache import resolve_model
+    try:
+        return resolve_model(value, flag=flag)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
-def weights_file(flag: str, path: Path) -> Path:
+def weights_file(flag: str, path: Path) -> Path | None:
+    """The safetensors file whose header the checks below read before any model loads; None where the
+    weights are sharded or a pickle (a repo without safetensors): the loader's strict load names what is
+    wrong with those instead."""
+    from common.state_dict import CheckpointError, find_weights
     if path.is_dir():
-        if not (path / "model.safetensors").is_file():
-            raise UsageError(f"{flag} {path}: no model.safetensors in this folder")
-        return path / "model.safetensors"
-    return path
+        try:
+            path = find_weights(path, "transformers")
+        except CheckpointError as e:
+            raise UsageError(f"{flag} {path}: {e}") from None
+    return path if path.suffix == ".safetensors" else None
 
 
 def check_models(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -57,12 +64,15 @@ def check_models(args: argparse.Namespace) -> tuple[Path, Path]:
     from vit.dino import check_dino_file
 
     dino, clip = model_path("--dino", args.dino), model_path("--clip", args.clip)
+    dino_weights, weights = weights_file("--dino", dino), weights_file("--clip", clip)
     try:
-        check_dino_file(weights_file("--dino", dino))
+        if dino_weights is not None:
+            check_dino_file(dino_weights)
     except CheckpointError as e:
         raise UsageError(f"--dino {args.dino}: {e}") from None
+    if weights is None:
+        return dino, clip
     try:
-        weights = weights_file("--clip", clip)
         vision, text = check_clip_keys(list(safetensors_header(weights)[0]), source=str(weights))
     except CheckpointError as e:
         raise UsageError(f"--clip {args.clip}: {e}") from None

@@ -1,5 +1,5 @@
-"""The one config policy (common/configs.py), the same for the five configs (UNet, VAE, scheduler, CLIP
-text, ViT): every public config.json loads and gives the preset it describes; an unknown key is refused
+"""The one config policy (common/configs.py), the same for the six configs (UNet, VAE, scheduler, CLIP
+text and image towers, ViT): every public config.json loads and gives the preset it describes; an unknown key is refused
 by name; an option this implementation does not model is accepted only at the value it implements."""
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from clip.text_model import CLIPTextConfig
+from clip.vision_model import CLIPVisionConfig
 from diffusion.models.unet import UNetConfig
 from diffusion.models.vae import VAEConfig
 from diffusion.schedule import ScheduleConfig
@@ -18,12 +19,14 @@ FIXTURES = Path(__file__).parent / "fixtures"
 PUBLIC = FIXTURES / "public_configs"
 SD = PUBLIC / "runwayml--stable-diffusion-v1-5"
 
-# config -> (its from_json, a public file of it)
+# config -> (its from_json, a public file of it; the image tower: a CLIPVisionModelWithProjection file
+# transformers wrote, whose keys are the tower's own, where a CLIPModel file nests them in vision_config)
 CONFIGS = {
     "unet": (UNetConfig.from_json, SD / "unet" / "config.json"),
     "vae": (VAEConfig.from_json, SD / "vae" / "config.json"),
     "scheduler": (ScheduleConfig.from_json, SD / "scheduler" / "scheduler_config.json"),
     "clip_text": (CLIPTextConfig.from_json, SD / "text_encoder" / "config.json"),
+    "clip_vision": (CLIPVisionConfig.from_json, FIXTURES / "clip_model" / "b32_vision" / "config.json"),
     "vit": (ViTConfig.from_json, PUBLIC / "dima806--facial_emotions_image_detection" / "config.json"),
 }
 
@@ -35,6 +38,7 @@ def test_the_public_configs_give_the_presets():
     assert CLIPTextConfig.from_json(SD / "text_encoder" / "config.json") == CLIPTextConfig.vit_l14()
     # the CLIPModel config, with every PretrainedConfig option of transformers 4.16 in its text_config
     assert CLIPTextConfig.from_json(PUBLIC / "openai--clip-vit-large-patch14" / "config.json") == CLIPTextConfig.vit_l14()
+    assert CLIPVisionConfig.from_json(PUBLIC / "openai--clip-vit-large-patch14" / "config.json") == CLIPVisionConfig.vit_l14()
     assert ViTConfig.from_json(PUBLIC / "dima806--facial_emotions_image_detection" / "config.json") == ViTConfig.b16()
     in21k = ViTConfig.from_json(PUBLIC / "google--vit-base-patch16-224-in21k" / "config.json")
     assert in21k == ViTConfig.b16(labels=["LABEL_0", "LABEL_1"])   # no labels: transformers' two defaults
@@ -49,6 +53,8 @@ WRITTEN = [  # (config, how it is read): written by diffusers 0.42 / transformer
       for path in sorted(folder.glob("[!t]*/*config.json")) + [folder / "text_encoder" / "config.json"]],
     *[(FIXTURES / "clip" / name / "config.json", CLIPTextConfig.from_json) for name in ("text_encoder", "clip_model")],
     *[(FIXTURES / "vit" / name / "config.json", ViTConfig.from_json) for name in ("hf_classifier", "hf_vitmodel")],
+    *[(FIXTURES / "clip_model" / name / "config.json", CLIPVisionConfig.from_json) for name in ("l14", "b32_vision")],
+    (FIXTURES / "dino" / "hf_vitmodel" / "config.json", ViTConfig.from_json),
     (ROOT / "embedded" / "emotion_vit" / "config.json", ViTConfig.from_json),
 ]
 

@@ -205,3 +205,48 @@ def test_benchmark_bad_input_before_any_model(tmp_path, capsys, monkeypatch):
         assert evaluate.main(base + extra) == 2, extra
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and re.search(words, err), (extra, err)
+
+
+# ---- models from the Hugging Face cache ----------------------------------------------------------------
+def _cache_repo(cache: Path, repo_id: str, folder: Path, *, pickled: bool = False) -> None:
+    """`folder` as huggingface_hub keeps a download (tests/fixtures/hub proves the layout with its own
+    functions): blobs named by hash, refs/main naming the commit, snapshots/<commit>/ links into blobs/.
+    `pickled`: the weights as pytorch_model.bin only, as repos from before safetensors hold them."""
+    import hashlib
+    import torch
+    from safetensors.torch import load_file
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for file in sorted(folder.iterdir()):
+        name, data = file.name, file.read_bytes()
+        if pickled and name == "model.safetensors":
+            torch.save(load_file(str(file)), tmp := cache / "weights.bin")
+            name, data = "pytorch_model.bin", tmp.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(Path("../../blobs") / blob.name)
+
+
+def test_dino_and_clip_from_repo_ids_in_the_cache(tmp_path, monkeypatch, capsys):
+    """--dino/--clip take repo ids as transformers users type them, read from the local cache; a DINO repo
+    with only a pickle (facebook/dino-vits16 had no safetensors on its main branch) reads through the
+    restricted unpickler: the same numbers as the folders."""
+    cache = tmp_path / "hub"
+    _cache_repo(cache, "facebook/dino-vits16", DINO["hf"], pickled=True)
+    _cache_repo(cache, "openai/clip-vit-large-patch14", CLIP)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    folders, repos = tmp_path / "folders.json", tmp_path / "repos.json"
+    extra = ["--precision", "fp32"]
+    assert evaluate.main(score_argv(folders, extra=extra)) == 0
+    assert evaluate.main(score_argv(repos, dino="facebook/dino-vits16", clip="openai/clip-vit-large-patch14",
+                                    extra=extra)) == 0
+    a, b = json.loads(folders.read_text()), json.loads(repos.read_text())
+    assert [a[k] for k in METRICS] == [b[k] for k in METRICS]
+    assert "restricted unpickler" in capsys.readouterr().err
+    assert evaluate.main(score_argv(repos, dino="facebook/dino-vitb16", extra=extra)) == 2
+    assert "facebook/dino-vitb16" in capsys.readouterr().err.splitlines()[-1]
