@@ -3,7 +3,7 @@
     models = load_models(...)                      the base model, checked and on the device
     params = trainable_parameters(models, ...)     what the optimizer moves (LoRA plugs in here)
     batch  = make_batch(...)                        instance (+ class) crops and their generators
-    states = text_states(...)                       the prompts' CLIP states (trained or not)
+    states = encode_prompts(...)                    the prompts' CLIP states (diffusion/pipeline.py)
     pred, target, t = denoising_prediction(...)    VAE latents (LatentCache: once per crop), forward process,
                                                    one UNet call
     per_image = denoising_loss(pred, target, ...)  MSE per image (with min-SNR weighting if asked)
@@ -120,14 +120,6 @@ class LatentCache:
                 with autocast(self.precision, device):
                     self.moments[key] = self.vae.encode(pixels[None]).moments
         return DiagonalGaussian(torch.cat([self.moments[key] for key in batch.crops]))
-
-
-def text_states(text_encoder, tokenizer, prompts: list[str], *, precision: str, trained: bool) -> torch.Tensor:
-    """(N, 77, D) CLIP states of `prompts`, with gradients only when the text encoder is trained."""
-    device = next(text_encoder.parameters()).device
-    ids = tokenizer(prompts, padding=True, max_length=tokenizer.model_max_length).to(device)   # (N, 77)
-    with torch.set_grad_enabled(trained), autocast(precision, device):
-        return text_encoder(ids).last_hidden_state
 
 
 def denoising_prediction(unet, vae, schedule, batch: Batch, states: torch.Tensor, *, precision: str,
