@@ -63,7 +63,8 @@ RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instan
                "train_text_encoder", "resolution", "center_crop", "train_batch_size", "gradient_accumulation_steps",
                "world_size", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
                "num_train_epochs", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-               "mixed_precision", "seed", "offset_noise", "snr_gamma", "rank", "lora", "cache_latents")
+               "mixed_precision", "seed", "offset_noise", "snr_gamma", "snr_weight_prior", "snr_v_paper", "rank",
+               "lora", "cache_latents")
 CLASS_SAMPLING = dict(steps=50, guidance_scale=7.5)        # StableDiffusionPipeline's defaults, as diffusers uses
 VALIDATION_SAMPLING = dict(steps=25, guidance_scale=7.5)   # diffusers' DreamBooth validation settings
 LEARNING_RATE = {"full": 5e-6, "lora": 5e-4}   # train_dreambooth.py's and train_dreambooth_lora.py's defaults
@@ -128,7 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_validation_images", type=int, default=4, help="images per validation grid")
     a("--validation_steps", type=int, default=100, help="validate every N steps")
     a("--offset_noise", action="store_true", help=f"add {OFFSET_NOISE_SCALE} x per-channel offset noise")
-    a("--snr_gamma", type=finite_float, help="min-SNR loss weighting with this gamma (5.0 is recommended)")
+    a("--snr_gamma", type=finite_float, help="min-SNR loss weighting with this gamma (5.0 is recommended), of the "
+                                             "instance loss, as diffusers' train_dreambooth.py")
+    a("--snr_weight_prior", action="store_true",
+      help="with --snr_gamma: weight the class images' loss by min-SNR too (diffusers weights the instance loss only)")
+    a("--snr_v_paper", action="store_true",
+      help="with --snr_gamma on a v-prediction model: the paper's weight min(SNR, gamma) / (SNR + 1), as diffusers' "
+           "train_text_to_image.py, instead of train_dreambooth.py's min(SNR, gamma) / SNR + 1")
     a("--save_single_file", action="store_true", help="also write the original single-file layout (fp16)")
     a("--rank", type=int, help="train a LoRA of this rank (diffusers' train_dreambooth_lora.py uses 4) instead "
                                "of the whole UNet; writes OUTPUT_DIR/pytorch_lora_weights.safetensors")
@@ -183,6 +190,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--learning_rate must be > 0; --lr_warmup_steps, --max_grad_norm, --prior_loss_weight >= 0")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         parser.error(f"--snr_gamma {args.snr_gamma}: must be > 0")
+    for name in ("snr_weight_prior", "snr_v_paper"):
+        if getattr(args, name) and args.snr_gamma is None:
+            parser.error(f"--{name}: needs --snr_gamma (the min-SNR weighting it changes)")
     if args.sampler not in SAMPLERS:
         parser.error(f"--sampler {args.sampler}: must be one of {', '.join(SAMPLERS)}")
     if args.plms and args.sampler not in ("ddim", "plms"):
@@ -339,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     ending = dict(dist=dist, log=log, output_dir=output_dir, info=info)     # what fail_run and stopped_run record
     latent_cache = LatentCache(models.vae, precision) if args.cache_latents else None
     prompts = [args.instance_prompt] * B + ([args.class_prompt] * B if prior else [])
+    weighting = dict(schedule=schedule, snr_gamma=args.snr_gamma, snr_v_paper=args.snr_v_paper)   # --snr_gamma
+    prior_weighting = weighting if args.snr_weight_prior else {}   # as diffusers: the class images' plain MSE
 
     # ---- the loop ---------------------------------------------------------------------------------------
     bar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
@@ -363,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                     pred, target, t = denoising_prediction(unet_ddp, models.vae, schedule, batch, states,
                                                            precision=precision, offset_noise=args.offset_noise,
                                                            latent_cache=latent_cache)
-                    per_image = denoising_loss(pred, target, t, schedule=schedule, snr_gamma=args.snr_gamma)
-                    instance_loss, prior_loss = per_image[:B].mean(), per_image[B:].mean() if prior else 0.0
+                    instance_loss = denoising_loss(pred[:B], target[:B], t[:B], **weighting)
+                    prior_loss = denoising_loss(pred[B:], target[B:], t[B:], **prior_weighting) if prior else 0.0
                     # DreamBooth eq. 2: the instance loss plus lambda times the loss on the class images.
                     loss = instance_loss + args.prior_loss_weight * prior_loss
                     scaler.scale(loss / accumulation).backward()
