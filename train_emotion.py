@@ -45,7 +45,8 @@ from vit.weights import save_pretrained
 RUN_SHAPING = ("data_dir", "pretrained_model_name_or_path", "preset", "image_size", "num_synthetic_train",
                "validation_split", "train_batch_size", "gradient_accumulation_steps", "world_size",
                "learning_rate", "lr_scheduler", "lr_warmup_steps", "num_train_epochs", "max_train_steps",
-               "weight_decay", "max_grad_norm", "seed", "mixed_precision", "class_weighting", "augmentation")
+               "weight_decay", "no_weight_decay_embeddings", "max_grad_norm", "seed", "mixed_precision",
+               "class_weighting", "augmentation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr_warmup_steps", type=int, default=100, help="steps of linear warmup from 0 to --learning_rate")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     a("--max_grad_norm", type=finite_float, default=1.0, help="clip the global gradient norm to this (0: no clipping)")
-    a("--weight_decay", type=finite_float, default=0.05, help="AdamW decoupled weight decay on weight matrices")
+    a("--weight_decay", type=finite_float, default=0.05,
+      help="AdamW decoupled weight decay, on all but biases and LayerNorm gains (as transformers' Trainer)")
+    a("--no_weight_decay_embeddings", action="store_true",
+      help="leave the [CLS] token and position embeddings out of weight decay too, as timm's ViT")
     a("--mixed_precision", default="no", choices=list(MIXED_PRECISION), help="autocast dtype for the forward pass")
     a("--report_to", default="jsonl", choices=REPORT_TO,
       help="metrics.jsonl is always written; 'tensorboard' adds event files (needs the tensorboard package)")
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return fail(str(e), dist)
     micro_per_epoch = steps_per_epoch * accumulation
-    optimizer = adamw(parameter_groups(model, weight_decay=args.weight_decay), lr=args.learning_rate)
+    optimizer = adamw(parameter_groups(model, weight_decay=args.weight_decay,
+                                       decay_embeddings=not args.no_weight_decay_embeddings), lr=args.learning_rate)
     scaler = grad_scaler(dist.device, precision)
 
     # ---- resume: model, optimizer, scaler, step, data position and every RNG state -----------------
