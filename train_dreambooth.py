@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(e), dist)
     schedule = NoiseSchedule(config=ScheduleConfig.from_dict(models.scheduler_config))
 
-    # ---- what is trained, the schedule of steps, the optimizer ------------------------------------------
+    # ---- what is trained, the optimizer, the schedule of steps, resume ----------------------------------
     params = trainable_parameters(models, train_text_encoder=args.train_text_encoder,
                                   gradient_checkpointing=args.gradient_checkpointing, rank=args.rank,
                                   precision=precision)
@@ -317,22 +317,17 @@ def main(argv: list[str] | None = None) -> int:
     global_batch = B * accumulation * dist.world_size
     # As diffusers: an epoch pairs instance i % n_inst with class image i % n_class, for max(n_inst, n_class) i.
     epoch_length = max(len(inputs.instance_images), len(class_images))
-    try:
-        steps_per_epoch, max_steps = count_steps(epoch_length, global_batch=global_batch, what="training examples",
-                                                 max_train_steps=args.max_train_steps,
-                                                 num_train_epochs=args.num_train_epochs)
-    except ValueError as e:
-        return fail(str(e), dist)
     peak_lr = args.learning_rate * (global_batch if args.scale_lr else 1)   # --scale_lr: x the global batch
     optimizer = adamw(params, lr=peak_lr, betas=(args.adam_beta1, args.adam_beta2),
                       weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     scaler = grad_scaler(dist.device, precision)
-
-    # ---- resume: weights, optimizer, scaler, step and RNG state (the data stream follows from the step) ---
     run_settings = {**vars(args), "world_size": dist.world_size}
     checkpoints = Checkpoints(output_dir, total_limit=args.checkpoints_total_limit)
     saved = dict(train_text_encoder=args.train_text_encoder, lora_only=args.rank is not None)
-    try:
+    try:   # at least one global batch; resume weights, optimizer, scaler, step, RNG (the data follow the step)
+        steps_per_epoch, max_steps = count_steps(epoch_length, global_batch=global_batch, what="training examples",
+                                                 max_train_steps=args.max_train_steps,
+                                                 num_train_epochs=args.num_train_epochs)
         step, skipped = resume(checkpoints, args.resume_from_checkpoint, run_settings=run_settings,
                                run_shaping=RUN_SHAPING, allow_change=args.allow_config_change,
                                restore=partial(restore_training_state, models=models, optimizer=optimizer,

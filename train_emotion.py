@@ -182,31 +182,26 @@ def main(argv: list[str] | None = None) -> int:
         teardown_distributed(dist)
         return 0
 
-    # ---- the loss's class weights, the schedule of steps, the optimizer -----------------------------------
+    # ---- the loss's class weights, the optimizer, the schedule of steps, resume ----------------------------
     loss_weights = class_weights(train_set, len(EMOTION_LABELS), args.class_weighting).to(dist.device)  # (labels,)
     accumulation = args.gradient_accumulation_steps
     global_batch = args.train_batch_size * accumulation * dist.world_size
-    try:
-        steps_per_epoch, max_steps = count_steps(len(train_set), global_batch=global_batch, what="training images",
-                                                 max_train_steps=args.max_train_steps,
-                                                 num_train_epochs=args.num_train_epochs)
-    except ValueError as e:
-        return fail(str(e), dist)
-    micro_per_epoch = steps_per_epoch * accumulation
     optimizer = adamw(parameter_groups(model, weight_decay=args.weight_decay,
                                        decay_embeddings=not args.no_weight_decay_embeddings), lr=args.learning_rate)
     scaler = grad_scaler(dist.device, precision)
-
-    # ---- resume: model, optimizer, scaler, step, data position and every RNG state -----------------
     run_settings = {**vars(args), "world_size": dist.world_size}
     checkpoints = Checkpoints(output_dir, total_limit=args.checkpoints_total_limit)
-    try:
+    try:   # too few images for one global batch; resume: model, optimizer, scaler, step, data position, RNG
+        steps_per_epoch, max_steps = count_steps(len(train_set), global_batch=global_batch, what="training images",
+                                                 max_train_steps=args.max_train_steps,
+                                                 num_train_epochs=args.num_train_epochs)
         (step, epoch, position), skipped = resume(   # position: micro-batches of `epoch` already consumed
             checkpoints, args.resume_from_checkpoint, run_settings=run_settings, run_shaping=RUN_SHAPING,
             allow_change=args.allow_config_change,
             restore=partial(restore_training_state, model=model, optimizer=optimizer, scaler=scaler)) or ((0, 0, 0), 0)
     except ValueError as e:
         return fail(str(e), dist)
+    micro_per_epoch = steps_per_epoch * accumulation
 
     ddp_model = DDP(model) if dist.enabled else model   # averages gradients over processes in backward
     log = MetricsLog(output_dir, enabled=dist.is_main, report_to=args.report_to, start_step=step)
