@@ -31,29 +31,31 @@ import resource
 import sys
 import time
 import warnings
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common.precision import DTYPES, MIXED_PRECISION, check_device_runs, slow_precision_warning
-from common.run_config import (check_resume_config, finish_run_record, finite_float, parse_args_with_config,
-                               start_run_record)
+from common.files import check_writable
+from common.precision import DTYPES, MIXED_PRECISION, autocast, check_device_runs, slow_precision_warning
+from common.run_config import finish_run_record, finite_float, parse_args_with_config, start_run_record
 from common.state_dict import CheckpointError
-from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, MetricsLog, StopOnSignal, adamw, all_reduce_sum,
-                             barrier, check_output_dir, fail, fail_run, grad_scaler, gradient_sync, learning_rate,
-                             nonfinite_loss_message, optimizer_step, rng_state, save_training_state, stopped_run,
-                             seed_everything, set_rng_state, setup_distributed, stop_requested,
+from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, Distributed, MetricsLog, NonFiniteLoss,
+                             StopOnSignal, adamw, barrier, check_output_dir, count_steps, fail, fail_run, finish_step,
+                             grad_scaler, gradient_sync, learning_rate, report_stale_temporaries, resume, rng_state,
+                             save_training_state, seed_everything, setup_distributed, stop_requested, stopped_run,
                              teardown_distributed)
+from diffusion.checkpoints.lora_files import load_lora_files, parse_lora_flags, save_lora_files
+from diffusion.pipeline import encode_prompts
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
-from common.files import check_writable, remove_stale_temporaries
-from diffusion.checkpoints.lora_files import load_lora_files, parse_lora_flags, save_lora_files
 from dreambooth.data import (DataError, check_model_size, generate_class_images, image_files, load_image,
                              missing_class_indices, resolve_base)
 from dreambooth.steps import (OFFSET_NOISE_SCALE, LatentCache, denoising_loss, denoising_prediction, load_models,
-                              make_batch, restore_training_state, text_states, trainable_parameters, training_state)
+                              make_batch, restore_training_state, trainable_parameters, training_state)
 
 # The settings that shape a run: resuming with any of them changed needs --allow_config_change.
 RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instance_data_dir", "instance_prompt",
@@ -61,10 +63,12 @@ RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instan
                "train_text_encoder", "resolution", "center_crop", "train_batch_size", "gradient_accumulation_steps",
                "world_size", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
                "num_train_epochs", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-               "mixed_precision", "seed", "offset_noise", "snr_gamma", "rank", "lora", "cache_latents", "variant")
+               "mixed_precision", "seed", "offset_noise", "snr_gamma", "snr_weight_prior", "snr_v_paper", "rank",
+               "lora", "cache_latents", "variant")
 CLASS_SAMPLING = dict(steps=50, guidance_scale=7.5)        # StableDiffusionPipeline's defaults, as diffusers uses
 VALIDATION_SAMPLING = dict(steps=25, guidance_scale=7.5)   # diffusers' DreamBooth validation settings
 LEARNING_RATE = {"full": 5e-6, "lora": 5e-4}   # train_dreambooth.py's and train_dreambooth_lora.py's defaults
+LOSS_NAMES = ("loss", "instance_loss", "prior_loss")   # metrics.jsonl: the loss and its parts (prior: eq. 2's)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_validation_images", type=int, default=4, help="images per validation grid")
     a("--validation_steps", type=int, default=100, help="validate every N steps")
     a("--offset_noise", action="store_true", help=f"add {OFFSET_NOISE_SCALE} x per-channel offset noise")
-    a("--snr_gamma", type=finite_float, help="min-SNR loss weighting with this gamma (5.0 is recommended)")
+    a("--snr_gamma", type=finite_float, help="min-SNR loss weighting with this gamma (5.0 is recommended), of the "
+                                             "instance loss, as diffusers' train_dreambooth.py")
+    a("--snr_weight_prior", action="store_true",
+      help="with --snr_gamma: weight the class images' loss by min-SNR too (diffusers weights the instance loss only)")
+    a("--snr_v_paper", action="store_true",
+      help="with --snr_gamma on a v-prediction model: the paper's weight min(SNR, gamma) / (SNR + 1), as diffusers' "
+           "train_text_to_image.py, instead of train_dreambooth.py's min(SNR, gamma) / SNR + 1")
     a("--save_single_file", action="store_true", help="also write the original single-file layout (fp16)")
     a("--rank", type=int, help="train a LoRA of this rank (diffusers' train_dreambooth_lora.py uses 4) instead "
                                "of the whole UNet; writes OUTPUT_DIR/pytorch_lora_weights.safetensors")
@@ -183,12 +193,100 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--learning_rate must be > 0; --lr_warmup_steps, --max_grad_norm, --prior_loss_weight >= 0")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         parser.error(f"--snr_gamma {args.snr_gamma}: must be > 0")
+    for name in ("snr_weight_prior", "snr_v_paper"):
+        if getattr(args, name) and args.snr_gamma is None:
+            parser.error(f"--{name}: needs --snr_gamma (the min-SNR weighting it changes)")
     if args.sampler not in SAMPLERS:
         parser.error(f"--sampler {args.sampler}: must be one of {', '.join(SAMPLERS)}")
     if args.plms and args.sampler not in ("ddim", "plms"):
         parser.error(f"--plms cannot be used with --sampler {args.sampler}: --plms means --sampler plms")
     if args.plms:
         args.sampler = "plms"   # recorded so in the run config
+
+
+@dataclass
+class Inputs:
+    """What `check_inputs` found and read, before any model is loaded."""
+    dist: Distributed
+    instance_images: list                 # (3, H, W) uint8 each
+    missing: list                         # indices of the class images still to generate
+    generation_precision: str             # "fp32", "bf16" or "fp16": the dtype they are generated in
+
+
+def check_inputs(args: argparse.Namespace) -> Inputs:
+    """Every input problem, reported before any model is loaded: the instance photos (each decoded),
+    --resolution against the model's configs, the output and class folders, and the dtype the missing
+    class images would be made in. A DataError or ValueError names the flag."""
+    args.pretrained_model_name_or_path, args.pretrained_config_dir = resolve_base(args)   # repo ids: the cache's
+    output_dir, class_dir = Path(args.output_dir), Path(args.class_data_dir or ".")
+    instance_files = image_files(args.instance_data_dir, flag="--instance_data_dir")
+    if not instance_files:
+        raise DataError(f"--instance_data_dir {args.instance_data_dir}: no images in this folder")
+    check_model_size(args)
+    check_output_dir(output_dir, resuming=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir)
+    check_writable(output_dir, "--output_dir")
+    missing = missing_class_indices(class_dir, args.num_class_images) if args.with_prior_preservation else []
+    if missing:
+        check_writable(class_dir, "--class_data_dir")
+    instance_images = [load_image(f, args.resolution, flag="--instance_data_dir") for f in instance_files]
+    dist = setup_distributed(args.device)
+    # class images in the dtype diffusers would use: --prior_generation_precision, else fp32 on a CPU, fp16 on a GPU
+    generation_precision = (args.prior_generation_precision if args.prior_generation_precision not in (None, "no")
+                            else "fp32" if dist.device.type == "cpu" else "fp16")
+    if missing:
+        flag = "--prior_generation_precision"
+        check_device_runs(DTYPES[generation_precision], dist.device, flag=flag)
+        if dist.is_main and (warning := slow_precision_warning(DTYPES[generation_precision], dist.device, flag=flag)):
+            print(warning, file=sys.stderr)
+    return Inputs(dist, instance_images, missing, generation_precision)
+
+
+def prepare_models(args: argparse.Namespace, inputs: Inputs):
+    """The base model on the device, with the --lora files fused in (read and checked first, as sample.py
+    does), for everything that follows: class images, training, and a resumed run alike; then the class
+    images it generates where --class_data_dir lacks them (one fixed seed per index), read back.
+    Returns (models, the memory layouts chosen, the parts the --lora files changed, the class images).
+    A DataError names the flag of what does not load."""
+    dist, missing, precision = inputs.dist, inputs.missing, MIXED_PRECISION[args.mixed_precision]
+    generation_dtype = DTYPES[inputs.generation_precision]
+    # With --rank the frozen base is kept in the training precision (diffusers' weight_dtype): it is read
+    # in that dtype straight from the file, with no fp32 copy on the way, unless it is needed in fp32
+    # first (--lora files are fused in fp32; fp32 class images still to make use the same copy), in
+    # which case trainable_parameters casts it after.
+    needs_fp32 = bool(args.lora) or (bool(missing) and generation_dtype == torch.float32)
+    weights_dtype = DTYPES[precision] if args.rank is not None and not needs_fp32 else torch.float32
+    load = dict(config_dir=args.pretrained_config_dir, resolution=args.resolution, device=dist.device,
+                variant=args.variant)
+    try:
+        models, layouts = load_models(args.pretrained_model_name_or_path, **load, precision=precision,
+                                      dtype=weights_dtype)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise DataError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: {e}") from None
+    lora_files, lora_changed = parse_lora_flags(args.lora or []), set()
+    if lora_files:
+        try:
+            lora_changed, skipped_keys = load_lora_files(models, lora_files, skip_unknown=args.lora_skip_unknown)
+        except (CheckpointError, OSError) as e:
+            raise DataError(f"--lora {e}") from None
+        for key in skipped_keys if dist.is_main else []:
+            print(f"--lora_skip_unknown: skipped {key}", file=sys.stderr)
+    class_dir = Path(args.class_data_dir or ".")
+    if missing:   # the base model itself, or a copy of it in --prior_generation_precision's dtype
+        generation_models = models if generation_dtype == weights_dtype else load_models(
+            args.pretrained_model_name_or_path, **load, precision=inputs.generation_precision,
+            dtype=generation_dtype)[0]
+        if generation_models is not models and lora_files:   # the same base: the files fused into the copy too
+            load_lora_files(generation_models, lora_files, skip_unknown=args.lora_skip_unknown)
+        generate_class_images(generation_models, class_dir, missing, prompt=args.class_prompt,
+                              resolution=args.resolution, seed=args.seed, batch_size=args.sample_batch_size,
+                              share=(dist.rank, dist.world_size), progress=dist.is_main,
+                              sampler=args.sampler, **CLASS_SAMPLING)
+        del generation_models
+    barrier(dist)
+    class_images = ([load_image(f, args.resolution, flag="--class_data_dir") for f in
+                     image_files(class_dir, flag="--class_data_dir")[:args.num_class_images]]
+                    if args.with_prior_preservation else [])
+    return models, layouts, lora_changed, class_images
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -201,132 +299,58 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
     check_args(args, parser)
-    output_dir, class_dir = Path(args.output_dir), Path(args.class_data_dir or ".")
-    precision = MIXED_PRECISION[args.mixed_precision]          # "fp32", "bf16" or "fp16"
+    output_dir, precision = Path(args.output_dir), MIXED_PRECISION[args.mixed_precision]
     prior = args.with_prior_preservation
-
-    # ---- every input problem is reported here, before any model is loaded ----------------------------
     try:
-        args.pretrained_model_name_or_path, args.pretrained_config_dir = resolve_base(args)   # repo ids: the cache's
-        instance_files = image_files(args.instance_data_dir, flag="--instance_data_dir")
-        if not instance_files:
-            raise DataError(f"--instance_data_dir {args.instance_data_dir}: no images in this folder")
-        check_model_size(args)
-        check_output_dir(output_dir, resuming=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir)
-        check_writable(output_dir, "--output_dir")
-        missing = missing_class_indices(class_dir, args.num_class_images) if prior else []
-        if missing:
-            check_writable(class_dir, "--class_data_dir")
-        instance_images = [load_image(f, args.resolution, flag="--instance_data_dir")   # (3, H, W) uint8 each
-                           for f in instance_files]
-        dist = setup_distributed(args.device)
-        # class images in the dtype diffusers would use: --prior_generation_precision, else fp32 on a CPU, fp16 on a GPU
-        generation_precision = (args.prior_generation_precision if args.prior_generation_precision not in (None, "no")
-                                else "fp32" if dist.device.type == "cpu" else "fp16")
-        generation_dtype = DTYPES[generation_precision]
-        if missing:
-            check_device_runs(generation_dtype, dist.device, flag="--prior_generation_precision")
-            if dist.is_main and (warning := slow_precision_warning(generation_dtype, dist.device,
-                                                                   flag="--prior_generation_precision")):
-                print(warning, file=sys.stderr)
+        inputs = check_inputs(args)          # every input problem is reported here, before any model is loaded
     except (DataError, ValueError) as e:
         return fail(str(e))
-    if dist.is_main:   # a crash mid-write leaves temporaries (GBs at SD scale): ours are found by name
-        for stale in remove_stale_temporaries(output_dir) + remove_stale_temporaries(class_dir):
-            print(f"removed {stale}, a temporary file left by an interrupted write", file=sys.stderr)
-
-    # ---- the base model, and the class images it generates (one fixed seed per index) -----------------
+    dist = inputs.dist
+    report_stale_temporaries(dist, output_dir, Path(args.class_data_dir or "."))
     seed_everything(args.seed)
-    # With --rank the frozen base is kept in the training precision (diffusers' weight_dtype): it is read
-    # in that dtype straight from the file, with no fp32 copy on the way, unless it is needed in fp32
-    # first (--lora files are fused in fp32; fp32 class images still to make use the same copy), in
-    # which case trainable_parameters casts it after.
-    needs_fp32 = bool(args.lora) or (bool(missing) and generation_dtype == torch.float32)
-    weights_dtype = DTYPES[precision] if args.rank is not None and not needs_fp32 else torch.float32
     try:
-        models, layouts = load_models(args.pretrained_model_name_or_path, config_dir=args.pretrained_config_dir,
-                                      resolution=args.resolution, device=dist.device, precision=precision,
-                                      dtype=weights_dtype, variant=args.variant)
-    except (CheckpointError, OSError, ValueError) as e:
-        return fail(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: {e}", dist)
-    # --lora: the base is the model with these LoRA files fused in (read and checked first, as sample.py),
-    # for everything that follows: class images, training, and a resumed run alike.
-    lora_files, lora_changed = parse_lora_flags(args.lora or []), set()
-    if lora_files:
-        try:
-            lora_changed, skipped_keys = load_lora_files(models, lora_files, skip_unknown=args.lora_skip_unknown)
-        except (CheckpointError, OSError) as e:
-            return fail(f"--lora {e}", dist)
-        for key in skipped_keys if dist.is_main else []:
-            print(f"--lora_skip_unknown: skipped {key}", file=sys.stderr)
-    unet, vae, text_encoder, tokenizer = models.unet, models.vae, models.text_encoder, models.tokenizer
+        models, layouts, lora_changed, class_images = prepare_models(args, inputs)
+    except DataError as e:
+        return fail(str(e), dist)
     schedule = NoiseSchedule(config=ScheduleConfig.from_dict(models.scheduler_config))
-    if missing:   # the base model itself, or a copy of it in --prior_generation_precision's dtype
-        generation_models = models if generation_dtype == weights_dtype else load_models(
-            args.pretrained_model_name_or_path, config_dir=args.pretrained_config_dir, resolution=args.resolution,
-            device=dist.device, precision=generation_precision, dtype=generation_dtype, variant=args.variant)[0]
-        if generation_models is not models and lora_files:   # the same base: the files fused into the copy too
-            load_lora_files(generation_models, lora_files, skip_unknown=args.lora_skip_unknown)
-        generate_class_images(generation_models, class_dir, missing, prompt=args.class_prompt,
-                              resolution=args.resolution, seed=args.seed, batch_size=args.sample_batch_size,
-                              share=(dist.rank, dist.world_size), progress=dist.is_main,
-                              sampler=args.sampler, **CLASS_SAMPLING)
-        del generation_models
-    barrier(dist)
-    class_images = ([load_image(f, args.resolution, flag="--class_data_dir") for f in
-                     image_files(class_dir, flag="--class_data_dir")[:args.num_class_images]] if prior else [])
 
-    # ---- what is trained, the schedule of steps, the optimizer ------------------------------------------
+    # ---- what is trained, the optimizer, the schedule of steps, resume ----------------------------------
     params = trainable_parameters(models, train_text_encoder=args.train_text_encoder,
                                   gradient_checkpointing=args.gradient_checkpointing, rank=args.rank,
                                   precision=precision)
     B, accumulation = args.train_batch_size, args.gradient_accumulation_steps
     global_batch = B * accumulation * dist.world_size
     # As diffusers: an epoch pairs instance i % n_inst with class image i % n_class, for max(n_inst, n_class) i.
-    epoch_length = max(len(instance_images), len(class_images))
-    steps_per_epoch = epoch_length // global_batch
-    if steps_per_epoch == 0:
-        return fail(f"{epoch_length} training examples are fewer than one global batch of {global_batch} "
-                    "(--train_batch_size x --gradient_accumulation_steps x processes)", dist)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    epoch_length = max(len(inputs.instance_images), len(class_images))
     peak_lr = args.learning_rate * (global_batch if args.scale_lr else 1)   # --scale_lr: x the global batch
     optimizer = adamw(params, lr=peak_lr, betas=(args.adam_beta1, args.adam_beta2),
                       weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     scaler = grad_scaler(dist.device, precision)
-
-    # ---- resume: weights, optimizer, scaler, step and RNG state (the data stream follows from the step) ---
     run_settings = {**vars(args), "world_size": dist.world_size}
-    step, skipped = 0, 0               # skipped: optimizer steps whose loss was not finite (--skip_nonfinite_steps)
     checkpoints = Checkpoints(output_dir, total_limit=args.checkpoints_total_limit)
-    try:
-        resumed = checkpoints.resume(args.resume_from_checkpoint)
-        if resumed is not None:
-            for line in check_resume_config(resumed[1]["run_settings"], run_settings, RUN_SHAPING,
-                                            checkpoint=resumed[0], allow_change=args.allow_config_change):
-                print(f"warning: changed since the checkpoint:{line}", file=sys.stderr)
-    except (FileNotFoundError, ValueError) as e:
+    saved = dict(train_text_encoder=args.train_text_encoder, lora_only=args.rank is not None)
+    try:   # at least one global batch; resume weights, optimizer, scaler, step, RNG (the data follow the step)
+        steps_per_epoch, max_steps = count_steps(epoch_length, global_batch=global_batch, what="training examples",
+                                                 max_train_steps=args.max_train_steps,
+                                                 num_train_epochs=args.num_train_epochs)
+        step, skipped = resume(checkpoints, args.resume_from_checkpoint, run_settings=run_settings,
+                               run_shaping=RUN_SHAPING, allow_change=args.allow_config_change,
+                               restore=partial(restore_training_state, models=models, optimizer=optimizer,
+                                               scaler=scaler, **saved)) or (0, 0)
+    except ValueError as e:
         return fail(str(e), dist)
-    if args.resume_from_checkpoint and resumed is None:
-        print(f"no checkpoint in {output_dir}; starting from scratch", file=sys.stderr)
-    if resumed is not None:
-        path, state = resumed
-        try:
-            step = restore_training_state(state, models, optimizer, scaler, train_text_encoder=args.train_text_encoder,
-                                          lora_only=args.rank is not None)
-        except (CheckpointError, KeyError, RuntimeError, ValueError) as e:
-            return fail(f"--resume_from_checkpoint {path}: does not fit this run ({e})", dist)
-        skipped = state.get("skipped_nonfinite_steps", 0)
-        set_rng_state(state["rng"])
-        print(f"resumed from {path} at step {step}", file=sys.stderr)
 
     # DDP averages the gradients over processes in backward.
-    unet_ddp = DDP(unet) if dist.enabled else unet
-    text_encoder_ddp = DDP(text_encoder) if dist.enabled and args.train_text_encoder else text_encoder
+    unet_ddp = DDP(models.unet) if dist.enabled else models.unet
+    text_encoder_ddp = DDP(models.text_encoder) if dist.enabled and args.train_text_encoder else models.text_encoder
     log = MetricsLog(output_dir, enabled=dist.is_main, report_to=args.report_to, start_step=step)
     info = (start_run_record(output_dir, args, parser, device=str(dist.device), world_size=dist.world_size,
                              dtype=precision, argv=argv, memory_format=layouts) if dist.is_main else None)
-
-    latent_cache = LatentCache(vae, precision) if args.cache_latents else None
+    ending = dict(dist=dist, log=log, output_dir=output_dir, info=info)     # what fail_run and stopped_run record
+    latent_cache = LatentCache(models.vae, precision) if args.cache_latents else None
+    prompts = [args.instance_prompt] * B + ([args.class_prompt] * B if prior else [])
+    weighting = dict(schedule=schedule, snr_gamma=args.snr_gamma, snr_v_paper=args.snr_v_paper)   # --snr_gamma
+    prior_weighting = weighting if args.snr_weight_prior else {}   # as diffusers: the class images' plain MSE
 
     # ---- the loop ---------------------------------------------------------------------------------------
     bar = tqdm(total=max_steps, initial=step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
@@ -336,72 +360,56 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             epoch, s = divmod(step, steps_per_epoch)
             order = torch.randperm(epoch_length, generator=torch.Generator().manual_seed(args.seed + epoch))
-            sums = torch.zeros(2, device=dist.device)                     # instance loss, prior loss
+            sums = torch.zeros(2 + prior, device=dist.device)          # loss, instance loss (, prior loss)
             for micro in range(accumulation):
                 # This process's share of the global batch: B examples at these positions of the epoch.
                 first = s * global_batch + (micro * dist.world_size + dist.rank) * B
                 batch = make_batch(range(first, first + B), order=order, epoch=epoch, seed=args.seed,
-                                   instance_images=instance_images, class_images=class_images,
+                                   instance_images=inputs.instance_images, class_images=class_images,
                                    resolution=args.resolution, center_crop=args.center_crop)
                 batch.pixels = batch.pixels.to(dist.device)               # (N, 3, r, r), N = B or 2B
                 # Gradients are all-reduced over processes on the last micro-batch only.
                 with gradient_sync([unet_ddp, text_encoder_ddp], sync=micro == accumulation - 1):
-                    states = torch.cat([text_states(text_encoder_ddp, tokenizer, [prompt] * B, precision=precision,
-                                                    trained=args.train_text_encoder)
-                                        for prompt in [args.instance_prompt] + ([args.class_prompt] if prior else [])])
-                    pred, target, t = denoising_prediction(unet_ddp, vae, schedule, batch, states,
+                    with torch.set_grad_enabled(args.train_text_encoder), autocast(precision, dist.device):
+                        states = encode_prompts(text_encoder_ddp, models.tokenizer, prompts, dist.device)
+                    pred, target, t = denoising_prediction(unet_ddp, models.vae, schedule, batch, states,
                                                            precision=precision, offset_noise=args.offset_noise,
                                                            latent_cache=latent_cache)
-                    per_image = denoising_loss(pred, target, t, schedule=schedule, snr_gamma=args.snr_gamma)
-                    instance_loss, prior_loss = per_image.chunk(2) if prior else (per_image, per_image[:0])
+                    instance_loss = denoising_loss(pred[:B], target[:B], t[:B], **weighting)
+                    prior_loss = denoising_loss(pred[B:], target[B:], t[B:], **prior_weighting) if prior else 0.0
                     # DreamBooth eq. 2: the instance loss plus lambda times the loss on the class images.
-                    loss = instance_loss.mean() + (args.prior_loss_weight * prior_loss.mean() if prior else 0.0)
+                    loss = instance_loss + args.prior_loss_weight * prior_loss
                     scaler.scale(loss / accumulation).backward()
-                sums += torch.stack([instance_loss.mean().detach(),
-                                     prior_loss.mean().detach() if prior else torch.zeros((), device=dist.device)])
+                sums += torch.stack([loss, instance_loss, prior_loss][:2 + prior]).detach()
 
-            means = all_reduce_sum(sums, dist).cpu() / (dist.world_size * accumulation)
             lr = learning_rate(step, total=max_steps, peak=peak_lr, schedule=args.lr_scheduler,
                                warmup=args.lr_warmup_steps)
-            if not torch.isfinite(means).all():      # the same verdict on every process (all-reduced)
-                if not args.skip_nonfinite_steps:
-                    return fail_run(nonfinite_loss_message(step + 1, means.tolist()), reason="non-finite loss",
-                                    dist=dist, log=log, output_dir=output_dir, info=info, step=step)
-                optimizer.zero_grad(set_to_none=True)
-                skipped, grad_norm = skipped + 1, torch.tensor(float("nan"))
-            else:
-                grad_norm = optimizer_step(optimizer, scaler, params, lr=lr, max_grad_norm=args.max_grad_norm)
-            step += 1
-
-            finite = torch.isfinite(means).all()
-            record = {"step": step, "epoch": epoch,
-                      "loss": (means[0] + args.prior_loss_weight * means[1]).item() if finite else None,
-                      "instance_loss": means[0].item() if finite else None, "lr": lr,
-                      "grad_norm": grad_norm.item() if finite else None, "skipped_nonfinite_steps": skipped,
-                      "step_time_s": time.perf_counter() - t0, "peak_memory_mb": peak_memory_mb(dist.device)}
-            if prior:
-                record["prior_loss"] = means[1].item() if finite else None
-            log.log(record)
+            try:   # the optimizer step, or a non-finite loss's verdict; the same on every process
+                record = finish_step(sums, names=LOSS_NAMES, micro_batches=accumulation, step=step, skipped=skipped,
+                                     lr=lr, dist=dist, optimizer=optimizer, scaler=scaler, params=params,
+                                     max_grad_norm=args.max_grad_norm, skip_nonfinite=args.skip_nonfinite_steps)
+            except NonFiniteLoss as e:
+                return fail_run(str(e), reason="non-finite loss", **ending, step=step)
+            step, skipped = record["step"], record["skipped_nonfinite_steps"]
+            log.log({**record, "epoch": epoch, "step_time_s": time.perf_counter() - t0,
+                     "peak_memory_mb": peak_memory_mb(dist.device)})
             bar.update(1)
-            bar.set_postfix(loss=f"{means[0].item():.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=record["loss"], lr=f"{lr:.2e}")
 
             if stop_requested(stop, dist):
                 stopped_by = stop.signum or 15
             if step % args.checkpointing_steps == 0 or (stopped_by and step < max_steps):
                 state = training_state(models, optimizer, scaler, step=step, rng=rng_state(),
-                                       run_settings=run_settings, train_text_encoder=args.train_text_encoder,
-                                       lora_only=args.rank is not None)
+                                       run_settings=run_settings, **saved)
                 error = save_training_state(dist, checkpoints, step, {**state, "skipped_nonfinite_steps": skipped})
                 if error is not None:   # a full disk, say: the previous checkpoint is intact
-                    return fail_run(error, reason=error, dist=dist, log=log, output_dir=output_dir, info=info,
-                                    step=step)
+                    return fail_run(error, reason=error, **ending, step=step)
             if step % args.validation_steps == 0:
                 validate(dist, models, args, output_dir, step)
     bar.close()
 
     if stopped_by and step < max_steps:
-        return stopped_run(stopped_by, dist=dist, log=log, output_dir=output_dir, info=info, step=step)
-
+        return stopped_run(stopped_by, **ending, step=step)
     if dist.is_main:
         export(models, args, output_dir, changed=lora_changed)
         finish_run_record(output_dir, info, step=step)

@@ -15,25 +15,24 @@ and `run_info.json`.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from common.files import check_writable
 from common.precision import MIXED_PRECISION, autocast
-from common.run_config import (check_resume_config, finish_run_record, finite_float, parse_args_with_config,
-                               start_run_record)
+from common.run_config import finish_run_record, finite_float, parse_args_with_config, start_run_record
 from common.state_dict import CheckpointError
-from common.files import check_writable, remove_stale_temporaries
-from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, MetricsLog, StopOnSignal, adamw, all_reduce_sum,
-                             check_output_dir, fail, fail_run, grad_scaler, gradient_sync, learning_rate,
-                             nonfinite_loss_message, optimizer_step, rng_state, save_training_state, stopped_run,
-                             seed_everything, set_rng_state, setup_distributed, stop_requested,
+from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, Distributed, MetricsLog, NonFiniteLoss,
+                             StopOnSignal, adamw, check_output_dir, count_steps, fail, fail_run, finish_step,
+                             grad_scaler, gradient_sync, learning_rate, report_stale_temporaries, resume, rng_state,
+                             save_training_state, seed_everything, setup_distributed, stop_requested, stopped_run,
                              teardown_distributed)
 from vit.emotion_data import DataError
 from vit.emotion_eval import evaluate, write_report
@@ -46,7 +45,8 @@ from vit.weights import save_pretrained
 RUN_SHAPING = ("data_dir", "pretrained_model_name_or_path", "preset", "image_size", "num_synthetic_train",
                "validation_split", "train_batch_size", "gradient_accumulation_steps", "world_size",
                "learning_rate", "lr_scheduler", "lr_warmup_steps", "num_train_epochs", "max_train_steps",
-               "weight_decay", "max_grad_norm", "seed", "mixed_precision", "class_weighting", "augmentation")
+               "weight_decay", "no_weight_decay_embeddings", "max_grad_norm", "seed", "mixed_precision",
+               "class_weighting", "augmentation")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr_warmup_steps", type=int, default=100, help="steps of linear warmup from 0 to --learning_rate")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     a("--max_grad_norm", type=finite_float, default=1.0, help="clip the global gradient norm to this (0: no clipping)")
-    a("--weight_decay", type=finite_float, default=0.05, help="AdamW decoupled weight decay on weight matrices")
+    a("--weight_decay", type=finite_float, default=0.05,
+      help="AdamW decoupled weight decay, on all but biases and LayerNorm gains (as transformers' Trainer)")
+    a("--no_weight_decay_embeddings", action="store_true",
+      help="leave the [CLS] token and position embeddings out of weight decay too, as timm's ViT")
     a("--mixed_precision", default="no", choices=list(MIXED_PRECISION), help="autocast dtype for the forward pass")
     a("--report_to", default="jsonl", choices=REPORT_TO,
       help="metrics.jsonl is always written; 'tensorboard' adds event files (needs the tensorboard package)")
@@ -115,11 +118,51 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--validation_split {args.validation_split}: must be in [0, 1)")
 
 
+def model_and_data(args: argparse.Namespace, dist: Distributed):
+    """The model on the device (a checkpoint, or a new ViT of --preset) and the training and held-out
+    sets; every data problem is reported here, before training starts (a DataError or ValueError)."""
+    labels = list(EMOTION_LABELS)
+    model, preprocess_config = build_model(args.pretrained_model_name_or_path, labels=labels, preset=args.preset,
+                                           image_size=args.image_size)
+    train_set, eval_set = build_datasets(args.data_dir, labels, preprocess_config=preprocess_config,
+                                         validation_split=args.validation_split,
+                                         num_synthetic_train=args.num_synthetic_train,
+                                         num_synthetic_eval=args.num_synthetic_eval, seed=args.seed,
+                                         augment=args.augmentation == "on")
+    if len(train_set) == 0 and not args.eval_only:
+        raise DataError(f"--data_dir {args.data_dir}: no training images")
+    if len(eval_set) == 0 and args.eval_only:
+        raise DataError("no held-out images (give test/ or --validation_split)")
+    return model.to(dist.device), preprocess_config, train_set, eval_set
+
+
+def evaluate_and_export(model, preprocess_config, eval_set, args: argparse.Namespace, dist: Distributed, *,
+                        log: MetricsLog | None = None, info: dict | None = None, step: int | None = None) -> None:
+    """The held-out report (evaluation.json, the confusion matrix) into --output_dir; after training
+    (`step` given) also the model, its metrics line and the finished run record."""
+    output_dir = Path(args.output_dir)
+    r = (evaluate(model, eval_set, batch_size=args.eval_batch_size, num_workers=args.dataloader_num_workers,
+                  precision=MIXED_PRECISION[args.mixed_precision], dist=dist) if len(eval_set) else None)
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if step is not None:
+            save_pretrained(model, preprocess_config, output_dir)
+        if r is not None:
+            write_report(r, output_dir)
+        if step is not None:
+            if r is not None:
+                log.log({"step": step, "eval_accuracy": r["accuracy"], "eval_macro_f1": r["macro_f1"]})
+            finish_run_record(output_dir, info, step=step, eval_accuracy=r["accuracy"] if r else None)
+            print(f"model written to {output_dir} (use: python predict_emotion.py --model {output_dir} IMAGES)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args_with_config(parser, argv)
     check_args(args, parser)
-    output_dir = Path(args.output_dir)
+    output_dir, precision = Path(args.output_dir), MIXED_PRECISION[args.mixed_precision]   # "fp32", "bf16", "fp16"
+    if args.eval_only and not args.pretrained_model_name_or_path:
+        args.pretrained_model_name_or_path = str(output_dir)
     try:
         if not args.eval_only:
             check_output_dir(output_dir, resuming=bool(args.resume_from_checkpoint),
@@ -129,80 +172,43 @@ def main(argv: list[str] | None = None) -> int:
             check_writable(output_dir, "--output_dir")
     except ValueError as e:
         return fail(str(e))
-    if dist.is_main:   # a crash mid-write leaves temporaries: ours are found by name
-        for stale in remove_stale_temporaries(output_dir):
-            print(f"removed {stale}, a temporary file left by an interrupted write", file=sys.stderr)
-    precision = MIXED_PRECISION[args.mixed_precision]          # "fp32", "bf16" or "fp16"
-    labels = list(EMOTION_LABELS)
+    report_stale_temporaries(dist, output_dir)
     seed_everything(args.seed)
-
-    # ---- model and data (every data problem is reported here, before training starts) --------------
-    if args.eval_only and not args.pretrained_model_name_or_path:
-        args.pretrained_model_name_or_path = str(output_dir)
     try:
-        model, preprocess_config = build_model(args.pretrained_model_name_or_path, labels=labels,
-                                               preset=args.preset, image_size=args.image_size)
-        train_set, eval_set = build_datasets(args.data_dir, labels, preprocess_config=preprocess_config,
-                                             validation_split=args.validation_split,
-                                             num_synthetic_train=args.num_synthetic_train,
-                                             num_synthetic_eval=args.num_synthetic_eval, seed=args.seed,
-                                             augment=args.augmentation == "on")
-        if len(train_set) == 0 and not args.eval_only:
-            raise DataError(f"--data_dir {args.data_dir}: no training images")
+        model, preprocess_config, train_set, eval_set = model_and_data(args, dist)
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as e:
         return fail(str(e), dist)
-    model.to(dist.device)
     if args.eval_only:
-        if len(eval_set) == 0:
-            return fail("no held-out images (give test/ or --validation_split)", dist)
-        r = evaluate(model, eval_set, batch_size=args.eval_batch_size, num_workers=args.dataloader_num_workers,
-                     precision=precision, dist=dist)
-        if dist.is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            write_report(r, output_dir)
+        evaluate_and_export(model, preprocess_config, eval_set, args, dist)
         teardown_distributed(dist)
         return 0
 
-    # ---- the loss's class weights, the schedule of steps, the optimizer -----------------------------------
-    loss_weights = class_weights(train_set, len(labels), args.class_weighting).to(dist.device)  # (num_labels,)
+    # ---- the loss's class weights, the optimizer, the schedule of steps, resume ----------------------------
+    loss_weights = class_weights(train_set, len(EMOTION_LABELS), args.class_weighting).to(dist.device)  # (labels,)
     accumulation = args.gradient_accumulation_steps
     global_batch = args.train_batch_size * accumulation * dist.world_size
-    steps_per_epoch = len(train_set) // global_batch
-    if steps_per_epoch == 0:
-        return fail(f"{len(train_set)} training images are fewer than one global batch of {global_batch} "
-                    "(--train_batch_size x --gradient_accumulation_steps x processes)", dist)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    micro_per_epoch = steps_per_epoch * accumulation
-    optimizer = adamw(parameter_groups(model, weight_decay=args.weight_decay), lr=args.learning_rate)
+    optimizer = adamw(parameter_groups(model, weight_decay=args.weight_decay,
+                                       decay_embeddings=not args.no_weight_decay_embeddings), lr=args.learning_rate)
     scaler = grad_scaler(dist.device, precision)
-
-    # ---- resume: model, optimizer, scaler, step, data position and every RNG state -----------------
     run_settings = {**vars(args), "world_size": dist.world_size}
-    step, epoch, position = 0, 0, 0       # position: micro-batches of `epoch` already consumed
-    skipped = 0                           # optimizer steps whose loss was not finite (--skip_nonfinite_steps)
     checkpoints = Checkpoints(output_dir, total_limit=args.checkpoints_total_limit)
-    try:
-        resume_path, state = checkpoints.resume(args.resume_from_checkpoint) or (None, None)
-    except (FileNotFoundError, ValueError) as e:
+    try:   # too few images for one global batch; resume: model, optimizer, scaler, step, data position, RNG
+        steps_per_epoch, max_steps = count_steps(len(train_set), global_batch=global_batch, what="training images",
+                                                 max_train_steps=args.max_train_steps,
+                                                 num_train_epochs=args.num_train_epochs)
+        (step, epoch, position), skipped = resume(   # position: micro-batches of `epoch` already consumed
+            checkpoints, args.resume_from_checkpoint, run_settings=run_settings, run_shaping=RUN_SHAPING,
+            allow_change=args.allow_config_change,
+            restore=partial(restore_training_state, model=model, optimizer=optimizer, scaler=scaler)) or ((0, 0, 0), 0)
+    except ValueError as e:
         return fail(str(e), dist)
-    if args.resume_from_checkpoint and resume_path is None:
-        print(f"no checkpoint in {output_dir}; starting from scratch", file=sys.stderr)
-    if state is not None:
-        try:
-            for line in check_resume_config(state["run_settings"], run_settings, RUN_SHAPING,
-                                            checkpoint=resume_path, allow_change=args.allow_config_change):
-                print(f"warning: changed since the checkpoint:{line}", file=sys.stderr)
-        except ValueError as e:
-            return fail(str(e), dist)
-        step, epoch, position = restore_training_state(state, model, optimizer, scaler)
-        skipped = state.get("skipped_nonfinite_steps", 0)
-        set_rng_state(state["rng"])
-        print(f"resumed from {resume_path} at step {step}", file=sys.stderr)
+    micro_per_epoch = steps_per_epoch * accumulation
 
     ddp_model = DDP(model) if dist.enabled else model   # averages gradients over processes in backward
     log = MetricsLog(output_dir, enabled=dist.is_main, report_to=args.report_to, start_step=step)
     info = (start_run_record(output_dir, args, parser, device=str(dist.device), world_size=dist.world_size,
                              dtype=precision, argv=argv) if dist.is_main else None)
+    ending = dict(dist=dist, log=log, output_dir=output_dir, info=info)     # what fail_run and stopped_run record
 
     # ---- the loop -------------------------------------------------------------------------------------
     model.train()
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             loader = epoch_batches(train_set, epoch=epoch, position=position, micro_batches=micro_per_epoch,
                                    batch_size=args.train_batch_size, seed=args.seed, rank=dist.rank,
                                    world_size=dist.world_size, num_workers=args.dataloader_num_workers)
-            t0, loss_sum = time.perf_counter(), torch.zeros((), device=dist.device)
+            t0, loss_sum = time.perf_counter(), torch.zeros(1, device=dist.device)
             for pixels, targets in loader:
                 pixels, targets = pixels.to(dist.device), targets.to(dist.device)   # (B, 3, H, W), (B,)
                 position += 1
@@ -222,33 +228,26 @@ def main(argv: list[str] | None = None) -> int:
                 with gradient_sync([ddp_model], sync=last_micro):
                     with autocast(precision, dist.device):
                         logits = ddp_model(pixels)                                   # (B, num_labels)
-                    loss = weighted_cross_entropy(logits, targets, loss_weights) / accumulation   # global mean
-                    scaler.scale(loss).backward()
+                    loss = weighted_cross_entropy(logits, targets, loss_weights)    # this micro-batch's mean
+                    scaler.scale(loss / accumulation).backward()                   # the global batch's mean
                 loss_sum += loss.detach()
                 if not last_micro:
                     continue
 
-                loss_value = all_reduce_sum(loss_sum, dist).item() / dist.world_size   # same on every process
                 lr = learning_rate(step, total=max_steps, peak=args.learning_rate, schedule=args.lr_scheduler,
                                    warmup=args.lr_warmup_steps)
-                finite = math.isfinite(loss_value)
-                if finite:
-                    grad_norm = optimizer_step(optimizer, scaler, list(model.parameters()), lr=lr,
-                                               max_grad_norm=args.max_grad_norm).item()
-                elif args.skip_nonfinite_steps:
-                    optimizer.zero_grad(set_to_none=True)
-                    skipped, grad_norm = skipped + 1, None
-                else:
-                    return fail_run(nonfinite_loss_message(step + 1, loss_value), reason="non-finite loss",
-                                    dist=dist, log=log, output_dir=output_dir, info=info, step=step)
-                step += 1
-
-                log.log({"step": step, "epoch": epoch, "loss": loss_value if finite else None, "lr": lr,
-                         "grad_norm": grad_norm, "skipped_nonfinite_steps": skipped,
-                         "samples_per_s": global_batch / (time.perf_counter() - t0)})
+                try:
+                    record = finish_step(loss_sum, names=("loss",), micro_batches=accumulation, step=step,
+                                         skipped=skipped, lr=lr, dist=dist, optimizer=optimizer, scaler=scaler,
+                                         params=list(model.parameters()), max_grad_norm=args.max_grad_norm,
+                                         skip_nonfinite=args.skip_nonfinite_steps)
+                except NonFiniteLoss as e:
+                    return fail_run(str(e), reason="non-finite loss", **ending, step=step)
+                step, skipped = record["step"], record["skipped_nonfinite_steps"]
+                log.log({**record, "epoch": epoch, "samples_per_s": global_batch / (time.perf_counter() - t0)})
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-                t0, loss_sum = time.perf_counter(), torch.zeros((), device=dist.device)
+                bar.set_postfix(loss=record["loss"], lr=f"{lr:.2e}")
+                t0, loss_sum = time.perf_counter(), torch.zeros(1, device=dist.device)
 
                 if position == micro_per_epoch:             # the epoch is done: the next one starts at 0
                     epoch, position = epoch + 1, 0
@@ -259,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                                            rng=rng_state(), run_settings=run_settings)
                     error = save_training_state(dist, checkpoints, step, {**state, "skipped_nonfinite_steps": skipped})
                     if error is not None:   # a full disk, say: the previous checkpoint is intact
-                        return fail_run(error, reason=error, dist=dist, log=log, output_dir=output_dir, info=info,
-                                        step=step)
+                        return fail_run(error, reason=error, **ending, step=step)
                 if step >= max_steps or stopped_by:
                     break
             else:
@@ -269,18 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
 
     if stopped_by and step < max_steps:
-        return stopped_run(stopped_by, dist=dist, log=log, output_dir=output_dir, info=info, step=step)
-
-    # ---- evaluate and export --------------------------------------------------------------------------
-    r = (evaluate(model, eval_set, batch_size=args.eval_batch_size, num_workers=args.dataloader_num_workers,
-                  precision=precision, dist=dist) if len(eval_set) else None)
-    if dist.is_main:
-        save_pretrained(model, preprocess_config, output_dir)
-        if r is not None:
-            write_report(r, output_dir)
-            log.log({"step": step, "eval_accuracy": r["accuracy"], "eval_macro_f1": r["macro_f1"]})
-        finish_run_record(output_dir, info, step=step, eval_accuracy=r["accuracy"] if r else None)
-        print(f"model written to {output_dir} (use: python predict_emotion.py --model {output_dir} IMAGES)")
+        return stopped_run(stopped_by, **ending, step=step)
+    evaluate_and_export(model, preprocess_config, eval_set, args, dist, log=log, info=info, step=step)
     log.close()
     teardown_distributed(dist)
     return 0

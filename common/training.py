@@ -28,8 +28,8 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common.files import atomic_write
-from common.run_config import finish_run_record
+from common.files import atomic_write, remove_stale_temporaries
+from common.run_config import check_resume_config, finish_run_record
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)\.pt")
 
@@ -58,6 +58,18 @@ def learning_rate(step: int, *, total: int, peak: float, schedule: str, warmup: 
     return peak
 
 
+def count_steps(examples: int, *, global_batch: int, max_train_steps: int | None, num_train_epochs: int,
+                what: str) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps in all): an epoch is as many whole global batches
+    (--train_batch_size x --gradient_accumulation_steps x processes) as `examples` holds; the run lasts
+    --max_train_steps, or else --num_train_epochs epochs. A ValueError when not one global batch fits."""
+    steps_per_epoch = examples // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{examples} {what} are fewer than one global batch of {global_batch} "
+                         "(--train_batch_size x --gradient_accumulation_steps x processes)")
+    return steps_per_epoch, max_train_steps or num_train_epochs * steps_per_epoch
+
+
 # ---- the optimizer ---------------------------------------------------------------------------------
 def adamw(params, **hyperparameters) -> torch.optim.AdamW:
     """torch's AdamW (Loshchilov & Hutter 2019), in its fused form wherever torch has one (floating-point
@@ -82,6 +94,35 @@ def optimizer_step(optimizer, scaler, params: list, *, lr: float, max_grad_norm:
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+class NonFiniteLoss(Exception):
+    """A step's loss is NaN or infinite and the run does not skip such steps; the message is the user's."""
+
+
+def finish_step(loss_sums: torch.Tensor, *, names: tuple[str, ...], micro_batches: int, step: int, skipped: int,
+                lr: float, dist: "Distributed", optimizer, scaler, params: list, max_grad_norm: float,
+                skip_nonfinite: bool) -> dict:
+    """The end of optimizer step `step` (0-based), with the same verdict on every process: this
+    process's sums over its micro-batches of the loss and its parts ((K,), named by the first K `names`)
+    are averaged over processes and micro-batches; when every mean is finite, `optimizer_step` at `lr`.
+    When one is not, NonFiniteLoss (the run stops), or with `skip_nonfinite` (--skip_nonfinite_steps)
+    the gradients are dropped and the step counts as skipped.
+
+    Returns the step's metrics record but for what only its script knows: "step" (the steps now done),
+    each name's mean (None for a skipped step: metrics.jsonl is strict JSON), "lr", "grad_norm" (before
+    clipping; None for a skipped step) and "skipped_nonfinite_steps" (the count so far, from `skipped`)."""
+    means = all_reduce_sum(loss_sums, dist).cpu() / (dist.world_size * micro_batches)   # (K,)
+    if bool(torch.isfinite(means).all()):
+        losses = means.tolist()
+        grad_norm = optimizer_step(optimizer, scaler, params, lr=lr, max_grad_norm=max_grad_norm).item()
+    elif skip_nonfinite:
+        optimizer.zero_grad(set_to_none=True)
+        losses, grad_norm, skipped = [None] * len(means), None, skipped + 1
+    else:
+        raise NonFiniteLoss(nonfinite_loss_message(step + 1, means.tolist()))
+    return {"step": step + 1, **dict(zip(names, losses)), "lr": lr, "grad_norm": grad_norm,
+            "skipped_nonfinite_steps": skipped}
 
 
 # ---- mixed precision -------------------------------------------------------------------------------
@@ -280,6 +321,37 @@ class Checkpoints:
         return path, state
 
 
+def resume(checkpoints: Checkpoints, value: str | None, *, restore, run_settings: dict, run_shaping: tuple,
+           allow_change: bool) -> tuple[object, int] | None:
+    """--resume_from_checkpoint `value`: the checkpoint `Checkpoints.resume` finds, its run-shaping
+    settings compared with this run's (`check_resume_config`: named, and refused unless `allow_change`),
+    its state loaded back by `restore(state)` (the script's restore_training_state), then every RNG state.
+
+    Returns (what `restore` returned, the steps skipped so far for a non-finite loss), or None to start
+    from scratch (no `value`, or "latest" in a folder with no checkpoint yet). A ValueError carries the
+    line for the user: no such file, no checkpoint that reads, settings changed, or a state that does
+    not fit this run's models."""
+    try:
+        found = checkpoints.resume(value)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    if found is None:
+        if value:
+            print(f"no checkpoint in {checkpoints.folder}; starting from scratch", file=sys.stderr)
+        return None
+    path, state = found
+    for line in check_resume_config(state["run_settings"], run_settings, run_shaping, checkpoint=path,
+                                    allow_change=allow_change):
+        print(f"warning: changed since the checkpoint:{line}", file=sys.stderr)
+    try:
+        restored = restore(state)
+    except (KeyError, RuntimeError, ValueError) as e:   # a CheckpointError is a ValueError
+        raise ValueError(f"--resume_from_checkpoint {path}: does not fit this run ({e})") from None
+    set_rng_state(state["rng"])
+    print(f"resumed from {path} at step {state['step']}", file=sys.stderr)
+    return restored, state.get("skipped_nonfinite_steps", 0)
+
+
 def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -300,6 +372,15 @@ def save_training_state(dist: Distributed, checkpoints: Checkpoints, step: int, 
             error = e.strerror or str(e)
     failed = all_reduce_sum(torch.tensor([1.0 if error else 0.0]), dist).item() > 0
     return (error or "the main process could not write its checkpoint") if failed else None
+
+
+def report_stale_temporaries(dist: Distributed, *folders: str | Path) -> None:
+    """Remove (on the main process) and name the temporary files that a crash mid-write left in
+    `folders` (GBs at SD scale); ours are found by name (common/files.py)."""
+    if dist.is_main:
+        for folder in folders:
+            for stale in remove_stale_temporaries(folder):
+                print(f"removed {stale}, a temporary file left by an interrupted write", file=sys.stderr)
 
 
 # ---- ending a run -----------------------------------------------------------------------------------------

@@ -49,11 +49,12 @@ def check_size(height: int, width: int, unet_config: Any, vae_config: Any, *, na
                              "UNet down-samplings)")
 
 
-def encode_prompts(models: Any, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
-    """(B,) prompts -> (B, 77, D) CLIP text states (the last hidden state, after the final norm)."""
-    tokenizer = models.tokenizer
+def encode_prompts(text_encoder: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
+                   device: torch.device) -> torch.Tensor:
+    """(B,) prompts -> (B, 77, D) CLIP text states (the last hidden state, after the final norm). The
+    text encoder may be DDP-wrapped (training); gradients and autocast are the caller's to set."""
     ids = tokenizer(list(prompts), padding=True, max_length=tokenizer.model_max_length).to(device)  # (B, 77)
-    return models.text_encoder(ids).last_hidden_state                    # (B, 77, D)
+    return text_encoder(ids).last_hidden_state                           # (B, 77, D)
 
 
 def initial_latents(n: int, *, channels: int, height: int, width: int, factor: int,
@@ -194,7 +195,8 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
 
     n = num_images_per_prompt
     with autocast_context(autocast, device):
-        states = encode_prompts(models, (negatives + prompts) if use_guidance else prompts, device)
+        states = encode_prompts(models.text_encoder, models.tokenizer,
+                                (negatives + prompts) if use_guidance else prompts, device)
         states = states.repeat_interleave(n, dim=0)                   # (k*B*n, 77, D), prompt by prompt
         uncond, cond = states.chunk(2) if use_guidance else (None, states)
         latents = initial_latents(len(prompts) * n, channels=unet_config.in_channels, height=height,

@@ -157,7 +157,8 @@ def generate_class_images(models, folder: Path, indices: list[int], *, prompt: s
                disable=not progress)
     for g in groups:
         group = list(range(g * batch_size, (g + 1) * batch_size))
-        uncond, cond = encode_prompts(models, ["", prompt], device).chunk(2)   # (1, 77, D) each
+        uncond, cond = encode_prompts(models.text_encoder, models.tokenizer, ["", prompt],
+                                      device).chunk(2)   # (1, 77, D) each
         latents = torch.cat([initial_latents(1, channels=unet_config.in_channels, height=resolution,
                                              width=resolution, factor=vae_config.spatial_factor,
                                              generator=torch.Generator("cpu").manual_seed(class_image_seed(seed, i)),

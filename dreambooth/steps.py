@@ -3,10 +3,10 @@
     models = load_models(...)                      the base model, checked and on the device
     params = trainable_parameters(models, ...)     what the optimizer moves (LoRA plugs in here)
     batch  = make_batch(...)                        instance (+ class) crops and their generators
-    states = text_states(...)                       the prompts' CLIP states (trained or not)
+    states = encode_prompts(...)                    the prompts' CLIP states (diffusion/pipeline.py)
     pred, target, t = denoising_prediction(...)    VAE latents (LatentCache: once per crop), forward process,
-                                                   one UNet call
-    per_image = denoising_loss(pred, target, ...)  MSE per image (with min-SNR weighting if asked)
+                                                   one UNet call; its random numbers (`Draws`) drawn, or given
+    loss = denoising_loss(pred, target, ...)       the MSE (with min-SNR weighting if asked)
     grad_norm = optimizer_step(...)                 unscale, clip, step, zero (common/training.py)
     training_state / restore_training_state         the whole training state, for exact resume
 
@@ -122,31 +122,49 @@ class LatentCache:
         return DiagonalGaussian(torch.cat([self.moments[key] for key in batch.crops]))
 
 
-def text_states(text_encoder, tokenizer, prompts: list[str], *, precision: str, trained: bool) -> torch.Tensor:
-    """(N, 77, D) CLIP states of `prompts`, with gradients only when the text encoder is trained."""
-    device = next(text_encoder.parameters()).device
-    ids = tokenizer(prompts, padding=True, max_length=tokenizer.model_max_length).to(device)   # (N, 77)
-    with torch.set_grad_enabled(trained), autocast(precision, device):
-        return text_encoder(ids).last_hidden_state
+@dataclass
+class Draws:
+    """The random numbers of one micro-batch's forward process, row i for row i of the batch: drawn by
+    `draw` from the examples' generators, or given to `denoising_prediction` from outside (a reference
+    script's own draws, for a test or a port)."""
+    posterior: torch.Tensor              # (N, L, h, w) ~ N(0, I): the posterior sample is mean + std * this
+    noise: torch.Tensor                  # (N, L, h, w) ~ N(0, I): the forward process's epsilon
+    timesteps: torch.Tensor              # (N,) int64 in [0, T)
+    offset: torch.Tensor | None = None   # (N, L, 1, 1) ~ N(0, I): --offset_noise's per-channel constants
+
+
+def draw(generators: list, posterior, *, num_train_timesteps: int, offset_noise: bool) -> Draws:
+    """Each example's draws from its own generator, in this order: its posterior sample's noise (as
+    `DiagonalGaussian.draw`), the noise, the offset noise (with --offset_noise), the timestep."""
+    z = posterior.draw(generators)                                             # (N, L, h, w)
+    channels, shape = z.shape[1], tuple(z.shape[1:])
+    noise = torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
+    offset = (torch.cat([torch.randn((1, channels, 1, 1), generator=g) for g in generators]) if offset_noise
+              else None)
+    t = torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g) for g in generators])
+    return Draws(posterior=z, noise=noise, timesteps=t, offset=offset)
 
 
 def denoising_prediction(unet, vae, schedule, batch: Batch, states: torch.Tensor, *, precision: str,
-                         offset_noise: bool, latent_cache: LatentCache | None = None
+                         offset_noise: bool, latent_cache: LatentCache | None = None, draws: Draws | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prediction, target, t) for one batch: the images' latents, noised to a random timestep t each
-    ((N,)), and what the UNet should predict there (the noise, or v for v-prediction models), (N, C, h, w)."""
+    ((N,)), and what the UNet should predict there (the noise, or v for v-prediction models), (N, C, h, w).
+    The random numbers are `draws` when given, else drawn from the batch's generators (`draw`)."""
     device = batch.pixels.device
-    g = batch.generators
-    # Latents: a sample of the frozen VAE's posterior q(z|x), times the scaling factor (0.18215 for SD v1).
     with torch.no_grad(), autocast(precision, device):
         posterior = latent_cache.posterior(batch) if latent_cache is not None else vae.encode(batch.pixels)
-        latents = posterior.sample(g).float() * vae.config.scaling_factor           # (N, L, r/f, r/f)
-    noise = torch.cat([torch.randn((1, *latents.shape[1:]), generator=gen) for gen in g])
+    if draws is None:
+        draws = draw(batch.generators, posterior, num_train_timesteps=schedule.num_train_timesteps,
+                     offset_noise=offset_noise)
+    # Latents: a sample of the frozen VAE's posterior q(z|x), times the scaling factor (0.18215 for SD v1).
+    latents = posterior.sample(noise=draws.posterior).float() * vae.config.scaling_factor   # (N, L, r/f, r/f)
+    noise = draws.noise
     if offset_noise:     # a per-image, per-channel constant: lets the model shift brightness
-        noise = noise + OFFSET_NOISE_SCALE * torch.cat([torch.randn((1, latents.shape[1], 1, 1), generator=gen)
-                                                        for gen in g])
-    t = torch.cat([torch.randint(0, schedule.num_train_timesteps, (1,), generator=gen) for gen in g]).to(device)
-    noise = noise.to(device)
+        if draws.offset is None:
+            raise ValueError("offset_noise: the draws given have no offset (Draws.offset)")
+        noise = noise + OFFSET_NOISE_SCALE * draws.offset
+    noise, t = noise.to(device, torch.float32), draws.timesteps.to(device)
     noisy = schedule.add_noise(latents, noise, t)                              # DDPM eq. 4, t: (N,)
     with autocast(precision, device):
         pred = unet(noisy, t, states)                                          # (N, C, h, w), one UNet call
@@ -156,19 +174,25 @@ def denoising_prediction(unet, vae, schedule, batch: Batch, states: torch.Tensor
 
 
 def denoising_loss(pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor | None = None, *, schedule=None,
-                   snr_gamma: float | None = None) -> torch.Tensor:
-    """(N,) mean squared error per image, in fp32.
+                   snr_gamma: float | None = None, snr_v_paper: bool = False) -> torch.Tensor:
+    """The mean squared error of a batch of predictions, in fp32 (a scalar), as diffusers'
+    `F.mse_loss(model_pred.float(), target.float(), reduction="mean")`.
 
-    With `snr_gamma`: min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via
-    Min-SNR Weighting Strategy"): weight min(SNR, gamma) on the x_0 loss, which is min(SNR, gamma) / SNR
-    on the epsilon loss and min(SNR, gamma) / (SNR + 1) on the v loss, with SNR(t) = a_t / (1 - a_t)."""
-    per_image = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))   # (N,)
+    With `snr_gamma`: the mean of each image's MSE times its min-SNR-gamma weight (Hang et al. 2023,
+    "Efficient Diffusion Training via Min-SNR Weighting Strategy", sec. 3.4: min(SNR, gamma) on the x_0
+    loss), SNR(t) = a_t / (1 - a_t), as diffusers' train_dreambooth.py writes it: min(SNR, gamma) / SNR
+    on the epsilon loss (the paper's weight, sec. 4.2) and min(SNR, gamma) / SNR + 1 on the v loss (the
+    script's, "floored at one"); with `snr_v_paper` the paper's min(SNR, gamma) / (SNR + 1) on the v loss
+    instead, as diffusers' train_text_to_image.py."""
     if snr_gamma is None:
-        return per_image
+        return F.mse_loss(pred.float(), target.float())
+    per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))   # (N,)
     a = schedule.alphas_cumprod.to(per_image.device)[t]
     snr = a / (1 - a)
-    v = schedule.config.prediction_type == "v_prediction"
-    return per_image * torch.clamp(snr, max=snr_gamma) / (snr + 1 if v else snr)
+    weight = torch.clamp(snr, max=snr_gamma) / snr                                          # (N,)
+    if schedule.config.prediction_type == "v_prediction":
+        weight = torch.clamp(snr, max=snr_gamma) / (snr + 1) if snr_v_paper else weight + 1
+    return (per_image * weight).mean()
 
 
 def training_state(models, optimizer, scaler, *, step: int, rng: dict, run_settings: dict,

@@ -3,7 +3,7 @@
     model, preprocess = build_model(...)          a ViT from a preset, or a checkpoint (new head if its labels differ)
     train_set, eval_set = build_datasets(...)     FER2013-style folders or the synthetic faces
     weights = class_weights(train_set, ...)       1 per class, or scikit-learn's "balanced"
-    groups = parameter_groups(model, ...)         AdamW's groups: weight decay on weight matrices only
+    groups = parameter_groups(model, ...)         AdamW's groups: no weight decay on biases and LayerNorm gains
     loader = epoch_batches(train_set, ...)        this process's micro-batches for the rest of one epoch
     loss = weighted_cross_entropy(logits, ...)    the class-weighted cross-entropy of one micro-batch
     grad_norm = optimizer_step(...)               unscale, clip, step, zero (common/training.py)
@@ -67,13 +67,17 @@ def class_weights(train_set: FaceDataset, num_labels: int, weighting: str) -> to
     return torch.ones(num_labels)
 
 
-def parameter_groups(model: torch.nn.Module, *, weight_decay: float) -> list[dict]:
-    """AdamW's parameter groups (Loshchilov & Hutter 2019, decoupled weight decay): decay on the weight
-    matrices only, not on biases, LayerNorm gains or the [CLS]/position embeddings. Every parameter is
-    trained."""
+def parameter_groups(model: torch.nn.Module, *, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
+    """AdamW's parameter groups (Loshchilov & Hutter 2019, decoupled weight decay), as transformers'
+    Trainer makes them (`get_decay_parameter_names`): decay on every tensor but the biases and the
+    LayerNorm gains, so on the weight matrices, the patch projection, the [CLS] token and the position
+    embeddings. With `decay_embeddings` False (--no_weight_decay_embeddings) the [CLS] token and the
+    position embeddings are left out too, as timm's VisionTransformer.no_weight_decay() does. Every
+    parameter is trained."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and name not in NO_WEIGHT_DECAY else no_decay).append(p)
+        left_out = not decay_embeddings and name in NO_WEIGHT_DECAY
+        (decay if p.dim() >= 2 and not left_out else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -95,7 +95,8 @@ def sample_images(models, prompt_list: list[str], seeds: int, steps: int = SAMPL
                                            width=side, factor=vae_config.spatial_factor,
                                            generator=torch.Generator("cpu").manual_seed(k), device=device)
                            for k in range(seeds)], dim=1).flatten(0, 1)   # (P * seeds, C, h, w), prompt by prompt
-    states = encode_prompts(models, [""] * n_prompts + list(prompt_list), device).float()
+    states = encode_prompts(models.text_encoder, models.tokenizer, [""] * n_prompts + list(prompt_list),
+                            device).float()
     uncond, cond = (part.repeat_interleave(seeds, dim=0) for part in states.chunk(2))   # (P * seeds, 77, D) each
     latents = denoise(models.unet, latents, cond, uncond, sampler=make_sampler(models.scheduler_config, "ddim"),
                       steps=steps, guidance_scale=GUIDANCE, progress=False)

@@ -88,16 +88,21 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         return self.mean
 
-    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
-        """z = mean + std * noise. The noise is drawn exactly as diffusers draws it: one randn of the
-        latent shape on the generator's device, in the moments' dtype, then moved to their device.
-        With a list of generators, one per row, row i's noise is a (1, L, h, w) draw from generator i
-        (as if each image had been encoded alone)."""
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None, *,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z = mean + std * noise, with `noise` (B, L, h, w) ~ N(0, I) drawn by `draw` from `generator`
+        unless it is given (a reference's own draw, say), then taken in the moments' dtype as diffusers'."""
+        noise = self.draw(generator) if noise is None else noise
+        return self.mean + self.std * noise.to(self.mean)
+
+    def draw(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """The noise of a sample, drawn exactly as diffusers draws it: one randn of the latent shape on the
+        generator's device, in the moments' dtype, then moved to their device. With a list of generators,
+        one per row, row i's noise is a (1, L, h, w) draw from generator i (as if each image had been
+        encoded alone)."""
         if isinstance(generator, (list, tuple)):
-            noise = torch.cat([self._noise(g, (1, *self.mean.shape[1:])) for g in generator])
-        else:
-            noise = self._noise(generator, self.mean.shape)
-        return self.mean + self.std * noise
+            return torch.cat([self._noise(g, (1, *self.mean.shape[1:])) for g in generator])
+        return self._noise(generator, self.mean.shape)
 
     def _noise(self, generator: torch.Generator | None, shape: tuple[int, ...]) -> torch.Tensor:
         device = generator.device if generator is not None else self.mean.device
