@@ -104,9 +104,12 @@ def read_config(path: str | Path, parser: argparse.ArgumentParser) -> dict:
     """The settings in a TOML config, checked against the parser's flags; errors name file/line/key."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         parser.error(f"--config {path}: cannot read ({e.strerror or e})")
+    except UnicodeDecodeError as e:
+        parser.error(f"--config {path}: not a UTF-8 text file (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                     "a run config is TOML, `flag = value` lines")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
