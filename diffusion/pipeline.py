@@ -66,6 +66,27 @@ def check_size(height: int, width: int, unet_config: Any, vae_config: Any, *, na
                              "UNet down-samplings)")
 
 
+# Peak activations of sampling, as maps of a model's first-level width (block_out_channels[0]) per pixel:
+# measured on a CPU in fp32 (bench/sampling_memory.py), SD v1's UNet holds about 25 per latent pixel of
+# each image of its batch (64x64 to 96x96 latents), its VAE decoder about 7 per output pixel (256 to 512
+# pixels a side), and the tiny embedded model the same. Rounded up: the estimate is an upper bound.
+UNET_MAPS, VAE_DECODER_MAPS = 32, 10
+
+
+def sampling_memory(unet_config: Any, vae_config: Any, *, images: int, height: int, width: int,
+                    dtype_bytes: int = 4, guidance: bool = True) -> int:
+    """About how many bytes of activations `generate` needs at its peak for `images` images of
+    height x width at once (the weights not counted): the UNet's on its batch of latents (twice the
+    images with classifier-free guidance), or the VAE decoder's at full resolution after it, whichever
+    is larger. Linear in the pixels: attention runs as torch's scaled_dot_product_attention, which on
+    CPU and GPU never holds the (tokens x tokens) matrix."""
+    f = vae_config.spatial_factor
+    unet = ((2 if guidance else 1) * images * (height // f) * (width // f) * unet_config.block_out_channels[0]
+            * dtype_bytes * UNET_MAPS)
+    vae = images * height * width * vae_config.block_out_channels[0] * dtype_bytes * VAE_DECODER_MAPS
+    return max(unet, vae)
+
+
 def encode_prompts(text_encoder: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
                    device: torch.device) -> torch.Tensor:
     """(B,) prompts -> (B, 77, D) CLIP text states (the last hidden state, after the final norm). The
