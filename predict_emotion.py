@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from common.files import check_writable
 from common.flags import UsageError, check_device
 from common.hub_cache import resolve_model
 from common.precision import slow_precision_warning
@@ -78,7 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--box {e}")
     try:
         check_device(args.device)
-    except UsageError as e:
+        if args.draw:
+            check_writable(args.draw, "--draw")     # a file, under a file, read-only: named before any work
+    except ValueError as e:
         p.error(str(e))
     return args
 
@@ -190,11 +193,7 @@ def main(argv=None) -> int:
     if warning := slow_precision_warning(DTYPES[args.dtype], torch.device(args.device), flag="--dtype"):
         print(warning, file=sys.stderr)
     if args.draw:
-        try:
-            Path(args.draw).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            print(f"error: --draw {args.draw}: cannot create the folder ({e})", file=sys.stderr)
-            return 2
+        Path(args.draw).mkdir(parents=True, exist_ok=True)
     failed, drawn = bool(empty), set()
     for start in range(0, len(files), args.batch_size):
         loaded = {}                                   # path -> image, for the readable ones

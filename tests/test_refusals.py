@@ -348,6 +348,22 @@ def test_trainer_seeds_out_of_range_are_one_line(seed, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, words", [
+    (["--adam_beta1", "2"], ["--adam_beta1 2.0: must be in [0, 1)"]),
+    (["--adam_beta2", "-1"], ["--adam_beta2 -1.0: must be in [0, 1)"]),
+    (["--adam_epsilon", "-1"], ["--adam_epsilon -1.0: must be >= 0"]),
+    (["--adam_weight_decay", "-1"], ["--adam_weight_decay -1.0: must be >= 0"]),
+    (["--snr_gamma", "1e308"], ["--snr_gamma: '1e308' is beyond float32's range"]),
+    (["--prior_loss_weight", "1e30"], ["--prior_loss_weight 1e+30: must be at most 1e6"]),
+])
+def test_dreambooth_optimizer_and_loss_values_are_one_line(extra, words, tmp_path, capsys, no_model_work):
+    """torch's AdamW raised these as tracebacks after the model had loaded; 1e308 overflowed a float32 tensor."""
+    refused(lambda: train_dreambooth.main(["--pretrained_model_name_or_path", str(FOLDER), "--instance_data_dir", ".",
+                                           "--instance_prompt", "x", "--output_dir", str(tmp_path / "out"), *extra]),
+            capsys, *words)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, words", [
     (["--dataloader_num_workers", "-1"], ["--dataloader_num_workers -1: must be from 0 to"]),
     (["--dataloader_num_workers", "100000"], ["--dataloader_num_workers 100000"]),
     (["--num_synthetic_eval", "-5"], ["--num_synthetic_eval -5: must be >= 0"]),
@@ -365,6 +381,9 @@ def test_predict_emotion_bad_device_and_batch_are_one_line(tmp_path, capsys, mem
     image = FIXTURES / "images" / "rgba.png"
     for device in ("meta", "bogus"):
         refused(lambda: predict_emotion.main([str(image), "--device", device]), capsys, f"--device {device}")
+    (tmp_path / "file").write_text("x")
+    refused(lambda: predict_emotion.main([str(image), "--faces", "--draw", str(tmp_path / "file")]), capsys,
+            f"--draw {tmp_path / 'file'}: cannot write there: it is a file")
     big = tmp_path / "big.png"
     Image.new("RGB", (6000, 4000)).save(big)
     memory["bytes"] = 50 * 2**20
