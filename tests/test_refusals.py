@@ -186,6 +186,25 @@ def test_scoring_a_model_that_computes_nan_writes_no_scores(tmp_path, capsys):
     assert not (tmp_path / "s" / "scores.json").exists()
 
 
+def test_a_training_checkpoint_with_nan_weights_is_skipped_by_name(tmp_path, capsys):
+    """A run stops before it would save a NaN state, so such a checkpoint is corrupt: resuming skips it as it
+    skips a torn one, naming the tensor, instead of training on into 'the loss is not finite'."""
+    tiny = ["--image_size", "32", "--num_synthetic_train", "48", "--num_synthetic_eval", "14", "--train_batch_size", "8",
+            "--lr_warmup_steps", "2", "--device", "cpu", "--output_dir", str(tmp_path / "run"), "--max_train_steps", "4",
+            "--checkpointing_steps", "2"]
+    assert train_emotion.main(tiny) == 0
+    path = tmp_path / "run" / "checkpoint-4.pt"
+    state = torch.load(path, weights_only=True)
+    name = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][name].view(-1)[0] = float("nan")
+    torch.save(state, path)
+    capsys.readouterr()
+    assert train_emotion.main([*tiny, "--resume_from_checkpoint", "latest"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipping {path}" in err and f"tensor model.{name} holds non-finite values (1 NaN" in err
+    assert "resumed from" in err and "checkpoint-2.pt" in err
+
+
 # ---- 2. memory and time before work ----------------------------------------------------------------------
 def test_n_samples_beyond_memory_is_refused_with_both_numbers_and_the_flags(tmp_path, capsys, memory,
                                                                             no_model_work):
