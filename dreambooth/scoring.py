@@ -228,6 +228,7 @@ def table(result: dict) -> str:
 def write_json(path: str, result: dict) -> None:
     from common.files import atomic_write
     text = json.dumps(result, indent=1, ensure_ascii=False) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)   # check_writable proved it can be made, and left nothing
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 

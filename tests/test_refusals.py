@@ -452,3 +452,16 @@ def test_the_reliability_page_cites_symbols_that_exist():
             assert f"`{name}`" in page, name
             assert re.search(rf"^(?:def |class )?(?:\w+, )*{name}\b", source, re.M), (file, name)
     assert (ROOT / "bench" / "sampling_memory.py").is_file()
+
+
+def test_the_output_check_leaves_nothing_yet_the_output_is_written(tmp_path):
+    """check_writable removes the folders it made for its proof; a program that writes its output later makes
+    them then (python -m dreambooth.evaluate --out NEW/FOLDER/scores.json)."""
+    from dreambooth import evaluate
+    from dreambooth.prompts import PROMPTS_FILE
+    data = FIXTURES / "evaluate"
+    out = tmp_path / "new" / "folder" / "scores.json"
+    assert evaluate.main(["--real", str(data / "real"), "--generated", str(data / "generated"), "--prompts",
+                          str(data / "generated" / PROMPTS_FILE), "--dino", str(FIXTURES / "dino" / "hf_vitmodel"),
+                          "--clip", str(FIXTURES / "clip_model" / "l14"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["dino"] > 0
