@@ -9,14 +9,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.flags import UsageError   # the one class of a bad flag value (both commands raise it)
+
 PAPER = {   # Ruiz et al. 2023: Table 1 (DreamBooth on Stable Diffusion; real images) and Table 3 (PRES)
     "dino": (0.668, 0.774), "clip_i": (0.803, 0.885), "clip_t": (0.305, None)}
 PAPER_PRES = (0.493, 0.664)   # with prior preservation, without
 NAMES = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "pres": "PRES"}
 
 
-class UsageError(ValueError):
-    """Bad command-line input; the message names the flag and the file."""
 
 
 # ---- the flags both commands share ----------------------------------------------------------------

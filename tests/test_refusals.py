@@ -465,3 +465,19 @@ def test_the_output_check_leaves_nothing_yet_the_output_is_written(tmp_path):
                           str(data / "generated" / PROMPTS_FILE), "--dino", str(FIXTURES / "dino" / "hf_vitmodel"),
                           "--clip", str(FIXTURES / "clip_model" / "l14"), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["dino"] > 0
+
+
+def test_the_benchmark_of_a_model_that_computes_nan_is_one_line(tmp_path, capsys):
+    """python -m dreambooth.evaluate benchmark generates with the pipeline: no black image is scored."""
+    import shutil
+
+    from dreambooth import evaluate
+    shutil.copytree(FIXTURES / "evaluate" / "real", tmp_path / "dog6")
+    lora = world_lora(tmp_path / "big.safetensors", 1e18)
+    code = evaluate.main(["benchmark", "--model", str(WORLD_SD), "--lora", str(lora), "--subject", str(tmp_path / "dog6"),
+                          "--dino", str(FIXTURES / "dino" / "hf_vitmodel"), "--clip", str(FIXTURES / "clip_model" / "l14"),
+                          "--num_prompts", "1", "--images_per_prompt", "1", "--ddim_steps", "1", "--H", "32",
+                          "--outdir", str(tmp_path / "bench"), "--precision", "fp32"])
+    err = capsys.readouterr().err
+    assert code == 1 and "holds NaN or infinity" in err and "Traceback" not in err
+    assert not (tmp_path / "bench" / "scores.json").exists()
