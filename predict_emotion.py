@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from common.files import check_writable
+from common.flags import UsageError, check_device
 from common.hub_cache import resolve_model
 from common.precision import slow_precision_warning
 from common.state_dict import CheckpointError
@@ -29,7 +31,7 @@ from embedded import EMOTION_VIT
 from faces import detect_faces
 from faces.crops import DEFAULT_MARGIN, check_inside, crop, crop_box, draw_faces, parse_box
 from vit.classifier import DTYPES, NON_FINITE, ImageClassifier
-from common.images import IMAGE_SUFFIXES, ImageError, load_image
+from common.images import IMAGE_SUFFIXES, ImageError, header_pixels, load_image
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,7 +77,32 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.box = [parse_box(text) for text in args.box or []]
     except ValueError as e:
         p.error(f"--box {e}")
+    try:
+        check_device(args.device)
+        if args.draw:
+            check_writable(args.draw, "--draw")     # a file, under a file, read-only: named before any work
+    except ValueError as e:
+        p.error(str(e))
     return args
+
+
+def check_batch_memory(classifier: ImageClassifier, files: list[str], args) -> None:
+    """The largest batch of --batch_size files decoded (RGB, from their headers, with a converted copy) and the
+    model's activations for it, against the memory there is, before any image is decoded."""
+    from common.memory import check_memory
+    from vit.memory import batch_bytes
+    batch = min(args.batch_size, len(files))
+    pixels = [header_pixels(f) for f in files]
+    decoded = max(sum(pixels[i:i + batch]) for i in range(0, len(files), batch)) * 3 * 2
+    config = getattr(classifier.model, "config", None)
+    activations = batch_bytes(config, batch, training=False) if config is not None else 0
+    device = torch.device(args.device)
+    what = f"--batch_size {args.batch_size} ({batch} images"
+    if device.type == "cpu":
+        check_memory(activations + decoded, device=device, what=f"{what}, decoded)", advice="lower --batch_size")
+    else:
+        check_memory(decoded, device="cpu", what=f"{what}, decoded)", advice="lower --batch_size")
+        check_memory(activations, device=device, what=f"{what} on {device})", advice="lower --batch_size")
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
@@ -158,14 +185,15 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: --model {args.model}: {e}", file=sys.stderr)
         return 2
+    try:   # a batch's images and activations, against the memory there is
+        check_batch_memory(classifier, files, args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if warning := slow_precision_warning(DTYPES[args.dtype], torch.device(args.device), flag="--dtype"):
         print(warning, file=sys.stderr)
     if args.draw:
-        try:
-            Path(args.draw).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            print(f"error: --draw {args.draw}: cannot create the folder ({e})", file=sys.stderr)
-            return 2
+        Path(args.draw).mkdir(parents=True, exist_ok=True)
     failed, drawn = bool(empty), set()
     for start in range(0, len(files), args.batch_size):
         loaded = {}                                   # path -> image, for the readable ones

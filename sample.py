@@ -24,6 +24,8 @@ import re
 import sys
 from pathlib import Path
 
+from common.files import check_writable
+from common.flags import UsageError, check_device, check_seed, exit_usage, read_lines
 from common.hub_cache import resolve_model
 from common.precision import SAMPLING_PRECISIONS
 from common.run_config import finish_run_record, finite_float, read_config, start_run_record
@@ -32,10 +34,7 @@ from diffusion.samplers import SAMPLERS, SAMPLERS_WITH_ETA
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"  # the CompVis script's default
 EMBEDDED_PROMPT = "a large yellow star on a blue background"     # a sentence the embedded model knows
-
-
-class UsageError(ValueError):
-    """Bad command-line input; the message names the flag."""
+PROG = "sample.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,12 +95,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.from_file is not None:
         if args.prompt is not None:
             raise UsageError("give --prompt or --from-file, not both")
-        path = Path(args.from_file)
-        if not path.is_file():
-            raise UsageError(f"--from-file {path}: no such file")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = read_lines(args.from_file, "--from-file")
         if not prompts:
-            raise UsageError(f"--from-file {path}: the file holds no prompt (one prompt per line)")
+            raise UsageError(f"--from-file {args.from_file}: the file holds no prompt (one prompt per line)")
         return prompts
     default = EMBEDDED_PROMPT if args.ckpt is None else DEFAULT_PROMPT
     prompt = default if args.prompt is None else args.prompt
@@ -111,7 +107,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """The flags and files that need no config (the image size is checked by `check_size`)."""
+    """The flags and files that need no config (the image size is checked by `image_size`, the steps and
+    the memory once the checkpoint's configs are read)."""
     if args.sampler not in SAMPLERS:
         raise UsageError(f"--sampler {args.sampler}: must be one of {', '.join(SAMPLERS)}")
     if args.plms and args.sampler not in ("ddim", "plms"):   # ddim is the default, so it cannot tell
@@ -122,11 +119,13 @@ def check_args(args: argparse.Namespace) -> None:
         why = "PLMS is deterministic (no eta)" if args.sampler == "plms" else f"{args.sampler} has no eta"
         raise UsageError(f"--ddim_eta cannot be used with --sampler {args.sampler}"
                          f"{' (--plms)' if args.plms else ''}: {why}")
-    if args.ddim_eta is not None and args.ddim_eta < 0:
-        raise UsageError(f"--ddim_eta {args.ddim_eta}: must be >= 0")
+    if args.ddim_eta is not None and not 0 <= args.ddim_eta <= 1:
+        raise UsageError(f"--ddim_eta {args.ddim_eta}: must be from 0 (deterministic DDIM) to 1 (DDPM); beyond 1, "
+                         "DDIM eq. 12 takes the square root of a negative number")
     for flag in ("n_samples", "n_iter", "ddim_steps"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    check_seed(args.seed, count=args.n_iter)          # batch k starts from --seed + k
     args.ckpt = str(resolve_model(args.ckpt, flag="--ckpt", revision=args.revision, weights_name=args.weights_name))
     if args.config_dir is not None:
         args.config_dir = str(resolve_model(args.config_dir, flag="--config"))
@@ -137,6 +136,36 @@ def check_args(args: argparse.Namespace) -> None:
     if args.variant is not None and not Path(args.ckpt).is_dir():
         raise UsageError(f"--variant {args.variant}: applies to a diffusers folder; --ckpt {args.ckpt} is a single file")
     parse_lora_flags(args.lora or [])     # raises ValueError naming --lora
+    check_writable(args.outdir, "--outdir")   # a file, under a file, read-only: named now (nothing is created)
+
+
+def check_memory_of_run(args: argparse.Namespace, configs, *, device, dtype_bytes: int) -> None:
+    """The memory of one batch (the weights, the sampling's peak, and a prompt's images kept for its grid)
+    against what `device` has, before the weights are loaded; the message says which flag to lower."""
+    from common.memory import available_memory, check_memory, gb
+    from diffusion.checkpoints.configs import weights_bytes
+    from diffusion.pipeline import sampling_memory
+    n, n_iter = args.n_samples, args.n_iter
+    weights = weights_bytes(args.ckpt, configs, dtype_bytes)
+    one = sampling_memory(*configs, images=1, height=args.H, width=args.W, dtype_bytes=dtype_bytes,
+                          guidance=args.scale > 1)
+    kept = 2 * args.H * args.W * 3           # an image and its place in the grid (uint8 RGB), kept to the grid
+    need = lambda n, n_iter: weights + n * one + n_iter * n * kept
+    have = available_memory(device)
+    if have is None or need(n, n_iter) <= have:
+        return
+    if need(1, 1) > have:
+        advice = f"one {args.H}x{args.W} image needs about {gb(one)}: lower --H/--W"
+    elif need(n, 1) > have:
+        fit = (have - weights) // (one + kept)
+        advice = (f"about {gb(one)} an image: {fit} fit at once; lower --n_samples to {fit} or less and sample "
+                  "more batches with --n_iter")
+    else:
+        fit = (have - weights - n * one) // (n * kept)
+        advice = (f"a prompt's images are kept for its grid until its last batch: lower --n_iter to {fit} or less "
+                  "and run more commands (--seed + k starts batch k)")
+    check_memory(need(n, n_iter), device=device, what=f"--n_samples {n} --n_iter {n_iter} of {args.H}x{args.W} "
+                 "images", advice=advice)
 
 
 def image_size(args: argparse.Namespace, configs) -> None:
@@ -184,7 +213,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    """Run the script; returns the paths written (samples then grid, prompt by prompt)."""
+    """Run the script; returns the paths written (samples then grid, prompt by prompt). A bad flag or file
+    is one line on stderr and exit status 2, before anything is written (`common.flags`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parse_args(parser, argv)
@@ -195,54 +225,55 @@ def main(argv: list[str] | None = None) -> list[Path]:
             args.ckpt = str(WORLD_SD)
             print(f"no --ckpt: sampling the embedded tiny model {WORLD_SD} (coloured shapes only)", file=sys.stderr)
         check_args(args)
-        from diffusion.checkpoints.configs import read_configs   # imports torch: after the cheap checks
+        # imports torch: after the cheap checks
+        from diffusion.checkpoints.configs import check_sampling_steps, read_configs, read_scheduler_config
         configs = read_configs(args.ckpt, args.config_dir)
+        check_sampling_steps(args.ddim_steps, read_scheduler_config(args.ckpt), flag="--ddim_steps")
         if configs is not None:
             image_size(args, configs)
+        device = check_device(args.device)           # cpu or cuda[:N] that exists here
     except ValueError as e:   # UsageError, and read_configs' errors, which name the flag
-        raise SystemExit(f"sample.py: error: {e}")
+        exit_usage(PROG, e)
 
     import torch
     from common.precision import DTYPES, check_device_runs, sampling_precision, slow_precision_warning
     from common.state_dict import CheckpointError
     from diffusion.speed import arrange_for_speed
-    from diffusion.pipeline import generate, make_grid
+    from diffusion.pipeline import NonFiniteError, generate, make_grid
     from diffusion.checkpoints.load import load_stable_diffusion
     from dreambooth.prompts import record_prompt
 
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise SystemExit(f"sample.py: error: --device {args.device}: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"sample.py: error: --device {args.device}: CUDA is not available here")
     if args.precision == "full":
         args.precision = "fp32"          # CompVis's spelling; recorded as the dtype name
     weights_dtype, autocast = sampling_precision(args.precision, device)
     compute_dtype = weights_dtype if autocast == "fp32" else DTYPES[autocast]
     try:
         check_device_runs(compute_dtype, device, flag="--precision")
+        if configs is not None:
+            check_memory_of_run(args, configs, device=device, dtype_bytes=weights_dtype.itemsize)
     except ValueError as e:
-        raise SystemExit(f"sample.py: error: {e}")
+        exit_usage(PROG, e)
     if warning := slow_precision_warning(compute_dtype, device, flag="--precision"):
         print(warning, file=sys.stderr)
     try:
         models = load_stable_diffusion(args.ckpt, config_dir=args.config_dir, use_ema=args.use_ema,
                                        dtype=weights_dtype, variant=args.variant)
     except (CheckpointError, OSError, ValueError) as e:
-        raise SystemExit(f"sample.py: error: --ckpt {args.ckpt}: {e}")
+        exit_usage(PROG, f"--ckpt {args.ckpt}: {e}")
     if configs is None:  # a .ckpt: its architecture is known now, before any sampling
         try:
-            image_size(args, (models.unet.config, models.vae.config))
+            configs = (models.unet.config, models.vae.config)
+            image_size(args, configs)
+            check_memory_of_run(args, configs, device=device, dtype_bytes=weights_dtype.itemsize)
         except UsageError as e:
-            raise SystemExit(f"sample.py: error: {e}")
+            exit_usage(PROG, e)
     if args.lora:   # every file read and checked against the model first, then applied (and fused)
         from diffusion.checkpoints.lora_files import load_lora_files
         try:
             _, skipped = load_lora_files(models, parse_lora_flags(args.lora), fuse=not args.lora_unfused,
                                          skip_unknown=args.lora_skip_unknown)
         except (CheckpointError, OSError) as e:
-            raise SystemExit(f"sample.py: error: --lora {e}")
+            exit_usage(PROG, f"--lora {e}")
         for key in skipped:
             print(f"--lora_skip_unknown: skipped {key}", file=sys.stderr)
     for module in (models.unet, models.vae, models.text_encoder):
@@ -256,24 +287,31 @@ def main(argv: list[str] | None = None) -> list[Path]:
     # run_config.toml (every flag, defaults included) and run_info.json: `--config run_config.toml` repeats it
     info = start_run_record(outdir, args, parser, device=str(device), dtype=args.precision, world_size=1, argv=argv,
                             memory_format=layouts)
-    written = []
-    for prompt in prompts:
-        images = []
-        for k in range(args.n_iter):     # batch k: what `--seed SEED+k --n_iter 1` gives
-            batch = generate(models, [prompt], negative_prompt=args.negative_prompt,
-                             num_images_per_prompt=args.n_samples, steps=args.ddim_steps,
-                             eta=args.ddim_eta, guidance_scale=args.scale, height=args.H, width=args.W,
-                             seed=args.seed + k, sampler=args.sampler, autocast=autocast,
-                             progress=True, output="pil")
-            for image in batch:
-                written.append(save_new(image, samples, r"(\d+)\.\w+", lambda i: f"{i:05d}.png"))
-                record_prompt(samples, written[-1].name, prompt)    # samples/prompts.jsonl, for CLIP-T
-                print(written[-1], flush=True)
-            images += batch
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-")[:30] or "prompt"
-        written.append(save_new(make_grid(images, columns=args.n_samples), outdir, r".*-grid-(\d+)\.png",
-                                lambda i: f"{slug}-grid-{i:04d}.png"))   # a row per batch, as CompVis
-        print(written[-1], flush=True)
+    written: list[Path] = []
+    try:
+        for prompt in prompts:
+            images = []
+            for k in range(args.n_iter):     # batch k: what `--seed SEED+k --n_iter 1` gives
+                batch = generate(models, [prompt], negative_prompt=args.negative_prompt,
+                                 num_images_per_prompt=args.n_samples, steps=args.ddim_steps,
+                                 eta=args.ddim_eta, guidance_scale=args.scale, height=args.H, width=args.W,
+                                 seed=args.seed + k, sampler=args.sampler, autocast=autocast,
+                                 progress=True, output="pil")
+                for image in batch:
+                    written.append(save_new(image, samples, r"(\d+)\.\w+", lambda i: f"{i:05d}.png"))
+                    record_prompt(samples, written[-1].name, prompt)    # samples/prompts.jsonl, for CLIP-T
+                    print(written[-1], flush=True)
+                images += batch
+            slug = re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-")[:30] or "prompt"
+            written.append(save_new(make_grid(images, columns=args.n_samples), outdir, r".*-grid-(\d+)\.png",
+                                    lambda i: f"{slug}-grid-{i:04d}.png"))   # a row per batch, as CompVis
+            print(written[-1], flush=True)
+    except BaseException as e:   # the record says how the run ended (Ctrl-C, an error), with what it wrote
+        status = "stopped by Ctrl-C" if isinstance(e, KeyboardInterrupt) else f"failed: {e}"
+        finish_run_record(outdir, info, status=status, images_written=len(written))
+        if isinstance(e, NonFiniteError):     # broken weights: one line, no traceback, nothing more written
+            exit_usage(PROG, e, status=1)
+        raise
     finish_run_record(outdir, info, images_written=len(written))
     return written
 

@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common.files import check_writable
+from common.flags import SEED_MAX, check_seed
 from common.precision import DTYPES, MIXED_PRECISION, autocast, check_device_runs, slow_precision_warning
 from common.run_config import finish_run_record, finite_float, parse_args_with_config, start_run_record
 from common.state_dict import CheckpointError
@@ -49,7 +50,7 @@ from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, Distributed,
                              save_training_state, seed_everything, setup_distributed, stop_requested, stopped_run,
                              teardown_distributed)
 from diffusion.checkpoints.lora_files import load_lora_files, parse_lora_flags, save_lora_files
-from diffusion.pipeline import encode_prompts
+from diffusion.pipeline import NonFiniteError, encode_prompts
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from dreambooth.data import (DataError, check_model_size, generate_class_images, image_files, load_image,
@@ -177,6 +178,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--num_class_images {args.num_class_images}: must be at least 1")
     if args.rank is not None and args.rank < 1:
         parser.error(f"--rank {args.rank}: the LoRA rank must be at least 1")
+    try:
+        check_seed(args.seed, low=0, high=SEED_MAX // 2)   # numpy's SeedSequence needs >= 0; seed + k must fit
+    except ValueError as e:
+        parser.error(str(e))
     if args.lora_format != "diffusers" and args.rank is None:
         parser.error(f"--lora_format {args.lora_format}: needs --rank (a LoRA run)")
     if args.rank is not None and args.save_single_file:
@@ -193,6 +198,15 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--learning_rate must be > 0; --lr_warmup_steps, --max_grad_norm, --prior_loss_weight >= 0")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         parser.error(f"--snr_gamma {args.snr_gamma}: must be > 0")
+    for name, low, high in (("adam_beta1", 0.0, 1.0), ("adam_beta2", 0.0, 1.0)):   # torch's AdamW: [0, 1)
+        if not low <= getattr(args, name) < high:
+            parser.error(f"--{name} {getattr(args, name)}: must be in [0, 1) (Adam's decay rate)")
+    for name in ("adam_epsilon", "adam_weight_decay"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} {getattr(args, name)}: must be >= 0")
+    if args.prior_loss_weight > 1e6:   # float32 keeps 24 bits: the instance loss would vanish in the sum's rounding
+        parser.error(f"--prior_loss_weight {args.prior_loss_weight}: must be at most 1e6 (beyond it the instance "
+                     "loss is lost in float32's rounding of the sum; diffusers' default is 1)")
     for name in ("snr_weight_prior", "snr_v_paper"):
         if getattr(args, name) and args.snr_gamma is None:
             parser.error(f"--{name}: needs --snr_gamma (the min-SNR weighting it changes)")
@@ -222,7 +236,7 @@ def check_inputs(args: argparse.Namespace) -> Inputs:
     instance_files = image_files(args.instance_data_dir, flag="--instance_data_dir")
     if not instance_files:
         raise DataError(f"--instance_data_dir {args.instance_data_dir}: no images in this folder")
-    check_model_size(args)
+    check_model_size(args, instance_files)      # --resolution, --rank and the memory the sizes need
     check_output_dir(output_dir, resuming=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir)
     check_writable(output_dir, "--output_dir")
     missing = missing_class_indices(class_dir, args.num_class_images) if args.with_prior_preservation else []
@@ -259,7 +273,7 @@ def prepare_models(args: argparse.Namespace, inputs: Inputs):
                 variant=args.variant)
     try:
         models, layouts = load_models(args.pretrained_model_name_or_path, **load, precision=precision,
-                                      dtype=weights_dtype)
+                                      dtype=weights_dtype, rank=args.rank, train_text_encoder=args.train_text_encoder)
     except (CheckpointError, OSError, ValueError) as e:
         raise DataError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: {e}") from None
     lora_files, lora_changed = parse_lora_flags(args.lora or []), set()
@@ -277,10 +291,14 @@ def prepare_models(args: argparse.Namespace, inputs: Inputs):
             dtype=generation_dtype)[0]
         if generation_models is not models and lora_files:   # the same base: the files fused into the copy too
             load_lora_files(generation_models, lora_files, skip_unknown=args.lora_skip_unknown)
-        generate_class_images(generation_models, class_dir, missing, prompt=args.class_prompt,
-                              resolution=args.resolution, seed=args.seed, batch_size=args.sample_batch_size,
-                              share=(dist.rank, dist.world_size), progress=dist.is_main,
-                              sampler=args.sampler, **CLASS_SAMPLING)
+        try:
+            generate_class_images(generation_models, class_dir, missing, prompt=args.class_prompt,
+                                  resolution=args.resolution, seed=args.seed, batch_size=args.sample_batch_size,
+                                  share=(dist.rank, dist.world_size), progress=dist.is_main,
+                                  sampler=args.sampler, **CLASS_SAMPLING)
+        except NonFiniteError as e:   # e.g. a base model that overflows in fp16: no black class image is written
+            raise DataError(f"class images in --prior_generation_precision {inputs.generation_precision}: "
+                            f"{e}") from None
         del generation_models
     barrier(dist)
     class_images = ([load_image(f, args.resolution, flag="--class_data_dir") for f in
@@ -424,14 +442,19 @@ def validate(dist, models, args, output_dir: Path, step: int) -> None:
         from diffusion.pipeline import generate, make_grid
         models.unet.eval()
         models.text_encoder.eval()
-        images = generate(models, [args.validation_prompt], num_images_per_prompt=args.num_validation_images,
-                          height=args.resolution, width=args.resolution, seed=args.seed, progress=False,
-                          autocast=MIXED_PRECISION[args.mixed_precision], output="pil",
-                          sampler=args.sampler, **VALIDATION_SAMPLING)
+        try:
+            images = generate(models, [args.validation_prompt], num_images_per_prompt=args.num_validation_images,
+                              height=args.resolution, width=args.resolution, seed=args.seed, progress=False,
+                              autocast=MIXED_PRECISION[args.mixed_precision], output="pil",
+                              sampler=args.sampler, **VALIDATION_SAMPLING)
+        except NonFiniteError as e:   # said, and training goes on: the loss decides whether the run is broken
+            print(f"warning: validation at step {step}: {e}", file=sys.stderr)
+            images = None
         models.unet.train()
         models.text_encoder.train(args.train_text_encoder)
-        (output_dir / "validation").mkdir(exist_ok=True)
-        make_grid(images).save(output_dir / "validation" / f"step-{step:06d}.png")
+        if images is not None:
+            (output_dir / "validation").mkdir(exist_ok=True)
+            make_grid(images).save(output_dir / "validation" / f"step-{step:06d}.png")
     barrier(dist)
 
 

@@ -116,6 +116,55 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--learning_rate must be > 0; --lr_warmup_steps, --weight_decay, --max_grad_norm >= 0")
     if not 0.0 <= args.validation_split < 1.0:
         parser.error(f"--validation_split {args.validation_split}: must be in [0, 1)")
+    try:
+        check_sizes(args)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def check_sizes(args: argparse.Namespace) -> None:
+    """The seed, the counts and the sizes against the model and the machine's memory, before any work."""
+    import os
+
+    from common.flags import SEED_MAX, UsageError, check_seed
+    from common.memory import check_memory, training_device
+    from vit.memory import TRAINED_PARAMETER_BYTES, batch_bytes, parameter_count
+    from vit.synthetic_faces import OUTPUT_SIZE
+    check_seed(args.seed, low=0, high=SEED_MAX // 2)
+    if not args.data_dir and args.num_synthetic_train < 1 and not args.eval_only:
+        raise UsageError(f"--num_synthetic_train {args.num_synthetic_train}: must be at least 1 without --data_dir")
+    if args.num_synthetic_eval < 0:
+        raise UsageError(f"--num_synthetic_eval {args.num_synthetic_eval}: must be >= 0")
+    cpus = os.cpu_count() or 1
+    if not 0 <= args.dataloader_num_workers <= 4 * cpus:
+        raise UsageError(f"--dataloader_num_workers {args.dataloader_num_workers}: must be from 0 to {4 * cpus} "
+                         f"(4 per CPU here; each worker is a process)")
+    if args.pretrained_model_name_or_path:   # its own size, read with the model (and checked then)
+        config = None
+    else:
+        config = ViTConfig.preset(args.preset, **({"image_size": args.image_size} if args.image_size else {}))
+        if config.image_size % config.patch_size:
+            raise UsageError(f"--image_size {config.image_size}: must be a multiple of the patch size "
+                             f"{config.patch_size} (--preset {args.preset})")
+    faces = 0 if args.data_dir else (args.num_synthetic_train + args.num_synthetic_eval) * (3 * OUTPUT_SIZE ** 2 + 1024)
+    check_memory(faces, device="cpu", what=f"--num_synthetic_train {args.num_synthetic_train} and "
+                 f"--num_synthetic_eval {args.num_synthetic_eval} faces held in memory",
+                 advice="lower them (or train on a --data_dir, read image by image)")
+    if config is not None:   # on a GPU the faces stay in RAM
+        device = training_device(args.device)
+        held = faces if device.type == "cpu" else 0
+        train_batch, eval_batch = args.train_batch_size, args.eval_batch_size
+        if not args.data_dir:   # a batch holds no more images than the set
+            train_batch = min(train_batch, args.num_synthetic_train)
+            eval_batch = min(eval_batch, args.num_synthetic_eval)
+        weights = TRAINED_PARAMETER_BYTES * parameter_count(config)
+        step = batch_bytes(config, train_batch, training=True)
+        check_memory(held + weights + step, device=device, what=f"a training step of --train_batch_size "
+                     f"{args.train_batch_size} at --image_size {config.image_size}",
+                     advice="lower --train_batch_size (--gradient_accumulation_steps keeps the batch) or --image_size")
+        check_memory(held + weights + batch_bytes(config, eval_batch, training=False), device=device,
+                     what=f"an evaluation batch of --eval_batch_size {args.eval_batch_size} at --image_size "
+                     f"{config.image_size}", advice="lower --eval_batch_size")
 
 
 def model_and_data(args: argparse.Namespace, dist: Distributed):

@@ -27,11 +27,10 @@ from clip.text_model import CLIPTextConfig
 from clip.vision_model import CLIPVisionConfig
 from clip.weights import SD_PREFIX, TEXT_KEYS, config_from_state_dict
 from common.files import read_json
-from common.state_dict import (CheckpointError, KeyTable, empty_model, find_weights, listing, load_strict,
-                               read_safetensors, rename)
+from common.state_dict import (CheckpointError, KeyTable, check_finite, empty_model, find_weights, listing,
+                               load_strict, read_safetensors, rename)
 from diffusion.checkpoints.ckpt import read_weights
 from vit.preprocess import ResizeCropConfig
-from vit.weights import check_finite
 
 HEAD_WIDTH = 64   # every OpenAI CLIP image tower has 64-wide heads (ViT-B/32: 768 = 12 x 64; L/14: 1024 = 16 x 64)
 

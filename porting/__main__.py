@@ -2,9 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from common.state_dict import CheckpointError
+
+
+def tolerance(text: str) -> float:
+    """argparse type of --rtol: a finite number >= 0 (NaN would pass no comparison, and call every key of
+    a trace compared with itself beyond it)."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number >= 0")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("compare", help="two traces, key by key, in forward order")
     c.add_argument("reference")
     c.add_argument("other")
-    c.add_argument("--rtol", type=float, default=1e-4, help="max |diff| / max |reference| allowed per key")
+    c.add_argument("--rtol", type=tolerance, default=1e-4, help="max |diff| / max |reference| allowed per key")
     m = sub.add_parser("mapping", help="a layout's key table as TSV")
     m.add_argument("--layout", required=True)
     args = parser.parse_args(argv)

@@ -44,6 +44,10 @@ class Result:
 
 def read_trace(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Tensors and their forward order (from the trace's metadata; file order otherwise)."""
+    if not Path(path).is_file():
+        what = "no such file" if not Path(path).exists() else "is a folder" if Path(path).is_dir() else \
+            "is not a regular file"
+        raise TraceError(f"{path}: {what}, not a trace (.safetensors)")
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}

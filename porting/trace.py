@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from common.files import check_writable
 from common.precision import DTYPES
 from common.state_dict import CheckpointError, read_safetensors, write_safetensors
 from porting.components import Component, TraceError, check_inputs, load_component
@@ -204,6 +205,12 @@ def run_trace(*, model: str, component: str, inputs: str, out: str, precision: s
         raise TraceError(f"--out {out}: must end in .safetensors")
     if not out_path.parent.is_dir():
         raise TraceError(f"--out {out}: folder {out_path.parent} does not exist")
+    if out_path.is_dir():
+        raise TraceError(f"--out {out}: is a folder")
+    try:
+        check_writable(out_path.parent, f"--out {out}: its folder")      # before any work, not at the end
+    except ValueError as e:
+        raise TraceError(str(e)) from None
     try:
         given = read_safetensors(inputs)
     except CheckpointError as e:
@@ -213,7 +220,10 @@ def run_trace(*, model: str, component: str, inputs: str, out: str, precision: s
                          f"loss = mean((output - target)^2)); it holds {', '.join(sorted(given)) or 'nothing'}")
     comp = load_component(model, component, config_dir=config_dir)
     tensors = trace(comp, given, names=names, precision=precision, backward=backward)
-    write_trace(out_path, tensors, {"model": str(model), "component": component, "layout": comp.layout,
-                                    "names": names, "precision": precision,
-                                    **({"loss": "F.mse_loss(output.float(), target.float())"} if backward else {})})
+    try:
+        write_trace(out_path, tensors, {"model": str(model), "component": component, "layout": comp.layout,
+                                        "names": names, "precision": precision,
+                                        **({"loss": "F.mse_loss(output.float(), target.float())"} if backward else {})})
+    except OSError as e:   # a disk that filled meanwhile: named by the flag, not by atomic_write's temporary
+        raise TraceError(f"--out {out}: cannot write it ({e.strerror or e})") from None
     return tensors

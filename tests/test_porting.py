@@ -7,8 +7,10 @@ own bf16 trace.
 """
 from __future__ import annotations
 
+import errno
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,47 @@ def test_clip_vision_of_a_full_clip_file_and_a_text_only_one(tmp_path, capsys):
     code, io = _run(["trace", "--model", FIXTURES / "clip_model" / "b32_text", "--component", "clip_vision",
                      "--inputs", tmp_path / "in.safetensors", "--out", tmp_path / "out.safetensors"], capsys)
     assert code == 2 and "a CLIP text tower only" in io.err and io.err.count("\n") == 1, io.err
+
+
+# ---- issue #39: the tolerance and --out -------------------------------------------------------------------
+REFERENCE, INPUTS = str(TRACES / "vit_reference.safetensors"), str(TRACES / "vit_inputs.safetensors")
+
+
+@pytest.mark.parametrize("rtol", ["nan", "-1", "inf"])
+def test_compare_refuses_a_tolerance_that_is_not_finite_and_non_negative(rtol, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", REFERENCE, REFERENCE, "--rtol", rtol])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument --rtol: '{rtol}': must be a finite number >= 0" in err
+
+
+def test_compare_of_a_trace_with_itself_at_zero_tolerance_passes(capsys):
+    assert main(["compare", REFERENCE, REFERENCE, "--rtol", "0"]) == 0
+    assert "0 beyond" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is a folder no one can write, root included")
+def test_trace_into_a_folder_that_cannot_be_written_names_out(capsys):
+    out = "/proc/trace.safetensors"
+    assert main(["trace", "--model", str(MODELS["vit"]), "--component", "vit", "--inputs", INPUTS, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: its folder /proc: cannot write there" in err and ".tmp" not in err
+
+
+def test_trace_whose_write_fails_names_out(tmp_path, capsys, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".t.safetensors.abcdefgh.tmp"))
+    monkeypatch.setattr("porting.trace.write_safetensors", full_disk)
+    out = tmp_path / "t.safetensors"
+    assert main(["trace", "--model", str(MODELS["vit"]), "--component", "vit", "--inputs", INPUTS,
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: cannot write it (No space left on device)" in err and ".tmp" not in err
+
+
+def test_a_folder_given_where_a_safetensors_file_is_expected_is_named(tmp_path, capsys):
+    assert main(["trace", "--model", str(MODELS["vit"]), "--component", "vit", "--inputs", str(tmp_path),
+                 "--out", str(tmp_path / "t.safetensors")]) == 2
+    assert f"--inputs: {tmp_path}: is a folder, not a .safetensors file" in capsys.readouterr().err
+    assert main(["compare", REFERENCE, str(tmp_path)]) == 2
+    assert f"{tmp_path}: is a folder, not a trace" in capsys.readouterr().err

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from common.files import atomic_write, read_json
-from common.state_dict import (CheckpointError, KeyTable, check_keys, empty_model, find_weights, load_strict,
-                               read_safetensors, rename, write_safetensors)
+from common.state_dict import (CheckpointError, KeyTable, check_finite, check_keys, empty_model, find_weights,
+                               load_strict, read_safetensors, rename, write_safetensors)
 from diffusion.checkpoints.ckpt import read_weights
 from vit.model import ViTConfig, ViTForImageClassification, default_labels
 from vit.preprocess import PreprocessConfig
@@ -101,16 +101,6 @@ class LoadedViT:
     new_head: bool       # True when the classification head was freshly initialised
 
 
-def check_finite(sd: dict, *, source: str) -> None:
-    """Refuse weights holding NaN or infinity (a diverged run's save, a corrupted file): every score the
-    model gave would be NaN. Names the first such tensor, under the checkpoint's own name."""
-    for name, tensor in sd.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
-            raise CheckpointError(f"{source}: tensor {name} holds non-finite values ({nan} NaN, {inf} infinite "
-                                  f"of {tensor.numel()}); refusing weights that would make every score NaN")
-
-
 def detect_layout(sd: dict, *, source: str) -> str:
     if "vit.embeddings.cls_token" in sd:
         return "transformers"
@@ -176,7 +166,7 @@ def load_vit(path: str | Path, *, labels: list[str] | None = None) -> LoadedViT:
         weights, folder = path, path.parent
     sd = read_weights(weights) if path.is_dir() else read_safetensors(weights)   # a file named by the user: safetensors
     source = str(weights)
-    check_finite(sd, source=source)
+    check_finite(sd, source=source)     # under the file's own names (load_strict checks again, under ours)
     layout = detect_layout(sd, source=source)
     ours = to_our_names(sd, layout)
     for key in ("cls_token", "patch_embed.weight", "pos_embed", "blocks.0.mlp.fc1.weight"):

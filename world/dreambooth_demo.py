@@ -42,12 +42,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from common.files import atomic_write
 from common.hub_cache import resolve_model
-from diffusion.checkpoints.lora_files import lora_weights_file
+from diffusion.pipeline import NonFiniteError
 from embedded import WORLD_SD
 from world.checker import check
 from world.subject import instance_images, looks_like_subject, reference_colours, subject_similarity
@@ -81,55 +80,95 @@ def fidelity_prompts() -> list[str]:
     return [f"{INSTANCE_PROMPT} on a {colour} background" for colour in FIDELITY_BACKGROUNDS]
 
 
+# Images denoised in one batch while scoring. A fixed number, so the scores do not depend on the machine (a
+# batch's size can change the last bits of its numbers); the demo's 16 fidelity and 16 prior images each
+# fit in one batch. Larger counts stream through in batches of this size, each saved and scored as it comes.
+SCORE_BATCH = 64
+
+
 @torch.no_grad()
-def sample_images(models, prompt_list: list[str], seeds: int, steps: int = SAMPLING_STEPS) -> list:
-    """`seeds` images of each prompt, prompt by prompt; image k of prompt i starts from the x_T that
-    `generate(models, prompt_list, seed=k)` would give it (row i of randn((P, C, h, w)) seeded k), and
-    all P x seeds images are denoised in one batch (16 images of "a star" on one CPU thread: 19.5 s in
-    one batch against about 33 s in 16 batches of one)."""
+def sample_images(models, prompt_list: list[str], seeds: int, steps: int = SAMPLING_STEPS, *,
+                  batch: int = SCORE_BATCH):
+    """`seeds` images of each prompt, prompt by prompt, yielded in batches of at most `batch` images (nothing
+    is made or kept for the images of later batches). Image k of prompt i starts from the x_T that
+    `generate(models, prompt_list, seed=k)` would give it (row i of randn((P, C, h, w)) seeded k), and a
+    batch's images are denoised together (16 images of "a star" on one CPU thread: 19.5 s in one batch
+    against about 33 s in 16 batches of one)."""
     from diffusion.pipeline import decode_to_uint8, denoise, encode_prompts, initial_latents, make_sampler, to_pil
     device = next(models.unet.parameters()).device
     n_prompts, vae_config = len(prompt_list), models.vae.config
     side = models.unet.config.sample_size * vae_config.spatial_factor
-    latents = torch.stack([initial_latents(n_prompts, channels=models.unet.config.in_channels, height=side,
-                                           width=side, factor=vae_config.spatial_factor,
-                                           generator=torch.Generator("cpu").manual_seed(k), device=device)
-                           for k in range(seeds)], dim=1).flatten(0, 1)   # (P * seeds, C, h, w), prompt by prompt
     states = encode_prompts(models.text_encoder, models.tokenizer, [""] * n_prompts + list(prompt_list),
-                            device).float()
-    uncond, cond = (part.repeat_interleave(seeds, dim=0) for part in states.chunk(2))   # (P * seeds, 77, D) each
-    latents = denoise(models.unet, latents, cond, uncond, sampler=make_sampler(models.scheduler_config, "ddim"),
-                      steps=steps, guidance_scale=GUIDANCE, progress=False)
-    return to_pil(decode_to_uint8(models.vae, latents))
+                            device).float()                                    # (2P, 77, D)
+    total = n_prompts * seeds
+    for start in range(0, total, batch):
+        which = [divmod(j, seeds) for j in range(start, min(start + batch, total))]   # (prompt i, seed k)
+        latents = torch.cat([initial_latents(n_prompts, channels=models.unet.config.in_channels, height=side,
+                                             width=side, factor=vae_config.spatial_factor,
+                                             generator=torch.Generator("cpu").manual_seed(k), device=device)[i:i + 1]
+                             for i, k in which])                                  # (n, C, h, w)
+        rows = torch.tensor([i for i, _ in which], device=device)
+        uncond, cond = states[:n_prompts][rows], states[n_prompts:][rows]          # (n, 77, D) each
+        latents = denoise(models.unet, latents, cond, uncond, sampler=make_sampler(models.scheduler_config, "ddim"),
+                          steps=steps, guidance_scale=GUIDANCE, progress=False)
+        yield to_pil(decode_to_uint8(models.vae, latents))
 
 
-def evaluate(model_dir: Path, lora: Path | None = None, *, fidelity_seeds: int = FIDELITY_SEEDS,
-             prior_seeds: int = PRIOR_SEEDS, steps: int = SAMPLING_STEPS) -> tuple[dict, list, list]:
-    """Scores of one model folder, loaded as sample.py loads it (with `lora`: that LoRA file fused in, as
-    sample.py --lora does; the speed arrangement of diffusion/speed.py), and its fidelity and prior images."""
+def evaluate(model_dir: Path, loras: list[tuple[str, float]] = (), *, fidelity_seeds: int = FIDELITY_SEEDS,
+             prior_seeds: int = PRIOR_SEEDS, steps: int = SAMPLING_STEPS, out: Path | None = None) -> dict:
+    """Scores of one model folder, loaded as sample.py loads it (with `loras`, (file, scale) pairs: those LoRA
+    files fused in, as sample.py --lora does; the speed arrangement of diffusion/speed.py). Its fidelity and
+    prior images are saved in `out` as fidelity-NN.png and prior-NN.png as they are made, and scored as they
+    come: memory does not grow with the number of images."""
     from diffusion.checkpoints.load import load_stable_diffusion
     from diffusion.checkpoints.lora_files import load_lora_files
     from diffusion.speed import arrange_for_speed
+    from common.state_dict import CheckpointError
     models = load_stable_diffusion(model_dir)
-    if lora is not None:
-        load_lora_files(models, [(str(lora), 1.0)])
+    if loras:
+        try:
+            load_lora_files(models, list(loras))
+        except CheckpointError as e:
+            raise CheckpointError(f"--lora {e}") from None
     for m in (models.unet, models.vae, models.text_encoder):
         m.eval()
     arrange_for_speed(models, device=torch.device("cpu"), precision="fp32")
     reference = reference_colours()
-    fidelity = sample_images(models, fidelity_prompts(), fidelity_seeds, steps)
-    asked = [colour for colour in FIDELITY_BACKGROUNDS for _ in range(fidelity_seeds)]
-    prior = sample_images(models, [CLASS_PROMPT], prior_seeds, steps)
-    prior_found = [check(image) for image in prior]
-    scores = {
-        "subject_similarity": float(np.mean([subject_similarity(im, reference) for im in fidelity])),
-        "looks_like_subject": float(np.mean([looks_like_subject(im) for im in fidelity])),
-        "background_as_asked": float(np.mean([check(im).background == c for im, c in zip(fidelity, asked)])),
-        "class_is_star": float(np.mean([f.shape == "star" for f in prior_found])),
-        "class_colours": len({f.colour for f in prior_found if f.shape == "star"}),
-        "class_looks_like_subject": float(np.mean([looks_like_subject(im) for im in prior])),
+    sums = dict.fromkeys(("subject_similarity", "looks_like_subject", "background_as_asked", "class_is_star",
+                          "class_looks_like_subject"), 0.0)
+    colours, k = set(), 0
+    asked = lambda j: FIDELITY_BACKGROUNDS[j // fidelity_seeds]
+    for batch in sample_images(models, fidelity_prompts(), fidelity_seeds, steps):
+        for image in batch:
+            sums["subject_similarity"] += subject_similarity(image, reference)
+            sums["looks_like_subject"] += looks_like_subject(image)
+            sums["background_as_asked"] += check(image).background == asked(k)
+            _save(image, out, f"fidelity-{k:02d}.png")
+            k += 1
+    k = 0
+    for batch in sample_images(models, [CLASS_PROMPT], prior_seeds, steps):
+        for image in batch:
+            found = check(image)
+            sums["class_is_star"] += found.shape == "star"
+            colours |= {found.colour} if found.shape == "star" else set()
+            sums["class_looks_like_subject"] += looks_like_subject(image)
+            _save(image, out, f"prior-{k:02d}.png")
+            k += 1
+    n_fidelity, n_prior = len(FIDELITY_BACKGROUNDS) * fidelity_seeds, prior_seeds
+    return {
+        "subject_similarity": sums["subject_similarity"] / n_fidelity,
+        "looks_like_subject": sums["looks_like_subject"] / n_fidelity,
+        "background_as_asked": sums["background_as_asked"] / n_fidelity,
+        "class_is_star": sums["class_is_star"] / n_prior,
+        "class_colours": len(colours),
+        "class_looks_like_subject": sums["class_looks_like_subject"] / n_prior,
     }
-    return scores, fidelity, prior
+
+
+def _save(image, folder: Path | None, name: str) -> None:
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / name)
 
 
 def comparison_grid(rows: list[list], labels: list[str], headings: list[str]):
@@ -238,14 +277,17 @@ def run_jobs(todo: list[Job], logs: Path, started: float) -> int:
 
 # ---- scoring one model: python -m world.dreambooth_demo score MODEL --out DIR [--lora FILE] -----------------
 def score_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m world.dreambooth_demo score",
-                                     description="Score one model on the demo's prompts: DIR/scores.json and "
-                                                 "its fidelity-NN.png and prior-NN.png samples.")
+    from common.files import check_writable
+    from diffusion.checkpoints.lora_files import parse_lora_flags
+    prog = "python -m world.dreambooth_demo score"
+    parser = argparse.ArgumentParser(prog=prog, description="Score one model on the demo's prompts: DIR/scores.json "
+                                                            "and its fidelity-NN.png and prior-NN.png samples.")
     parser.add_argument("model", help="a diffusers folder or a repo id of the Hugging Face cache (the base model "
                                       "with --lora)")
     parser.add_argument("--out", type=Path, required=True, help="folder for scores.json and the samples")
-    parser.add_argument("--lora", help="a LoRA file (or folder, or repo id) to fuse into MODEL first, as sample.py "
-                                       "--lora")
+    parser.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                        help="a LoRA file (or folder, or repo id) to fuse into MODEL first at SCALE (default 1.0), "
+                             "as sample.py --lora; repeat the flag to stack LoRAs")
     parser.add_argument("--fidelity_seeds", type=int, default=FIDELITY_SEEDS, help="images per background")
     parser.add_argument("--prior_seeds", type=int, default=PRIOR_SEEDS, help=f"images of '{CLASS_PROMPT}'")
     parser.add_argument("--steps", type=int, default=SAMPLING_STEPS, help="DDIM steps")
@@ -253,20 +295,41 @@ def score_main(argv: list[str]) -> int:
     for flag in ("fidelity_seeds", "prior_seeds", "steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} {getattr(args, flag)}: must be >= 1")
-    try:   # CheckpointError is a ValueError
-        model, lora = resolve_model(args.model, flag="MODEL"), args.lora and lora_weights_file(args.lora)
-        scores, fidelity, prior = evaluate(model, lora, fidelity_seeds=args.fidelity_seeds,
-                                           prior_seeds=args.prior_seeds, steps=args.steps)
-    except (OSError, ValueError) as e:   # the message names the file
-        print(f"python -m world.dreambooth_demo score: error: {e}", file=sys.stderr)
-        return 2
+    try:   # every flag before any model work; CheckpointError is a ValueError
+        args.model = resolve_model(args.model, flag="MODEL")
+        loras = parse_lora_flags(args.lora or [])
+        check_writable(args.out, "--out")
+        check_score_run(args)
+        scores = evaluate(args.model, loras, fidelity_seeds=args.fidelity_seeds, prior_seeds=args.prior_seeds,
+                          steps=args.steps, out=args.out)
+    except (OSError, ValueError) as e:   # the message names the flag or the file
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, NonFiniteError) else 2
     args.out.mkdir(parents=True, exist_ok=True)
-    for kind, images in (("fidelity", fidelity), ("prior", prior)):
-        for k, image in enumerate(images):
-            image.save(args.out / f"{kind}-{k:02d}.png")
     atomic_write(args.out / "scores.json", lambda tmp: Path(tmp).write_text(json.dumps(scores, indent=2) + "\n"))
     print(json.dumps(scores, indent=2))
     return 0
+
+
+def check_score_run(args: argparse.Namespace) -> None:
+    """The model folder, --steps against its noise schedule, and the memory of one batch of SCORE_BATCH
+    images (the weights and the sampling's peak), before any weight is read."""
+    from common.flags import UsageError
+    from common.memory import check_memory, gb
+    from diffusion.checkpoints.configs import check_sampling_steps, read_configs, read_scheduler_config, weights_bytes
+    from diffusion.pipeline import sampling_memory
+    if not Path(args.model).is_dir():
+        raise UsageError(f"MODEL {args.model}: not a diffusers folder"
+                         + (" (no such folder)" if not Path(args.model).exists() else ""))
+    configs = read_configs(args.model, None, flags=("MODEL", "--config"))
+    check_sampling_steps(args.steps, read_scheduler_config(args.model, flag="MODEL"), flag="--steps")
+    side = configs[0].sample_size * configs[1].spatial_factor
+    batch = min(SCORE_BATCH, max(len(FIDELITY_BACKGROUNDS) * args.fidelity_seeds, args.prior_seeds))
+    one = sampling_memory(*configs, images=1, height=side, width=side)
+    check_memory(weights_bytes(args.model, configs, 4) + batch * one, device="cpu",
+                 what=f"scoring in batches of {batch} images of {side}x{side}",
+                 advice=f"about {gb(one)} an image; free memory (the batch size is fixed, so the scores do not "
+                        "depend on the machine)")
 
 
 def read_scores(folder: Path) -> tuple[dict, list, list]:

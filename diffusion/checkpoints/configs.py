@@ -2,6 +2,7 @@
 image size (or any flag that depends on the architecture) before spending time and memory on a load."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -50,3 +51,58 @@ def configs_from_shapes(shapes: dict[str, tuple[int, ...]], *, source: str) -> t
     unet = {k: v for k, v in meta.items() if k.startswith(single_file.UNET_PREFIX)}
     vae = {k: v for k, v in meta.items() if k.startswith(single_file.VAE_PREFIX)}
     return single_file.infer_unet_config(unet, source=source), single_file.infer_vae_config(vae, source=source)
+
+
+def read_scheduler_config(ckpt: str | Path, *, flag: str = "--ckpt") -> dict:
+    """The noise schedule's config of a checkpoint, without loading it: a diffusers folder's
+    scheduler/scheduler_config.json, or SD v1's for a single file (as `load_stable_diffusion` uses)."""
+    from common.files import read_json
+    from diffusion.checkpoints.load import SD_V1_SCHEDULER_CONFIG
+    if not Path(ckpt).is_dir():
+        return dict(SD_V1_SCHEDULER_CONFIG)
+    try:
+        config = read_json(Path(ckpt) / "scheduler" / "scheduler_config.json")
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{flag} {ckpt}: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{flag} {ckpt}: scheduler/scheduler_config.json is not a JSON object")
+    return config
+
+
+def check_sampling_steps(steps: int, scheduler_config: dict, *, flag: str) -> None:
+    """A sampler takes 1 to num_train_timesteps steps (each step is a distinct training timestep);
+    ValueError naming `flag` otherwise, before any model work."""
+    from diffusion.schedule import ScheduleConfig
+    total = ScheduleConfig.from_dict(scheduler_config).num_train_timesteps
+    if not 1 <= steps <= total:
+        raise ValueError(f"{flag} {steps}: must be from 1 to {total}, the model's num_train_timesteps (its noise "
+                         f"schedule has {total} steps to visit)")
+
+
+def parameter_counts(ckpt: str | Path, configs) -> dict[str, int]:
+    """How many weights the checkpoint's UNet, VAE and text encoder hold, without reading a tensor: the UNet
+    and VAE built from `configs` on the meta device; the text encoder from the folder's
+    text_encoder/config.json, a single .safetensors file's header, or else SD v1's (CLIP ViT-L/14's text
+    tower). Any layout of the weights (sharded, a variant, a pickle) counts alike."""
+    from clip.text_model import CLIPTextConfig, CLIPTextModel
+    from common.state_dict import empty_model, safetensors_header
+    from diffusion.models.unet import UNet2DConditionModel
+    from diffusion.models.vae import AutoencoderKL
+    ckpt = Path(ckpt)
+    count = lambda model: sum(p.numel() for p in model.parameters())
+    with empty_model():
+        counts = {"unet": count(UNet2DConditionModel(config=configs[0])), "vae": count(AutoencoderKL(config=configs[1]))}
+        text_config = ckpt / "text_encoder" / "config.json"
+        if ckpt.suffix == ".safetensors" and ckpt.is_file():
+            header, _, _ = safetensors_header(ckpt)
+            counts["text_encoder"] = sum(math.prod(e["shape"]) for k, e in header.items()
+                                         if k.startswith(single_file.TEXT_PREFIX))
+        else:
+            config = CLIPTextConfig.from_json(text_config) if text_config.is_file() else CLIPTextConfig()
+            counts["text_encoder"] = count(CLIPTextModel(config))
+    return counts
+
+
+def weights_bytes(ckpt: str | Path, configs, dtype_bytes: int) -> int:
+    """About how many bytes the checkpoint's three models take in memory with weights of `dtype_bytes` each."""
+    return dtype_bytes * sum(parameter_counts(ckpt, configs).values())

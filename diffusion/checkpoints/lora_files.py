@@ -15,12 +15,16 @@
 Every key must map onto a Linear or Conv2d of our UNet or text encoder, with shapes that fit, before
 anything is applied: an unknown key is an error naming it (or, asked for, a skipped key that is
 printed), a mis-shaped one an error naming the key and both shapes (an SD 2 or SDXL LoRA on SD v1).
-Pickle files are refused as every pickle is (common/state_dict.py).
+Pickle files are refused as every pickle is (common/state_dict.py), and so is a file holding NaN or
+infinity, in a tensor or in an alpha (`check_finite`), and a fused model that is not finite.
+A scale is a finite number within +-MAX_SCALE.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +32,8 @@ import torch
 from torch import nn
 
 from common.hub_cache import resolve_model
-from common.state_dict import CheckpointError, listing, read_safetensors, safetensors_metadata, write_safetensors
+from common.state_dict import (CheckpointError, check_finite, listing, read_safetensors, safetensors_metadata,
+                               write_safetensors)
 from diffusion import lora
 
 PARTS = ("unet", "text_encoder")
@@ -110,10 +115,17 @@ def _split(key: str, kohya_names: dict[str, dict[str, str]]) -> tuple[str, str, 
 
 
 # ---- the --lora flag ----------------------------------------------------------------------------------
+# The strength range of ComfyUI's LoraLoader (strength_model, -100 to 100). Far beyond it the update swamps
+# the weights: at -1e30 every activation overflows and every image is black.
+MAX_SCALE = 100.0
+
+
 def parse_lora_flags(values: list[str]) -> list[tuple[str, float]]:
     """--lora FILE or FILE:SCALE (sample.py and train_dreambooth.py) -> [(FILE, SCALE)], scale 1.0 by
     default; a FILE whose own name holds a colon is taken whole. FILE may be a folder or a repo id of the
-    Hugging Face cache (`lora_weights_file`). Raises ValueError naming the flag."""
+    Hugging Face cache (`lora_weights_file`). Raises ValueError naming the flag: a scale that is not a
+    finite number within +-MAX_SCALE, a FILE that is no LoRA file (a device such as /dev/null, a folder
+    without one), named as what it is."""
     files = []
     for value in values:
         path, scale = value, 1.0
@@ -123,8 +135,9 @@ def parse_lora_flags(values: list[str]) -> list[tuple[str, float]]:
                 scale = float(text)
             except ValueError:
                 raise ValueError(f"--lora {value}: the scale {text!r} is not a number (FILE or FILE:SCALE)") from None
-            if scale != scale or scale in (float("inf"), float("-inf")):
-                raise ValueError(f"--lora {value}: the scale must be finite")
+            if not abs(scale) <= MAX_SCALE:   # also NaN
+                raise ValueError(f"--lora {value}: the scale {text} is not a finite number within "
+                                 f"+-{MAX_SCALE:g} (ComfyUI's range; 1 applies the LoRA as trained)")
         files.append((str(lora_weights_file(path)), scale))
     return files
 
@@ -135,6 +148,12 @@ def lora_weights_file(value: str, *, flag: str = "--lora") -> Path:
     diffusers' load_lora_weights guesses its weight_name, refusing where that guess would be arbitrary)."""
     path = resolve_model(value, flag=flag)
     if not path.is_dir():
+        if not path.is_file():   # a device (/dev/null), a pipe: reading it would block or read nothing
+            mode = path.stat().st_mode
+            kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                    else "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "not a regular file")
+            raise ValueError(f"{flag} {value}: {path} is {kind}, not a LoRA file (a .safetensors file)")
         return path
     found = sorted(p.name for p in path.iterdir() if p.suffix == ".safetensors"
                    and not any(word in p.name for word in ("scheduler", "optimizer", "checkpoint")))
@@ -146,6 +165,27 @@ def lora_weights_file(value: str, *, flag: str = "--lora") -> Path:
 
 
 # ---- reading ------------------------------------------------------------------------------------------
+def _adapter_metadata(path: Path) -> dict[str, dict]:
+    """diffusers' "lora_adapter_metadata" ({"unet.lora_alpha": 8, ...}) as {"unet": {"lora_alpha": 8, ...}};
+    an alpha that is not a finite number (JSON's NaN/Infinity) is refused, naming the file and the field."""
+    raw = safetensors_metadata(path).get("lora_adapter_metadata")
+    try:
+        fields = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: lora_adapter_metadata is not JSON ({e})") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{path}: lora_adapter_metadata is not a JSON object")
+    metadata: dict[str, dict] = {}
+    for k, v in fields.items():
+        part, _, field = k.partition(".")
+        alphas = (v or {}).values() if field == "alpha_pattern" and isinstance(v, dict) else [v]
+        if field in ("lora_alpha", "alpha_pattern") and not all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in alphas):
+            raise CheckpointError(f"{path}: lora_adapter_metadata {k} = {v!r}: an alpha must be a finite number")
+        metadata.setdefault(part, {})[field] = v
+    return metadata
+
+
 def _adapter_alpha(metadata: dict, part: str, module: str, rank: int) -> float:
     """diffusers' safetensors metadata (peft LoraConfig fields under `unet.`/`text_encoder.`), else rank."""
     config = metadata.get(part, {})
@@ -161,11 +201,8 @@ def read_lora(path: str | Path, models, *, skip_unknown: bool = False) -> tuple[
     path = Path(path)
     tensors = read_safetensors(path)         # refuses pickles (.bin/.pt/.ckpt) by name
     source = str(path)
-    raw = safetensors_metadata(path).get("lora_adapter_metadata")
-    metadata: dict[str, dict] = {}
-    for k, v in (json.loads(raw) if raw else {}).items():   # {"unet.lora_alpha": 8, ...} -> {"unet": {...}}
-        part, _, field = k.partition(".")
-        metadata.setdefault(part, {})[field] = v
+    check_finite(tensors, source=source)     # NaN weights or an infinite kohya alpha: refused by name
+    metadata = _adapter_metadata(path)
     modules = {part: adaptable_modules(getattr(models, part)) for part in PARTS}
     # kohya's flat names: ours written the public way, "." as "_" (text: with or without `text_model_`)
     kohya_names = {part: {theirs(part, n).replace(".", "_"): n for n in modules[part]} for part in PARTS}
@@ -230,10 +267,14 @@ def load_lora_files(models, files: list[tuple[str, float]], *, fuse: bool = True
     read = [(read_lora(path, models, skip_unknown=skip_unknown), scale, path) for path, scale in files]
     for (updates, _), scale, _ in read:
         apply_lora(models, updates, scale=scale)
+    changed = {u.part for (updates, _), _, _ in read for u in updates}
     if fuse:
         for part in PARTS:
             lora.fuse(getattr(models, part))
-    changed = {u.part for (updates, _), _, _ in read for u in updates}
+        # finite files at a bounded scale can still overflow once fused (values near the dtype's limit)
+        fused = {f"{u.part}.{u.module}.weight": getattr(models, u.part).get_submodule(u.module).weight
+                 for (updates, _), _, _ in read for u in updates}
+        check_finite(fused, source=" + ".join(f"{path}:{scale:g}" for path, scale in files) + " fused in")
     return changed, [f"{path}: {key}" for (_, skipped), _, path in read for key in skipped]
 
 
