@@ -235,7 +235,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
     except ValueError as e:   # UsageError, and read_configs' errors, which name the flag
         exit_usage(PROG, e)
 
-    import torch
     from common.precision import DTYPES, check_device_runs, sampling_precision, slow_precision_warning
     from common.state_dict import CheckpointError
     from diffusion.speed import arrange_for_speed
