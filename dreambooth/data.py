@@ -37,11 +37,12 @@ def image_files(folder: str | Path, *, flag: str) -> list[Path]:
         raise DataError(f"{flag} {folder}: no such folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != PROMPTS_FILE)
     for file in files:
-        _decode(file, flag=flag).close()
+        decode_image(file, flag=flag).close()
     return files
 
 
-def _decode(file: Path, *, flag: str | None):
+def decode_image(file: Path, *, flag: str | None):
+    """The image as an RGB PIL image (EXIF orientation applied); a DataError names the flag and the file."""
     try:
         return read_image(file, max_pixels=MAX_IMAGE_PIXELS)
     except ImageError as e:
@@ -52,7 +53,7 @@ def _decode(file: Path, *, flag: str | None):
 def load_image(file: Path, resolution: int, *, flag: str | None = None) -> torch.Tensor:
     """(3, H, W) uint8 with the shorter side equal to `resolution` (EXIF orientation applied)."""
     from PIL import Image
-    with _decode(file, flag=flag) as im:
+    with decode_image(file, flag=flag) as im:
         w, h = im.size
         scale = resolution / min(w, h)
         size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
