@@ -39,15 +39,15 @@ from common.files import check_writable
 from common.precision import MIXED_PRECISION, autocast
 from common.run_config import finish_run_record, finite_float, parse_args_with_config, start_run_record
 from common.state_dict import CheckpointError
-from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, Distributed, MetricsLog, NonFiniteLoss,
-                             StopOnSignal, adamw, barrier, check_output_dir, count_steps, fail, fail_run, finish_step,
+from common.training import (LR_SCHEDULERS, Checkpoints, Distributed, MetricsLog, NonFiniteLoss, StopOnSignal,
+                             adamw, add_run_flags, barrier, check_output_dir, count_steps, fail, fail_run, finish_step,
                              grad_scaler, gradient_sync, learning_rate, report_stale_temporaries, resume, rng_state,
                              save_training_state, seed_everything, setup_distributed, stop_requested, stopped_run,
                              teardown_distributed)
 from diffusion.pipeline import encode_prompts
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
-from dreambooth.data import DataError, check_model_size, image_files, resolve_base
+from dreambooth.data import DataError, add_model_flags, check_model_size, image_files, resolve_base
 from dreambooth.inversion import (TEMPLATE_SETS, add_placeholder, check_placeholder, initializer_id,
                                   load_square_image, make_examples, restore_training_state,
                                   train_new_rows, training_state)
@@ -55,7 +55,7 @@ from dreambooth.steps import LatentCache, denoising_loss, denoising_prediction, 
 
 # The settings that shape a run: resuming with any of them changed needs --allow_config_change.
 RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "variant", "train_data_dir",
-               "placeholder_token", "initializer_token", "learnable_property", "num_vectors", "repeats", "resolution",
+               "placeholder_token", "initializer_token", "learnable_property", "template", "num_vectors", "repeats", "resolution",
                "center_crop", "train_batch_size", "gradient_accumulation_steps", "world_size", "learning_rate",
                "scale_lr", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "num_train_epochs", "adam_beta1",
                "adam_beta2", "adam_weight_decay", "adam_epsilon", "mixed_precision", "seed", "cache_latents")
@@ -66,18 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_textual_inversion.py", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--config", help="a TOML file of flag = value lines; flags on the command line override it")
-    a("--pretrained_model_name_or_path", help="SD v1 diffusers folder or single .safetensors/.ckpt file, or a repo id "
-                                              "of the Hugging Face cache: org/name[@revision][/file] (required)")
-    a("--revision", help="with a repo id: the branch, tag or commit of the cached model (default main)")
-    a("--variant", help="read the model's <name>.VARIANT.safetensors files, e.g. fp16, as diffusers' from_pretrained")
-    a("--pretrained_config_dir", help="for a single file: folder with unet/, vae/, text_encoder/ config.json (and "
-                                      "tokenizer/), as sample.py --config (default: inferred from the shapes)")
+    add_model_flags(a)   # --pretrained_model_name_or_path, --revision, --variant, --pretrained_config_dir
     a("--train_data_dir", help="folder with the photos of the concept (required)")
     a("--placeholder_token", help="the new word, one the tokenizer does not know, e.g. <cat-toy> (required)")
     a("--initializer_token", help="a known word of one token whose embedding starts the new word's rows, e.g. toy "
                                   "(required)")
     a("--learnable_property", default="object", choices=sorted(TEMPLATE_SETS),
       help="the prompts' templates: 'a photo of a {}' ... (object) or 'a painting in the style of {}' ... (style)")
+    a("--template", action="append", metavar="TEXT",
+      help="a prompt template with {} where the word goes, e.g. 'a {} on a table', used instead of "
+           "--learnable_property's set; repeat the flag for several (each example picks one); not in diffusers' script")
     a("--num_vectors", type=int, default=1, help="rows (vectors) of the new word; its tokens are TOKEN, TOKEN_1, ...")
     a("--repeats", type=int, default=100, help="passes over the photos per epoch")
     a("--resolution", type=int, default=512, help="photos are resized to this square")
@@ -101,17 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adam_epsilon", type=finite_float, default=1e-8)
     a("--mixed_precision", default="no", choices=list(MIXED_PRECISION),
       help="autocast dtype of the forward pass; the frozen UNet and VAE are stored in it")
-    a("--report_to", default="jsonl", choices=REPORT_TO,
-      help="metrics.jsonl is always written; 'tensorboard' adds event files (needs the tensorboard package)")
+    add_run_flags(a)     # --report_to, checkpoints, --resume_from_checkpoint and what a run may overwrite
     a("--save_steps", type=int, default=500, help="write learned_embeds-steps-<step>.safetensors every N steps")
-    a("--checkpointing_steps", type=int, default=500, help="save the full training state every N steps")
-    a("--checkpoints_total_limit", type=int, help="keep only the newest N checkpoints")
-    a("--resume_from_checkpoint", help="a checkpoint file, or 'latest' in --output_dir (the newest that reads)")
-    a("--overwrite_output_dir", action="store_true",
-      help="write into an --output_dir that holds another run's state (its checkpoints are never pruned)")
-    a("--skip_nonfinite_steps", action="store_true",
-      help="skip an optimizer step whose loss is NaN/inf (counted in metrics.jsonl) instead of stopping the run")
-    a("--allow_config_change", action="store_true", help="resume even when run-shaping settings changed")
     a("--output_dir", default="text-inversion-model", help="embeddings, checkpoints, metrics and run record go here")
     a("--seed", type=int, default=0, help="data order, templates, flips, noise, timesteps and validation images")
     a("--validation_prompt", help="prompt (with the placeholder) sampled every --validation_steps")
@@ -143,6 +132,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--learning_rate must be > 0 and --lr_warmup_steps >= 0")
     if args.sampler not in SAMPLERS:
         parser.error(f"--sampler {args.sampler}: must be one of {', '.join(SAMPLERS)}")
+    for template in args.template or []:
+        rest = template.replace("{}", "", 1)
+        if "{}" not in template or "{" in rest or "}" in rest:
+            parser.error(f"--template {template!r}: must hold {{}} once (where the word goes) and no other braces")
 
 
 @dataclass
@@ -242,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                              dtype=precision, argv=argv) if dist.is_main else None)
     ending = dict(dist=dist, log=log, output_dir=output_dir, info=info)     # what fail_run and stopped_run record
     latent_cache = LatentCache(models.vae, precision) if args.cache_latents else None
-    templates = TEMPLATE_SETS[args.learnable_property]
+    templates = args.template or TEMPLATE_SETS[args.learnable_property]
     placeholder = " ".join(vector_tokens(args.placeholder_token, args.num_vectors))   # "tok tok_1 ...", as the script
 
     # ---- the loop ---------------------------------------------------------------------------------------

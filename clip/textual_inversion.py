@@ -27,6 +27,7 @@ holds anything but tensors, numbers, strings and plain containers is refused.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +252,24 @@ def grow_token_embedding(text_encoder: nn.Module, rows: torch.Tensor, *, first: 
     text_encoder.config = dataclasses.replace(text_encoder.config, vocab_size=first + rows.shape[0])
 
 
+def remove_embeddings(text_encoder: nn.Module, embeddings: list[Embedding], *, first: int) -> list[Embedding]:
+    """`add_embeddings` undone in the text encoder (the tokenizer keeps the words): the token embedding cut back
+    to its `first` rows (the config's vocab_size too), so that the model saves as it was read. Returns the
+    embeddings with the rows as they are now (trained along with the text encoder, say), in their order."""
+    weight = text_encoder.token_embedding.weight.detach()                         # (V + n, D)
+    out, at = [], first
+    for e in embeddings:
+        out.append(dataclasses.replace(e, vectors=weight[at:at + len(e.vectors)].clone()))
+        at += len(e.vectors)
+    kept = nn.Embedding(first, weight.shape[1], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        kept.weight.copy_(weight[:first])
+    kept.weight.requires_grad_(text_encoder.token_embedding.weight.requires_grad)
+    text_encoder.token_embedding = kept
+    text_encoder.config = dataclasses.replace(text_encoder.config, vocab_size=first)
+    return out
+
+
 # ---- prompts -----------------------------------------------------------------------------------------------
 def expand_prompt(prompt: str, tokenizer) -> str:
     """diffusers' `maybe_convert_prompt`: each added word the prompt's tokens hold is replaced (str.replace,
@@ -275,9 +294,18 @@ def expand_prompts(prompts: list[str], tokenizer) -> list[str]:
 
 
 # ---- writing -----------------------------------------------------------------------------------------------
+def save_embeddings(folder: str | Path, embeddings: list[Embedding]) -> list[Path]:
+    """Each embedding in `folder` as its own diffusers file, named after its word's letters, digits, '-', '_'
+    and '.' ("<cat-toy>" -> cat-toy.safetensors; words that name alike get their position added)."""
+    names = [re.sub(r"[^A-Za-z0-9._-]+", "_", e.token).strip("._") or "embedding" for e in embeddings]
+    names = [f"{n}-{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    return [save_embedding(Path(folder) / f"{n}.safetensors", e.token, e.vectors) for n, e in zip(names, embeddings)]
+
+
 def save_embedding(path: str | Path, token: str, vectors: torch.Tensor) -> Path:
     """diffusers' learned_embeds.safetensors: {token: (n, D)} with metadata {"format": "pt"}, as
     examples/textual_inversion's save_progress writes it (load_textual_inversion reads it); atomically."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors(path, {token: vectors.detach().float().cpu().contiguous()}, {"format": "pt"})
     return path

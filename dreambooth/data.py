@@ -84,6 +84,18 @@ def example_generator(seed: int, epoch: int, position: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def add_model_flags(add_argument) -> None:
+    """The base model's flags of both trainers (train_dreambooth.py, train_textual_inversion.py), which
+    `resolve_base` and `check_model_size` read."""
+    a = add_argument
+    a("--pretrained_model_name_or_path", help="SD v1 diffusers folder or single .safetensors/.ckpt file, or a repo id "
+                                              "of the Hugging Face cache: org/name[@revision][/file] (required)")
+    a("--revision", help="with a repo id: the branch, tag or commit of the cached model (default main)")
+    a("--variant", help="read the model's <name>.VARIANT.safetensors files, e.g. fp16, as diffusers' from_pretrained")
+    a("--pretrained_config_dir", help="for a single file: folder with unet/, vae/, text_encoder/ config.json (and "
+                                      "tokenizer/), as sample.py --config (default: inferred from the shapes)")
+
+
 def resolve_base(args) -> tuple[str, str | None]:
     """--pretrained_model_name_or_path and --pretrained_config_dir as local paths: a repo id (with --revision)
     read from the Hugging Face cache, a local path as it is (common/hub_cache.py)."""

@@ -209,6 +209,22 @@ def test_only_the_new_rows_learn_and_the_lookup_is_the_embedding_s():
     assert trained == ["token_embedding.rows"] and rows.rows.grad.abs().sum() > 0
 
 
+def test_templates_of_the_user_replace_the_property_s_set(photos, tmp_path, monkeypatch):
+    """--template (repeatable): the prompts are made from those templates alone, the word's tokens put in."""
+    import dreambooth.inversion as inversion
+    seen = []
+    make = inversion.make_examples
+
+    def spy(*args, **kwargs):
+        batch, prompts = make(*args, **kwargs)
+        seen.extend(prompts)
+        return batch, prompts
+    monkeypatch.setattr(ti, "make_examples", spy)
+    assert ti.main(argv_for(photos, tmp_path / "out", "--max_train_steps", "3", "--template", "a {} on a table",
+                            "--template", "{}")) == 0
+    assert set(seen) == {"a <ti> <ti>_1 on a table", "<ti> <ti>_1"}
+
+
 def test_resume_and_run_config_repeat_bit_for_bit(photos, tmp_path, capsys):
     full, resumed, repeated = tmp_path / "full", tmp_path / "resumed", tmp_path / "repeated"
     extra = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--lr_scheduler", "cosine", "--center_crop",
@@ -294,4 +310,71 @@ def test_bad_input_is_refused_by_name_before_any_model_loads(photos, tmp_path, c
     assert "--train_data_dir" in (err := run(data=tmp_path / "empty")) and "no images" in err
     assert "--resolution=20: must be a positive multiple" in run("--resolution", "20")
     assert "--num_vectors 0: must be at least 1" in run("--num_vectors", "0")
+    assert "--template 'a photo': must hold {} once" in run("--template", "a photo")
+    assert "--template '{} and {}': must hold {} once" in run("--template", "a {}", "--template", "{} and {}")
     assert not (tmp_path / "out").exists()
+
+
+# ---- train_dreambooth.py --embedding: DreamBooth on top of an embedding ----------------------------------------
+TI = ROOT / "tests" / "fixtures" / "textual_inversion"
+
+
+def dreambooth_argv(photos: Path, out: Path, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(SD), "--instance_data_dir", str(photos), "--output_dir", str(out),
+            "--instance_prompt", "a photo of <multi> dog", "--resolution", "16", "--train_batch_size", "1",
+            "--learning_rate", "1e-3", "--max_train_steps", "2", "--device", "cpu",
+            "--embedding", str(TI / "multi.safetensors"), *extra]
+
+
+def test_dreambooth_trains_on_top_of_an_embedding_and_saves_its_trained_rows(photos, tmp_path, capsys):
+    """With --embedding the prompt's word is the embedding's three vectors (the first step's loss differs from a run
+    without it, where <multi> is BPE pieces); with --train_text_encoder the rows train with the text encoder and
+    are written to OUTPUT_DIR/embeddings/ (the saved text encoder keeps its own 1014 rows); a resumed run ends on
+    the same weights."""
+    import shutil
+
+    import train_dreambooth
+    out, plain, resumed = tmp_path / "out", tmp_path / "plain", tmp_path / "resumed"
+    extra = ["--train_text_encoder", "--checkpointing_steps", "1"]
+    assert train_dreambooth.main(dreambooth_argv(photos, out, *extra)) == 0
+    assert f"--embedding {out / 'embeddings' / 'multi.safetensors'}" in capsys.readouterr().out
+    argv = dreambooth_argv(photos, plain, *extra)
+    assert train_dreambooth.main(argv[:argv.index("--embedding")]) == 0
+    assert metrics(out)[0]["loss"] != metrics(plain)[0]["loss"]
+    saved = read_safetensors(out / "text_encoder" / "model.safetensors")
+    assert saved["text_model.embeddings.token_embedding.weight"].shape == (1014, 32)
+    e = read_embedding(out / "embeddings" / "multi.safetensors")
+    original = read_embedding(TI / "multi.safetensors")
+    assert e.token == "<multi>" and e.vectors.shape == (3, 32) and not torch.equal(e.vectors, original.vectors)
+    resumed.mkdir()
+    shutil.copy(out / "checkpoint-1.pt", resumed / "checkpoint-1.pt")
+    assert train_dreambooth.main(dreambooth_argv(photos, resumed, *extra, "--resume_from_checkpoint", "latest")) == 0
+    assert (resumed / "embeddings" / "multi.safetensors").read_bytes() == (out / "embeddings" / "multi.safetensors").read_bytes()
+    assert (resumed / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    import sample
+    written = sample.main(["--ckpt", str(out), "--embedding", str(out / "embeddings" / "multi.safetensors"), "--prompt",
+                           "a photo of <multi> dog", "--n_samples", "1", "--ddim_steps", "2", "--H", "32", "--W", "32",
+                           "--outdir", str(tmp_path / "samples")])
+    assert written[0].is_file()
+
+
+def test_dreambooth_lora_on_an_embedding_names_it_for_sampling_and_bad_ones_are_refused(photos, tmp_path, capsys):
+    import train_dreambooth
+    prior = ["--with_prior_preservation", "--class_prompt", "a photo of <multi>", "--num_class_images", "1",
+             "--class_data_dir", str(tmp_path / "class"), "--sample_batch_size", "1"]
+    assert train_dreambooth.main(dreambooth_argv(photos, tmp_path / "lora", "--rank", "2", *prior)) == 0
+    assert f"--embedding {TI / 'multi.safetensors'}" in capsys.readouterr().out
+    # the class image was made with the word's three vectors: sample.py's image of the class prompt, same seed
+    import sample
+    written = sample.main(["--ckpt", str(SD), "--embedding", str(TI / "multi.safetensors"), "--prompt",
+                           "a photo of <multi>", "--n_samples", "1", "--H", "16", "--W", "16", "--seed", "0",
+                           "--outdir", str(tmp_path / "samples")])
+    assert np.array_equal(np.asarray(Image.open(written[0])), np.asarray(Image.open(tmp_path / "class" / "class-00000.png")))
+    argv = dreambooth_argv(photos, tmp_path / "bad", "--embedding", f"{TI / 'one.safetensors'}:a")
+    assert train_dreambooth.main(argv) == 2
+    assert "error: --embedding " in (err := capsys.readouterr().err) and "one.safetensors: the token 'a' is already" in err
+    argv = dreambooth_argv(photos, tmp_path / "bad2", "--embedding", str(tmp_path / "missing.pt"))
+    assert train_dreambooth.main(argv) == 2
+    assert "--embedding " in (err := capsys.readouterr().err) and "missing.pt: no such file" in err
+    assert not (tmp_path / "bad" / "unet").exists()
