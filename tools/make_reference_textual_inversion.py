@@ -12,8 +12,8 @@ Run after tools/make_reference_sd.py (its tiny model, text width 32) and tools/m
 - reference.safetensors: for each case, the uint8 image of StableDiffusionPipeline after
   load_textual_inversion(file(s), token=...) with the case's prompt (and negative prompt), the token ids of
   the prompt as the pipeline encodes it (maybe_convert_prompt, then the tokenizer) and the text encoder's
-  states for them (the first STATES positions); and the image of the first case's prompt with no embedding loaded (its word is then
-  spelled in BPE pieces), which the embedded images must differ from;
+  states for them (the first STATES positions); and each case's image with no embedding loaded (its words then
+  tokenise as BPE pieces), which the embedded image must differ from;
 - trained/learned_embeds.safetensors: an embedding OUR train_textual_inversion.py trained on the tiny model
   (`train_ours`), read by diffusers' load_textual_inversion (the "trained" case and its check);
 - reference.json: the cases (files, tokens, prompts) and the versions.
@@ -143,6 +143,7 @@ def reference_case(name: str, case: dict, tensors: dict) -> dict:
     image = pipe(prompt, negative_prompt=negative, **{k: v for k, v in RUN.items() if k != "seed"},
                  generator=torch.Generator().manual_seed(RUN["seed"]), output_type="np").images
     tensors[f"{name}.image"] = torch.from_numpy((image * 255).round().astype(np.uint8))
+    tensors[f"{name}.plain_image"] = plain_image(prompt, negative)
     added = {t.content: i for i, t in pipe.tokenizer.added_tokens_decoder.items() if not t.special}
     return dict(case, added_tokens=added, converted_prompt=pipe.maybe_convert_prompt(prompt, pipe.tokenizer))
 
@@ -183,9 +184,10 @@ def train_ours() -> dict:
                       "<trained> and <trained>_1 added with the file's two rows")
 
 
-def plain_image(prompt: str) -> torch.Tensor:
+def plain_image(prompt: str, negative: str | None) -> torch.Tensor:
+    """The case's image without its embeddings: their words then tokenise as BPE pieces."""
     pipe = pipeline()
-    image = pipe(prompt, **{k: v for k, v in RUN.items() if k != "seed"},
+    image = pipe(prompt, negative_prompt=negative, **{k: v for k, v in RUN.items() if k != "seed"},
                  generator=torch.Generator().manual_seed(RUN["seed"]), output_type="np").images
     return torch.from_numpy((image * 255).round().astype(np.uint8))
 
@@ -391,7 +393,6 @@ def main() -> None:
     for name, case in CASES.items():
         cases[name] = reference_case(name, case, tensors)
         print(f"{name}: {cases[name]['converted_prompt']!r}, added {cases[name]['added_tokens']}")
-    tensors["plain.image"] = plain_image(CASES["diffusers_one"]["prompt"])
     trained = train_ours()
     cases["trained"] = reference_case("trained", dict(embeddings=["trained"], prompt=TRAINED_PROMPT), tensors)
     cases["trained"]["trained_check"] = trained

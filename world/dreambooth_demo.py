@@ -77,10 +77,11 @@ FULL = ["--train_text_encoder", "--learning_rate", "5e-4"]
 # fine-tuning's rate; with the text encoder's attention adapted too, or at ranks 4 to 16 and rates 1e-3 to 2e-3,
 # it learned less of the subject and lost more of "a star" (the sweep).
 LORA = ["--rank", "16", "--learning_rate", "4e-3"]
-# Textual inversion (train_textual_inversion.py, the paper's baseline): a new word, <subject>, learned as rows of
+# Textual inversion (train_textual_inversion.py, the paper's baseline): a new word, <subject>, learned as a row of
 # the text encoder's token embedding from the same five images, the model frozen; diffusers' object templates
-# ("a photo of a {}", ...). TI_STEPS and TI_RATE: the sweep in docs/dreambooth_demo_sweep.md ("Textual inversion").
-TI_WORD, TI_STEPS, TI_RATE = "<subject>", 200, "5e-3"
+# ("a photo of a {}", ...), the class noun "star" to start from. 200 steps at 1e-3, the sweep's best (see
+# docs/dreambooth_demo_sweep.md, "Textual inversion"): every rate and length tried stays at 0% subject.
+TI_WORD, TI_STEPS, TI_RATE = "<subject>", 200, "1e-3"
 TEXTUAL_INVERSION = ["--placeholder_token", TI_WORD, "--initializer_token", "star", "--resolution", "64",
                      "--train_batch_size", "4", "--max_train_steps", str(TI_STEPS), "--learning_rate", TI_RATE,
                      "--lr_warmup_steps", "0", "--seed", "0", "--cache_latents", "--checkpointing_steps", "100000",
