@@ -378,3 +378,12 @@ def test_dreambooth_lora_on_an_embedding_names_it_for_sampling_and_bad_ones_are_
     assert train_dreambooth.main(argv) == 2
     assert "--embedding " in (err := capsys.readouterr().err) and "missing.pt: no such file" in err
     assert not (tmp_path / "bad" / "unet").exists()
+
+
+def test_example_config_reads_with_diffusers_readme_settings():
+    from common.run_config import parse_args_with_config
+    args = parse_args_with_config(ti.build_parser(),
+                                  ["--config", str(ROOT / "configs" / "train_textual_inversion.example.toml")])
+    assert (args.learning_rate, args.scale_lr, args.gradient_accumulation_steps, args.max_train_steps) == \
+        (5e-4, True, 4, 3000)
+    assert args.placeholder_token == "<cat-toy>" and args.initializer_token == "toy"
