@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the LoRA updates beside the weights instead of fusing them (same images, slower)")
     p.add_argument("--lora_skip_unknown", action="store_true",
                    help="skip (and print) LoRA keys that match no module, instead of refusing the file")
+    p.add_argument("--embedding", action="append", metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (diffusers' learned_embeds.safetensors, A1111's .pt or "
+                        ".safetensors; a folder or repo id holding learned_embeds.*) whose word TOKEN (default: "
+                        "the one a diffusers file stores, else the file's name) prompts can then use; repeatable "
+                        "(clip/textual_inversion.py)")
     return p
 
 
@@ -225,6 +230,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
             args.ckpt = str(WORLD_SD)
             print(f"no --ckpt: sampling the embedded tiny model {WORLD_SD} (coloured shapes only)", file=sys.stderr)
         check_args(args)
+        from clip.textual_inversion import parse_embedding_flags, read_embeddings
+        try:   # every file read and checked before the model loads
+            embeddings = read_embeddings(parse_embedding_flags(args.embedding or []))
+        except ValueError as e:
+            raise UsageError(f"--embedding {e}") from None
         # imports torch: after the cheap checks
         from diffusion.checkpoints.configs import check_sampling_steps, read_configs, read_scheduler_config
         configs = read_configs(args.ckpt, args.config_dir)
@@ -275,6 +285,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
             exit_usage(PROG, f"--lora {e}")
         for key in skipped:
             print(f"--lora_skip_unknown: skipped {key}", file=sys.stderr)
+    if embeddings:   # their words taught to the tokenizer, their vectors appended to the token embedding
+        from clip.textual_inversion import add_embeddings
+        try:
+            add_embeddings(models.text_encoder, models.tokenizer, embeddings)
+        except ValueError as e:
+            exit_usage(PROG, f"--embedding {e}")
     for module in (models.unet, models.vae, models.text_encoder):
         module.to(device).eval()
     compute = autocast if autocast != "fp32" else args.precision   # the dtype the convolutions run in

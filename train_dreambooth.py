@@ -31,7 +31,7 @@ import resource
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -39,13 +39,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from clip.textual_inversion import (add_embeddings, expand_prompt, expand_prompts, parse_embedding_flags, read_embeddings,
+                                    remove_embeddings, save_embeddings)
 from common.files import check_writable
 from common.flags import SEED_MAX, check_seed
 from common.precision import DTYPES, MIXED_PRECISION, autocast, check_device_runs, slow_precision_warning
 from common.run_config import finish_run_record, finite_float, parse_args_with_config, start_run_record
 from common.state_dict import CheckpointError
-from common.training import (LR_SCHEDULERS, REPORT_TO, Checkpoints, Distributed, MetricsLog, NonFiniteLoss,
-                             StopOnSignal, adamw, barrier, check_output_dir, count_steps, fail, fail_run, finish_step,
+from common.training import (LR_SCHEDULERS, Checkpoints, Distributed, MetricsLog, NonFiniteLoss, StopOnSignal,
+                             adamw, add_run_flags, barrier, check_output_dir, count_steps, fail, fail_run, finish_step,
                              grad_scaler, gradient_sync, learning_rate, report_stale_temporaries, resume, rng_state,
                              save_training_state, seed_everything, setup_distributed, stop_requested, stopped_run,
                              teardown_distributed)
@@ -53,8 +55,8 @@ from diffusion.checkpoints.lora_files import load_lora_files, parse_lora_flags, 
 from diffusion.pipeline import NonFiniteError, encode_prompts
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
-from dreambooth.data import (DataError, check_model_size, generate_class_images, image_files, load_image,
-                             missing_class_indices, resolve_base)
+from dreambooth.data import (DataError, add_model_flags, check_model_size, generate_class_images, image_files,
+                             load_image, missing_class_indices, resolve_base)
 from dreambooth.steps import (OFFSET_NOISE_SCALE, LatentCache, denoising_loss, denoising_prediction, load_models,
                               make_batch, restore_training_state, trainable_parameters, training_state)
 
@@ -65,7 +67,7 @@ RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instan
                "world_size", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
                "num_train_epochs", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
                "mixed_precision", "seed", "offset_noise", "snr_gamma", "snr_weight_prior", "snr_v_paper", "rank",
-               "lora", "cache_latents", "variant")
+               "lora", "cache_latents", "variant", "embedding")
 CLASS_SAMPLING = dict(steps=50, guidance_scale=7.5)        # StableDiffusionPipeline's defaults, as diffusers uses
 VALIDATION_SAMPLING = dict(steps=25, guidance_scale=7.5)   # diffusers' DreamBooth validation settings
 LEARNING_RATE = {"full": 5e-6, "lora": 5e-4}   # train_dreambooth.py's and train_dreambooth_lora.py's defaults
@@ -76,12 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_dreambooth.py", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--config", help="a TOML file of flag = value lines; flags on the command line override it")
-    a("--pretrained_model_name_or_path", help="SD v1 diffusers folder or single .safetensors/.ckpt file, or a repo id "
-                                              "of the Hugging Face cache: org/name[@revision][/file] (required)")
-    a("--revision", help="with a repo id: the branch, tag or commit of the cached model (default main)")
-    a("--variant", help="read the model's <name>.VARIANT.safetensors files, e.g. fp16, as diffusers' from_pretrained")
-    a("--pretrained_config_dir", help="for a single file: folder with unet/, vae/, text_encoder/ config.json (and "
-                                      "tokenizer/), as sample.py --config (default: inferred from the shapes)")
+    add_model_flags(a)   # --pretrained_model_name_or_path, --revision, --variant, --pretrained_config_dir
     a("--instance_data_dir", help="folder with the photos of the subject (required)")
     a("--instance_prompt", help="prompt with the identifier, e.g. 'a photo of sks dog' (required)")
     a("--class_data_dir", help="class images; the missing ones are generated here by the base model")
@@ -117,16 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adam_weight_decay", type=finite_float, default=1e-2, help="AdamW decoupled weight decay")
     a("--adam_epsilon", type=finite_float, default=1e-8)
     a("--mixed_precision", default="no", choices=list(MIXED_PRECISION), help="autocast dtype of the forward pass")
-    a("--report_to", default="jsonl", choices=REPORT_TO,
-      help="metrics.jsonl is always written; 'tensorboard' adds event files (needs the tensorboard package)")
-    a("--checkpointing_steps", type=int, default=500, help="save the full training state every N steps")
-    a("--checkpoints_total_limit", type=int, help="keep only the newest N checkpoints")
-    a("--resume_from_checkpoint", help="a checkpoint file, or 'latest' in --output_dir (the newest that reads)")
-    a("--overwrite_output_dir", action="store_true",
-      help="write into an --output_dir that holds another run's state (its checkpoints are never pruned)")
-    a("--skip_nonfinite_steps", action="store_true",
-      help="skip an optimizer step whose loss is NaN/inf (counted in metrics.jsonl) instead of stopping the run")
-    a("--allow_config_change", action="store_true", help="resume even when run-shaping settings changed")
+    add_run_flags(a)     # --report_to, checkpoints, --resume_from_checkpoint and what a run may overwrite
     a("--output_dir", default="dreambooth-model", help="model, checkpoints, metrics and run record go here")
     a("--seed", type=int, default=0, help="data order, crops, noise, timesteps, class and validation images")
     a("--validation_prompt", help="prompt sampled every --validation_steps")
@@ -150,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
            "1.0), as sample.py --lora applies it; repeat the flag to stack LoRAs")
     a("--lora_skip_unknown", action="store_true",
       help="with --lora: skip (and print) LoRA keys that match no module, instead of refusing the file")
+    a("--embedding", action="append", metavar="FILE[:TOKEN]",
+      help="train on top of this textual-inversion embedding, its word added as sample.py --embedding adds it (the "
+           "prompts may use it); repeatable. With --train_text_encoder its rows train too and are written to "
+           "OUTPUT_DIR/embeddings/")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
 
@@ -225,6 +217,7 @@ class Inputs:
     instance_images: list                 # (3, H, W) uint8 each
     missing: list                         # indices of the class images still to generate
     generation_precision: str             # "fp32", "bf16" or "fp16": the dtype they are generated in
+    embeddings: list = field(default_factory=list)   # --embedding files, read (clip/textual_inversion.py)
 
 
 def check_inputs(args: argparse.Namespace) -> Inputs:
@@ -243,6 +236,10 @@ def check_inputs(args: argparse.Namespace) -> Inputs:
     if missing:
         check_writable(class_dir, "--class_data_dir")
     instance_images = [load_image(f, args.resolution, flag="--instance_data_dir") for f in instance_files]
+    try:
+        embeddings = read_embeddings(parse_embedding_flags(args.embedding or []))
+    except ValueError as e:
+        raise DataError(f"--embedding {e}") from None
     dist = setup_distributed(args.device)
     # class images in the dtype diffusers would use: --prior_generation_precision, else fp32 on a CPU, fp16 on a GPU
     generation_precision = (args.prior_generation_precision if args.prior_generation_precision not in (None, "no")
@@ -252,7 +249,7 @@ def check_inputs(args: argparse.Namespace) -> Inputs:
         check_device_runs(DTYPES[generation_precision], dist.device, flag=flag)
         if dist.is_main and (warning := slow_precision_warning(DTYPES[generation_precision], dist.device, flag=flag)):
             print(warning, file=sys.stderr)
-    return Inputs(dist, instance_images, missing, generation_precision)
+    return Inputs(dist, instance_images, missing, generation_precision, embeddings)
 
 
 def prepare_models(args: argparse.Namespace, inputs: Inputs):
@@ -284,6 +281,7 @@ def prepare_models(args: argparse.Namespace, inputs: Inputs):
             raise DataError(f"--lora {e}") from None
         for key in skipped_keys if dist.is_main else []:
             print(f"--lora_skip_unknown: skipped {key}", file=sys.stderr)
+    add_words(models, inputs.embeddings)
     class_dir = Path(args.class_data_dir or ".")
     if missing:   # the base model itself, or a copy of it in --prior_generation_precision's dtype
         generation_models = models if generation_dtype == weights_dtype else load_models(
@@ -291,8 +289,11 @@ def prepare_models(args: argparse.Namespace, inputs: Inputs):
             dtype=generation_dtype)[0]
         if generation_models is not models and lora_files:   # the same base: the files fused into the copy too
             load_lora_files(generation_models, lora_files, skip_unknown=args.lora_skip_unknown)
+        if generation_models is not models:
+            add_words(generation_models, inputs.embeddings)
         try:
-            generate_class_images(generation_models, class_dir, missing, prompt=args.class_prompt,
+            generate_class_images(generation_models, class_dir, missing,
+                                  prompt=expand_prompt(args.class_prompt, generation_models.tokenizer),
                                   resolution=args.resolution, seed=args.seed, batch_size=args.sample_batch_size,
                                   share=(dist.rank, dist.world_size), progress=dist.is_main,
                                   sampler=args.sampler, **CLASS_SAMPLING)
@@ -305,6 +306,14 @@ def prepare_models(args: argparse.Namespace, inputs: Inputs):
                      image_files(class_dir, flag="--class_data_dir")[:args.num_class_images]]
                     if args.with_prior_preservation else [])
     return models, layouts, lora_changed, class_images
+
+
+def add_words(models, embeddings: list) -> None:
+    """--embedding: the words taught to the tokenizer, their rows appended to the token embedding."""
+    try:
+        add_embeddings(models.text_encoder, models.tokenizer, embeddings)
+    except ValueError as e:
+        raise DataError(f"--embedding {e}") from None
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -366,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                              dtype=precision, argv=argv, memory_format=layouts) if dist.is_main else None)
     ending = dict(dist=dist, log=log, output_dir=output_dir, info=info)     # what fail_run and stopped_run record
     latent_cache = LatentCache(models.vae, precision) if args.cache_latents else None
-    prompts = [args.instance_prompt] * B + ([args.class_prompt] * B if prior else [])
+    prompts = expand_prompts([args.instance_prompt] * B + ([args.class_prompt] * B if prior else []),
+                             models.tokenizer)   # an --embedding's multi-vector word spelled out, as sample.py does
     weighting = dict(schedule=schedule, snr_gamma=args.snr_gamma, snr_v_paper=args.snr_v_paper)   # --snr_gamma
     prior_weighting = weighting if args.snr_weight_prior else {}   # as diffusers: the class images' plain MSE
 
@@ -429,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     if stopped_by and step < max_steps:
         return stopped_run(stopped_by, **ending, step=step)
     if dist.is_main:
-        export(models, args, output_dir, changed=lora_changed)
+        export(models, args, output_dir, changed=lora_changed, embeddings=inputs.embeddings)
         finish_run_record(output_dir, info, step=step)
     log.close()
     teardown_distributed(dist)
@@ -458,23 +468,32 @@ def validate(dist, models, args, output_dir: Path, step: int) -> None:
     barrier(dist)
 
 
-def export(models, args, output_dir: Path, *, changed: set[str]) -> None:
+def export(models, args, output_dir: Path, *, changed: set[str], embeddings: list) -> None:
     """A diffusers folder (parts neither trained nor `changed` by a --lora file as they came) and, with
-    --save_single_file, the original layout; with --rank, the LoRA files only."""
+    --save_single_file, the original layout; with --rank, the LoRA files only. The --embedding rows are taken
+    out of the text encoder first (it saves as it was read); trained with it (--train_text_encoder), they are
+    written to output_dir/embeddings/ in diffusers' layout, one file per --embedding."""
     from diffusion.checkpoints.save import save_diffusers_folder, save_single_file
+    words = ""                                        # the --embedding flags a user samples the output with
+    if embeddings:
+        trained = remove_embeddings(models.text_encoder, embeddings, first=min(models.tokenizer.added_tokens.values()))
+        if args.train_text_encoder and args.rank is None:
+            words = "".join(f" --embedding {path}" for path in save_embeddings(output_dir / "embeddings", trained))
+        else:
+            words = "".join(f" --embedding {value}" for value in args.embedding)
     if args.rank is not None:
         parts = ("unet", "text_encoder") if args.train_text_encoder else ("unet",)
         written = save_lora_files(models, output_dir, parts=parts, kohya=args.lora_format == "kohya")
         base_loras = "".join(f" --lora {value}" for value in args.lora or [])   # the base it was trained on
-        print("LoRA written to " + ", ".join(map(str, written)) +
-              f" (use: python sample.py --ckpt {args.pretrained_model_name_or_path}{base_loras} --lora {written[0]})")
+        print("LoRA written to " + ", ".join(map(str, written)) + f" (use: python sample.py --ckpt "
+              f"{args.pretrained_model_name_or_path}{base_loras} --lora {written[0]}{words})")
         return
     changed = changed | {"unet"} | ({"text_encoder"} if args.train_text_encoder else set())   # differ from the input
     save_diffusers_folder(models, output_dir, trained=changed, config_dir=args.pretrained_config_dir)
     written = [output_dir]
     if args.save_single_file:
         written.append(save_single_file(models, output_dir / f"{output_dir.resolve().name}.safetensors"))
-    print("model written to " + ", ".join(map(str, written)) + f" (use: python sample.py --ckpt {output_dir})")
+    print("model written to " + ", ".join(map(str, written)) + f" (use: python sample.py --ckpt {output_dir}{words})")
 
 
 if __name__ == "__main__":

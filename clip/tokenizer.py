@@ -122,6 +122,7 @@ class CLIPTokenizer:
         backend.add_special_tokens([AddedToken(content, special=True, normalized=normalized)
                                     for content, normalized in flags.items()])
         self._backend = backend
+        self.added_tokens: dict[str, int] = {}   # new words (add_tokens) -> their ids, after the vocabulary's
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -172,6 +173,29 @@ class CLIPTokenizer:
         for i, row in enumerate(rows):
             ids[i, :len(row)] = row  # numpy: ~7x faster than torch.tensor(list of lists) at B = 10,000
         return torch.from_numpy(ids)
+
+    # ---- new words (textual inversion) ---------------------------------------------------------
+    def add_tokens(self, tokens: list[str]) -> list[int]:
+        """Teach the tokenizer new words, each with the next free id (len(self) on): transformers'
+        `tokenizer.add_tokens(...)`, as diffusers' textual inversion calls it. An added word is matched
+        whole in the cleaned-up prompt before the split and BPE (tokenizers' AddedToken, normalized=True,
+        special=False: "<cat-toy>" matches in "a <Cat-Toy>!"), anywhere, even inside a longer word.
+        A word the tokenizer already has is refused (ValueError): it would keep its old id."""
+        known = [t for t in tokens if t in self]
+        if known or len(set(tokens)) != len(tokens) or not all(tokens):
+            raise ValueError(f"add_tokens: {known or tokens} already known, repeated or empty")
+        self._backend.add_tokens([AddedToken(t, normalized=True, special=False) for t in tokens])
+        ids = [self._backend.token_to_id(t) for t in tokens]
+        self.added_tokens.update(zip(tokens, ids))
+        return ids
+
+    def __contains__(self, token: str) -> bool:
+        """Whether `token` is a vocabulary entry or an added word (transformers' `token in get_vocab()`)."""
+        return token in self.vocab or token in self.added_tokens
+
+    def __len__(self) -> int:
+        """The vocabulary and the added words: the ids this tokenizer can give (transformers' len(tokenizer))."""
+        return len(self.vocab) + len(self.added_tokens)
 
     def save_vocab_files(self, folder: str | Path) -> None:
         """Write vocab.json + merges.txt, the layout of an SD v1 tokenizer/ folder."""

@@ -37,6 +37,22 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 REPORT_TO = ("jsonl", "tensorboard")
 
 
+# ---- the flags every diffusion trainer shares ---------------------------------------------------------
+def add_run_flags(add_argument) -> None:
+    """--report_to and the flags of checkpoints and resuming (train_dreambooth.py, train_textual_inversion.py)."""
+    a = add_argument
+    a("--report_to", default="jsonl", choices=REPORT_TO,
+      help="metrics.jsonl is always written; 'tensorboard' adds event files (needs the tensorboard package)")
+    a("--checkpointing_steps", type=int, default=500, help="save the full training state every N steps")
+    a("--checkpoints_total_limit", type=int, help="keep only the newest N checkpoints")
+    a("--resume_from_checkpoint", help="a checkpoint file, or 'latest' in --output_dir (the newest that reads)")
+    a("--overwrite_output_dir", action="store_true",
+      help="write into an --output_dir that holds another run's state (its checkpoints are never pruned)")
+    a("--skip_nonfinite_steps", action="store_true",
+      help="skip an optimizer step whose loss is NaN/inf (counted in metrics.jsonl) instead of stopping the run")
+    a("--allow_config_change", action="store_true", help="resume even when run-shaping settings changed")
+
+
 # ---- learning rate -----------------------------------------------------------------------------------
 def learning_rate(step: int, *, total: int, peak: float, schedule: str, warmup: int) -> float:
     """The learning rate of optimizer step `step` (0-based), as diffusers' and transformers'

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
+from clip.textual_inversion import expand_prompts
 from common.precision import autocast as autocast_context
 from diffusion.samplers import Sampler, make_sampler
 from diffusion.schedule import randn
@@ -236,6 +237,9 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
         if len(negatives) != len(prompts):
             raise ValueError(f"negative_prompt: {len(negatives)} given for {len(prompts)} prompts")
 
+    # The words of multi-vector textual-inversion embeddings spelled out: "tok" -> "tok tok_1 ...", as
+    # diffusers' maybe_convert_prompt (clip/textual_inversion.py); no change without added words.
+    prompts, negatives = expand_prompts(prompts, models.tokenizer), expand_prompts(negatives, models.tokenizer)
     n = num_images_per_prompt
     with autocast_context(autocast, device):
         states = encode_prompts(models.text_encoder, models.tokenizer,

@@ -37,11 +37,12 @@ def image_files(folder: str | Path, *, flag: str) -> list[Path]:
         raise DataError(f"{flag} {folder}: no such folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != PROMPTS_FILE)
     for file in files:
-        _decode(file, flag=flag).close()
+        decode_image(file, flag=flag).close()
     return files
 
 
-def _decode(file: Path, *, flag: str | None):
+def decode_image(file: Path, *, flag: str | None):
+    """The image as an RGB PIL image (EXIF orientation applied); a DataError names the flag and the file."""
     try:
         return read_image(file, max_pixels=MAX_IMAGE_PIXELS)
     except ImageError as e:
@@ -52,7 +53,7 @@ def _decode(file: Path, *, flag: str | None):
 def load_image(file: Path, resolution: int, *, flag: str | None = None) -> torch.Tensor:
     """(3, H, W) uint8 with the shorter side equal to `resolution` (EXIF orientation applied)."""
     from PIL import Image
-    with _decode(file, flag=flag) as im:
+    with decode_image(file, flag=flag) as im:
         w, h = im.size
         scale = resolution / min(w, h)
         size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
@@ -81,6 +82,18 @@ def example_generator(seed: int, epoch: int, position: int) -> torch.Generator:
     and a resumed run draws what the uninterrupted run would have."""
     state = np.random.SeedSequence([seed, epoch, position]).generate_state(2, dtype=np.uint32)
     return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def add_model_flags(add_argument) -> None:
+    """The base model's flags of both trainers (train_dreambooth.py, train_textual_inversion.py), which
+    `resolve_base` and `check_model_size` read."""
+    a = add_argument
+    a("--pretrained_model_name_or_path", help="SD v1 diffusers folder or single .safetensors/.ckpt file, or a repo id "
+                                              "of the Hugging Face cache: org/name[@revision][/file] (required)")
+    a("--revision", help="with a repo id: the branch, tag or commit of the cached model (default main)")
+    a("--variant", help="read the model's <name>.VARIANT.safetensors files, e.g. fp16, as diffusers' from_pretrained")
+    a("--pretrained_config_dir", help="for a single file: folder with unet/, vae/, text_encoder/ config.json (and "
+                                      "tokenizer/), as sample.py --config (default: inferred from the shapes)")
 
 
 def resolve_base(args) -> tuple[str, str | None]:
@@ -114,7 +127,7 @@ def check_model_size(args, instance_files: list[Path] = ()) -> None:
     if configs is None:   # a .ckpt, whose shapes are checked once it is loaded
         return
     check_size(args.resolution, args.resolution, *configs, names=("--resolution", "--resolution"))
-    if args.rank is not None:
+    if getattr(args, "rank", None) is not None:   # train_textual_inversion.py has no --rank
         with empty_model():                       # the UNet's layer widths, no memory
             unet = UNet2DConditionModel(config=configs[0])
         lora.check_rank(unet, lora.UNET_TARGETS, args.rank, flag="--rank")

@@ -5,7 +5,9 @@ any weight is read, and checked against the memory there is (common/memory.py):
                              --num_class_images class images, uint8 in RAM for the whole run
     the class images         batches of --sample_batch_size images sampled by the base model
     a training step          the trained weights, their gradients and Adam's moments, and the activations
-                             of --train_batch_size crops (twice that with prior preservation)
+                             of --train_batch_size crops (twice that with prior preservation); textual
+                             inversion (train_textual_inversion.py) trains a few rows and holds the
+                             frozen model in its --mixed_precision dtype, as a LoRA run does
     validation               --num_validation_images sampled between steps, beside the training state
 
 The factors are measured upper bounds (bench/sampling_memory.py), not exact figures; a run the estimate
@@ -34,7 +36,7 @@ def held_image_bytes(args: argparse.Namespace, instance_files: list[Path]) -> in
         with Image.open(file) as im:
             w, h = im.size
         total += 3 * max(r, round(w * r / min(w, h))) * max(r, round(h * r / min(w, h)))
-    if args.with_prior_preservation:
+    if getattr(args, "with_prior_preservation", False):   # train_textual_inversion.py has no class images
         total += 3 * r * r * args.num_class_images
     return total
 
@@ -49,6 +51,8 @@ def check_run_memory(args: argparse.Namespace, configs, instance_files: list[Pat
     from diffusion.pipeline import VAE_DECODER_MAPS, sampling_memory
 
     unet_config, vae_config = configs
+    prior = getattr(args, "with_prior_preservation", False)   # train_textual_inversion.py: no prior, no --rank
+    rank, inversion = getattr(args, "rank", None), hasattr(args, "placeholder_token")
     device = training_device(args.device)
     r, f = args.resolution, vae_config.spatial_factor
     counts = parameter_counts(args.pretrained_model_name_or_path, configs)
@@ -59,14 +63,14 @@ def check_run_memory(args: argparse.Namespace, configs, instance_files: list[Pat
     ram_too = held if device.type == "cpu" else 0   # on a GPU the images stay in RAM: checked apart
     if device.type != "cpu":
         check_memory(held, device="cpu", what=f"--resolution {r}: {len(instance_files)} instance images"
-                     + (f" and --num_class_images {args.num_class_images}" if args.with_prior_preservation else ""),
+                     + (f" and --num_class_images {args.num_class_images}" if prior else ""),
                      advice="lower --resolution or --num_class_images")
     what = f"--resolution {r}"
     check_memory(ram_too, device=device, what=f"{what}: {len(instance_files)} instance images"
-                 + (f" and --num_class_images {args.num_class_images}" if args.with_prior_preservation else "")
+                 + (f" and --num_class_images {args.num_class_images}" if prior else "")
                  + " held in memory", advice="lower --resolution or --num_class_images")
 
-    if args.with_prior_preservation:              # the base model samples class images in batches
+    if prior:              # the base model samples class images in batches
         one = sampling_memory(unet_config, vae_config, images=1, height=r, width=r)
         weights = 4 * (unet_n + vae_n + text_n)
         need = ram_too + weights + args.sample_batch_size * one
@@ -76,20 +80,23 @@ def check_run_memory(args: argparse.Namespace, configs, instance_files: list[Pat
                                                                       f" to {fit} or less" if fit else ""))
 
     precision_bytes = 2 if args.mixed_precision in ("fp16", "bf16") else 4
-    if args.rank is None:                         # full fine-tuning: fp32 master weights and Adam
+    if inversion:                                 # the new rows trained, everything else frozen in the precision
+        weights = precision_bytes * (unet_n + vae_n + text_n)
+    elif rank is None:                            # full fine-tuning: fp32 master weights and Adam
         trained = unet_n + (text_n if args.train_text_encoder else 0)
         weights = TRAINED_PARAMETER_BYTES * trained + 4 * (unet_n + vae_n + text_n - trained)
     else:                                         # LoRA: the base frozen in the precision, the updates trained
         widths = [(m.in_features, m.out_features) for n, m in unet.named_modules()
                   if n in set(lora.target_names(unet, lora.UNET_TARGETS))]
-        lora_n = sum(args.rank * (i + o) for i, o in widths) * (2 if args.train_text_encoder else 1)
+        lora_n = sum(rank * (i + o) for i, o in widths) * (2 if args.train_text_encoder else 1)
         weights = precision_bytes * (unet_n + vae_n + text_n) + TRAINED_PARAMETER_BYTES * lora_n
-    crops = args.train_batch_size * (2 if args.with_prior_preservation else 1)
+    crops = args.train_batch_size * (2 if prior else 1)
     one = 4 * ((r // f) ** 2 * unet_config.block_out_channels[0] * UNET_TRAINING_MAPS[args.gradient_checkpointing]
                + r * r * vae_config.block_out_channels[0] * VAE_DECODER_MAPS)    # + the VAE encoding the crop
     if ram_too + weights > (available_memory(device) or float("inf")):
-        advice = ("the weights, gradients and optimizer state alone are that much: train a LoRA (--rank 4), "
-                  "or use a machine with more memory" if args.rank is None else "use a smaller --rank")
+        advice = ("use a machine with more memory" if inversion else "use a smaller --rank" if rank is not None
+                  else "the weights, gradients and optimizer state alone are that much: train a LoRA (--rank 4), "
+                       "or use a machine with more memory")
     else:
         fit = how_many_fit(ram_too + weights, one, device)
         advice = (f"about {gb(one)} a crop" + (f"; {fit} fit" if fit is not None else "") +
@@ -97,7 +104,7 @@ def check_run_memory(args: argparse.Namespace, configs, instance_files: list[Pat
                   "--gradient_checkpointing, or lower --resolution")
     check_memory(ram_too + weights + crops * one, device=device,
                  what=f"a training step of --train_batch_size {args.train_batch_size} crops of {what}"
-                 + (" (and as many class crops)" if args.with_prior_preservation else ""), advice=advice)
+                 + (" (and as many class crops)" if prior else ""), advice=advice)
 
     if args.validation_prompt:
         one = sampling_memory(unet_config, vae_config, images=1, height=r, width=r)

@@ -26,6 +26,7 @@ import predict_emotion
 import sample
 import train_dreambooth
 import train_emotion
+import train_textual_inversion
 from common.state_dict import CheckpointError, read_safetensors
 from diffusion.checkpoints.load import load_stable_diffusion
 from diffusion.checkpoints.lora_files import adaptable_modules, load_lora_files
@@ -268,6 +269,24 @@ def test_dreambooth_sizes_beyond_memory_are_refused_before_loading(extra, words,
          "--instance_prompt", "x", "--resolution", "16", "--class_data_dir", str(tmp_path / "class"),
          "--device", "cpu", "--output_dir", str(tmp_path / "out"), *extra]), capsys, "needs about", *words)
     assert not (tmp_path / "out").exists() and not (tmp_path / "class").exists()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--resolution", "100000"], ["--resolution 100000", "instance images held in memory"]),
+    (["--train_batch_size", "100000000"], ["--train_batch_size 100000000", "--gradient_checkpointing"]),
+    (["--validation_prompt", "v", "--num_validation_images", "100000000"], ["--num_validation_images 100000000"]),
+])
+def test_textual_inversion_sizes_beyond_memory_are_refused_before_loading(extra, words, tmp_path, capsys, memory,
+                                                                          no_model_work):
+    """The same estimate as DreamBooth's, for a run with no --rank and no class images (the frozen model in the
+    precision, as a LoRA run holds it)."""
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "photos" / "0.png")
+    refused(lambda: train_textual_inversion.main(
+        ["--pretrained_model_name_or_path", str(FOLDER), "--train_data_dir", str(tmp_path / "photos"),
+         "--placeholder_token", "<new>", "--initializer_token", "star", "--resolution", "16", "--device", "cpu",
+         "--output_dir", str(tmp_path / "out"), *extra]), capsys, "needs about", *words)
+    assert not (tmp_path / "out").exists()
 
 
 def test_scoring_streams_its_images_in_fixed_batches(monkeypatch):

@@ -136,22 +136,31 @@ def test_train_dreambooth_without_arguments_runs_the_demo(monkeypatch):
 
 
 def test_demo_end_to_end_in_small(tmp_path, monkeypatch):
-    """The demo's whole path (instance images, class images, three trainings, scores, grid) with a few
+    """The demo's whole path (instance images, class images, four trainings, scores, grid) with a few
     steps of everything; the full run's figures are in embedded/README.md."""
     import world.dreambooth_demo as demo
     steps = demo.TRAINING.index("--max_train_steps") + 1
     monkeypatch.setattr(demo, "TRAINING", [*demo.TRAINING[:steps], "3", *demo.TRAINING[steps + 1:]])
+    steps = demo.TEXTUAL_INVERSION.index("--max_train_steps") + 1
+    monkeypatch.setattr(demo, "TEXTUAL_INVERSION", [*demo.TEXTUAL_INVERSION[:steps], "3",
+                                                    *demo.TEXTUAL_INVERSION[steps + 1:]])
     monkeypatch.setattr(demo, "NUM_CLASS_IMAGES", 4)
     monkeypatch.setattr(demo, "FIDELITY_SEEDS", 1)
     monkeypatch.setattr(demo, "PRIOR_SEEDS", 2)
     monkeypatch.setattr(demo, "SAMPLING_STEPS", 3)
     assert demo.run(tmp_path) == 0
     report = json.loads((tmp_path / "demo_report.json").read_text())
-    assert set(report) == {"base", "with_prior", "lora", "no_prior"}
+    assert set(report) == {"base", "with_prior", "lora", "no_prior", "textual_inversion"}
     assert len(list((tmp_path / "class_images" / "samples").glob("*.png"))) == 4   # made once, read by both
     assert (tmp_path / "comparison.png").is_file() and (tmp_path / "with_prior" / "model_index.json").is_file()
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert set(report["lora"]) == set(report["base"])   # scored as the others
+    assert (tmp_path / "textual_inversion" / "learned_embeds.safetensors").is_file()
+    # textual inversion leaves the model as it was: its "a star" images are the base model's, bit for bit
+    assert all((tmp_path / "scores" / "textual_inversion" / f.name).read_bytes() == f.read_bytes()
+               for f in (tmp_path / "scores" / "base").glob("prior-*.png"))
+    assert {k: report["textual_inversion"][k] for k in report["base"] if k.startswith("class_")} == \
+        {k: v for k, v in report["base"].items() if k.startswith("class_")}
 
 
 def test_demo_stops_at_a_failed_job_and_shows_its_log(tmp_path, monkeypatch, capsys):

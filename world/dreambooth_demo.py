@@ -2,7 +2,7 @@
 
 1. Writes the subject's five instance images (world/subject.py: an orange star with a blue centre,
    which the world never shows) to runs/dreambooth_demo/instance_images/.
-2. Runs eight jobs, each a command a user could type (printed when it starts; its output goes to
+2. Runs ten jobs, each a command a user could type (printed when it starts; its output goes to
    runs/dreambooth_demo/logs/JOB.log):
    - class_images: `sample.py` makes 64 images of "a star" with the base model (embedded/world_sd), the
      class images of prior preservation, as the seed repository makes its regularization images with
@@ -10,10 +10,13 @@
    - three trainings with train_dreambooth.py: "a sks star" with prior preservation on those class
      images ("with_prior"), a LoRA (--rank) with prior preservation on the same images ("lora"), and the
      first without prior preservation ("no_prior");
-   - four scorings (`python -m world.dreambooth_demo score`): the base model and the three, the LoRA
-     scored as `sample.py --lora` uses it (the base model with the LoRA file fused in).
+   - textual inversion with train_textual_inversion.py (the paper's baseline): a new word, "<subject>",
+     learned from the same five images as rows of the text encoder's token embedding, the model frozen;
+   - five scorings (`python -m world.dreambooth_demo score`): the base model and the four, the LoRA
+     scored as `sample.py --lora` uses it (the base model with the LoRA file fused in), the word as
+     `sample.py --embedding` uses it ("a <subject> on a <colour> background").
 3. Prints the table, writes demo_report.json and comparison.png (rows: instances, base, with prior, LoRA,
-   without prior; columns: the prompts).
+   without prior, textual inversion; columns: the prompts).
 
 The jobs run one per CPU core (up to 4), each on one thread (OMP_NUM_THREADS=1), each as soon as the jobs it
 needs are done. On this small model two one-thread processes do about 1.8x the work of one two-thread
@@ -73,11 +76,20 @@ FULL = ["--train_text_encoder", "--learning_rate", "5e-4"]
 # fine-tuning's rate; with the text encoder's attention adapted too, or at ranks 4 to 16 and rates 1e-3 to 2e-3,
 # it learned less of the subject and lost more of "a star" (the sweep).
 LORA = ["--rank", "16", "--learning_rate", "4e-3"]
-MODELS = ("base", "with_prior", "lora", "no_prior")        # the table's rows, the grid's after the instances
+# Textual inversion (train_textual_inversion.py, the paper's baseline): a new word, <subject>, learned as a row of
+# the text encoder's token embedding from the same five images, the model frozen; diffusers' object templates
+# ("a photo of a {}", ...), the class noun "star" to start from. 200 steps at 1e-3, the sweep's best (see
+# docs/dreambooth_demo_sweep.md, "Textual inversion"): every rate and length tried stays at 0% subject.
+TI_WORD, TI_STEPS, TI_RATE = "<subject>", 200, "1e-3"
+TEXTUAL_INVERSION = ["--placeholder_token", TI_WORD, "--initializer_token", "star", "--resolution", "64",
+                     "--train_batch_size", "4", "--max_train_steps", str(TI_STEPS), "--learning_rate", TI_RATE,
+                     "--lr_warmup_steps", "0", "--seed", "0", "--cache_latents", "--checkpointing_steps", "100000",
+                     "--save_steps", "100000", "--validation_steps", "100000"]
+MODELS = ("base", "with_prior", "lora", "no_prior", "textual_inversion")   # the table's rows, the grid's after the instances
 
 
-def fidelity_prompts() -> list[str]:
-    return [f"{INSTANCE_PROMPT} on a {colour} background" for colour in FIDELITY_BACKGROUNDS]
+def fidelity_prompts(subject: str = INSTANCE_PROMPT) -> list[str]:
+    return [f"{subject} on a {colour} background" for colour in FIDELITY_BACKGROUNDS]
 
 
 # Images denoised in one batch while scoring. A fixed number, so the scores do not depend on the machine (a
@@ -94,11 +106,13 @@ def sample_images(models, prompt_list: list[str], seeds: int, steps: int = SAMPL
     `generate(models, prompt_list, seed=k)` would give it (row i of randn((P, C, h, w)) seeded k), and a
     batch's images are denoised together (16 images of "a star" on one CPU thread: 19.5 s in one batch
     against about 33 s in 16 batches of one)."""
+    from clip.textual_inversion import expand_prompts
     from diffusion.pipeline import decode_to_uint8, denoise, encode_prompts, initial_latents, make_sampler, to_pil
     device = next(models.unet.parameters()).device
     n_prompts, vae_config = len(prompt_list), models.vae.config
     side = models.unet.config.sample_size * vae_config.spatial_factor
-    states = encode_prompts(models.text_encoder, models.tokenizer, [""] * n_prompts + list(prompt_list),
+    prompt_list = expand_prompts(list(prompt_list), models.tokenizer)   # a multi-vector word spelled out, as generate
+    states = encode_prompts(models.text_encoder, models.tokenizer, [""] * n_prompts + prompt_list,
                             device).float()                                    # (2P, 77, D)
     total = n_prompts * seeds
     for start in range(0, total, batch):
@@ -114,12 +128,14 @@ def sample_images(models, prompt_list: list[str], seeds: int, steps: int = SAMPL
         yield to_pil(decode_to_uint8(models.vae, latents))
 
 
-def evaluate(model_dir: Path, loras: list[tuple[str, float]] = (), *, fidelity_seeds: int = FIDELITY_SEEDS,
-             prior_seeds: int = PRIOR_SEEDS, steps: int = SAMPLING_STEPS, out: Path | None = None) -> dict:
+def evaluate(model_dir: Path, loras: list[tuple[str, float]] = (), *, embedding: Path | None = None,
+             subject: str = INSTANCE_PROMPT, fidelity_seeds: int = FIDELITY_SEEDS, prior_seeds: int = PRIOR_SEEDS,
+             steps: int = SAMPLING_STEPS, out: Path | None = None) -> dict:
     """Scores of one model folder, loaded as sample.py loads it (with `loras`, (file, scale) pairs: those LoRA
-    files fused in, as sample.py --lora does; the speed arrangement of diffusion/speed.py). Its fidelity and
-    prior images are saved in `out` as fidelity-NN.png and prior-NN.png as they are made, and scored as they
-    come: memory does not grow with the number of images."""
+    files fused in, as sample.py --lora does; with `embedding`: that textual-inversion file's word added, as
+    sample.py --embedding; the speed arrangement of diffusion/speed.py). Its fidelity images ("`subject` on a
+    <colour> background") and prior images are saved in `out` as fidelity-NN.png and prior-NN.png as they are
+    made, and scored as they come: memory does not grow with the number of images."""
     from diffusion.checkpoints.load import load_stable_diffusion
     from diffusion.checkpoints.lora_files import load_lora_files
     from diffusion.speed import arrange_for_speed
@@ -130,6 +146,9 @@ def evaluate(model_dir: Path, loras: list[tuple[str, float]] = (), *, fidelity_s
             load_lora_files(models, list(loras))
         except CheckpointError as e:
             raise CheckpointError(f"--lora {e}") from None
+    if embedding is not None:
+        from clip.textual_inversion import add_embeddings, read_embeddings
+        add_embeddings(models.text_encoder, models.tokenizer, read_embeddings([(embedding, None)]))
     for m in (models.unet, models.vae, models.text_encoder):
         m.eval()
     arrange_for_speed(models, device=torch.device("cpu"), precision="fp32")
@@ -138,7 +157,7 @@ def evaluate(model_dir: Path, loras: list[tuple[str, float]] = (), *, fidelity_s
                           "class_looks_like_subject"), 0.0)
     colours, k = set(), 0
     asked = lambda j: FIDELITY_BACKGROUNDS[j // fidelity_seeds]
-    for batch in sample_images(models, fidelity_prompts(), fidelity_seeds, steps):
+    for batch in sample_images(models, fidelity_prompts(subject), fidelity_seeds, steps):
         for image in batch:
             sums["subject_similarity"] += subject_similarity(image, reference)
             sums["looks_like_subject"] += looks_like_subject(image)
@@ -211,21 +230,27 @@ def jobs(out: Path) -> list[Job]:
                               "--output_dir", str(out / name), "--overwrite_output_dir", *flags],
                        needs=("class_images",) if "--with_prior_preservation" in flags else ())
              for name, flags in trainings.items()}
+    train["textual_inversion"] = Job("textual_inversion", [
+        "train_textual_inversion.py", "--pretrained_model_name_or_path", str(WORLD_SD), "--train_data_dir",
+        str(instance_dir), "--output_dir", str(out / "textual_inversion"), "--overwrite_output_dir", *TEXTUAL_INVERSION])
     lora_file = out / "lora" / "pytorch_lora_weights.safetensors"
+    embedding = out / "textual_inversion" / "learned_embeds.safetensors"
     measures = ["--fidelity_seeds", str(FIDELITY_SEEDS), "--prior_seeds", str(PRIOR_SEEDS),
                 "--steps", str(SAMPLING_STEPS)]
     score = {name: Job(f"score_{name}", ["-m", "world.dreambooth_demo", "score", str(folder), *measures,
                                          *(["--lora", str(lora_file)] if name == "lora" else []),
+                                         *(["--embedding", str(embedding), "--subject", f"a {TI_WORD}"]
+                                           if name == "textual_inversion" else []),
                                          "--out", str(out / "scores" / name)],
                        needs=(name,) if name != "base" else ())
              for name, folder in (("base", WORLD_SD), ("with_prior", out / "with_prior"), ("lora", WORLD_SD),
-                                  ("no_prior", out / "no_prior"))}
+                                  ("no_prior", out / "no_prior"), ("textual_inversion", WORLD_SD))}
     class_images = Job("class_images", ["sample.py", "--ckpt", str(WORLD_SD), "--prompt", CLASS_PROMPT,
                                         "--n_samples", str(NUM_CLASS_IMAGES), "--ddim_steps", str(SAMPLING_STEPS),
                                         "--scale", str(GUIDANCE), "--seed", "0", "--outdir", str(out / "class_images")])
     # the longest chain first: class images, then the two trainings on them; the rest fills the other lane
-    return [class_images, train["no_prior"], train["with_prior"], train["lora"],
-            score["base"], score["no_prior"], score["with_prior"], score["lora"]]
+    return [class_images, train["no_prior"], train["with_prior"], train["lora"], train["textual_inversion"],
+            score["base"], score["no_prior"], score["with_prior"], score["lora"], score["textual_inversion"]]
 
 
 def command_line(job: Job) -> str:
@@ -288,6 +313,10 @@ def score_main(argv: list[str]) -> int:
     parser.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                         help="a LoRA file (or folder, or repo id) to fuse into MODEL first at SCALE (default 1.0), "
                              "as sample.py --lora; repeat the flag to stack LoRAs")
+    parser.add_argument("--embedding", help="a textual-inversion file whose word to add to MODEL first, as sample.py "
+                                            "--embedding")
+    parser.add_argument("--subject", default=INSTANCE_PROMPT, help="what the fidelity prompts call the subject: "
+                                                                   "'SUBJECT on a <colour> background'")
     parser.add_argument("--fidelity_seeds", type=int, default=FIDELITY_SEEDS, help="images per background")
     parser.add_argument("--prior_seeds", type=int, default=PRIOR_SEEDS, help=f"images of '{CLASS_PROMPT}'")
     parser.add_argument("--steps", type=int, default=SAMPLING_STEPS, help="DDIM steps")
@@ -300,7 +329,8 @@ def score_main(argv: list[str]) -> int:
         loras = parse_lora_flags(args.lora or [])
         check_writable(args.out, "--out")
         check_score_run(args)
-        scores = evaluate(args.model, loras, fidelity_seeds=args.fidelity_seeds, prior_seeds=args.prior_seeds,
+        scores = evaluate(args.model, loras, embedding=args.embedding, subject=args.subject,
+                          fidelity_seeds=args.fidelity_seeds, prior_seeds=args.prior_seeds,
                           steps=args.steps, out=args.out)
     except (OSError, ValueError) as e:   # the message names the flag or the file
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -367,17 +397,21 @@ def run(out: Path = OUT) -> int:
     comparison_grid([instance_images(), *rows], ["instances", *labels], headings).save(out / "comparison.png")
     atomic_write(out / "demo_report.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2) + "\n"))
 
-    print(f"\n{'':>11} | 'a sks star on a <colour> background' ({len(FIDELITY_BACKGROUNDS) * FIDELITY_SEEDS}) "
+    print(f"\n{'':>17} | 'a sks star on a <colour> background' ({len(FIDELITY_BACKGROUNDS) * FIDELITY_SEEDS}) "
           f"| 'a star' ({PRIOR_SEEDS})")
-    print(f"{'model':>11} | similarity  subject  background | star  colours  subject")
+    print(f"{'model':>17} | similarity  subject  background | star  colours  subject")
     for name, s in results.items():
-        print(f"{name:>11} | {s['subject_similarity']:10.2f} {s['looks_like_subject']:8.0%} {s['background_as_asked']:11.0%}"
+        print(f"{name:>17} | {s['subject_similarity']:10.2f} {s['looks_like_subject']:8.0%} {s['background_as_asked']:11.0%}"
               f" | {s['class_is_star']:4.0%} {s['class_colours']:8d} {s['class_looks_like_subject']:8.0%}")
+    print(f"(textual_inversion: 'a {TI_WORD} on a <colour> background', the word learned from the same images; its "
+          "model is the base model, unchanged)")
     lora_file = out / "lora" / "pytorch_lora_weights.safetensors"
-    print(f"\nwrote {out / 'comparison.png'} (rows: instance images, base, with prior, LoRA, without prior), "
-          f"{out / 'demo_report.json'}, the two models {out / 'with_prior'}, {out / 'no_prior'} and the LoRA {lora_file} "
-          f"(python sample.py --ckpt {out / 'with_prior'} --prompt '{INSTANCE_PROMPT} on a red background'; "
-          f"python sample.py --lora {lora_file} --prompt ...)")
+    embedding = out / "textual_inversion" / "learned_embeds.safetensors"
+    print(f"\nwrote {out / 'comparison.png'} (rows: instance images, base, with prior, LoRA, without prior, textual "
+          f"inversion), {out / 'demo_report.json'}, the two models {out / 'with_prior'}, {out / 'no_prior'}, the LoRA "
+          f"{lora_file} and the embedding {embedding} (python sample.py --ckpt {out / 'with_prior'} --prompt "
+          f"'{INSTANCE_PROMPT} on a red background'; python sample.py --lora {lora_file} --prompt ...; "
+          f"python sample.py --embedding {embedding} --prompt 'a {TI_WORD} on a red background')")
     print(f"demo took {time.perf_counter() - started:.0f} s")
     return 0
 
