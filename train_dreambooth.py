@@ -42,15 +42,14 @@ from tqdm import tqdm
 from clip.textual_inversion import (add_embeddings, expand_prompt, expand_prompts, parse_embedding_flags, read_embeddings,
                                     remove_embeddings, save_embeddings)
 from common.files import check_writable
-from common.flags import SEED_MAX, check_seed
 from common.precision import DTYPES, MIXED_PRECISION, autocast, check_device_runs, slow_precision_warning
 from common.run_config import finish_run_record, finite_float, parse_args_with_config, start_run_record
 from common.state_dict import CheckpointError
 from common.training import (LR_SCHEDULERS, Checkpoints, Distributed, MetricsLog, NonFiniteLoss, StopOnSignal,
-                             adamw, add_run_flags, barrier, check_output_dir, count_steps, fail, fail_run, finish_step,
-                             grad_scaler, gradient_sync, learning_rate, report_stale_temporaries, resume, rng_state,
-                             save_training_state, seed_everything, setup_distributed, stop_requested, stopped_run,
-                             teardown_distributed)
+                             adamw, add_run_flags, barrier, check_output_dir, check_run_flags, count_steps, fail,
+                             fail_run, finish_step, grad_scaler, gradient_sync, learning_rate,
+                             report_stale_temporaries, resume, rng_state, save_training_state, seed_everything,
+                             setup_distributed, stop_requested, stopped_run, teardown_distributed)
 from diffusion.checkpoints.lora_files import load_lora_files, parse_lora_flags, save_lora_files
 from diffusion.pipeline import NonFiniteError, encode_prompts
 from diffusion.samplers import SAMPLERS
@@ -148,10 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Flags that need neither files nor a model."""
-    try:
-        MetricsLog.check(args.report_to)
-    except ValueError as e:
-        parser.error(str(e))
+    check_run_flags(args, parser)        # --report_to, checkpoints, --seed, AdamW's and the learning rate's
     for name in ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt"):
         if not getattr(args, name):
             parser.error(f"--{name} is required")
@@ -159,21 +155,16 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--with_prior_preservation needs --class_prompt (the prompt of the class images)")
     if args.with_prior_preservation and not args.class_data_dir:
         parser.error("--with_prior_preservation needs --class_data_dir (where the class images are kept)")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "num_train_epochs",
-                 "resolution", "sample_batch_size", "num_validation_images", "validation_steps"):
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "resolution",
+                 "sample_batch_size", "num_validation_images", "validation_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)}: must be at least 1")
-    for name in ("max_train_steps", "checkpoints_total_limit"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} {getattr(args, name)}: must be at least 1")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error(f"--max_train_steps {args.max_train_steps}: must be at least 1")
     if args.with_prior_preservation and args.num_class_images < 1:
         parser.error(f"--num_class_images {args.num_class_images}: must be at least 1")
     if args.rank is not None and args.rank < 1:
         parser.error(f"--rank {args.rank}: the LoRA rank must be at least 1")
-    try:
-        check_seed(args.seed, low=0, high=SEED_MAX // 2)   # numpy's SeedSequence needs >= 0; seed + k must fit
-    except ValueError as e:
-        parser.error(str(e))
     if args.lora_format != "diffusers" and args.rank is None:
         parser.error(f"--lora_format {args.lora_format}: needs --rank (a LoRA run)")
     if args.rank is not None and args.save_single_file:
@@ -186,16 +177,11 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--lora_skip_unknown: needs --lora (a LoRA file to fuse into the base)")
     if args.learning_rate is None:
         args.learning_rate = LEARNING_RATE["full" if args.rank is None else "lora"]
-    if args.learning_rate <= 0 or args.lr_warmup_steps < 0 or args.max_grad_norm < 0 or args.prior_loss_weight < 0:
-        parser.error("--learning_rate must be > 0; --lr_warmup_steps, --max_grad_norm, --prior_loss_weight >= 0")
-    if args.snr_gamma is not None and args.snr_gamma <= 0:
-        parser.error(f"--snr_gamma {args.snr_gamma}: must be > 0")
-    for name, low, high in (("adam_beta1", 0.0, 1.0), ("adam_beta2", 0.0, 1.0)):   # torch's AdamW: [0, 1)
-        if not low <= getattr(args, name) < high:
-            parser.error(f"--{name} {getattr(args, name)}: must be in [0, 1) (Adam's decay rate)")
-    for name in ("adam_epsilon", "adam_weight_decay"):
+    for name in ("max_grad_norm", "prior_loss_weight"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} {getattr(args, name)}: must be >= 0")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        parser.error(f"--snr_gamma {args.snr_gamma}: must be > 0")
     if args.prior_loss_weight > 1e6:   # float32 keeps 24 bits: the instance loss would vanish in the sum's rounding
         parser.error(f"--prior_loss_weight {args.prior_loss_weight}: must be at most 1e6 (beyond it the instance "
                      "loss is lost in float32's rounding of the sum; diffusers' default is 1)")

@@ -40,10 +40,10 @@ from common.precision import MIXED_PRECISION, autocast
 from common.run_config import finish_run_record, finite_float, parse_args_with_config, start_run_record
 from common.state_dict import CheckpointError
 from common.training import (LR_SCHEDULERS, Checkpoints, Distributed, MetricsLog, NonFiniteLoss, StopOnSignal,
-                             adamw, add_run_flags, barrier, check_output_dir, count_steps, fail, fail_run, finish_step,
-                             grad_scaler, gradient_sync, learning_rate, report_stale_temporaries, resume, rng_state,
-                             save_training_state, seed_everything, setup_distributed, stop_requested, stopped_run,
-                             teardown_distributed)
+                             adamw, add_run_flags, barrier, check_output_dir, check_run_flags, count_steps, fail,
+                             fail_run, finish_step, grad_scaler, gradient_sync, learning_rate,
+                             report_stale_temporaries, resume, rng_state, save_training_state, seed_everything,
+                             setup_distributed, stop_requested, stopped_run, teardown_distributed)
 from diffusion.pipeline import encode_prompts
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
@@ -114,22 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Flags that need neither files nor a model."""
-    try:
-        MetricsLog.check(args.report_to)
-    except ValueError as e:
-        parser.error(str(e))
+    check_run_flags(args, parser)        # --report_to, checkpoints, --seed, AdamW's and the learning rate's
     for name in ("pretrained_model_name_or_path", "train_data_dir", "placeholder_token", "initializer_token"):
         if not getattr(args, name):
             parser.error(f"--{name} is required")
     for name in ("num_vectors", "repeats", "resolution", "train_batch_size", "num_train_epochs", "max_train_steps",
-                 "gradient_accumulation_steps", "save_steps", "checkpointing_steps", "num_validation_images",
-                 "validation_steps"):
+                 "gradient_accumulation_steps", "save_steps", "num_validation_images", "validation_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)}: must be at least 1")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error(f"--checkpoints_total_limit {args.checkpoints_total_limit}: must be at least 1")
-    if args.learning_rate <= 0 or args.lr_warmup_steps < 0:
-        parser.error("--learning_rate must be > 0 and --lr_warmup_steps >= 0")
     if args.sampler not in SAMPLERS:
         parser.error(f"--sampler {args.sampler}: must be one of {', '.join(SAMPLERS)}")
     for template in args.template or []:

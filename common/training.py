@@ -53,6 +53,30 @@ def add_run_flags(add_argument) -> None:
     a("--allow_config_change", action="store_true", help="resume even when run-shaping settings changed")
 
 
+def check_run_flags(args, parser) -> None:
+    """The flags the two diffusion trainers share (add_run_flags', the seed, AdamW's and the learning rate's),
+    checked before any file is read: a bad value is parser.error's one line naming the flag (exit 2)."""
+    from common.flags import SEED_MAX, check_seed
+    try:
+        MetricsLog.check(args.report_to)
+        check_seed(args.seed, low=0, high=SEED_MAX // 2)   # numpy's SeedSequence needs >= 0; seed + k must fit
+    except ValueError as e:
+        parser.error(str(e))
+    for name in ("checkpointing_steps", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)}: must be at least 1")
+    if args.learning_rate is not None and args.learning_rate <= 0:
+        parser.error(f"--learning_rate {args.learning_rate}: must be > 0")
+    if args.lr_warmup_steps < 0:
+        parser.error(f"--lr_warmup_steps {args.lr_warmup_steps}: must be >= 0")
+    for name in ("adam_beta1", "adam_beta2"):   # torch's AdamW: [0, 1)
+        if not 0.0 <= getattr(args, name) < 1.0:
+            parser.error(f"--{name} {getattr(args, name)}: must be in [0, 1) (Adam's decay rate)")
+    for name in ("adam_epsilon", "adam_weight_decay"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} {getattr(args, name)}: must be >= 0")
+
+
 # ---- learning rate -----------------------------------------------------------------------------------
 def learning_rate(step: int, *, total: int, peak: float, schedule: str, warmup: int) -> float:
     """The learning rate of optimizer step `step` (0-based), as diffusers' and transformers'

@@ -382,7 +382,26 @@ def test_trainer_seeds_out_of_range_are_one_line(seed, tmp_path, capsys):
                                            "--instance_prompt", "x", "--seed", seed]), capsys, f"--seed {seed}")
     refused(lambda: train_emotion.main(["--output_dir", str(tmp_path / "e"), "--seed", seed]), capsys,
             f"--seed {seed}")
-    assert not (tmp_path / "e").exists()
+    refused(lambda: train_textual_inversion.main(TEXTUAL_INVERSION + ["--output_dir", str(tmp_path / "t"), "--seed",
+                                                                      seed]), capsys, f"--seed {seed}")
+    assert not (tmp_path / "e").exists() and not (tmp_path / "t").exists()
+
+
+TEXTUAL_INVERSION = ["--pretrained_model_name_or_path", str(FOLDER), "--train_data_dir", ".", "--placeholder_token",
+                     "<new>", "--initializer_token", "star"]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--adam_beta1", "2"], ["--adam_beta1 2.0: must be in [0, 1)"]),
+    (["--adam_epsilon", "-1"], ["--adam_epsilon -1.0: must be >= 0"]),
+    (["--learning_rate", "0"], ["--learning_rate 0.0: must be > 0"]),
+    (["--checkpointing_steps", "0"], ["--checkpointing_steps 0: must be at least 1"]),
+])
+def test_textual_inversion_shares_the_trainers_flag_checks(extra, words, tmp_path, capsys, no_model_work):
+    """common/training.check_run_flags: the flags the two diffusion trainers share, checked in one place."""
+    refused(lambda: train_textual_inversion.main(TEXTUAL_INVERSION + ["--output_dir", str(tmp_path / "out"), *extra]),
+            capsys, *words)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("extra, words", [

@@ -168,7 +168,7 @@ def test_demo_stops_at_a_failed_job_and_shows_its_log(tmp_path, monkeypatch, cap
     monkeypatch.setattr(demo, "FULL", ["--train_text_encoder", "--learning_rate", "-1"])
     assert demo.run(tmp_path) == 2                       # train_dreambooth.py's exit code for a bad flag
     out = capsys.readouterr().out
-    assert "no_prior failed (exit 2)" in out and "--learning_rate must be > 0" in out   # the log's end, shown
+    assert "no_prior failed (exit 2)" in out and "--learning_rate -1.0: must be > 0" in out   # the log's end, shown
     assert not (tmp_path / "demo_report.json").exists()
 
 
