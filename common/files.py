@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -67,29 +68,45 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return stale
 
 
+# Tries of check_writable's proof: "no such file" may be another process (a rank of the same DDP run) removing
+# the folder it made for its own proof; a path that truly cannot be made says so every time.
+PROOF_ATTEMPTS = 20
+
+
 def check_writable(folder: str | Path, flag: str) -> None:
     """Prove that `folder` can be created (if needed) and written, and leave the file system as it was: the
     folders made for the proof are removed again, so a run that stops at a later check leaves nothing.
     A ValueError naming the flag otherwise (a path that is a file, one under a file or a device, a
-    read-only folder, no permission, a name too long)."""
+    read-only folder, no permission, a name too long). Several processes may prove the same folder at once
+    (the ranks of a DDP run): a folder that vanishes under the proof is proved again."""
     folder = Path(folder)
     if "\x00" in str(folder):
         raise ValueError(f"{flag} {str(folder)!r}: a path cannot hold a NUL character")
-    for parent in [folder, *folder.parents]:
-        if parent.exists() and not parent.is_dir():
-            where = "it is a file" if parent == folder else f"it is under {parent}, which is a file"
-            raise ValueError(f"{flag} {folder}: cannot write there: {where}, not a folder")
-    missing = [p for p in [folder, *folder.parents] if not p.exists()]    # deepest first
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
-    finally:
-        for made in missing:
-            with contextlib.suppress(OSError):
-                made.rmdir()
+    for attempt in range(PROOF_ATTEMPTS):
+        made = []                                                  # the folders this try made, root first
+        try:
+            for path in reversed([folder, *folder.parents]):
+                try:
+                    path.mkdir()
+                    made.append(path)
+                except FileExistsError:
+                    if path.is_symlink() and not path.exists():
+                        raise ValueError(f"{flag} {folder}: cannot write there: {path} is a link to nothing") from None
+                    if not stat.S_ISDIR(path.stat().st_mode):   # FileNotFoundError if it vanished meanwhile
+                        where = "it is a file" if path == folder else f"it is under {path}, which is a file"
+                        raise ValueError(f"{flag} {folder}: cannot write there: {where}, not a folder") from None
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+            return
+        except FileNotFoundError as e:
+            if attempt == PROOF_ATTEMPTS - 1:
+                raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
+        except OSError as e:
+            raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
+        finally:
+            for path in reversed(made):
+                with contextlib.suppress(OSError):
+                    path.rmdir()
 
 
 def config_from_json(path: str | Path, build: Callable):

@@ -352,6 +352,27 @@ def test_the_output_folder_check_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _prove_many(folder: str, times: int) -> list[str]:
+    from common.files import check_writable
+    failures = []
+    for _ in range(times):
+        try:
+            check_writable(folder, "--output_dir")
+        except ValueError as e:
+            failures.append(str(e))
+    return failures
+
+
+def test_processes_proving_one_folder_at_once_all_succeed(tmp_path):
+    """The ranks of a DDP run prove the same --output_dir at once, each removing the folders it made: a folder
+    vanishing under another's proof made it say "cannot write there (No such file or directory)" (CI saw it in
+    test_train_emotion's two-process run; 4 processes x 1000 proofs here failed about 1 in 100)."""
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        failures = pool.starmap(_prove_many, [(str(tmp_path / "out" / "run"), 1000)] * 4)
+    assert [f for per_process in failures for f in per_process] == []
+
+
 def test_a_binary_prompt_file_is_named(tmp_path, capsys, no_model_work):
     (tmp_path / "prompts.bin").write_bytes(bytes(range(256)))
     refused(lambda: sample.main(sample_argv(tmp_path / "out", "--from-file", str(tmp_path / "prompts.bin"))), capsys,
