@@ -1,0 +1,127 @@
+"""Stable Diffusion 2.x against diffusers, transformers and open_clip, on tools/make_reference_sd2.py's tiny
+random SD 2-shaped checkpoint (tests/fixtures/sd2/: a diffusers folder and the same weights as an LDM single
+file with OpenCLIP's text tower), and the real SD 2.1 files' key manifests.
+
+- the text encoder: transformers' states from the folder, open_clip's penultimate states (SD 2's own
+  conditioning) from the single file, within 1e-5; the tokenizer padding with "!" (id 0) as transformers'
+  SD 2 tokenizer;
+- the UNet (Linear projections, heads per level, upcast attention) within 1e-5 of diffusers' from both
+  layouts; upcast attention in half precision;
+- sample.py's images within 2/255 of StableDiffusionPipeline with v-prediction (DDIM, DPM++ 2M, the
+  config's default size), from the folder and from the single file;
+- the real SD 2.1 names and shapes: every key mapped, the configs inferred from a single file's shapes;
+- bad input: one line, exit 2, before sampling.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from clip.text_model import CLIPTextConfig, CLIPTextModel
+from clip.tokenizer import SD2_PAD_TOKEN, CLIPTokenizer
+from clip.weights import (OPENCLIP_PREFIX, config_from_state_dict, fuse_in_proj, load_text_encoder, openclip_table,
+                          split_in_proj, text_encoder_state_dict)
+from common.state_dict import CheckpointError, check_keys, read_safetensors
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SD2 = FIXTURES / "sd2"
+FOLDER, SINGLE = SD2 / "tiny_diffusers", SD2 / "tiny_single.safetensors"
+PUBLIC = FIXTURES / "public_configs" / "stabilityai--stable-diffusion-2-1"
+MANIFESTS = Path(__file__).parent / "manifests"
+REF = read_safetensors(SD2 / "reference.safetensors")
+META = json.loads((SD2 / "reference.json").read_text())
+MAX_DIFF = 2   # out of 255
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_the_reference_was_made_from_these_fixtures():
+    import hashlib
+    for name, digest in META["sha256"].items():
+        assert hashlib.sha256((SD2 / name).read_bytes()).hexdigest() == digest, (
+            f"{SD2 / name} changed since the references were made: rerun tools/make_reference_sd2.py")
+
+
+# ---- the text encoder --------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["folder", "single_file"])
+def test_text_states_equal_transformers_and_open_clips_penultimate(layout):
+    config = CLIPTextConfig.from_json(FOLDER / "text_encoder" / "config.json")
+    model = (load_text_encoder(FOLDER / "text_encoder") if layout == "folder"
+             else load_text_encoder(SINGLE, config=config))                       # the cond_stage_model.model.* tower
+    assert model.config == config and config.hidden_act == "gelu" and config.num_hidden_layers == 2
+    with torch.no_grad():
+        states = model(REF["text.ids"]).last_hidden_state
+    reference = REF["text.transformers" if layout == "folder" else "text.open_clip"]
+    assert (states - reference).abs().max() <= 1e-5
+
+
+def test_the_tokenizer_pads_with_bang_as_transformers_sd2_tokenizer():
+    expected = META["tokenizer"]
+    shipped = CLIPTokenizer.from_pretrained(None, pad_token=SD2_PAD_TOKEN)       # what an SD 2 single file gets
+    assert shipped.pad_token_id == expected["pad_token_id"] == 0
+    assert shipped(expected["prompts"]).tolist() == expected["input_ids"]
+    folder = CLIPTokenizer.from_pretrained(FOLDER / "tokenizer")                 # the folder's own tokenizer/
+    assert folder.pad_token_id == 0 and folder(["a cat!"])[0, :6].tolist()[-2:] == [0, folder.eos_token_id]
+    with pytest.raises(ValueError, match="only for the shipped vocabulary"):
+        CLIPTokenizer.from_pretrained(FOLDER / "tokenizer", pad_token="!")
+
+
+def test_split_and_fuse_in_proj_are_inverses():
+    tensors = {k: v for k, v in read_safetensors(SINGLE).items() if k.startswith(OPENCLIP_PREFIX)}
+    split = split_in_proj(tensors)
+    key = OPENCLIP_PREFIX + "transformer.resblocks.1.attn.in_proj_weight"
+    assert torch.equal(split[key + "#k"], tensors[key][32:64]) and key not in split
+    back = fuse_in_proj(split)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    with pytest.raises(CheckpointError, match=r"in_proj_weight: its .*#v part is missing"):
+        fuse_in_proj({k: v for k, v in split.items() if k != key + "#v"})
+
+
+# ---- the real SD 2.1 names and shapes ---------------------------------------------------------------
+def _fake(shapes: dict) -> dict:
+    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+
+
+def _shapes(model) -> dict:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+SINGLE_MANIFEST = json.loads((MANIFESTS / "sd_v2_single_file.json").read_text())["model_tensors"]
+FOLDER_MANIFEST = json.loads((MANIFESTS / "sd_v2_diffusers.json").read_text())["files"]
+
+
+def test_every_text_tensor_of_the_real_files_maps_onto_our_model():
+    with torch.device("meta"):
+        text = CLIPTextModel(CLIPTextConfig.open_clip_vit_h14())
+    single_text = {k: v for k, v in SINGLE_MANIFEST.items() if k.startswith("cond_stage_model.")}
+    for name, shapes in (("single file", single_text), ("folder", FOLDER_MANIFEST["text_encoder/model.safetensors"])):
+        ours = text_encoder_state_dict(_fake(shapes), source=name)
+        check_keys(_shapes(text), {k: tuple(v.shape) for k, v in ours.items()}, source=f"{name} text encoder")
+        assert config_from_state_dict(ours, openclip=name == "single file").num_hidden_layers == 23
+    assert config_from_state_dict(text_encoder_state_dict(_fake(single_text), source="x"), openclip=True) \
+        == CLIPTextConfig.open_clip_vit_h14() == CLIPTextConfig.from_json(PUBLIC / "text_encoder" / "config.json")
+    # what is left out of the single file: the last block, the projection and the temperature
+    table = openclip_table(23)
+    dropped = sorted(k for k in split_in_proj(single_text) if table.drops(k))
+    # block 23's 12 tensors (its in_proj weight and bias each split in three: 16 names), and 2 more
+    assert len(dropped) == 16 + 2 and f"{OPENCLIP_PREFIX}logit_scale" in dropped
+
+
+def test_a_single_file_written_by_diffusers_converter_has_only_the_blocks_used():
+    """scripts/convert_diffusers_to_original_stable_diffusion.py writes 23 blocks and no text_projection."""
+    shapes = {k: v for k, v in SINGLE_MANIFEST.items() if k.startswith("cond_stage_model.")
+              and ".resblocks.23." not in k and not k.endswith(("text_projection", "logit_scale"))}
+    ours = text_encoder_state_dict(_fake(shapes), source="converted")
+    assert config_from_state_dict(ours, openclip=True).num_hidden_layers == 23
+
+
+def test_a_vit_h_tower_missing_its_last_blocks_is_refused():
+    """ViT-H/14's width says the depth: a tower of fewer blocks is refused, not read as a shallower model."""
+    shapes = {k: v for k, v in SINGLE_MANIFEST.items() if k.startswith("cond_stage_model.")
+              and not any(f".resblocks.{i}." in k for i in range(20, 24))}
+    with pytest.raises(CheckpointError, match=r"lacks blocks: it holds blocks 0\.\.19 and its text_projection, "
+                                              r"which give 19 layers; SD 2 runs 23"):
+        text_encoder_state_dict(_fake(shapes), source="v2.safetensors")
