@@ -24,7 +24,11 @@ from clip.text_model import CLIPTextConfig, CLIPTextModel
 from clip.tokenizer import SD2_PAD_TOKEN, CLIPTokenizer
 from clip.weights import (OPENCLIP_PREFIX, config_from_state_dict, fuse_in_proj, load_text_encoder, openclip_table,
                           split_in_proj, text_encoder_state_dict)
-from common.state_dict import CheckpointError, check_keys, read_safetensors
+from common.state_dict import CheckpointError, check_keys, read_safetensors, rename
+from diffusion.checkpoints import single_file
+from diffusion.checkpoints.load import load_unet_folder, load_unet_single_file
+from diffusion.models.attention import Attention
+from diffusion.models.unet import UNet2DConditionModel, UNetConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SD2 = FIXTURES / "sd2"
@@ -125,3 +129,51 @@ def test_a_vit_h_tower_missing_its_last_blocks_is_refused():
     with pytest.raises(CheckpointError, match=r"lacks blocks: it holds blocks 0\.\.19 and its text_projection, "
                                               r"which give 19 layers; SD 2 runs 23"):
         text_encoder_state_dict(_fake(shapes), source="v2.safetensors")
+
+
+# ---- the UNet ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["folder", "single_file"])
+def test_unet_equals_diffusers(layout):
+    config = UNetConfig.from_json(FOLDER / "unet" / "config.json")
+    if layout == "folder":
+        unet = load_unet_folder(FOLDER)
+    else:
+        unet_t = read_safetensors(SINGLE, keys=lambda k: k.startswith(single_file.UNET_PREFIX))
+        unet = load_unet_single_file(unet_t, config, source=str(SINGLE))     # proj_in: (C, C) Linear weights in LDM
+    assert unet.config == config and config.use_linear_projection and config.upcast_attention
+    assert config.attention_head_dim == (2, 4)
+    transformer = unet.down_blocks[0].attentions[0]
+    assert isinstance(transformer.proj_in, torch.nn.Linear) and transformer.transformer_blocks[0].attn1.heads == 2
+    assert unet.mid_block.attentions[0].transformer_blocks[0].attn2.heads == 4
+    with torch.no_grad():
+        out = unet.eval()(REF["unet.sample"], REF["unet.t"], REF["unet.context"])
+    assert (out - REF["unet.out"]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_upcast_attention_computes_in_fp32_under_half_precision(dtype):
+    """upcast_attention: the half-precision result is the fp32 attention of the same (rounded) q, k, v, rounded
+    once, whichever kernel scaled_dot_product_attention picks (torch's fused CPU kernel already accumulates
+    in fp32, and gives these bits without the flag too; its math fallback would not)."""
+    torch.manual_seed(0)
+    attention = Attention(query_dim=16, context_dim=None, heads=2, head_dim=8, upcast=True).to(dtype)
+    x = (torch.randn(2, 5, 16) * 30).to(dtype)
+    with torch.no_grad():
+        ours = attention(x)
+        q, k, v = (proj(x).view(2, 5, 2, 8).transpose(1, 2) for proj in (attention.to_q, attention.to_k, attention.to_v))
+        fp32 = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(dtype)
+        expected = attention.to_out[0](fp32.transpose(1, 2).reshape(2, 5, 16))
+    assert ours.dtype == dtype and torch.isfinite(ours).all() and torch.equal(ours, expected)
+    with torch.no_grad():                                     # fp32 activations: the flag changes nothing
+        assert torch.equal(attention.float()(x.float()), Attention.forward(attention, x.float()))
+
+
+def test_every_unet_tensor_of_the_real_files_maps_onto_our_model():
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(config=UNetConfig.sd_v2())
+    unet_t = {k: v for k, v in SINGLE_MANIFEST.items() if k.startswith(single_file.UNET_PREFIX)}
+    check_keys(_shapes(unet), {k: tuple(v.shape) for k, v in rename(_fake(unet_t), single_file.unet_table(unet.config)).items()},
+               source="single file UNet")
+    check_keys(_shapes(unet), {k: tuple(v) for k, v in FOLDER_MANIFEST["unet/diffusion_pytorch_model.safetensors"].items()},
+               source="folder UNet")
+    assert UNetConfig.from_json(PUBLIC / "unet" / "config.json") == UNetConfig.sd_v2()
