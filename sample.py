@@ -1,4 +1,4 @@
-"""Text to image with Stable Diffusion v1, with the flags of CompVis's txt2img script
+"""Text to image with Stable Diffusion v1 and 2.x, with the flags of CompVis's txt2img script
 (`scripts/stable_txt2img.py` of the DreamBooth seed repository), so its users' habits carry over.
 
     python sample.py --ckpt path/to/stable-diffusion-v1-5 --prompt "a photo of an astronaut" \\
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: inferred from the tensor shapes); its tokenizer/, if any, is used too. "
                         "A FILE.toml instead is a run config: its keys are these flags' names")
     p.add_argument("--use_ema", action="store_true", help="single file: use its model_ema.* UNet weights")
+    p.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None,
+                   help="single file: what its UNet predicts (a single file does not say; default: the --config "
+                        "folder's scheduler, else epsilon for SD v1 and v_prediction, 768x768, for SD 2.x as diffusers "
+                        "guesses; SD 2.x-base files need epsilon, which also makes their default size 512); a folder "
+                        "says its own, and a different value is refused")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="apply a LoRA file (diffusers or kohya format, .safetensors) at SCALE (default 1.0), "
                         "fused into the weights; repeat the flag to stack LoRAs")
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             print(f"no --ckpt: sampling the embedded tiny model {WORLD_SD} (coloured shapes only)", file=sys.stderr)
         check_args(args)
         from diffusion.checkpoints.configs import read_configs   # imports torch: after the cheap checks
-        configs = read_configs(args.ckpt, args.config_dir)
+        configs = read_configs(args.ckpt, args.config_dir, prediction_type=args.prediction_type)
         if configs is not None:
             image_size(args, configs)
     except ValueError as e:   # UsageError, and read_configs' errors, which name the flag
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         print(warning, file=sys.stderr)
     try:
         models = load_stable_diffusion(args.ckpt, config_dir=args.config_dir, use_ema=args.use_ema,
-                                       dtype=weights_dtype, variant=args.variant)
+                                       dtype=weights_dtype, variant=args.variant, prediction_type=args.prediction_type)
     except (CheckpointError, OSError, ValueError) as e:
         raise SystemExit(f"sample.py: error: --ckpt {args.ckpt}: {e}")
     if configs is None:  # a .ckpt: its architecture is known now, before any sampling

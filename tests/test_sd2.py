@@ -15,20 +15,26 @@ file with OpenCLIP's text tower), and the real SD 2.1 files' key manifests.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import sample
 from clip.text_model import CLIPTextConfig, CLIPTextModel
 from clip.tokenizer import SD2_PAD_TOKEN, CLIPTokenizer
 from clip.weights import (OPENCLIP_PREFIX, config_from_state_dict, fuse_in_proj, load_text_encoder, openclip_table,
                           split_in_proj, text_encoder_state_dict)
-from common.state_dict import CheckpointError, check_keys, read_safetensors, rename
+from common.state_dict import CheckpointError, check_keys, read_safetensors, rename, write_safetensors
 from diffusion.checkpoints import single_file
-from diffusion.checkpoints.load import load_unet_folder, load_unet_single_file
+from diffusion.checkpoints.configs import configs_from_shapes, read_configs
+from diffusion.checkpoints.load import load_stable_diffusion, load_unet_folder, load_unet_single_file
 from diffusion.models.attention import Attention
-from diffusion.models.unet import UNet2DConditionModel, UNetConfig
+from diffusion.models.unet import SD_V2_BASE, UNet2DConditionModel, UNetConfig
+from diffusion.models.vae import VAEConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SD2 = FIXTURES / "sd2"
@@ -177,3 +183,144 @@ def test_every_unet_tensor_of_the_real_files_maps_onto_our_model():
     check_keys(_shapes(unet), {k: tuple(v) for k, v in FOLDER_MANIFEST["unet/diffusion_pytorch_model.safetensors"].items()},
                source="folder UNet")
     assert UNetConfig.from_json(PUBLIC / "unet" / "config.json") == UNetConfig.sd_v2()
+
+
+def test_the_single_files_configs_are_inferred_as_diffusers_reads_them():
+    """v_prediction (the default): SD 2.1's configs, as diffusers' from_single_file fetches them for every
+    SD 2.x file; epsilon: 2.1-base's (512x512, no upcast)."""
+    shapes = {k: tuple(v) for k, v in SINGLE_MANIFEST.items()}
+    public = UNetConfig.from_json(PUBLIC / "unet" / "config.json")
+    unet, vae = configs_from_shapes(shapes, source="v2-1_768-ema-pruned.safetensors", prediction_type="v_prediction")
+    assert unet == public == UNetConfig.sd_v2() and unet.attention_head_dim == (5, 10, 20, 20)
+    assert vae == VAEConfig.sd_v1()
+    base, _ = configs_from_shapes(shapes, source="v2-1_512-ema-pruned.safetensors", prediction_type="epsilon")
+    assert base == UNetConfig.sd_v2(**SD_V2_BASE) and base.sample_size == 64 and not base.upcast_attention
+
+
+# ---- the pipeline: both layouts, v-prediction, sample.py -------------------------------------------
+@pytest.fixture(scope="module")
+def folder_models():
+    return load_stable_diffusion(FOLDER)
+
+
+@pytest.fixture(scope="module")
+def single_models():
+    return load_stable_diffusion(SINGLE, config_dir=FOLDER)
+
+
+def test_both_layouts_load_as_sd2_with_v_prediction(folder_models, single_models):
+    for models in (folder_models, single_models):
+        assert models.scheduler_config["prediction_type"] == "v_prediction"
+        assert models.tokenizer.pad_token_id == 0 and models.text_encoder.config.hidden_act == "gelu"
+        assert models.unet.config == UNetConfig.from_json(FOLDER / "unet" / "config.json")
+
+
+def test_a_single_file_without_config_gets_the_sd2_tokenizer(tmp_path):
+    """A single file carries no tokenizer: the shipped vocabulary, padded with "!" for an OpenCLIP tower."""
+    # the tiny UNet's shapes cannot give its heads: its configs, without the tokenizer/ beside them
+    configs = tmp_path / "configs"
+    shutil.copytree(FOLDER, configs, ignore=shutil.ignore_patterns("tokenizer", "*.safetensors"))
+    models = load_stable_diffusion(SINGLE, config_dir=configs)
+    assert models.tokenizer.pad_token == "!" and models.tokenizer.pad_token_id == 0
+    assert len(models.tokenizer.vocab) == 49408
+
+
+# ---- whole images: sample.py against StableDiffusionPipeline -----------------------------------------
+RUNS = META["pipeline"]
+
+
+def _argv(run: dict, layout: str, out: Path) -> list[str]:
+    ckpt = ["--ckpt", str(FOLDER)] if layout == "folder" else ["--ckpt", str(SINGLE), "--config", str(FOLDER)]
+    argv = [*ckpt, "--outdir", str(out), "--prompt", run["prompt"], "--n_samples", str(run["num_images_per_prompt"]),
+            "--ddim_steps", str(run["steps"]), "--scale", str(run["guidance_scale"]), "--seed", str(run["seed"]),
+            "--device", "cpu", "--sampler", run["sampler"]]
+    if run["height"] is not None:
+        argv += ["--H", str(run["height"]), "--W", str(run["width"])]
+    if run["negative_prompt"] is not None:
+        argv += ["--negative_prompt", run["negative_prompt"]]
+    return argv
+
+
+@pytest.mark.parametrize("layout", ["folder", "single_file"])
+@pytest.mark.parametrize("run", RUNS, ids=[r["name"] for r in RUNS])
+def test_sample_py_equals_diffusers_with_v_prediction(run, layout, tmp_path, capsys):
+    assert run["prediction_type"] == "v_prediction"
+    written = sample.main(_argv(run, layout, tmp_path))
+    n = run["num_images_per_prompt"]
+    for i, path in enumerate(written[:n]):
+        ours = np.asarray(Image.open(path)).astype(int)
+        theirs = np.asarray(Image.open(SD2 / "pipeline" / run["images"][i])).astype(int)
+        assert ours.shape == theirs.shape, f"{run['name']} ({layout}): {ours.shape} != {theirs.shape}"
+        diff = np.abs(ours - theirs).max()
+        assert diff <= MAX_DIFF, f"{run['name']} ({layout}) image {i}: max |diff| {diff}/255"
+
+
+# ---- bad input: one line, exit 2, before sampling ---------------------------------------------------
+@pytest.fixture
+def no_sampling(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("sampling started")
+    monkeypatch.setattr("diffusion.pipeline.generate", refuse)
+
+
+def _refused(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    message = str(e.value.code)
+    assert message.startswith("sample.py: error: ") and "\n" not in message, message
+    return message
+
+
+def test_a_prediction_type_the_folder_contradicts_is_refused_naming_both(tmp_path, capsys, no_sampling):
+    message = _refused(["--ckpt", str(FOLDER), "--prediction_type", "epsilon", "--outdir", str(tmp_path)], capsys)
+    assert "--prediction_type epsilon" in message and "scheduler_config.json says prediction_type 'v_prediction'" in message
+    message = _refused(["--ckpt", str(SINGLE), "--config", str(FOLDER), "--prediction_type", "epsilon",
+                        "--outdir", str(tmp_path)], capsys)
+    assert "--prediction_type epsilon" in message and "'v_prediction'" in message
+    assert not (tmp_path / "samples").exists()
+    with pytest.raises(ValueError, match="--prediction_type epsilon: .* says prediction_type 'v_prediction'"):
+        load_stable_diffusion(FOLDER, prediction_type="epsilon")
+    assert load_stable_diffusion(FOLDER, prediction_type="v_prediction").scheduler_config["prediction_type"] == "v_prediction"
+
+
+def _without_block(tmp_path: Path, block: int) -> Path:
+    tensors = {k: v for k, v in read_safetensors(SINGLE).items()
+               if not k.startswith(f"{OPENCLIP_PREFIX}transformer.resblocks.{block}.")}
+    write_safetensors(tmp_path / "broken.safetensors", tensors)
+    return tmp_path / "broken.safetensors"
+
+
+@pytest.mark.parametrize("block", [0, 1])
+def test_a_text_tower_missing_blocks_is_refused_naming_them(block, tmp_path, capsys, no_sampling):
+    broken = _without_block(tmp_path, block)
+    message = _refused(["--ckpt", str(broken), "--config", str(FOLDER), "--outdir", str(tmp_path / "out")], capsys)
+    assert "OpenCLIP ViT-H/14 text tower of SD 2.x in this file lacks transformer block(s) " + str(block) in message
+    assert not (tmp_path / "out" / "samples").exists()
+
+
+def test_an_sd2_text_encoder_beside_an_sd_v1_unet_is_refused_naming_the_widths(tmp_path, capsys, no_sampling):
+    """A folder whose UNet is SD v1.5's (cross-attention 768) and whose text encoder is SD 2.1's (1024):
+    refused from the configs alone, before any weight is read."""
+    folder = tmp_path / "mixed"
+    shutil.copytree(PUBLIC, folder)
+    shutil.copy(FIXTURES / "public_configs" / "runwayml--stable-diffusion-v1-5" / "unet" / "config.json",
+                folder / "unet" / "config.json")
+    shutil.copy(FOLDER / "model_index.json", folder / "model_index.json")
+    message = _refused(["--ckpt", str(folder), "--outdir", str(tmp_path / "out")], capsys)
+    assert "the text encoder's states are 1024 wide but the UNet's cross-attention reads 768-wide ones" in message
+    with pytest.raises(ValueError, match="1024 wide but the UNet's cross-attention reads 768"):
+        read_configs(folder, None)
+
+
+def test_a_single_files_text_tower_of_another_width_is_refused(tmp_path, capsys, no_sampling):
+    """The single file's OpenCLIP tower 16 wide beside a UNet reading 32-wide states."""
+    torch.manual_seed(0)
+    narrow = CLIPTextModel(CLIPTextConfig.open_clip_vit_h14(vocab_size=1014, hidden_size=16, intermediate_size=64,
+                                                            num_hidden_layers=2, num_attention_heads=2))
+    from common.state_dict import rename as rename_keys
+    tower = fuse_in_proj(rename_keys(narrow.state_dict(), openclip_table(2), reverse=True))
+    tensors = {k: v for k, v in read_safetensors(SINGLE).items() if not k.startswith("cond_stage_model.")} | tower
+    write_safetensors(tmp_path / "mixed.safetensors", tensors)
+    message = _refused(["--ckpt", str(tmp_path / "mixed.safetensors"), "--config", str(FOLDER), "--outdir",
+                        str(tmp_path / "out")], capsys)
+    assert "the text encoder's states are 16 wide but the UNet's cross-attention reads 32-wide ones" in message
