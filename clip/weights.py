@@ -240,6 +240,15 @@ def source_table(keys: Iterable[str], *, num_layers: int) -> KeyTable:
     return openclip_table(num_layers) if prefix == OPENCLIP_PREFIX else text_table(prefix)
 
 
+def single_file_text_table(config: CLIPTextConfig) -> KeyTable:
+    """The table by which an SD single file names a text encoder of this config: OpenCLIP's names for an
+    OpenCLIP tower (SD 2.x), SD v1's under cond_stage_model.transformer.text_model. otherwise. The two
+    families' towers differ in their activation: OpenAI's CLIP was trained with its sigmoid approximation
+    (quick_gelu), OpenCLIP with the exact GELU (diffusers' converter tells them apart by depth, 23 layers
+    or more, which a tiny tower does not have)."""
+    return openclip_table(config.num_hidden_layers) if config.hidden_act == "gelu" else text_table(SINGLE_FILE_PREFIX)
+
+
 def config_from_state_dict(state_dict: dict[str, torch.Tensor], *, openclip: bool = False,
                            **overrides) -> CLIPTextConfig:
     """The architecture read off tensor shapes (in our key names); heads are HEAD_WIDTH wide.

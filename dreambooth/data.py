@@ -102,7 +102,8 @@ def check_model_size(args) -> None:
     from diffusion.pipeline import check_size
     try:
         configs = read_configs(args.pretrained_model_name_or_path, args.pretrained_config_dir,
-                               flags=("--pretrained_model_name_or_path", "--pretrained_config_dir"))
+                               flags=("--pretrained_model_name_or_path", "--pretrained_config_dir"),
+                               prediction_type=getattr(args, "prediction_type", None))
     except ValueError as e:
         raise DataError(str(e)) from None
     if configs is not None:   # None: a .ckpt, whose shapes are checked once it is loaded

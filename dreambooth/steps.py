@@ -28,14 +28,15 @@ OFFSET_NOISE_SCALE = 0.1        # diffusers' --offset_noise strength (Guttenberg
 
 
 def load_models(path: str, *, config_dir: str | None, resolution: int, device: torch.device, precision: str,
-                dtype: torch.dtype = torch.float32, variant: str | None = None):
+                dtype: torch.dtype = torch.float32, variant: str | None = None, prediction_type: str | None = None):
     """The base model's parts on `device`, weights in `dtype`, with --resolution checked against a .ckpt's
     architecture (known only once it is read) and the speed transformations that measured faster for
     computing in `precision` (diffusion/speed.py). Returns (models, the layouts chosen)."""
     from diffusion.checkpoints.load import load_stable_diffusion
     from diffusion.speed import arrange_for_speed
     from diffusion.pipeline import check_size
-    models = load_stable_diffusion(path, config_dir=config_dir, dtype=dtype, variant=variant)
+    models = load_stable_diffusion(path, config_dir=config_dir, dtype=dtype, variant=variant,
+                                   prediction_type=prediction_type)
     check_size(resolution, resolution, models.unet.config, models.vae.config, names=("--resolution", "--resolution"))
     for m in (models.unet, models.vae, models.text_encoder):
         m.to(device)

@@ -324,3 +324,129 @@ def test_a_single_files_text_tower_of_another_width_is_refused(tmp_path, capsys,
     message = _refused(["--ckpt", str(tmp_path / "mixed.safetensors"), "--config", str(FOLDER), "--outdir",
                         str(tmp_path / "out")], capsys)
     assert "the text encoder's states are 16 wide but the UNet's cross-attention reads 32-wide ones" in message
+
+
+# ---- DreamBooth and LoRA on SD 2.x ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sd2_data")
+    rng = np.random.default_rng(0)
+    (root / "instance").mkdir()
+    for i, (h, w) in enumerate([(20, 24), (16, 16)]):
+        pixels = np.clip(rng.integers(0, 255, (1, 1, 3)) + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "instance" / f"photo{i}.png")
+    return root
+
+
+def _train_args(data: Path, out: Path, *extra: str, model: Path = FOLDER) -> list[str]:
+    config = ["--pretrained_config_dir", str(FOLDER)] if model == SINGLE else []
+    return ["--pretrained_model_name_or_path", str(model), *config, "--instance_data_dir", str(data / "instance"),
+            "--instance_prompt", "a photo of sks dog", "--resolution", "16", "--train_batch_size", "1",
+            "--learning_rate", "1e-3", "--checkpointing_steps", "100", "--device", "cpu", "--output_dir", str(out),
+            "--with_prior_preservation", "--class_prompt", "a photo of dog", "--num_class_images", "2",
+            "--class_data_dir", str(data / "class"), "--sample_batch_size", "2", *extra]
+
+
+def test_the_training_target_is_v(folder_models):
+    """The loss's target on a v-prediction model: v = sqrt(a) eps - sqrt(1 - a) x_0 (Salimans & Ho 2022)."""
+    from diffusion.schedule import NoiseSchedule, ScheduleConfig
+    from dreambooth.steps import Batch, Draws, denoising_prediction
+    schedule = NoiseSchedule(config=ScheduleConfig.from_dict(folder_models.scheduler_config))
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(pixels=torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, generators=[], crops=[])
+    draws = Draws(posterior=torch.randn(2, 4, 4, 4, generator=g), noise=torch.randn(2, 4, 4, 4, generator=g),
+                  timesteps=torch.tensor([10, 900]))
+    states = torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        pred, target, t = denoising_prediction(folder_models.unet, folder_models.vae, schedule, batch, states,
+                                               precision="fp32", offset_noise=False, draws=draws)
+        latents = folder_models.vae.encode(batch.pixels).sample(noise=draws.posterior) * 0.18215
+    assert torch.allclose(target, schedule.get_velocity(latents, draws.noise, t), atol=1e-6)
+    assert not torch.allclose(target, draws.noise, atol=1e-2)
+
+
+@pytest.mark.parametrize("model", ["folder", "single_file"])
+def test_dreambooth_trains_sd2_and_writes_both_layouts(model, data, tmp_path):
+    """v target, prior preservation, min-SNR on the v loss, the text encoder trained too; the folder and the
+    single file (OpenCLIP names, fused in_proj) load back to the trained weights."""
+    import train_dreambooth
+    out = tmp_path / "sks"
+    argv = _train_args(data, out, "--max_train_steps", "2", "--snr_gamma", "5.0", "--train_text_encoder",
+                       "--save_single_file", model=FOLDER if model == "folder" else SINGLE)
+    assert train_dreambooth.main(argv) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(np.isfinite(r["prior_loss"]) for r in records)
+    folder = load_stable_diffusion(out)
+    assert folder.scheduler_config["prediction_type"] == "v_prediction" and folder.tokenizer.pad_token_id == 0
+    written = read_safetensors(out / "sks.safetensors")
+    assert f"{OPENCLIP_PREFIX}transformer.resblocks.0.attn.in_proj_weight" in written
+    assert (f"{OPENCLIP_PREFIX}text_projection" in written) == (model == "single_file")   # kept from the source
+    single = load_stable_diffusion(out / "sks.safetensors", config_dir=out)
+    for part in ("unet", "text_encoder"):
+        a, b = getattr(folder, part).state_dict(), getattr(single, part).state_dict()
+        assert all(torch.equal(a[k].half().float(), b[k]) for k in a), part               # fp16 in the single file
+    before = load_stable_diffusion(FOLDER).text_encoder.state_dict()
+    assert not torch.equal(before["layers.0.self_attn.q_proj.weight"], folder.text_encoder.state_dict()["layers.0.self_attn.q_proj.weight"])
+
+
+def test_a_prediction_type_for_the_folder_the_scheduler_contradicts_stops_training(data, tmp_path, capsys):
+    import train_dreambooth
+    code = train_dreambooth.main(_train_args(data, tmp_path / "out", "--max_train_steps", "1",
+                                             "--prediction_type", "epsilon"))
+    err = capsys.readouterr().err
+    assert code == 2 and "--prediction_type epsilon" in err and "'v_prediction'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_diffusers_read_our_sd2_dreambooth_outputs():
+    """tools/make_reference_sd2.py ran our train_dreambooth.py on this tiny SD 2 and read its outputs with
+    diffusers: the folder, the single file (bit for bit the folder's weights in fp16) and both LoRA files."""
+    check = META["dreambooth"]
+    assert "bit for bit" in check["full"] and check["full_prediction_type"] == "v_prediction"
+    assert "no warning" in check["lora"]
+    for counts in check["lora_adapted_modules"].values():
+        assert counts == {"unet": 4 * 2 * 4, "text_encoder": 2 * 4}   # 4 transformers x 2 attentions x 4; 2 layers x 4
+
+
+LORA = SD2 / "kohya_lora.safetensors"
+
+
+def test_a_kohya_sd2_lora_gives_diffusers_outputs():
+    """kohya's names on SD 2's modules (the Linear proj_in/proj_out, lora_te_text_model_encoder_layers_N_...),
+    read onto ours as diffusers' loader reads them; unfused, scale 1."""
+    from diffusion.checkpoints.lora_files import apply_lora, read_lora
+    models = load_stable_diffusion(FOLDER)
+    updates, skipped = read_lora(LORA, models)
+    assert not skipped and len(updates) == sum(META["lora"]["modules"].values())
+    assert any(u.module.endswith("proj_in") for u in updates)
+    apply_lora(models, updates)
+    with torch.no_grad():
+        out = models.unet(REF["lora.unet.sample"], REF["lora.unet.t"], REF["lora.unet.context"])
+        states = models.text_encoder(REF["lora.text.ids"]).last_hidden_state
+    assert (out - REF["lora.unet.out"]).abs().max() <= 1e-4
+    assert (states - REF["lora.text.states"]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("layout", ["folder", "single_file"])
+def test_sample_py_with_a_kohya_sd2_lora_equals_diffusers_fuse_lora(layout, tmp_path, capsys):
+    run = META["lora"]["run"]
+    ckpt = ["--ckpt", str(FOLDER)] if layout == "folder" else ["--ckpt", str(SINGLE), "--config", str(FOLDER)]
+    written = sample.main([*ckpt, "--outdir", str(tmp_path), "--prompt", run["prompt"], "--n_samples", "1",
+                           "--ddim_steps", str(run["num_inference_steps"]), "--scale", str(run["guidance_scale"]),
+                           "--H", str(run["height"]), "--W", str(run["width"]), "--seed", str(run["seed"]),
+                           "--device", "cpu", "--lora", f"{LORA}:{run['scale']}"])
+    ours = np.asarray(Image.open(written[0])).astype(int)
+    diff = np.abs(ours - REF["lora.image"][0].numpy().astype(int)).max()
+    assert diff <= MAX_DIFF, f"max |diff| {diff}/255"
+
+
+def test_lora_training_on_sd2_writes_files_that_read_back(data, tmp_path):
+    import train_dreambooth
+    from diffusion.checkpoints.lora_files import read_lora
+    out = tmp_path / "lora"
+    assert train_dreambooth.main(_train_args(data, out, "--max_train_steps", "2", "--rank", "4", "--train_text_encoder",
+                                             "--lora_format", "kohya", "--snr_gamma", "5.0")) == 0
+    models = load_stable_diffusion(FOLDER)
+    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
+        updates, skipped = read_lora(out / name, models)
+        assert not skipped and len(updates) == 4 * 2 * 4 + 2 * 4
