@@ -450,3 +450,78 @@ def test_lora_training_on_sd2_writes_files_that_read_back(data, tmp_path):
     for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
         updates, skipped = read_lora(out / name, models)
         assert not skipped and len(updates) == 4 * 2 * 4 + 2 * 4
+
+
+# ---- the porter's kit on every SD 2.x component ------------------------------------------------------
+TRACES = SD2 / "traces"
+# modules our trace names that the reference cannot hook: transformers 5's renamed wrappers, and
+# nn.MultiheadAttention's out_proj, whose weights it uses without calling the module
+ONLY_OURS = {"text_encoder": r"text_model(\.embeddings|\.encoder)?",
+             "text_encoder_open_clip": r"cond_stage_model\.model\.transformer\.resblocks\.\d+\.attn\.out_proj"}
+
+
+def _held_to(reference_file: Path, ours: dict, case: str, tmp_path: Path, rtol: float) -> None:
+    import re
+    from porting.compare import compare, read_trace
+    from porting.trace import write_trace
+    reference, _ = read_trace(reference_file)
+    assert not set(reference) - set(ours), sorted(set(reference) - set(ours))[:5]
+    extra = sorted(k for k in set(ours) - set(reference) if not re.fullmatch(ONLY_OURS.get(case, "$^"), k))
+    assert not extra, f"names the reference does not have: {extra[:5]}"
+    write_trace(tmp_path / "ours.safetensors", {k: ours[k] for k in reference}, {})
+    result = compare(reference_file, tmp_path / "ours.safetensors", rtol=rtol)
+    assert not result.beyond, f"beyond {rtol:g}: {result.beyond[:5]}"
+
+
+@pytest.mark.parametrize("case, model, component, config", [
+    ("unet", FOLDER, "unet", None),
+    ("text_encoder", FOLDER, "text_encoder", None),
+    ("text_encoder_open_clip", SINGLE, "text_encoder", FOLDER),       # under OpenCLIP's names, as the file's
+])
+def test_every_layer_matches_the_reference_library(case, model, component, config, tmp_path):
+    from porting.components import load_component
+    from porting.trace import trace
+    loaded = load_component(model, component, config_dir=config)
+    inputs = read_safetensors(TRACES / f"{case.removesuffix('_open_clip')}_inputs.safetensors")
+    _held_to(TRACES / f"{case}_reference.safetensors", trace(loaded, inputs), case, tmp_path, 1e-4)
+    if case == "text_encoder_open_clip":
+        assert loaded.layout == "openclip-text"
+
+
+@pytest.mark.parametrize("case, model, config", [("unet", FOLDER, None), ("text_encoder_open_clip", SINGLE, FOLDER)])
+def test_every_gradient_matches_the_reference_librarys_autograd(case, model, config, tmp_path):
+    """`trace --backward` on SD 2's UNet (Linear projections) and OpenCLIP's tower: one gradient for the fused
+    in_proj, our q/k/v gradients joined in the file's order."""
+    from porting.components import load_component
+    from porting.trace import trace
+    component = "unet" if case == "unet" else "text_encoder"
+    ours = trace(load_component(model, component, config_dir=config),
+                 read_safetensors(TRACES / f"{case}_backward_inputs.safetensors"), backward=True)
+    grads = {k: v for k, v in ours.items() if k.startswith("grad:") or k == "loss"}
+    assert (case == "unet") or f"grad:{OPENCLIP_PREFIX}transformer.resblocks.0.attn.in_proj_weight" in grads
+    _held_to(TRACES / f"{case}_gradients_reference.safetensors", grads, case, tmp_path, 1e-5)
+
+
+def test_the_single_file_unet_and_vae_trace_under_ldm_names(tmp_path):
+    """The single file's UNet under LDM's names holds the folder's numbers; the VAE (SD v1's architecture, and
+    here the tiny SD v1's weights) matches diffusers' VAE traces of tests/fixtures/traces."""
+    from porting.components import load_component
+    from porting.trace import trace
+    inputs = read_safetensors(TRACES / "unet_inputs.safetensors")
+    ldm = trace(load_component(SINGLE, "unet", config_dir=FOLDER), inputs)
+    ours = trace(load_component(FOLDER, "unet"), inputs)
+    p = "model.diffusion_model."
+    for theirs, mine in {"input_blocks.1.1.proj_in": "down_blocks.0.attentions.0.proj_in",
+                         "input_blocks.1.1": "down_blocks.0.attentions.0", "middle_block": "mid_block",
+                         "output_blocks.3.1.proj_out": "up_blocks.1.attentions.1.proj_out", "out": "conv_out"}.items():
+        torch.testing.assert_close(ldm[p + theirs], ours[mine], rtol=0, atol=1e-5, msg=theirs)
+    assert ldm[p + "input_blocks.1.1.proj_in"].ndim == 3             # a Linear on the tokens: (B, HW, C)
+    v1 = FIXTURES / "traces"
+    for component in ("vae_encoder", "vae_decoder"):
+        for model, config in ((FOLDER, None), (SINGLE, FOLDER)):
+            traced = trace(load_component(model, component, config_dir=config),
+                           read_safetensors(v1 / f"{component}_inputs.safetensors"))
+            if model == FOLDER:
+                _held_to(v1 / f"{component}_reference.safetensors", traced, component, tmp_path, 1e-4)
+            else:
+                assert traced                                        # LDM's names, as for SD v1

@@ -27,7 +27,8 @@ tests/fixtures/traces already hold, and its truncated CLIP vocabulary). Writes u
   attention and MLP, alpha != rank); diffusers' UNet/text outputs with it unfused and its image after
   load_lora_weights + fuse_lora.
 - traces/: layer-by-layer traces (tools/make_reference_traces.py's hooks) of diffusers' SD 2 UNet, transformers'
-  gelu CLIPTextModel (the folder), and open_clip's tower run as SD 2 runs it (the single file's names).
+  gelu CLIPTextModel (the folder), and open_clip's tower run as SD 2 runs it (the single file's names); and the
+  UNet's and open_clip's gradients of DreamBooth's loss by their own autograd (for `trace --backward`).
 - the DreamBooth check (reference.json "dreambooth"): OUR train_dreambooth.py trained on the tiny SD 2 folder
   (v-prediction, prior preservation, --snr_gamma, --train_text_encoder, --save_single_file) and as a LoRA
   (--rank, kohya too); diffusers read the folder, the single file (from_single_file, bit for bit the folder)
@@ -365,6 +366,28 @@ def traces() -> None:
     tower.load_state_dict(state, strict=True)
     outputs = mrt.trace(tower, lambda: penultimate(tower, ids), {"": ""})
     write("text_encoder_open_clip", {OPENCLIP + k: v for k, v in outputs.items()}, x)
+
+    # --backward: DreamBooth's loss on the output and each parameter's gradient by the library's own autograd,
+    # under the file's keys (diffusers' names; the single file's for open_clip, whose fused in_proj gets one)
+    def gradients(name, model, run, inputs, prefix=""):
+        target = torch.randn(run().shape, generator=g)
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = torch.nn.functional.mse_loss(run().float(), target.float())
+            loss.backward()
+        grads = {f"grad:{prefix}{n}": p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        save_file({k: v.contiguous() for k, v in {**inputs, "target": target}.items()},
+                  str(out / f"{name}_backward_inputs.safetensors"))
+        write_trace(out / f"{name}_gradients_reference.safetensors", {"loss": loss.detach(), **grads},
+                    {"made_by": "tools/make_reference_sd2.py", "loss": "F.mse_loss(output.float(), target.float())"})
+        print(f"gradients {name}: {len(grads)}")
+
+    for p in [*unet.parameters(), *tower.parameters()]:
+        p.requires_grad_(True)
+    x = {"sample": torch.randn(1, 4, 8, 8, generator=g), "timestep": torch.tensor([411.0]),
+         "encoder_hidden_states": torch.randn(1, 7, 32, generator=g)}
+    gradients("unet", unet, lambda: unet(x["sample"], x["timestep"], x["encoder_hidden_states"]).sample, x)
+    gradients("text_encoder_open_clip", tower, lambda: penultimate(tower, ids), {"input_ids": ids}, prefix=OPENCLIP)
 
 
 # ---------------------------------------------------------------- our DreamBooth, read by diffusers
