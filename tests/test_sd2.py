@@ -197,6 +197,39 @@ def test_the_single_files_configs_are_inferred_as_diffusers_reads_them():
     assert base == UNetConfig.sd_v2(**SD_V2_BASE) and base.sample_size == 64 and not base.upcast_attention
 
 
+def test_a_single_files_unet_of_widths_not_in_64_wide_heads_is_refused():
+    """SD 2.x's head count is not in the file: read as its 64-wide heads, or refused asking for the config."""
+    shapes = {k: v for k, v in SINGLE_MANIFEST.items() if k.startswith(single_file.UNET_PREFIX)}
+    shapes[single_file.UNET_PREFIX + "input_blocks.1.0.out_layers.3.weight"] = [352, 352, 3, 3]   # 11 groups of 32
+    with pytest.raises(CheckpointError, match=r"v2\.safetensors: UNet widths \(352, 640, 1280, 1280\) do not split "
+                                              r"into SD 2\.x's 64-wide attention heads.*pass --config DIR"):
+        single_file.infer_unet_config(_fake(shapes), source="v2.safetensors", prediction_type="v_prediction")
+
+
+def test_a_single_files_prediction_type_follows_the_documented_rule(tmp_path):
+    """--prediction_type, else the --config folder's scheduler_config.json, else the family's: v_prediction for
+    SD 2.x (OpenCLIP's tower), as diffusers' from_single_file reads every SD 2.x file, epsilon for SD v1; the
+    schedule is SD 2.1's published one."""
+    from diffusion.checkpoints.load import SCHEDULER_CONFIGS, single_file_prediction_type
+    sd1 = json.loads((MANIFESTS / "sd_v1_single_file.json").read_text())["model_tensors"]
+    assert single_file_prediction_type(SINGLE_MANIFEST, None, None) == "v_prediction"
+    assert single_file_prediction_type(sd1, None, None) == "epsilon"
+    assert single_file_prediction_type(SINGLE_MANIFEST, "epsilon", None) == "epsilon"
+    configs = tmp_path / "configs"                        # the tiny UNet's configs, with no scheduler/
+    shutil.copytree(FOLDER, configs, ignore=shutil.ignore_patterns("scheduler", "*.safetensors"))
+    assert single_file_prediction_type(SINGLE_MANIFEST, None, configs) == "v_prediction"
+    assert load_stable_diffusion(SINGLE, config_dir=configs).scheduler_config["prediction_type"] == "v_prediction"
+    epsilon = load_stable_diffusion(SINGLE, config_dir=configs, prediction_type="epsilon")
+    assert epsilon.scheduler_config["prediction_type"] == "epsilon"
+    (configs / "scheduler").mkdir()
+    (configs / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon"}))
+    assert single_file_prediction_type(SINGLE_MANIFEST, None, configs) == "epsilon"      # the config's, not the family's
+    public = json.loads((PUBLIC / "scheduler" / "scheduler_config.json").read_text())
+    assert SCHEDULER_CONFIGS["sd2"] == {k: public[k] for k in SCHEDULER_CONFIGS["sd2"]}
+    assert set(public) - set(SCHEDULER_CONFIGS["sd2"]) == {"_class_name", "_diffusers_version", "skip_prk_steps",
+                                                           "trained_betas"}
+
+
 # ---- the pipeline: both layouts, v-prediction, sample.py -------------------------------------------
 @pytest.fixture(scope="module")
 def folder_models():
