@@ -460,6 +460,14 @@ def test_a_kohya_sd2_lora_gives_diffusers_outputs():
     assert (states - REF["lora.text.states"]).abs().max() <= 1e-4
 
 
+def test_an_sd2_lora_on_an_sd_v1_model_is_refused_naming_a_key_and_both_shapes():
+    from diffusion.checkpoints.lora_files import read_lora
+    models = load_stable_diffusion(FIXTURES / "sd" / "tiny_diffusers")
+    with pytest.raises(CheckpointError, match=r"kohya_lora\.safetensors: lora_[\w.]+ has shape \(\d+, \d+\), but .* needs "
+                                              r"\(\d+, \d+\): this LoRA was made for another architecture"):
+        read_lora(LORA, models)
+
+
 @pytest.mark.parametrize("layout", ["folder", "single_file"])
 def test_sample_py_with_a_kohya_sd2_lora_equals_diffusers_fuse_lora(layout, tmp_path, capsys):
     run = META["lora"]["run"]
