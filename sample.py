@@ -1,4 +1,4 @@
-"""Text to image with Stable Diffusion v1, with the flags of CompVis's txt2img script
+"""Text to image with Stable Diffusion v1 and 2.x, with the flags of CompVis's txt2img script
 (`scripts/stable_txt2img.py` of the DreamBooth seed repository), so its users' habits carry over.
 
     python sample.py --ckpt path/to/stable-diffusion-v1-5 --prompt "a photo of an astronaut" \\
@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: inferred from the tensor shapes); its tokenizer/, if any, is used too. "
                         "A FILE.toml instead is a run config: its keys are these flags' names")
     p.add_argument("--use_ema", action="store_true", help="single file: use its model_ema.* UNet weights")
+    p.add_argument("--prediction_type", choices=("epsilon", "v_prediction"), default=None,
+                   help="single file: what its UNet predicts (a single file does not say; default: the --config "
+                        "folder's scheduler, else epsilon for SD v1 and v_prediction, 768x768, for SD 2.x as diffusers "
+                        "guesses; SD 2.x-base files need epsilon, which also makes their default size 512); a folder "
+                        "says its own, and a different value is refused")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="apply a LoRA file (diffusers or kohya format, .safetensors) at SCALE (default 1.0), "
                         "fused into the weights; repeat the flag to stack LoRAs")
@@ -237,7 +242,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             raise UsageError(f"--embedding {e}") from None
         # imports torch: after the cheap checks
         from diffusion.checkpoints.configs import check_sampling_steps, read_configs, read_scheduler_config
-        configs = read_configs(args.ckpt, args.config_dir)
+        configs = read_configs(args.ckpt, args.config_dir, prediction_type=args.prediction_type)
         check_sampling_steps(args.ddim_steps, read_scheduler_config(args.ckpt), flag="--ddim_steps")
         if configs is not None:
             image_size(args, configs)
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         print(warning, file=sys.stderr)
     try:
         models = load_stable_diffusion(args.ckpt, config_dir=args.config_dir, use_ema=args.use_ema,
-                                       dtype=weights_dtype, variant=args.variant)
+                                       dtype=weights_dtype, variant=args.variant, prediction_type=args.prediction_type)
     except (CheckpointError, OSError, ValueError) as e:
         exit_usage(PROG, f"--ckpt {args.ckpt}: {e}")
     if configs is None:  # a .ckpt: its architecture is known now, before any sampling

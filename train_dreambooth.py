@@ -1,4 +1,4 @@
-"""DreamBooth (Ruiz et al. 2022) for Stable Diffusion v1, with class-prior preservation. The loop is in
+"""DreamBooth (Ruiz et al. 2022) for Stable Diffusion v1 and 2.x, with class-prior preservation. The loop is in
 `main`, top to bottom, as named steps (dreambooth/steps.py); the flags are those of diffusers'
 examples/dreambooth/train_dreambooth.py.
 
@@ -66,7 +66,7 @@ RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instan
                "world_size", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
                "num_train_epochs", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
                "mixed_precision", "seed", "offset_noise", "snr_gamma", "snr_weight_prior", "snr_v_paper", "rank",
-               "lora", "cache_latents", "variant", "embedding")
+               "lora", "cache_latents", "variant", "embedding", "prediction_type")
 CLASS_SAMPLING = dict(steps=50, guidance_scale=7.5)        # StableDiffusionPipeline's defaults, as diffusers uses
 VALIDATION_SAMPLING = dict(steps=25, guidance_scale=7.5)   # diffusers' DreamBooth validation settings
 LEARNING_RATE = {"full": 5e-6, "lora": 5e-4}   # train_dreambooth.py's and train_dreambooth_lora.py's defaults
@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_dreambooth.py", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--config", help="a TOML file of flag = value lines; flags on the command line override it")
-    add_model_flags(a)   # --pretrained_model_name_or_path, --revision, --variant, --pretrained_config_dir
+    add_model_flags(a)   # --pretrained_model_name_or_path, --revision, --variant, --pretrained_config_dir,
+                         # --prediction_type
     a("--instance_data_dir", help="folder with the photos of the subject (required)")
     a("--instance_prompt", help="prompt with the identifier, e.g. 'a photo of sks dog' (required)")
     a("--class_data_dir", help="class images; the missing ones are generated here by the base model")
@@ -253,7 +254,7 @@ def prepare_models(args: argparse.Namespace, inputs: Inputs):
     needs_fp32 = bool(args.lora) or (bool(missing) and generation_dtype == torch.float32)
     weights_dtype = DTYPES[precision] if args.rank is not None and not needs_fp32 else torch.float32
     load = dict(config_dir=args.pretrained_config_dir, resolution=args.resolution, device=dist.device,
-                variant=args.variant)
+                variant=args.variant, prediction_type=args.prediction_type)
     try:
         models, layouts = load_models(args.pretrained_model_name_or_path, **load, precision=precision,
                                       dtype=weights_dtype, rank=args.rank, train_text_encoder=args.train_text_encoder)

@@ -58,7 +58,8 @@ RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "varian
                "placeholder_token", "initializer_token", "learnable_property", "template", "num_vectors", "repeats", "resolution",
                "center_crop", "train_batch_size", "gradient_accumulation_steps", "world_size", "learning_rate",
                "scale_lr", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "num_train_epochs", "adam_beta1",
-               "adam_beta2", "adam_weight_decay", "adam_epsilon", "mixed_precision", "seed", "cache_latents")
+               "adam_beta2", "adam_weight_decay", "adam_epsilon", "mixed_precision", "seed", "cache_latents",
+               "prediction_type")
 VALIDATION_SAMPLING = dict(steps=25, guidance_scale=7.5)   # the script's validation: 25 steps of DPM-Solver++
 
 
@@ -172,7 +173,7 @@ def prepare_models(args: argparse.Namespace, inputs: Inputs):
     try:
         models, _ = load_models(args.pretrained_model_name_or_path, config_dir=args.pretrained_config_dir,
                                 resolution=args.resolution, device=inputs.dist.device, precision=precision,
-                                variant=args.variant)
+                                variant=args.variant, prediction_type=args.prediction_type)
     except (CheckpointError, OSError, ValueError) as e:
         raise DataError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: {e}") from None
     ids = add_placeholder(models, args.placeholder_token, num_vectors=args.num_vectors,

@@ -2,10 +2,13 @@
 StableDiffusionPipeline as its users run it, from process start to PNG files on disk.
 
     flock /tmp/bench.lock .venv-dev/bin/python bench/sample.py [--pairs 3] [--cases 256-4-bf16-1,...]
+    flock /tmp/bench.lock .venv-dev/bin/python bench/sample.py --model sd21 [--cases 768-4-bf16-1,...]
 
 The model is a full-size SD v1.5 diffusers folder (every tensor of the public one, its configs, the
 real CLIP vocabulary) with random weights, written once into --workdir by diffusers' own
-`save_pretrained` (fp32 safetensors, as runwayml/stable-diffusion-v1-5 ships them). Each case
+`save_pretrained` (fp32 safetensors, as runwayml/stable-diffusion-v1-5 ships them); with --model sd21,
+stabilityai/stable-diffusion-2-1's (the 865M-parameter UNet with Linear projections and upcast attention,
+OpenCLIP ViT-H/14's 23-layer text tower, v-prediction, 768x768 by default). Each case
 (size, steps, precision, images per prompt) runs:
 - ours:  python sample.py --ckpt FOLDER --prompt P --H S --W S --ddim_steps N --n_samples K --precision X
 - theirs: a script doing what diffusers' docs show: `StableDiffusionPipeline.from_pretrained(FOLDER,
@@ -29,17 +32,19 @@ sys.path.insert(0, str(ROOT))
 from bench.whole_process import alternate, in_child, machine, skip_emulated, summary, table_row  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
-CASES = ["256-4-fp32-1", "256-4-bf16-1", "256-4-fp32-4", "256-4-bf16-4",
-         "512-20-fp32-1", "512-20-bf16-1", "512-20-fp32-4", "512-20-bf16-4"]   # size-steps-precision-images
+CASES = {"sd15": ["256-4-fp32-1", "256-4-bf16-1", "256-4-fp32-4", "256-4-bf16-4",   # size-steps-precision-images
+                  "512-20-fp32-1", "512-20-bf16-1", "512-20-fp32-4", "512-20-bf16-4"],
+         "sd21": ["768-4-fp32-1", "768-4-bf16-1", "768-20-fp32-1", "768-20-bf16-1"]}
 
 THEIRS = ("import sys; from tools.reference_models import sample_with_pipeline; "
           "sample_with_pipeline(*sys.argv[1:])")
 
 
-def prepare(workdir: str) -> dict:
+def prepare(workdir: str, model: str = "sd15") -> dict:
     """In a child process (in_child): the model folder, and which precisions this CPU computes in hardware."""
-    from tools.reference_models import write_random_sd15
-    return {"folder": str(write_random_sd15(Path(workdir) / "sd15")), **machine()}
+    from tools import reference_models
+    write = {"sd15": reference_models.write_random_sd15, "sd21": reference_models.write_random_sd21}[model]
+    return {"folder": str(write(Path(workdir) / model)), **machine()}
 
 
 def commands(case: str, folder: Path, out: Path) -> dict[str, list[str]]:
@@ -53,15 +58,18 @@ def commands(case: str, folder: Path, out: Path) -> dict[str, list[str]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default="/tmp/sd15-random", help="where the full-size random model is kept")
+    p.add_argument("--model", choices=sorted(CASES), default="sd15",
+                   help="the full-size random model: SD v1.5, or SD 2.1 (768x768, v-prediction)")
+    p.add_argument("--workdir", default=None, help="where the full-size random model is kept (default /tmp/MODEL-random)")
     p.add_argument("--pairs", type=int, default=3, help="alternating pairs per case (median over them)")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    p.add_argument("--cases", default=None, help="comma-separated, from " + "; ".join(
+        f"{model}: {', '.join(cases)}" for model, cases in CASES.items()) + " (default: all of --model's)")
     p.add_argument("--emulated_bf16", action="store_true", help="run the bf16 cases on a CPU without bf16 too")
     args = p.parse_args()
-    setup = in_child("bench.sample:prepare", args.workdir)
+    setup = in_child("bench.sample:prepare", args.workdir or f"/tmp/{args.model}-random", args.model)
     print(f"machine: {setup['cpu']}", flush=True)
     folder = Path(setup["folder"])
-    cases = [c for c in args.cases.split(",") if c]
+    cases = [c for c in (args.cases or ",".join(CASES[args.model])).split(",") if c]
     cases = skip_emulated(cases, lambda c: c.split("-")[2], setup["native"], run_anyway=args.emulated_bf16,
                           flag="--emulated_bf16", reference="diffusers")
     rows = []

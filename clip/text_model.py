@@ -1,5 +1,7 @@
 """CLIP's text encoder (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
-Supervision", sec. 2.4), the text tower Stable Diffusion v1 conditions on.
+Supervision", sec. 2.4), the text tower Stable Diffusion conditions on: OpenAI's ViT-L/14 in SD v1,
+OpenCLIP's ViT-H/14 (Cherti et al. 2023, "Reproducible scaling laws for contrastive language-image
+learning") in SD 2.x.
 
     input_ids (B, T)
       -> token embedding + learned position embedding                     (B, T, D)
@@ -9,7 +11,10 @@ Supervision", sec. 2.4), the text tower Stable Diffusion v1 conditions on.
       -> the row at the end token                                          pooled_output (B, D)
 
 Stable Diffusion v1 feeds last_hidden_state (B, 77, 768) to the UNet's cross-attention. "CLIP skip k"
-is `model.final_layer_norm(out.hidden_states[-k])` with output_hidden_states=True.
+is `model.final_layer_norm(out.hidden_states[-k])` with output_hidden_states=True. SD 2.x feeds
+(B, 77, 1024) from the "penultimate" block: OpenCLIP's tower has 24 blocks, SD 2 runs the first 23 and
+then the final LayerNorm, so its text encoder is this model with 23 layers (`CLIPTextConfig.open_clip_vit_h14`,
+the config diffusers writes), and exact GELU where OpenAI's CLIP has its sigmoid approximation.
 
 Module names follow transformers' `CLIPTextModel` keys with the `embeddings.`/`encoder.` levels
 removed, so `clip/weights.py` maps a checkpoint with a handful of prefix rules.
@@ -61,6 +66,13 @@ class CLIPTextConfig:
         """openai/clip-vit-large-patch14's text tower: SD v1's text encoder (123M parameters)."""
         return cls(**overrides)
 
+    @classmethod
+    def open_clip_vit_h14(cls, **overrides) -> "CLIPTextConfig":
+        """OpenCLIP ViT-H/14's text tower as SD 2.x uses it: the first 23 of its 24 blocks (the penultimate
+        block's output, then the final LayerNorm), width 1024, 16 heads, exact GELU (340M parameters).
+        stabilityai/stable-diffusion-2-1's `text_encoder/config.json` (its token ids are SD v1's legacy ones)."""
+        return cls(**{**OPEN_CLIP_VIT_H14, **overrides})
+
     # ---- the public config.json ----------------------------------------------------------------
     @classmethod
     def from_dict(cls, config: dict, *, source: str = "CLIP text config") -> "CLIPTextConfig":
@@ -80,6 +92,11 @@ class CLIPTextConfig:
     def from_json(cls, path: str | Path) -> "CLIPTextConfig":
         return cls.from_dict(read_json(path), source=str(path))
 
+
+# What SD 2.x's text_encoder/config.json changes from SD v1's (open_clip's model_configs/ViT-H-14.json:
+# width 1024, 16 heads, 24 layers, mlp_ratio 4, nn.GELU; SD 2 keeps 23 layers).
+OPEN_CLIP_VIT_H14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                         hidden_act="gelu")
 
 # Keys of a transformers CLIP text config that change nothing here: `projection_dim` sizes the text
 # projection of CLIPModel / CLIPTextModelWithProjection, not part of the text encoder; the initializer

@@ -22,6 +22,8 @@ Where the vocabulary comes from (`CLIPTokenizer.from_pretrained`):
 - a `tokenizer.json` file, or a folder holding one;
 - nothing: the BPE merges OpenAI published with CLIP, shipped here as `bpe_simple_vocab_16e6.txt.gz`
   (MIT, see `LICENSE-bpe_simple_vocab_16e6.txt`), so an SD v1 single-file checkpoint needs no folder.
+  SD 2.x's tokenizer/ is the same vocabulary padded with "!" (id 0, as OpenCLIP's own tokenizer pads
+  with 0): `from_pretrained(None, pad_token=SD2_PAD_TOKEN)`, for an SD 2.x single file.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ START_TOKEN = "<|startoftext|>"   # id 49406 in CLIP's vocabulary
 END_TOKEN = "<|endoftext|>"       # id 49407; also the unknown token and, in SD v1, the pad token
 END_OF_WORD = "</w>"              # suffix of the last BPE piece of each word
 MODEL_MAX_LENGTH = 77             # CLIP's 77 position embeddings: start + 75 tokens + end
+SD2_PAD_TOKEN = "!"               # stabilityai/stable-diffusion-2-1's special_tokens_map.json: "pad_token": "!"
 
 # The split (pre-tokenisation) pattern of transformers' CLIPTokenizer, verbatim, and OpenAI's before it:
 # the two special tokens, English contractions, runs of letters, single digits, runs of anything else
@@ -126,10 +129,20 @@ class CLIPTokenizer:
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None) -> "CLIPTokenizer":
-        """Load a tokenizer folder (vocab.json + merges.txt), a tokenizer.json, or (None) the shipped one."""
+    def from_pretrained(cls, path: str | Path | None = None, *, pad_token: str | None = None) -> "CLIPTokenizer":
+        """Load a tokenizer folder (vocab.json + merges.txt), a tokenizer.json, or (None) the shipped one.
+
+        pad_token: with no path, pad the shipped vocabulary with this token (SD2_PAD_TOKEN: SD 2.x's
+        tokenizer, whose special_tokens_map.json marks <|startoftext|>, <|endoftext|> normalized and pads
+        with a plain "!"); a folder says its own."""
         if path is None:
-            return cls(**_read_shipped_vocab(SHIPPED_VOCAB))
+            shipped = _read_shipped_vocab(SHIPPED_VOCAB)
+            if pad_token is not None:
+                shipped["special"] = {role: SpecialToken(START_TOKEN if role == "bos_token" else END_TOKEN, normalized=True)
+                                      for role in SPECIAL_ROLES} | {"pad_token": SpecialToken(pad_token, normalized=False)}
+            return cls(**shipped)
+        if pad_token is not None:
+            raise ValueError(f"pad_token={pad_token!r}: only for the shipped vocabulary; {path} says its own")
         path = Path(path)
         if path.is_file() and path.suffix == ".json":
             return cls(**_read_tokenizer_json(path, _read_special_tokens(path.parent)))

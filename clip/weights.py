@@ -14,6 +14,21 @@ Below each prefix the names are transformers' CLIPTextModel names; ours drop the
 saving). A file's prefix is what precedes its `embeddings.token_embedding.weight`. `position_ids` (a
 saved copy of 0..76 that older transformers kept in the file, and that some merged SD checkpoints carry
 as not-quite-integer floats) is dropped: we compute positions ourselves.
+
+SD 2.x's single files hold a fifth layout: the OpenCLIP model itself (LDM's FrozenOpenCLIPEmbedder,
+its image tower deleted), under `cond_stage_model.model.`:
+
+    token_embedding.weight, positional_embedding                        our token/position embeddings
+    transformer.resblocks.{i}.ln_1 / attn.in_proj_weight / attn.out_proj / ln_2 / mlp.c_fc / mlp.c_proj
+    ln_final                                                            our final_layer_norm
+    text_projection, logit_scale, the last block                        not used by SD 2 (dropped, as diffusers drops them)
+
+Its attention is torch's nn.MultiheadAttention, whose q, k and v projections are one fused tensor
+`in_proj_weight` (3D, D) (and `in_proj_bias`): `split_in_proj` cuts it into three row blocks named
+`in_proj_weight#q`, `#k`, `#v`, which the table OPENCLIP_KEYS reads like any other key, and `fuse_in_proj`
+joins them back when saving. SD 2 reads the penultimate block ("penultimate": FrozenOpenCLIPEmbedder's
+default layer), so our model has one layer less than the file has blocks; `openclip_layers` says how
+many a file's blocks give, and a file lacking one of them is refused naming the blocks.
 """
 from __future__ import annotations
 
@@ -23,7 +38,7 @@ from typing import Iterable
 
 import torch
 
-from clip.text_model import CLIPTextConfig, CLIPTextModel
+from clip.text_model import OPEN_CLIP_VIT_H14, CLIPTextConfig, CLIPTextModel
 from common.state_dict import (CheckpointError, KeyTable, empty_model, find_weights, listing, load_strict,
                                read_safetensors, rename, safetensors_header)
 from diffusion.checkpoints.ckpt import read_weights
@@ -58,9 +73,104 @@ def text_table(prefix: str) -> KeyTable:
 
 
 def text_prefix(keys: Iterable[str]) -> str | None:
-    """The one of PREFIXES that the file's keys use, read off its token embedding; None if none does."""
+    """The one of PREFIXES that the file's keys use, read off its token embedding; None if none does
+    (OPENCLIP_PREFIX for SD 2.x's OpenCLIP layout)."""
+    keys = list(keys)
+    if any(k.startswith(OPENCLIP_PREFIX) for k in keys):
+        return OPENCLIP_PREFIX
     found = [k.removesuffix(TOKEN_EMBEDDING) for k in keys if k.endswith(TOKEN_EMBEDDING)]
     return found[0] if len(found) == 1 and found[0] in PREFIXES else None
+
+
+# ---- SD 2.x's single files: OpenCLIP's own names ----------------------------------------------------
+OPENCLIP_PREFIX = "cond_stage_model.model."
+# (our name, OpenCLIP's name below OPENCLIP_PREFIX); `#q` is the first third of the fused in-projection's
+# rows (see `split_in_proj`), `#k` the second, `#v` the last, as nn.MultiheadAttention splits them.
+OPENCLIP_KEYS = [
+    ("token_embedding.weight", "token_embedding.weight"),
+    ("position_embedding.weight", "positional_embedding"),          # an nn.Parameter (77, D), not an Embedding
+    ("layers.{i}.layer_norm1.{w}", "transformer.resblocks.{i}.ln_1.{w}"),
+    ("layers.{i}.self_attn.q_proj.{w}", "transformer.resblocks.{i}.attn.in_proj_{w}#q"),
+    ("layers.{i}.self_attn.k_proj.{w}", "transformer.resblocks.{i}.attn.in_proj_{w}#k"),
+    ("layers.{i}.self_attn.v_proj.{w}", "transformer.resblocks.{i}.attn.in_proj_{w}#v"),
+    ("layers.{i}.self_attn.out_proj.{w}", "transformer.resblocks.{i}.attn.out_proj.{w}"),
+    ("layers.{i}.layer_norm2.{w}", "transformer.resblocks.{i}.ln_2.{w}"),
+    ("layers.{i}.mlp.fc1.{w}", "transformer.resblocks.{i}.mlp.c_fc.{w}"),
+    ("layers.{i}.mlp.fc2.{w}", "transformer.resblocks.{i}.mlp.c_proj.{w}"),
+    ("final_layer_norm.{w}", "ln_final.{w}"),
+]
+# What the OpenCLIP model holds beside the tower SD 2 runs: the projection into the joint image-text
+# space and the contrastive temperature (SD 2 uses neither), and the causal mask as a buffer (older
+# open_clip saved it; we build our own).
+OPENCLIP_UNUSED = ("text_projection", "logit_scale", "attn_mask")
+IN_PROJ = re.compile(r".+\.attn\.in_proj_(?:weight|bias)")
+BLOCK = re.compile(re.escape(OPENCLIP_PREFIX) + r"transformer\.resblocks\.(\d+)\.")
+
+
+def openclip_table(num_layers: int, prefix: str = OPENCLIP_PREFIX) -> KeyTable:
+    """OPENCLIP_KEYS below `prefix`, for a text encoder of `num_layers` layers: the file's block
+    `num_layers` (its last, which SD 2 does not run) and OPENCLIP_UNUSED are dropped."""
+    return KeyTable([(ours, prefix + theirs) for ours, theirs in OPENCLIP_KEYS],
+                    drop=[prefix + name for name in OPENCLIP_UNUSED]
+                    + [f"{prefix}transformer.resblocks.{num_layers}.{{rest}}"])
+
+
+def split_in_proj(state_dict: dict) -> dict:
+    """Every fused `...attn.in_proj_weight` (3D, D) / `in_proj_bias` (3D,) as three row blocks
+    `...in_proj_weight#q`, `#k`, `#v` (views, no copy): nn.MultiheadAttention computes q, k, v as those
+    thirds of one matmul. Values that are not tensors (names, as porting pairs them) are repeated."""
+    out = {}
+    for key, value in state_dict.items():
+        if not IN_PROJ.fullmatch(key):
+            out[key] = value
+            continue
+        if isinstance(value, torch.Tensor) and value.shape[0] % 3:
+            raise CheckpointError(f"{key}: shape {tuple(value.shape)} is not three equal q, k, v blocks")
+        parts = value.chunk(3, dim=0) if isinstance(value, torch.Tensor) else [value] * 3
+        out.update({f"{key}#{name}": part for name, part in zip("qkv", parts)})
+    return out
+
+
+def fuse_in_proj(state_dict: dict) -> dict:
+    """The inverse of `split_in_proj`: `X#q`, `X#k`, `X#v` concatenated (in that order) into `X`."""
+    out, parts = {}, {}
+    for key, value in state_dict.items():
+        base, sep, name = key.rpartition("#")
+        if sep and name in ("q", "k", "v"):
+            parts.setdefault(base, {})[name] = value
+        else:
+            out[key] = value
+    for base, thirds in parts.items():
+        missing = [f"{base}#{n}" for n in "qkv" if n not in thirds]
+        if missing:
+            raise CheckpointError(f"{base}: its {', '.join(missing)} part is missing (q, k and v make one in_proj)")
+        out[base] = torch.cat([thirds["q"], thirds["k"], thirds["v"]], dim=0)
+    return out
+
+
+def openclip_layers(keys: Iterable[str], *, width: int | None, source: str) -> int:
+    """How many layers of our model an OpenCLIP tower in a file gives: SD 2 runs all its blocks but the
+    last. LDM saves the whole tower (with its text_projection): its blocks minus one. diffusers' converter
+    (scripts/convert_diffusers_to_original_stable_diffusion.py) writes only the blocks SD 2 runs, and no
+    text_projection: all of them. The blocks must be 0, 1, ... without a gap, and OpenCLIP ViT-H/14's
+    (width 1024) must give SD 2's 23; otherwise the file lacks blocks and is refused naming them."""
+    keys = list(keys)
+    blocks = sorted({int(m.group(1)) for k in keys if (m := BLOCK.match(k))})
+    gaps = sorted(set(range(max(blocks, default=-1) + 1)) - set(blocks))
+    whole = OPENCLIP_PREFIX + "text_projection" in keys
+    layers = len(blocks) - whole
+    what = f"{source}: the OpenCLIP ViT-H/14 text tower of SD 2.x in this file"
+    if not blocks:
+        raise CheckpointError(f"{what} has no transformer block ({OPENCLIP_PREFIX}transformer.resblocks.*)")
+    if gaps:
+        raise CheckpointError(f"{what} lacks transformer block(s) {', '.join(map(str, gaps))} of 0..{blocks[-1]} "
+                              f"({OPENCLIP_PREFIX}transformer.resblocks.N.*)")
+    expected = OPEN_CLIP_VIT_H14["num_hidden_layers"]
+    if width == OPEN_CLIP_VIT_H14["hidden_size"] and layers != expected:
+        have = f"blocks 0..{blocks[-1]}" + (" and its text_projection" if whole else "")
+        raise CheckpointError(f"{what} lacks blocks: it holds {have}, which give {layers} layers; SD 2 runs "
+                              f"{expected} (blocks 0..{expected - 1} of the tower's {expected + 1})")
+    return layers
 
 
 # The rest of a full CLIPModel (beside text_model.*), recognised and not loaded: the vision tower, the
@@ -68,38 +178,83 @@ def text_prefix(keys: Iterable[str]) -> str | None:
 CLIP_MODEL_OTHERS = ("vision_model.", "visual_projection.weight", "text_projection.weight", "logit_scale")
 
 
-def text_encoder_state_dict(state_dict: dict[str, torch.Tensor], *, source: str) -> dict[str, torch.Tensor]:
+def text_encoder_state_dict(state_dict: dict[str, torch.Tensor], *, source: str,
+                            num_layers: int | None = None) -> dict[str, torch.Tensor]:
     """A CLIP text tower in any of the layouts above -> tensors under our names.
 
-    For an SD v1 single file pass the whole file: only its `cond_stage_model.` keys are the text
+    For an SD single file pass the whole file: only its `cond_stage_model.` keys are the text
     encoder's (the UNet and VAE keys belong to diffusion/checkpoints/load.py). Any other key that the
     table does not recognise stops the load with a CheckpointError naming it; `source` names the file
-    in messages.
+    in messages. `num_layers` (an OpenCLIP tower only): the layers of the model to load, from its
+    config; else what the file's blocks give (`openclip_layers`).
     """
     if any(k.startswith(SD_PREFIX) for k in state_dict):
         state_dict = {k: v for k, v in state_dict.items() if k.startswith(SD_PREFIX)}
+    if any(k.startswith(OPENCLIP_PREFIX) for k in state_dict):
+        return _openclip_state_dict(state_dict, source=source, num_layers=num_layers)
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLIP_MODEL_OTHERS)}
-    hint = ""
-    if any(k.startswith("cond_stage_model.model.") for k in state_dict):
-        hint = (" (cond_stage_model.model.* is the OpenCLIP ViT-H/14 text tower of SD 2.x, "
-                "which this CLIP-L loader does not read)")
     prefix = text_prefix(state_dict)
     if prefix is None:
         raise CheckpointError(f"{source}: no CLIP text encoder found: no tensor named {TOKEN_EMBEDDING} after one of "
-                              f"the prefixes {', '.join(map(repr, PREFIXES))} (the file holds: "
-                              f"{listing(sorted(state_dict), 10) or 'nothing'}){hint}")
+                              f"the prefixes {', '.join(map(repr, PREFIXES))}, nor {OPENCLIP_PREFIX}* (the file holds: "
+                              f"{listing(sorted(state_dict), 10) or 'nothing'})")
     table = text_table(prefix)
     unknown = sorted(k for k in state_dict if table.name(k) is None and not table.drops(k))
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} tensors are not part of a CLIP text encoder: "
-                              f"{listing(unknown, 10)}{hint}")
+                              f"{listing(unknown, 10)}")
     return rename(state_dict, table)
 
 
-def config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides) -> CLIPTextConfig:
+def _openclip_state_dict(state_dict: dict, *, source: str, num_layers: int | None) -> dict:
+    """SD 2.x's OpenCLIP text tower (`cond_stage_model.model.*`) -> our names, its in_proj split."""
+    embedding = state_dict.get(OPENCLIP_PREFIX + "token_embedding.weight")
+    width = embedding.shape[1] if isinstance(embedding, torch.Tensor) else None
+    layers = openclip_layers(state_dict, width=width, source=source)
+    if num_layers is not None:   # the config's count: its blocks must all be in the file (one more may be)
+        have = sorted({int(m.group(1)) for k in state_dict if (m := BLOCK.match(k))})
+        missing = [i for i in range(num_layers) if i not in have]
+        if missing:
+            raise CheckpointError(f"{source}: the OpenCLIP ViT-H/14 text tower of SD 2.x in this file lacks transformer "
+                                  f"block(s) {', '.join(map(str, missing))}: the config's {num_layers} layers need "
+                                  f"blocks 0..{num_layers - 1}")
+        layers = num_layers
+    tensors = split_in_proj(state_dict)
+    table = openclip_table(layers)
+    unknown = sorted(k for k in tensors if table.name(k) is None and not table.drops(k))
+    if unknown:
+        raise CheckpointError(f"{source}: {len(unknown)} tensors are not part of SD 2.x's OpenCLIP text tower: "
+                              f"{listing(unknown, 10)}")
+    ours = rename(tensors, table)
+    beyond = sorted(k for k in ours if (m := re.match(r"layers\.(\d+)\.", k)) and int(m.group(1)) >= layers)
+    if beyond:   # a block past the one SD 2 leaves out: not a tower of this depth
+        raise CheckpointError(f"{source}: {OPENCLIP_PREFIX}transformer.resblocks.{layers + 1}.* and after: more blocks "
+                              f"than a text encoder of {layers} layers (plus the one SD 2 leaves out) has")
+    return ours
+
+
+def source_table(keys: Iterable[str], *, num_layers: int) -> KeyTable:
+    """The key table of the layout a text encoder's file uses (its names as `split_in_proj` gives them for
+    OpenCLIP), for a model of `num_layers` layers: what loading read, for saving back under the same names."""
+    prefix = text_prefix(keys)
+    return openclip_table(num_layers) if prefix == OPENCLIP_PREFIX else text_table(prefix)
+
+
+def single_file_text_table(config: CLIPTextConfig) -> KeyTable:
+    """The table by which an SD single file names a text encoder of this config: OpenCLIP's names for an
+    OpenCLIP tower (SD 2.x), SD v1's under cond_stage_model.transformer.text_model. otherwise. The two
+    families' towers differ in their activation: OpenAI's CLIP was trained with its sigmoid approximation
+    (quick_gelu), OpenCLIP with the exact GELU (diffusers' converter tells them apart by depth, 23 layers
+    or more, which a tiny tower does not have)."""
+    return openclip_table(config.num_hidden_layers) if config.hidden_act == "gelu" else text_table(SINGLE_FILE_PREFIX)
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor], *, openclip: bool = False,
+                           **overrides) -> CLIPTextConfig:
     """The architecture read off tensor shapes (in our key names); heads are HEAD_WIDTH wide.
 
-    What shapes cannot tell (activation, eps, token ids) comes from the ViT-L/14 preset, i.e. SD v1.
+    What shapes cannot tell (activation, eps, token ids) comes from the preset of the file's family:
+    ViT-L/14 (SD v1), or with `openclip` (an SD 2.x file's OpenCLIP layout) ViT-H/14: exact GELU.
     """
     if "token_embedding.weight" not in state_dict or "layers.0.mlp.fc1.weight" not in state_dict:
         raise CheckpointError("cannot infer a CLIP text config: token_embedding.weight or "
@@ -113,11 +268,12 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides) -> 
                   max_position_embeddings=state_dict["position_embedding.weight"].shape[0],
                   intermediate_size=state_dict["layers.0.mlp.fc1.weight"].shape[0],
                   num_hidden_layers=layers, num_attention_heads=width // HEAD_WIDTH)
-    return CLIPTextConfig.vit_l14(**{**shapes, **overrides})
+    preset = CLIPTextConfig.open_clip_vit_h14 if openclip else CLIPTextConfig.vit_l14
+    return preset(**{**shapes, **overrides})
 
 
 def _read_text_tensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors file, or only the cond_stage_model.* ones of an SD v1 single file
+    """All tensors of a .safetensors file, or only the cond_stage_model.* ones of an SD single file
     (its UNet and VAE tensors, ~3 GB of the 4 GB, are not read)."""
     header = safetensors_header(path)[0]
     single_file = any(k.startswith(SD_PREFIX) for k in header)
@@ -141,9 +297,10 @@ def load_text_encoder(path: str | Path, *, config: CLIPTextConfig | None = None,
         weights = path
     # a folder's weights as transformers reads them (sharded, or a pickle); a file named by the user: safetensors
     tensors = read_weights(weights, dtype=dtype) if path.is_dir() else _read_text_tensors(weights, dtype)
-    state_dict = text_encoder_state_dict(tensors, source=str(weights))
+    state_dict = text_encoder_state_dict(tensors, source=str(weights),
+                                         num_layers=config.num_hidden_layers if config is not None else None)
     if config is None:
-        config = config_from_state_dict(state_dict)
+        config = config_from_state_dict(state_dict, openclip=text_prefix(tensors) == OPENCLIP_PREFIX)
     width = state_dict["token_embedding.weight"].shape[1] if "token_embedding.weight" in state_dict else None
     if width is not None and width != config.hidden_size:
         raise CheckpointError(f"{weights}: the text encoder in this file is {width} wide, but the config says "

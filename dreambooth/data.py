@@ -88,12 +88,14 @@ def add_model_flags(add_argument) -> None:
     """The base model's flags of both trainers (train_dreambooth.py, train_textual_inversion.py), which
     `resolve_base` and `check_model_size` read."""
     a = add_argument
-    a("--pretrained_model_name_or_path", help="SD v1 diffusers folder or single .safetensors/.ckpt file, or a repo id "
-                                              "of the Hugging Face cache: org/name[@revision][/file] (required)")
+    a("--pretrained_model_name_or_path", help="SD v1 or 2.x diffusers folder or single .safetensors/.ckpt file, or a "
+                                              "repo id of the Hugging Face cache: org/name[@revision][/file] (required)")
     a("--revision", help="with a repo id: the branch, tag or commit of the cached model (default main)")
     a("--variant", help="read the model's <name>.VARIANT.safetensors files, e.g. fp16, as diffusers' from_pretrained")
     a("--pretrained_config_dir", help="for a single file: folder with unet/, vae/, text_encoder/ config.json (and "
                                       "tokenizer/), as sample.py --config (default: inferred from the shapes)")
+    a("--prediction_type", choices=("epsilon", "v_prediction"), help="for a single file: what its UNet predicts, "
+      "as sample.py --prediction_type (default: epsilon for SD v1, v_prediction for SD 2.x); the training target")
 
 
 def resolve_base(args) -> tuple[str, str | None]:
@@ -121,7 +123,8 @@ def check_model_size(args, instance_files: list[Path] = ()) -> None:
     from dreambooth.memory import check_run_memory
     try:
         configs = read_configs(args.pretrained_model_name_or_path, args.pretrained_config_dir,
-                               flags=("--pretrained_model_name_or_path", "--pretrained_config_dir"))
+                               flags=("--pretrained_model_name_or_path", "--pretrained_config_dir"),
+                               prediction_type=args.prediction_type)
     except ValueError as e:
         raise DataError(str(e)) from None
     if configs is None:   # a .ckpt, whose shapes are checked once it is loaded

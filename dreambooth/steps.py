@@ -29,7 +29,7 @@ OFFSET_NOISE_SCALE = 0.1        # diffusers' --offset_noise strength (Guttenberg
 
 def load_models(path: str, *, config_dir: str | None, resolution: int, device: torch.device, precision: str,
                 dtype: torch.dtype = torch.float32, variant: str | None = None, rank: int | None = None,
-                train_text_encoder: bool = False):
+                train_text_encoder: bool = False, prediction_type: str | None = None):
     """The base model's parts on `device`, weights in `dtype`, with --resolution (and --rank, against the
     layers it would adapt) checked against the architecture (a .ckpt's is known only once it is read) and
     the speed transformations that measured faster for computing in `precision` (diffusion/speed.py).
@@ -38,7 +38,8 @@ def load_models(path: str, *, config_dir: str | None, resolution: int, device: t
     from diffusion.checkpoints.load import load_stable_diffusion
     from diffusion.speed import arrange_for_speed
     from diffusion.pipeline import check_size
-    models = load_stable_diffusion(path, config_dir=config_dir, dtype=dtype, variant=variant)
+    models = load_stable_diffusion(path, config_dir=config_dir, dtype=dtype, variant=variant,
+                                   prediction_type=prediction_type)
     check_size(resolution, resolution, models.unet.config, models.vae.config, names=("--resolution", "--resolution"))
     if rank is not None:
         lora.check_rank(models.unet, lora.UNET_TARGETS, rank, flag="--rank")

@@ -4,7 +4,8 @@ A `Component` holds the built model, how to run it on named inputs, and `pairing
 tensor names, the checkpoint key(s) it was loaded from. The pairing is made by running the loaders' own
 key tables (vit/weights.py, clip/weights.py, diffusion/checkpoints/single_file.py) over the checkpoint's
 key names, exactly as a load does, so a trace names modules the way the file does, whatever variant of
-a layout it is (transformers 4 or 5 prefixes, old diffusers VAE attention names, an SD v1 single file).
+a layout it is (transformers 4 or 5 prefixes, old diffusers VAE attention names, an SD v1 single file,
+SD 2.x's OpenCLIP tower, whose fused in_proj pairs with our q, k, v as its row blocks `in_proj_weight#q`...).
 """
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ def load_vit_component(path: Path) -> Component:
 # ------------------------------------------------------------------------------------- text encoder
 def load_text_component(path: Path, config_dir: Path | None = None) -> Component:
     from clip.text_model import CLIPTextConfig
-    from clip.weights import SD_PREFIX, load_text_encoder, text_encoder_state_dict, text_prefix
+    from clip.weights import (IN_PROJ, OPENCLIP_PREFIX, SD_PREFIX, load_text_encoder, split_in_proj,
+                              text_encoder_state_dict, text_prefix)
 
     if _is_sd_folder(path):
         path = path / "text_encoder"
@@ -120,9 +122,15 @@ def load_text_component(path: Path, config_dir: Path | None = None) -> Component
     shapes = _keys_and_shapes(weights)
     if any(k.startswith(SD_PREFIX) for k in shapes):
         shapes = {k: v for k, v in shapes.items() if k.startswith(SD_PREFIX)}
-    pairing = _pair(text_encoder_state_dict({k: k for k in shapes}, source=str(weights)))
     prefix = text_prefix(shapes)
-    layout = "ldm-clip" if prefix.startswith(SD_PREFIX) else "transformers-clip"
+    if prefix == OPENCLIP_PREFIX:   # SD 2.x: our q/k/v pair with row blocks of the file's fused in_proj
+        layout = "openclip-text"
+        shapes = {**shapes, **{k: v.shape for k, v in split_in_proj(
+            {k: torch.empty(s, device="meta") for k, s in shapes.items() if IN_PROJ.fullmatch(k)}).items()}}
+    else:
+        layout = "ldm-clip" if prefix.startswith(SD_PREFIX) else "transformers-clip"
+    names = {k: k for k in split_in_proj(dict.fromkeys(shapes))}
+    pairing = _pair(text_encoder_state_dict(names, source=str(weights), num_layers=model.config.num_hidden_layers))
     c = model.config
     return Component(
         name="text_encoder", layout=layout, model=model, run=lambda x: model(x["input_ids"]),

@@ -3,8 +3,11 @@
 The tables are not written here: they are the loaders' own key tables (vit/weights.py, clip/weights.py,
 diffusion/checkpoints/single_file.py), read backwards over our SD v1 / ViT-B/16 models' tensor names,
 as saving reads them. The diffusers layouts need no table: our UNet and VAE carry diffusers' names.
-transform: `fuse_qkv` (three checkpoint tensors concatenated into our one), `squeeze_1x1` (a 1x1 conv
-weight (C, C, 1, 1) is our Linear's (C, C)), `drop` (recognised and not loaded), or empty.
+`openclip-text` is SD 2.x's single file's text tower (OpenCLIP ViT-H/14 under `cond_stage_model.model.`,
+SD 2's 23 layers; the diffusers folder's is `transformers-clip`'s names at that size).
+transform: `fuse_qkv` (three checkpoint tensors concatenated into our one), `split_in_proj` (one checkpoint
+tensor's rows cut into our three: q, k, v in the order listed), `squeeze_1x1` (a 1x1 conv weight
+(C, C, 1, 1) is our Linear's (C, C)), `drop` (recognised and not loaded), or empty.
 """
 from __future__ import annotations
 
@@ -13,14 +16,14 @@ import torch
 from common.state_dict import KeyTable
 
 LAYOUTS = ("transformers-vit", "timm-vit", "diffusers-unet", "ldm-unet", "diffusers-vae", "ldm-vae",
-           "transformers-clip", "ldm-clip")
+           "transformers-clip", "ldm-clip", "openclip-text")
 SAME_NAMES = KeyTable([("{rest}", "{rest}")])   # diffusers' layouts: every name is ours
 
 
 def model_and_keys(layout: str) -> tuple[torch.nn.Module, KeyTable]:
     """Our model of the layout's component (on the meta device) and the layout's key table."""
     from clip.text_model import CLIPTextConfig, CLIPTextModel
-    from clip.weights import FOLDER_PREFIX, SINGLE_FILE_PREFIX, text_table
+    from clip.weights import FOLDER_PREFIX, SINGLE_FILE_PREFIX, openclip_table, text_table
     from diffusion.checkpoints.single_file import unet_table, vae_table
     from diffusion.models.unet import UNet2DConditionModel, UNetConfig
     from diffusion.models.vae import AutoencoderKL, VAEConfig
@@ -28,6 +31,9 @@ def model_and_keys(layout: str) -> tuple[torch.nn.Module, KeyTable]:
     from vit.weights import TIMM_KEYS, TRANSFORMERS_KEYS
 
     with torch.device("meta"):
+        if layout == "openclip-text":
+            config = CLIPTextConfig.open_clip_vit_h14()
+            return CLIPTextModel(config), openclip_table(config.num_hidden_layers)
         if layout.endswith("-vit"):
             return ViTForImageClassification(ViTConfig.b16()), TIMM_KEYS if layout == "timm-vit" else TRANSFORMERS_KEYS
         if layout.endswith("-clip"):
@@ -55,10 +61,30 @@ def table(layout: str) -> list[tuple[str, str, tuple[int, ...], str]]:
                 rows.append((theirs, key, (shape[0] // 3, *shape[1:]), "fuse_qkv"))
         elif layout == "ldm-vae" and VAE_ATTENTION_LINEAR.fullmatch(key):
             rows.append((keys.name(key, reverse=True), key, (*shape, 1, 1), "squeeze_1x1"))
+        elif layout == "openclip-text" and "#" in keys.name(key, reverse=True):
+            fused = keys.name(key, reverse=True).split("#")[0]          # in_proj_weight#q -> in_proj_weight
+            rows.append((fused, key, (3 * shape[0], *shape[1:]), "split_in_proj"))
         else:
             rows.append((keys.name(key, reverse=True), key, shape, ""))
-    # Only the text tables drop a tensor: position_ids, the positions 0..76 as a (1, 77) buffer.
+    if layout == "openclip-text":
+        return rows + openclip_dropped(model, keys)
+    # The other text tables drop one tensor: position_ids, the positions 0..76 as a (1, 77) buffer.
     return rows + [(name, "", (1, model.config.max_position_embeddings), "drop") for name in keys.drop]
+
+
+def openclip_dropped(model: torch.nn.Module, keys: KeyTable) -> list[tuple[str, str, tuple[int, ...], str]]:
+    """What SD 2's file holds and SD 2 does not run: the tower's last block (its tensors shaped as block 0's),
+    the projection into the joint space, the contrastive temperature. (An old open_clip's saved attn_mask
+    buffer is dropped too where a file has one; the public files do not.)"""
+    from clip.weights import OPENCLIP_PREFIX, fuse_in_proj
+    width = model.config.hidden_size
+    last = model.config.num_hidden_layers
+    block = {keys.name(k, reverse=True): v for k, v in model.state_dict().items() if k.startswith("layers.0.")}
+    block = fuse_in_proj({k.replace(".resblocks.0.", f".resblocks.{last}."): torch.empty(v.shape, device="meta")
+                          for k, v in block.items()})
+    return ([(k, "", tuple(v.shape), "drop") for k, v in block.items()]
+            + [(OPENCLIP_PREFIX + "text_projection", "", (width, width), "drop"),
+               (OPENCLIP_PREFIX + "logit_scale", "", (), "drop")])
 
 
 def table_tsv(layout: str) -> str:

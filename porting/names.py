@@ -54,8 +54,10 @@ LDM_MODULE_LISTS = ("input_blocks", "output_blocks", "down", "up", "block", "att
 def checkpoint_tensors(component, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Tensors shaped as our parameters (their gradients) under the checkpoint's keys, in the file's shapes,
     by the loaders' pairing: a tensor of ours loaded from several keys (the ViT's qkv, vit/weights.py
-    `fuse_qkv`) splits along its first dimension into them, in their order; one the file holds in another
-    shape of the same size (the LDM VAE's 1x1 convs, our Linears) takes the file's shape."""
+    `fuse_qkv`) splits along its first dimension into them, in their order; tensors of ours loaded from one
+    key's row blocks (SD 2.x's OpenCLIP in_proj) are joined into it; one the file holds in another shape of
+    the same size (the LDM VAE's 1x1 convs, our Linears) takes the file's shape."""
+    from clip.weights import fuse_in_proj
     out = {}
     for ours, x in tensors.items():
         keys = component.pairing.get(ours)
@@ -63,7 +65,7 @@ def checkpoint_tensors(component, tensors: dict[str, torch.Tensor]) -> dict[str,
             raise TraceError(f"our tensor {ours} comes from no key of the checkpoint, so it has no name there")
         for key, part in zip(keys, x.chunk(len(keys), dim=0)):
             out[key] = part.reshape(component.shapes[key])
-    return out
+    return fuse_in_proj(out)     # OpenCLIP's q/k/v row blocks (`in_proj_weight#q`, ...) back into one tensor
 
 
 def transform(kind: str | None, x: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,7 @@ def test_an_unknown_key_is_refused_by_name(tmp_path, name):
 
 
 @pytest.mark.parametrize("name, key, value", [
-    ("unet", "use_linear_projection", True),          # SD v2's linear projections
+    ("unet", "dual_cross_attention", True),           # (SD 2.x's use_linear_projection is read now)
     ("vae", "shift_factor", 0.1),
     ("scheduler", "thresholding", True),
     ("scheduler", "rescale_betas_zero_snr", True),

@@ -21,6 +21,8 @@ def manifest(layout: str) -> dict[str, tuple]:
     elif layout in ("ldm-unet", "ldm-vae"):
         prefix = "model.diffusion_model." if layout.endswith("unet") else "first_stage_model."
         d = {k: v for k, v in load("sd_v1_single_file.json")["model_tensors"].items() if k.startswith(prefix)}
+    elif layout == "openclip-text":   # SD 2.x's single file's text tower, the whole OpenCLIP model
+        d = {k: v for k, v in load("sd_v2_single_file.json")["model_tensors"].items() if k.startswith("cond_stage_model.")}
     elif layout.endswith("clip"):
         d = load("clip_sd_v1_single_file.json" if layout == "ldm-clip" else "clip_sd_v1_text_encoder.json")["tensors"]
     else:
@@ -33,7 +35,9 @@ def test_table_covers_the_manifest_both_ways(layout):
     rows = table(layout)
     expected = manifest(layout)
     got = {key: shape for key, _, shape, _ in rows}
-    assert len(got) == len(rows), "a checkpoint key appears twice"
+    split = [k for k, _, _, t in rows if t == "split_in_proj"]
+    assert all(split.count(k) == 3 for k in split), "split_in_proj: one checkpoint tensor per three keys of ours"
+    assert len(got) == len(rows) - len(split) * 2 // 3, "a checkpoint key appears twice"
     assert not set(expected) - set(got), f"missing: {sorted(set(expected) - set(got))[:5]}"
     assert not set(got) - set(expected), f"left over: {sorted(set(got) - set(expected))[:5]}"
     assert {k: got[k] for k in expected} == expected
@@ -51,8 +55,10 @@ def _our_names(model, layout: str) -> list[str]:
 def test_table_reads_the_manifest_onto_our_model(layout):
     """Loading's direction: every key of the file is named by a row or dropped, no two onto one name, and
     the names are exactly our model's."""
+    from clip.weights import split_in_proj
     model, keys = model_and_keys(layout)
-    named = {k: keys.name(k) for k in manifest(layout) if not keys.drops(k)}
+    names = split_in_proj(dict.fromkeys(manifest(layout))) if layout == "openclip-text" else manifest(layout)
+    named = {k: keys.name(k) for k in names if not keys.drops(k)}
     assert not [k for k, ours in named.items() if ours is None], "keys of the file no row names"
     assert len(set(named.values())) == len(named), "two keys of the file onto one of ours"
     assert sorted(named.values()) == sorted(_our_names(model, layout))
@@ -66,6 +72,8 @@ def test_table_reads_back_what_it_writes(layout):
 
 
 def test_tsv_and_cli(capsys):
+    assert ("cond_stage_model.model.transformer.resblocks.3.attn.in_proj_weight\tlayers.3.self_attn.k_proj.weight\t"
+            "3072x1024\tsplit_in_proj") in table_tsv("openclip-text")
     text = table_tsv("ldm-vae")
     assert "first_stage_model.decoder.mid.attn_1.q.weight\tdecoder.mid_block.attentions.0.to_q.weight\t512x512x1x1\tsqueeze_1x1" in text
     assert "vit.encoder.layer.0.attention.attention.key.bias\tblocks.0.attn.qkv.bias\t768\tfuse_qkv" in table_tsv("transformers-vit")

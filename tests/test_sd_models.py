@@ -205,8 +205,8 @@ def test_unet_config_sd_v1_preset_matches_public_config_fields():
 def test_config_refuses_unsupported_fields():
     raw = json.loads((FOLDER / "unet" / "config.json").read_text())
     UNetConfig.from_dict(raw)  # every diffusers field at its SD v1 value: accepted
-    with pytest.raises(ValueError, match="use_linear_projection=True"):
-        UNetConfig.from_dict({**raw, "use_linear_projection": True})
+    with pytest.raises(ValueError, match="dual_cross_attention=True"):   # (SD 2.x's use_linear_projection is read now)
+        UNetConfig.from_dict({**raw, "dual_cross_attention": True})
     with pytest.raises(ValueError, match="unknown config field.*mystery"):
         UNetConfig.from_dict({**raw, "mystery": 1})
     with pytest.raises(ValueError, match="down_block_types"):

@@ -290,13 +290,39 @@ def diffusers_dreambooth(argv: list[str] | None = None) -> None:
     accelerator.end_training()
 
 
-# ---- SD v1.5 text to image, as diffusers' docs drive it (bench/sample.py) -------------------------
+# ---- SD v1.5 and 2.1 text to image, as diffusers' docs drive it (bench/sample.py) ------------------
 def write_random_sd15(folder: Path) -> Path:
     """A full-size SD v1.5 diffusers folder with random weights, made and saved by diffusers itself."""
+    from diffusers import PNDMScheduler
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    return _write_random_sd(folder, text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                              num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768),
+                            unet=dict(cross_attention_dim=768, sample_size=64), scheduler=scheduler,
+                            pad_token="<|endoftext|>", vae_sample_size=512)
+
+
+def write_random_sd21(folder: Path) -> Path:
+    """A full-size stabilityai/stable-diffusion-2-1 diffusers folder with random weights, made and saved by
+    diffusers itself: its UNet (Linear projections, 5/10/20/20 heads, upcast attention, 1024-wide text states,
+    96 x 96 latents), SD v1's VAE, OpenCLIP ViT-H/14's text tower as SD 2 keeps it (23 gelu layers of width
+    1024), the real vocabulary padded with "!", and its DDIM v-prediction scheduler."""
+    from diffusers import DDIMScheduler
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, set_alpha_to_one=False, steps_offset=1, clip_sample=False,
+                              prediction_type="v_prediction")
+    return _write_random_sd(folder, text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                                              num_attention_heads=16, hidden_act="gelu", projection_dim=512),
+                            unet=dict(cross_attention_dim=1024, sample_size=96, attention_head_dim=(5, 10, 20, 20),
+                                      use_linear_projection=True, upcast_attention=True),
+                            scheduler=scheduler, pad_token="!", vae_sample_size=768)
+
+
+def _write_random_sd(folder: Path, *, text: dict, unet: dict, scheduler, pad_token: str, vae_sample_size: int) -> Path:
     if (folder / "model_index.json").exists():
         return folder
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from clip.tokenizer import CLIPTokenizer as OurTokenizer
@@ -306,19 +332,16 @@ def write_random_sd15(folder: Path) -> Path:
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / "vocab.json").write_text(json.dumps(vocab.vocab))
     (scratch / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in vocab.merges) + "\n")
-    tokenizer = CLIPTokenizer(str(scratch / "vocab.json"), str(scratch / "merges.txt"), pad_token="<|endoftext|>",
+    tokenizer = CLIPTokenizer(str(scratch / "vocab.json"), str(scratch / "merges.txt"), pad_token=pad_token,
                               model_max_length=77)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                        hidden_act="quick_gelu", projection_dim=768))
-    unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **text))
+    unet_model = UNet2DConditionModel(**unet)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        sample_size=512)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+                        sample_size=vae_sample_size)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet_model,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder
 

@@ -8,28 +8,38 @@ from pathlib import Path
 import torch
 
 from diffusion.checkpoints import single_file
-from diffusion.checkpoints.load import not_a_pipeline
+from diffusion.checkpoints.load import (check_text_width, folder_prediction_type, not_a_pipeline,
+                                        single_file_prediction_type)
 from diffusion.models.unet import UNetConfig
 from diffusion.models.vae import VAEConfig
 
 
 def read_configs(ckpt: str | Path, config_dir: str | Path | None, *,
-                 flags: tuple[str, str] = ("--ckpt", "--config")) -> tuple[UNetConfig, VAEConfig] | None:
+                 flags: tuple[str, str] = ("--ckpt", "--config"),
+                 prediction_type: str | None = None) -> tuple[UNetConfig, VAEConfig] | None:
     """(UNetConfig, VAEConfig) from the folder's (or `config_dir`'s) config.json files, or inferred from
-    the tensor shapes in a .safetensors header. None for a .ckpt without `config_dir` (its shapes are
-    only known once the file is read). Errors are ValueErrors naming the flag (`flags`: the names of
-    the checkpoint and config-folder flags of the calling script)."""
+    the tensor shapes in a .safetensors header (for `prediction_type`, as loading infers them). None for a
+    .ckpt without `config_dir` (its shapes are only known once the file is read). The text encoder's width
+    is checked against the UNet's where a config or the header tells it, and `prediction_type` against a
+    scheduler_config.json (diffusion/checkpoints/load.py). Errors are ValueErrors naming the flag (`flags`:
+    the names of the checkpoint and config-folder flags of the calling script)."""
     ckpt_flag, config_flag = flags
     folder = Path(ckpt) if Path(ckpt).is_dir() else (Path(config_dir) if config_dir is not None else None)
     if folder is not None:
+        from clip.text_model import CLIPTextConfig
         flag = ckpt_flag if folder == Path(ckpt) else config_flag
         for part in ("unet", "vae"):
             if not (folder / part / "config.json").is_file():
                 raise ValueError(f"{flag} {folder}: no {part}/config.json{not_a_pipeline(folder)}")
         try:
-            return UNetConfig.from_json(folder / "unet" / "config.json"), VAEConfig.from_json(folder / "vae" / "config.json")
+            configs = UNetConfig.from_json(folder / "unet" / "config.json"), VAEConfig.from_json(folder / "vae" / "config.json")
+            folder_prediction_type(folder, prediction_type)
+            if (folder / "text_encoder" / "config.json").is_file():
+                text = CLIPTextConfig.from_json(folder / "text_encoder" / "config.json")
+                check_text_width(configs[0], text.hidden_size, source=str(folder))
         except ValueError as e:
             raise ValueError(f"{flag} {folder}: {e}") from None
+        return configs
     if Path(ckpt).suffix != ".safetensors":
         return None
     from safetensors import safe_open
@@ -39,18 +49,26 @@ def read_configs(ckpt: str | Path, config_dir: str | Path | None, *,
     except Exception as e:
         raise ValueError(f"{ckpt_flag} {ckpt}: not a readable safetensors file ({e})") from None
     try:
-        return configs_from_shapes(shapes, source=str(ckpt))
+        configs = configs_from_shapes(shapes, source=str(ckpt),
+                                      prediction_type=single_file_prediction_type(shapes, prediction_type, None))
+        width = next((s[1] for k, s in shapes.items() if k.startswith(single_file.COND_PREFIX)
+                      and k.endswith("token_embedding.weight")), None)
+        if width is not None:
+            check_text_width(configs[0], width, source=str(ckpt))
+        return configs
     except ValueError as e:
         raise ValueError(f"{ckpt_flag} {e}") from None
 
 
-def configs_from_shapes(shapes: dict[str, tuple[int, ...]], *, source: str) -> tuple[UNetConfig, VAEConfig]:
+def configs_from_shapes(shapes: dict[str, tuple[int, ...]], *, source: str,
+                        prediction_type: str = "epsilon") -> tuple[UNetConfig, VAEConfig]:
     """(UNetConfig, VAEConfig) of an original single file from its tensor names and shapes alone
     (tensors on the meta device: no memory), by the loader's own shape inference."""
     meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     unet = {k: v for k, v in meta.items() if k.startswith(single_file.UNET_PREFIX)}
     vae = {k: v for k, v in meta.items() if k.startswith(single_file.VAE_PREFIX)}
-    return single_file.infer_unet_config(unet, source=source), single_file.infer_vae_config(vae, source=source)
+    return (single_file.infer_unet_config(unet, source=source, prediction_type=prediction_type),
+            single_file.infer_vae_config(vae, source=source))
 
 
 def read_scheduler_config(ckpt: str | Path, *, flag: str = "--ckpt") -> dict:
@@ -96,7 +114,7 @@ def parameter_counts(ckpt: str | Path, configs) -> dict[str, int]:
         if ckpt.suffix == ".safetensors" and ckpt.is_file():
             header, _, _ = safetensors_header(ckpt)
             counts["text_encoder"] = sum(math.prod(e["shape"]) for k, e in header.items()
-                                         if k.startswith(single_file.TEXT_PREFIX))
+                                         if k.startswith(single_file.COND_PREFIX))   # SD v1's or SD 2's tower
         else:
             config = CLIPTextConfig.from_json(text_config) if text_config.is_file() else CLIPTextConfig()
             counts["text_encoder"] = count(CLIPTextModel(config))

@@ -1,4 +1,4 @@
-"""Loading Stable Diffusion v1 from its two public layouts, strictly, by key mapping.
+"""Loading Stable Diffusion v1 and 2.x from their two public layouts, strictly, by key mapping.
 
     load_stable_diffusion("stable-diffusion-v1-5/")                    a diffusers folder
     load_stable_diffusion("v1-5-pruned-emaonly.safetensors")           an original single file
@@ -6,6 +6,8 @@
     load_stable_diffusion("model.safetensors", config_dir="sd15/")     configs from sd15/{unet,vae,text_encoder}/
                                                                        (and sd15/tokenizer/ when present)
     load_stable_diffusion("sd15/", variant="fp16")                     diffusion_pytorch_model.fp16.safetensors ...
+    load_stable_diffusion("v2-1_768-ema-pruned.safetensors")           SD 2.x: v-prediction, 768x768
+    load_stable_diffusion("v2-1_512-ema-pruned.safetensors", prediction_type="epsilon")   SD 2.x-base, 512x512
 
 A folder's weights may also be sharded (an index and its shards, read as one) or, in a repo published
 without safetensors, pickles read by the restricted unpickler (common/state_dict.py `find_weights`).
@@ -14,6 +16,15 @@ A diffusers folder needs no renaming at all (our attributes carry diffusers' nam
 folders' attention names; the single file goes through the key tables in `diffusion/checkpoints/single_file.py`.
 Every model is loaded with `common.state_dict.load_strict`: a missing, unexpected or mis-shaped
 tensor stops the load with an error that names it.
+
+What the model predicts (`prediction_type`: the noise, or v) is not in a single file. A folder's
+scheduler_config.json says it; for a single file it is the `prediction_type` argument (sample.py and
+train_dreambooth.py --prediction_type), else the --config folder's scheduler_config.json, else the
+family's: epsilon for SD v1, v_prediction for SD 2.x (`single_file_prediction_type`). diffusers'
+from_single_file (0.42) reads every SD 2.x file with stabilityai/stable-diffusion-2-1's configs, so it
+too takes v_prediction (and 768x768) unless told; our epsilon also takes 2.1-base's 512x512 and no
+upcast attention, where diffusers keeps 2.1's (`single_file.infer_unet_config`). A prediction type given
+for a folder, or with a --config folder, that its scheduler_config.json contradicts is refused naming both.
 """
 from __future__ import annotations
 
@@ -39,6 +50,16 @@ SD_V1_SCHEDULER_CONFIG = {
     "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False,
     "prediction_type": "epsilon",
 }
+# SD 2.x's scheduler_config.json as stabilityai/stable-diffusion-2-1 publishes it (2.1-base's is the same
+# with prediction_type "epsilon"), the one diffusers' from_single_file reads for every SD 2.x file. It names
+# no timestep_spacing: each sampler takes its diffusers class's default (diffusion/samplers/sigmas.py), as
+# `OtherScheduler.from_config(pipe.scheduler.config)` gives after from_single_file.
+SD_V2_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False, "prediction_type": "v_prediction",
+}
+SCHEDULER_CONFIGS = {"sd1": SD_V1_SCHEDULER_CONFIG, "sd2": SD_V2_SCHEDULER_CONFIG}   # a single file's, by family
+PREDICTION_TYPES = ("epsilon", "v_prediction")   # what --prediction_type takes
 FOLDER_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
                 "text_encoder": "model.safetensors"}                      # the names we write
 FOLDER_LAYOUTS = {"unet": "diffusers", "vae": "diffusers", "text_encoder": "transformers"}   # how each is read
@@ -59,29 +80,69 @@ class StableDiffusionModels:
 
 def load_stable_diffusion(path: str | Path, *, config_dir: str | Path | None = None,
                           use_ema: bool = False, dtype: torch.dtype = torch.float32,
-                          variant: str | None = None) -> StableDiffusionModels:
-    """Every model of an SD v1 checkpoint, in eval mode, on the CPU, its weights in `dtype` (as
+                          variant: str | None = None, prediction_type: str | None = None) -> StableDiffusionModels:
+    """Every model of an SD v1 or 2.x checkpoint, in eval mode, on the CPU, its weights in `dtype` (as
     diffusers' `torch_dtype`). Tensors already in `dtype` stay on the file's pages (no copy; see
     `common.state_dict.read_safetensors`); the others are converted one by one. `variant` ("fp16"):
-    a folder's variant files, as diffusers' `from_pretrained(variant=...)` picks them (`part_variants`)."""
+    a folder's variant files, as diffusers' `from_pretrained(variant=...)` picks them (`part_variants`).
+    `prediction_type` ("epsilon" or "v_prediction"): a single file's (see the module's docstring)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint (a diffusers folder or a single .safetensors/.ckpt file)")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"--prediction_type {prediction_type}: must be one of {', '.join(PREDICTION_TYPES)}")
     if path.is_dir():
         if config_dir is not None:
             raise ValueError(f"--config {config_dir}: only for single-file checkpoints; {path} is a folder "
                              "with its own configs")
         if use_ema:
             raise ValueError(f"--use_ema: {path} is a diffusers folder, which holds one set of UNet weights")
+        folder_prediction_type(path, prediction_type)
         models = _load_folder(path, dtype, variant)
     else:
         if variant is not None:
             raise ValueError(f"--variant {variant}: only for a diffusers folder; {path} is a single file")
         models = _load_single_file(path, config_dir=None if config_dir is None else Path(config_dir), use_ema=use_ema,
-                                   dtype=dtype)
+                                   dtype=dtype, prediction_type=prediction_type)
     for m in (models.unet, models.vae, models.text_encoder):
         m.eval()
     return models
+
+
+# ------------------------------------------------------------------------------ prediction type, text width
+def _said_by(scheduler_json: Path, given: str | None) -> str | None:
+    """The prediction type a scheduler_config.json says (diffusers' default, epsilon, when it names none),
+    or None if there is no such file; a different `given` one is refused naming both."""
+    if not scheduler_json.is_file():
+        return None
+    said = read_json(scheduler_json).get("prediction_type", "epsilon")
+    if given is not None and given != said:
+        raise ValueError(f"--prediction_type {given}: {scheduler_json} says prediction_type {said!r}; a model "
+                         "trained for one cannot sample as the other (drop the flag, or give a config that says so)")
+    return said
+
+
+def folder_prediction_type(folder: Path, given: str | None) -> str:
+    """A folder's prediction type: its scheduler_config.json's (a different `given` one is refused)."""
+    return _said_by(folder / "scheduler" / "scheduler_config.json", given) or "epsilon"
+
+
+def single_file_prediction_type(keys, given: str | None, config_dir: Path | None) -> str:
+    """A single file's prediction type: `given`, else the --config folder's scheduler_config.json's (which
+    must agree with `given`), else its family's (`single_file.family` of its tensor names): SD v1 epsilon,
+    SD 2.x v_prediction, as diffusers' from_single_file takes it."""
+    said = _said_by(config_dir / "scheduler" / "scheduler_config.json", given) if config_dir is not None else None
+    return given or said or SCHEDULER_CONFIGS[single_file.family(keys)]["prediction_type"]
+
+
+def check_text_width(unet_config: UNetConfig, text_width: int, *, source: str) -> None:
+    """The UNet's cross-attention must read states as wide as the text encoder's: an SD 2.x text encoder
+    (1024) beside an SD v1 UNet (768), or the reverse, is two models' parts, refused before any sampling."""
+    if text_width != unet_config.cross_attention_dim:
+        raise CheckpointError(f"{source}: the text encoder's states are {text_width} wide but the UNet's "
+                              f"cross-attention reads {unet_config.cross_attention_dim}-wide ones (cross_attention_dim): "
+                              "they are parts of different models (SD v1's CLIP ViT-L/14 is 768 wide, SD 2.x's "
+                              "OpenCLIP ViT-H/14 1024)")
 
 
 # ------------------------------------------------------------------------------ diffusers folder
@@ -145,6 +206,11 @@ def _load_folder(folder: Path, dtype: torch.dtype, variant: str | None = None) -
             raise ValueError(f"{folder / 'model_index.json'}: no {name!r} entry; not an SD v1 pipeline folder")
     variants = part_variants(folder, index, variant)
     files = {part: weights_file(folder, part, variants[part]) for part in FOLDER_LAYOUTS}   # all found, then read
+    from clip.text_model import CLIPTextConfig
+    text_json = folder / "text_encoder" / "config.json"
+    if text_json.is_file():   # the pairing, before reading any weights
+        check_text_width(UNetConfig.from_json(folder / "unet" / "config.json"),
+                         CLIPTextConfig.from_json(text_json).hidden_size, source=str(folder))
     return StableDiffusionModels(
         unet=load_unet_folder(folder, dtype, variants["unet"]), vae=load_vae_folder(folder, dtype, variants["vae"]),
         text_encoder=load_text_encoder(folder / "text_encoder", dtype=dtype, variant=variants["text_encoder"]),
@@ -182,25 +248,30 @@ def load_vae_single_file(vae_tensors: dict, config: VAEConfig, *, source: str,
 
 
 def load_text_encoder_single_file(text_tensors: dict, config, *, source: str, dtype: torch.dtype = torch.float32):
-    """The CLIP text model from the file's `cond_stage_model.transformer.*` tensors (clip/ maps them)."""
+    """The CLIP text model from the file's `cond_stage_model.*` tensors (clip/ maps SD v1's and SD 2.x's)."""
     from clip.text_model import CLIPTextModel
     from clip.weights import config_from_state_dict, text_encoder_state_dict
 
-    tensors = text_encoder_state_dict(text_tensors, source=source)
+    tensors = text_encoder_state_dict(text_tensors, source=source,
+                                      num_layers=config.num_hidden_layers if config is not None else None)
+    if config is None:
+        config = config_from_state_dict(tensors, openclip=single_file.family(text_tensors) == "sd2")
     with empty_model():
-        model = CLIPTextModel(config if config is not None else config_from_state_dict(tensors))
+        model = CLIPTextModel(config)
     load_strict(model, tensors, source=source, dtype=dtype)
     return model
 
 
-def _load_single_file(path: Path, *, config_dir: Path | None, use_ema: bool, dtype: torch.dtype
-                      ) -> StableDiffusionModels:
+def _load_single_file(path: Path, *, config_dir: Path | None, use_ema: bool, dtype: torch.dtype,
+                      prediction_type: str | None = None) -> StableDiffusionModels:
     from clip.text_model import CLIPTextConfig
-    from clip.tokenizer import CLIPTokenizer
+    from clip.tokenizer import SD2_PAD_TOKEN, CLIPTokenizer
 
     source = str(path)
     unet_t, vae_t, text_t = single_file.split_single_file(read_single_file(path, dtype), use_ema=use_ema,
                                                             source=source)
+    family = single_file.family(text_t)
+    prediction_type = single_file_prediction_type(text_t, prediction_type, config_dir)
     if config_dir is not None:
         for name in ("unet", "vae", "text_encoder"):
             if not (config_dir / name / "config.json").is_file():
@@ -209,17 +280,21 @@ def _load_single_file(path: Path, *, config_dir: Path | None, use_ema: bool, dty
         unet_cfg = UNetConfig.from_json(config_dir / "unet" / "config.json")
         vae_cfg = VAEConfig.from_json(config_dir / "vae" / "config.json")
         text_cfg = CLIPTextConfig.from_json(config_dir / "text_encoder" / "config.json")
-    else:  # SD v1 conventions for what the shapes cannot say (8 UNet heads, 64-wide CLIP heads)
-        unet_cfg = single_file.infer_unet_config(unet_t, source=source)
+    else:  # SD v1 (8 UNet heads) or SD 2.1 (64-wide heads) conventions for what the shapes cannot say
+        unet_cfg = single_file.infer_unet_config(unet_t, source=source, prediction_type=prediction_type)
         vae_cfg = single_file.infer_vae_config(vae_t, source=source)
         text_cfg = None  # inferred by clip/ from the shapes
+    embedding = next((v for k, v in text_t.items() if k.endswith("token_embedding.weight")), None)
+    if embedding is not None:
+        check_text_width(unet_cfg, embedding.shape[1], source=source)
+    # A single file carries no tokenizer: a --config folder laid out like a diffusers folder may hold this
+    # model's own tokenizer/; otherwise the shipped OpenAI CLIP vocabulary, padded as its family's tokenizer.
+    tokenizer = (CLIPTokenizer.from_pretrained(config_dir / "tokenizer") if config_dir is not None
+                 and (config_dir / "tokenizer").is_dir() else
+                 CLIPTokenizer.from_pretrained(None, pad_token=SD2_PAD_TOKEN if family == "sd2" else None))
     return StableDiffusionModels(
         unet=load_unet_single_file(unet_t, unet_cfg, source=source, dtype=dtype),
         vae=load_vae_single_file(vae_t, vae_cfg, source=source, dtype=dtype),
         text_encoder=load_text_encoder_single_file(text_t, text_cfg, source=f"{source} (text encoder)", dtype=dtype),
-        # A single file carries no tokenizer: a --config folder laid out like a diffusers folder may hold
-        # this model's own tokenizer/; otherwise the shipped SD v1 (OpenAI CLIP) vocabulary.
-        tokenizer=CLIPTokenizer.from_pretrained(config_dir / "tokenizer" if config_dir is not None
-                                                and (config_dir / "tokenizer").is_dir() else None),
-        scheduler_config=dict(SD_V1_SCHEDULER_CONFIG), source=source, layout="single_file",
-        files={part: path for part in FOLDER_LAYOUTS})
+        tokenizer=tokenizer, scheduler_config=dict(SCHEDULER_CONFIGS[family], prediction_type=prediction_type),
+        source=source, layout="single_file", files={part: path for part in FOLDER_LAYOUTS})

@@ -1,4 +1,4 @@
-"""Writing Stable Diffusion v1 back out: a diffusers folder and an original single file.
+"""Writing Stable Diffusion v1 and 2.x back out: a diffusers folder and an original single file.
 
     save_diffusers_folder(models, "out/", trained={"unet"})     StableDiffusionPipeline.from_pretrained("out/") loads it
     save_single_file(models, "out/model.safetensors")           the CompVis/LDM layout, fp16, weights only
@@ -15,6 +15,11 @@ reads the same tables backwards:
   by reading it forwards again: the keys must come back exactly as ours, or the save stops naming the
   tensors that do not.
 
+SD 2.x's text encoder goes into a single file in OpenCLIP's names with q, k and v fused back into
+`in_proj_weight` (`clip/weights.py` `fuse_in_proj`): from a folder, the blocks SD 2 runs and no
+text_projection, as diffusers' convert_diffusers_to_original_stable_diffusion.py writes it; from a single
+file, under the file's own keys (its last block, text_projection and logit_scale kept as they came).
+
 Trained weights are written in fp32 to the folder (the dtype they were trained in) and in fp16 to the
 single file (half the size: about 2 GB for SD v1, with no optimizer state and no EMA copy).
 """
@@ -30,7 +35,8 @@ import torch
 
 from common.files import atomic_write, read_json
 from common.state_dict import CheckpointError, KeyTable, check_keys, rename, write_safetensors
-from clip.weights import FOLDER_PREFIX, SINGLE_FILE_PREFIX, text_encoder_state_dict, text_prefix, text_table
+from clip.weights import (FOLDER_PREFIX, fuse_in_proj, single_file_text_table, source_table, split_in_proj,
+                          text_encoder_state_dict, text_prefix, text_table)
 from diffusion.checkpoints import single_file
 from diffusion.models import unet as unet_module
 from diffusion.models import vae as vae_module
@@ -134,7 +140,8 @@ def save_diffusers_folder(models, out: str | Path, *, trained: set[str], config_
             else rename(unet_t, single_file.unet_table(models.unet.config)))
     vae = single_file.vae_attention_as_linear(rename(vae_t, single_file.vae_table(models.vae.config)))
     text = (models.text_encoder.state_dict() if "text_encoder" in trained
-            else text_encoder_state_dict(text_t, source=str(source)))
+            else text_encoder_state_dict(text_t, source=str(source),
+                                         num_layers=models.text_encoder.config.num_hidden_layers))
     return _write_folder(models, out, {"unet": unet, "vae": vae, "text_encoder": text},
                          config_dir=Path(config_dir) if config_dir is not None else None)
 
@@ -219,12 +226,15 @@ def save_single_file(models, path: str | Path, *, dtype: torch.dtype = torch.flo
         unet_s, vae_s, text_s = single_file.split_single_file(source, use_ema=False, source=models.source)
         tensors = {**under_source_names(unet, unet_s, single_file.unet_table(models.unet.config), what="UNet"),
                    **under_source_names(vae, vae_s, single_file.vae_table(models.vae.config), what="VAE"),
-                   **under_source_names(text, text_s, text_table(text_prefix(text_s)), what="text encoder"),
+                   # SD 2.x's OpenCLIP tower: named by its q/k/v row blocks, then fused back into in_proj
+                   **fuse_in_proj(under_source_names(text, split_in_proj(text_s), source_table(
+                       text_s, num_layers=models.text_encoder.config.num_hidden_layers), what="text encoder")),
                    **{k: v for k, v in source.items() if k in single_file.IGNORED and not k.startswith(single_file.EMA_PREFIX)}}
     else:
         tensors = {**to_layout(unet, single_file.unet_table(models.unet.config), what="UNet"),
                    **to_layout(_vae_attention_as_conv(vae), single_file.vae_table(models.vae.config), what="VAE"),
-                   **to_layout(text, text_table(SINGLE_FILE_PREFIX), what="text encoder")}
+                   **fuse_in_proj(to_layout(text, single_file_text_table(models.text_encoder.config),
+                                            what="text encoder"))}
     _write_safetensors(path, _contiguous(tensors, dtype), {"format": "pt"})
     return path
 

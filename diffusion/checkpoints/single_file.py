@@ -1,13 +1,18 @@
-"""The original CompVis/LDM single-file layout (`v1-5-pruned-emaonly.safetensors`, `sd-v1-4.ckpt`):
-key mapping onto our (diffusers-named) modules, EMA selection, and architecture inferred from shapes.
+"""The original CompVis/LDM single-file layout (`v1-5-pruned-emaonly.safetensors`, `sd-v1-4.ckpt`,
+SD 2.x's `v2-1_768-ema-pruned.safetensors`): key mapping onto our (diffusers-named) modules, EMA
+selection, and architecture inferred from shapes.
 
 One file holds three models under three prefixes, plus LDM's DDPM schedule buffers:
 
     model.diffusion_model.*        the UNet, in LDM's flat `input_blocks` / `output_blocks` lists
     first_stage_model.*            the VAE; its mid-block attention stored as 1x1 convolutions
-    cond_stage_model.transformer.* the CLIP text model, in transformers' names (`text_model.*`)
+    cond_stage_model.transformer.* SD v1: the CLIP text model, in transformers' names (`text_model.*`)
+    cond_stage_model.model.*       SD 2.x: the OpenCLIP model in its own names (clip/weights.py maps both)
     model_ema.*                    (full checkpoints) EMA copies of the UNet, dots removed from names
     betas, alphas_cumprod, ...     the training schedule: recognised and ignored (sampling recomputes it)
+
+The text tower says the family (`family`): SD 2.x's files are the ones with OpenCLIP's, and what the
+shapes cannot tell of them comes from SD 2.1's configs, as diffusers' from_single_file takes them.
 
 LDM numbers the UNet's blocks in one flat list per direction; diffusers (and we) nest them by
 resolution level. For SD v1 (4 levels, 2 ResNets per level going down, 3 going up):
@@ -33,13 +38,16 @@ import re
 import torch
 
 from common.state_dict import CheckpointError, KeyTable, listing
-from diffusion.models.unet import CROSS_DOWN, CROSS_UP, UNetConfig
+from diffusion.models.unet import CROSS_DOWN, CROSS_UP, SD_V2 as UNET_SD_V2, SD_V2_BASE as UNET_SD_V2_BASE, UNetConfig
 from diffusion.models.vae import VAEConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer."
+COND_PREFIX = "cond_stage_model."             # the text tower: SD v1's or SD 2.x's, below
+TEXT_PREFIX = "cond_stage_model.transformer." # SD v1's CLIP, in transformers' names
+OPENCLIP_PREFIX = "cond_stage_model.model."   # SD 2.x's OpenCLIP (clip/weights.py OPENCLIP_PREFIX)
 EMA_PREFIX = "model_ema."
+SD_V2_HEAD_WIDTH = 64    # SD 2.x's LDM config: num_head_channels 64 (SD v1's: num_heads 8)
 # LDM's DDPM registers these 12 schedule buffers; SD v1's sampling recomputes the schedule from
 # scheduler_config instead. model_ema.{decay,num_updates} are the EMA's own bookkeeping.
 IGNORED = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -156,16 +164,16 @@ def split_single_file(tensors: dict[str, torch.Tensor], *, use_ema: bool, source
     tensor is replaced by its EMA copy (all must be present). Unrecognised keys are errors."""
     unet = {k: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
     vae = {k: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
-    text = {k: v for k, v in tensors.items() if k.startswith(TEXT_PREFIX)}
+    text = {k: v for k, v in tensors.items() if k.startswith(COND_PREFIX)}
     ema = {k for k in tensors if k.startswith(EMA_PREFIX) and k not in IGNORED}
     unknown = sorted(set(tensors) - set(unet) - set(vae) - set(text) - ema - IGNORED)
     if unknown:
         raise CheckpointError(f"{source}: unexpected {len(unknown)} tensors outside the UNet/VAE/text "
                               f"encoder prefixes: {listing(unknown)}")
     for name, part in (("UNet (model.diffusion_model.*)", unet), ("VAE (first_stage_model.*)", vae),
-                       ("text encoder (cond_stage_model.transformer.*)", text)):
+                       ("text encoder (cond_stage_model.transformer.* or cond_stage_model.model.*)", text)):
         if not part:
-            raise CheckpointError(f"{source}: no {name} tensors; is this an SD v1 single-file checkpoint?")
+            raise CheckpointError(f"{source}: no {name} tensors; is this an SD v1 or 2.x single-file checkpoint?")
     if use_ema:
         if not ema:
             raise CheckpointError(f"{source}: --use_ema given but the file has no EMA weights (model_ema.*)")
@@ -175,6 +183,11 @@ def split_single_file(tensors: dict[str, torch.Tensor], *, use_ema: bool, source
                                   f"{', '.join(missing[:20])}")
         unet = {k: tensors[ema_name(k)] for k in unet}
     return unet, vae, text
+
+
+def family(keys) -> str:
+    """"sd2" for a single file whose text tower is OpenCLIP's (SD 2.x), else "sd1"."""
+    return "sd2" if any(k.startswith(OPENCLIP_PREFIX) for k in keys) else "sd1"
 
 
 def _count(keys, pattern: str) -> set[int]:
@@ -188,9 +201,12 @@ def _check_groups(channels, groups: int, *, source: str, model: str) -> None:
                               f"this model's {model.lower()}/config.json")
 
 
-def infer_unet_config(unet: dict[str, torch.Tensor], *, source: str) -> UNetConfig:
+def infer_unet_config(unet: dict[str, torch.Tensor], *, source: str, prediction_type: str = "epsilon") -> UNetConfig:
     """A UNetConfig from the tensor shapes of an LDM UNet. What shapes cannot tell takes SD v1's
-    value: 8 heads (SD v1's `num_heads: 8`), 32 GroupNorm groups, the timestep embedding."""
+    value: 8 heads (SD v1's `num_heads: 8`), 32 GroupNorm groups, the timestep embedding. A UNet whose
+    spatial transformers project with Linear layers (proj_in stored (C, C)) is SD 2.x's: 64-wide heads
+    (its `num_head_channels: 64`), and, as the public config of its `prediction_type` says, SD 2.1's
+    96 x 96 latents with upcast attention (v_prediction) or 2.1-base's 64 x 64 without (epsilon)."""
     p = re.escape(UNET_PREFIX)
     try:
         conv_in = unet[UNET_PREFIX + "input_blocks.0.0.weight"]
@@ -206,13 +222,24 @@ def infer_unet_config(unet: dict[str, torch.Tensor], *, source: str) -> UNetConf
             cross.append(f"{UNET_PREFIX}input_blocks.{k}.1.proj_in.weight" in unet)
         up_cross = [f"{UNET_PREFIX}output_blocks.{i * (layers + 1)}.1.proj_in.weight" in unet for i in range(n_levels)]
         context = unet[UNET_PREFIX + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+        linear = unet[UNET_PREFIX + "middle_block.1.proj_in.weight"].ndim == 2
     except KeyError as e:
         raise CheckpointError(f"{source}: cannot infer the UNet architecture, no tensor {e.args[0]}") from None
     _check_groups(channels, UNetConfig.norm_num_groups, source=source, model="UNet")
-    return UNetConfig(in_channels=conv_in.shape[1], out_channels=conv_out.shape[0], block_out_channels=tuple(channels),
-                      layers_per_block=layers, cross_attention_dim=context,
-                      down_block_types=tuple(CROSS_DOWN if c else "DownBlock2D" for c in cross),
-                      up_block_types=tuple(CROSS_UP if c else "UpBlock2D" for c in up_cross))
+    sd2 = {}
+    if linear:
+        if any(c % SD_V2_HEAD_WIDTH for c in channels):
+            raise CheckpointError(f"{source}: UNet widths {tuple(channels)} do not split into SD 2.x's "
+                                  f"{SD_V2_HEAD_WIDTH}-wide attention heads, and the head count cannot be read off the "
+                                  "shapes: pass --config DIR with this model's unet/config.json")
+        sd2 = dict(UNET_SD_V2, attention_head_dim=tuple(c // SD_V2_HEAD_WIDTH for c in channels),
+                   **(UNET_SD_V2_BASE if prediction_type == "epsilon" else {}))
+        sd2.pop("cross_attention_dim")
+    return UNetConfig(**{**dict(in_channels=conv_in.shape[1], out_channels=conv_out.shape[0],
+                                block_out_channels=tuple(channels), layers_per_block=layers,
+                                cross_attention_dim=context,
+                                down_block_types=tuple(CROSS_DOWN if c else "DownBlock2D" for c in cross),
+                                up_block_types=tuple(CROSS_UP if c else "UpBlock2D" for c in up_cross)), **sd2})
 
 
 def infer_vae_config(vae: dict[str, torch.Tensor], *, source: str) -> VAEConfig:

@@ -1,8 +1,9 @@
-"""The Stable Diffusion v1 noise-prediction UNet (Rombach et al. 2022, "High-Resolution Image
+"""The Stable Diffusion noise-prediction UNet (Rombach et al. 2022, "High-Resolution Image
 Synthesis with Latent Diffusion Models"; the UNet of Ho et al. 2020 with spatial transformers).
 
 Given noisy latents x_t, the timesteps t (one per batch item) and the CLIP text states c, it predicts
-the noise eps_theta(x_t, t, c) of DDPM eq. 14. Shape of the network (SD v1 numbers):
+the noise eps_theta(x_t, t, c) of DDPM eq. 14 (SD 2.x's 768x768 models: v, see diffusion/schedule.py).
+Shape of the network (SD v1 numbers):
 
     conv_in 4->320 at 64x64
     down: 320 (64x64) -> 640 (32x32) -> 1280 (16x16) -> 1280 (8x8), 2 ResNets per level,
@@ -10,6 +11,12 @@ the noise eps_theta(x_t, t, c) of DDPM eq. 14. Shape of the network (SD v1 numbe
     mid:  ResNet, transformer, ResNet at 8x8
     up:   the mirror image, 3 ResNets per level, each eating one skip connection
     conv_out 320->4
+
+SD 2.x is the same network with four differences, each a config field (`UNetConfig.sd_v2`): the
+spatial transformers project in and out with Linear layers (`use_linear_projection`), the heads are
+64 wide (`attention_head_dim` 5, 10, 20, 20 heads per level), the text states are 1024 wide
+(`cross_attention_dim`, OpenCLIP ViT-H/14), and SD 2.1's 768x768 model computes attention in fp32
+when run in half precision (`upcast_attention`).
 
 Module attributes carry diffusers' key names, so a diffusers `unet/` folder loads by identity.
 """
@@ -30,15 +37,15 @@ CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 
 # diffusers `unet/config.json` fields this implementation does not model, with the only value it
-# accepts (SD v1's). A config that sets one of them to anything else is refused by name, instead of
-# silently building a different network (common/configs.py: the policy every config is read by).
+# accepts (SD v1's and SD 2.x's). A config that sets one of them to anything else is refused by name,
+# instead of silently building a different network (common/configs.py: the policy every config is read by).
 SD_V1_ONLY_FIELDS = {
     "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
     "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "transformer_layers_per_block": 1,
     "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "num_attention_heads": None, "dual_cross_attention": False, "use_linear_projection": False,
+    "num_attention_heads": None, "dual_cross_attention": False,
     "class_embed_type": None, "addition_embed_type": None, "addition_time_embed_dim": None,
-    "num_class_embeds": None, "upcast_attention": False, "resnet_time_scale_shift": "default",
+    "num_class_embeds": None, "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
     "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
@@ -46,6 +53,13 @@ SD_V1_ONLY_FIELDS = {
     "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
     "addition_embed_type_num_heads": 64,
 }
+
+
+# What stabilityai/stable-diffusion-2-1's unet/config.json changes from SD v1's, and what its -base
+# (512x512, epsilon-prediction) changes from that.
+SD_V2 = dict(attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+             upcast_attention=True, sample_size=96)
+SD_V2_BASE = dict(sample_size=64, upcast_attention=False)
 
 
 @dataclass
@@ -58,9 +72,11 @@ class UNetConfig:
     up_block_types: tuple[str, ...] = (PLAIN_UP, CROSS_UP, CROSS_UP, CROSS_UP)
     # Despite its name, SD v1 (and diffusers, for backward compatibility) reads this as the NUMBER of
     # attention heads, not their width: 8 heads at every level, so 40/80/160-wide heads. An int for
-    # all levels or one value per level.
+    # all levels or one value per level: SD 2.x's (5, 10, 20, 20) heads are 64 wide at every level.
     attention_head_dim: int | tuple[int, ...] = 8
-    cross_attention_dim: int = 768             # width of the text states (CLIP ViT-L/14: 768)
+    cross_attention_dim: int = 768             # width of the text states (CLIP ViT-L/14: 768; SD 2.x: 1024)
+    use_linear_projection: bool = False        # SD 2.x: Linear proj_in/proj_out on tokens, not 1x1 convs
+    upcast_attention: bool = False             # SD 2.1 (768): attention in fp32 under half precision
     norm_num_groups: int = 32                  # GroupNorm groups in every ResNet / transformer
     norm_eps: float = 1e-5                     # GroupNorm eps of the ResNets and the output norm
     flip_sin_to_cos: bool = True               # timestep embedding as [cos, sin]
@@ -82,6 +98,12 @@ class UNetConfig:
     def sd_v1(cls) -> "UNetConfig":
         """runwayml/stable-diffusion-v1-5 and CompVis/stable-diffusion-v1-4 (`unet/config.json`)."""
         return cls()
+
+    @classmethod
+    def sd_v2(cls, **overrides) -> "UNetConfig":
+        """stabilityai/stable-diffusion-2-1 (`unet/config.json`): the 768x768 v-prediction model.
+        `sd_v2(**SD_V2_BASE)` is stable-diffusion-2-1-base (512x512, epsilon)."""
+        return cls(**{**SD_V2, **overrides})
 
     def heads(self, level: int) -> int:
         h = self.attention_head_dim
@@ -106,7 +128,8 @@ class UNet2DConditionModel(nn.Module):
         ch = config.block_out_channels
         temb_dim = 4 * ch[0]
         common = dict(temb_channels=temb_dim, context_dim=config.cross_attention_dim,
-                      groups=config.norm_num_groups, eps=config.norm_eps, dropout=config.dropout)
+                      groups=config.norm_num_groups, eps=config.norm_eps, dropout=config.dropout,
+                      linear_projection=config.use_linear_projection, upcast_attention=config.upcast_attention)
         n = len(ch)
 
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], kernel_size=3, padding=1)

@@ -115,7 +115,8 @@ class DownBlock(nn.Module):
 
     def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int, layers: int,
                  cross_attention: bool, heads: int, context_dim: int, groups: int, eps: float,
-                 downsample: bool, dropout: float = 0.0):
+                 downsample: bool, dropout: float = 0.0, linear_projection: bool = False,
+                 upcast_attention: bool = False):
         super().__init__()
         self.resnets = nn.ModuleList([
             ResnetBlock2D(in_channels=in_channels if i == 0 else out_channels, out_channels=out_channels,
@@ -123,7 +124,8 @@ class DownBlock(nn.Module):
             for i in range(layers)])
         self.attentions = nn.ModuleList([
             SpatialTransformer(channels=out_channels, heads=heads, context_dim=context_dim, norm_groups=groups,
-                               dropout=dropout)
+                               dropout=dropout, linear_projection=linear_projection,
+                               upcast_attention=upcast_attention)
             for _ in range(layers)]) if cross_attention else None
         self.downsamplers = nn.ModuleList([Downsample2D(channels=out_channels)]) if downsample else None
         self.gradient_checkpointing = False
@@ -146,14 +148,16 @@ class MidBlock(nn.Module):
     """The bottleneck: ResNet, spatial transformer, ResNet ("UNetMidBlock2DCrossAttn")."""
 
     def __init__(self, *, channels: int, temb_channels: int, heads: int, context_dim: int, groups: int,
-                 eps: float, dropout: float = 0.0):
+                 eps: float, dropout: float = 0.0, linear_projection: bool = False,
+                 upcast_attention: bool = False):
         super().__init__()
         kw = dict(in_channels=channels, out_channels=channels, temb_channels=temb_channels, groups=groups,
                   eps=eps, dropout=dropout)
         self.resnets = nn.ModuleList([ResnetBlock2D(**kw), ResnetBlock2D(**kw)])
         self.attentions = nn.ModuleList([
             SpatialTransformer(channels=channels, heads=heads, context_dim=context_dim, norm_groups=groups,
-                               dropout=dropout)])
+                               dropout=dropout, linear_projection=linear_projection,
+                               upcast_attention=upcast_attention)])
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -172,7 +176,8 @@ class UpBlock(nn.Module):
 
     def __init__(self, *, in_channels: int, out_channels: int, skip_channels: list[int], temb_channels: int,
                  cross_attention: bool, heads: int, context_dim: int, groups: int, eps: float,
-                 upsample: bool, dropout: float = 0.0):
+                 upsample: bool, dropout: float = 0.0, linear_projection: bool = False,
+                 upcast_attention: bool = False):
         super().__init__()
         self.resnets = nn.ModuleList([
             ResnetBlock2D(in_channels=(in_channels if i == 0 else out_channels) + skip,
@@ -181,7 +186,8 @@ class UpBlock(nn.Module):
             for i, skip in enumerate(skip_channels)])
         self.attentions = nn.ModuleList([
             SpatialTransformer(channels=out_channels, heads=heads, context_dim=context_dim, norm_groups=groups,
-                               dropout=dropout)
+                               dropout=dropout, linear_projection=linear_projection,
+                               upcast_attention=upcast_attention)
             for _ in skip_channels]) if cross_attention else None
         self.upsamplers = nn.ModuleList([Upsample2D(channels=out_channels)]) if upsample else None
         self.gradient_checkpointing = False
