@@ -297,10 +297,11 @@ def no_sampling(monkeypatch):
 
 
 def _refused(argv: list[str], capsys) -> str:
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
-    message = str(e.value.code)
-    assert message.startswith("sample.py: error: ") and "\n" not in message, message
+    message = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message.startswith("sample.py: error: ") and "\n" not in message, message
     return message
 
 
