@@ -1,4 +1,4 @@
-"""Text to image with Stable Diffusion v1 and 2.x, with the flags of CompVis's txt2img script
+"""Text to image with Stable Diffusion v1, 2.x and SDXL, with the flags of CompVis's txt2img script
 (`scripts/stable_txt2img.py` of the DreamBooth seed repository), so its users' habits carry over.
 
     python sample.py --ckpt path/to/stable-diffusion-v1-5 --prompt "a photo of an astronaut" \\
@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder's scheduler, else epsilon for SD v1 and v_prediction, 768x768, for SD 2.x as diffusers "
                         "guesses; SD 2.x-base files need epsilon, which also makes their default size 512); a folder "
                         "says its own, and a different value is refused")
+    p.add_argument("--original_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL: the micro-conditioning's original image size (default: the output size, as "
+                        "StableDiffusionXLPipeline)")
+    p.add_argument("--crops_coords_top_left", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None,
+                   help="SDXL: the micro-conditioning's crop corner (default 0 0)")
+    p.add_argument("--target_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL: the micro-conditioning's target size (default: the output size)")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="apply a LoRA file (diffusers or kohya format, .safetensors) at SCALE (default 1.0), "
                         "fused into the weights; repeat the flag to stack LoRAs")
@@ -142,6 +149,22 @@ def check_args(args: argparse.Namespace) -> None:
     if args.variant is not None and not Path(args.ckpt).is_dir():
         raise UsageError(f"--variant {args.variant}: applies to a diffusers folder; --ckpt {args.ckpt} is a single file")
     parse_lora_flags(args.lora or [])     # raises ValueError naming --lora
+
+
+MICRO_FLAGS = ("original_size", "crops_coords_top_left", "target_size")
+
+
+def check_micro_conditioning(args: argparse.Namespace, unet_config) -> None:
+    """SDXL's micro-conditioning flags need a UNet that reads them (addition_embed_type text_time)."""
+    given = [f"--{name}" for name in MICRO_FLAGS if getattr(args, name) is not None]
+    if given and unet_config.addition_embed_type is None:
+        raise UsageError(f"{', '.join(given)}: SDXL's micro-conditioning; --ckpt {args.ckpt} is an SD v1 or 2.x "
+                         "model, whose UNet has none")
+    for name in MICRO_FLAGS:
+        value = getattr(args, name)
+        if value is not None and (min(value) < 0 or (name != "crops_coords_top_left" and min(value) < 1)):
+            raise UsageError(f"--{name} {' '.join(map(str, value))}: must be "
+                             f"{'>= 0' if name == 'crops_coords_top_left' else 'positive'}")
 
 
 def image_size(args: argparse.Namespace, configs) -> None:
@@ -204,6 +227,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         configs = read_configs(args.ckpt, args.config_dir, prediction_type=args.prediction_type)
         if configs is not None:
             image_size(args, configs)
+            check_micro_conditioning(args, configs[0])
     except ValueError as e:   # UsageError, and read_configs' errors, which name the flag
         raise SystemExit(f"sample.py: error: {e}")
 
@@ -239,6 +263,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if configs is None:  # a .ckpt: its architecture is known now, before any sampling
         try:
             image_size(args, (models.unet.config, models.vae.config))
+            check_micro_conditioning(args, models.unet.config)
         except UsageError as e:
             raise SystemExit(f"sample.py: error: {e}")
     if args.lora:   # every file read and checked against the model first, then applied (and fused)
@@ -250,7 +275,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             raise SystemExit(f"sample.py: error: --lora {e}")
         for key in skipped:
             print(f"--lora_skip_unknown: skipped {key}", file=sys.stderr)
-    for module in (models.unet, models.vae, models.text_encoder):
+    for module in (models.unet, models.vae, *models.text_encoders):
         module.to(device).eval()
     compute = autocast if autocast != "fp32" else args.precision   # the dtype the convolutions run in
     layouts = arrange_for_speed(models, device=device, precision=compute)         # diffusion/speed.py
@@ -269,7 +294,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                              num_images_per_prompt=args.n_samples, steps=args.ddim_steps,
                              eta=args.ddim_eta, guidance_scale=args.scale, height=args.H, width=args.W,
                              seed=args.seed + k, sampler=args.sampler, autocast=autocast,
-                             progress=True, output="pil")
+                             progress=True, output="pil", **{name: getattr(args, name) for name in MICRO_FLAGS})
             for image in batch:
                 written.append(save_new(image, samples, r"(\d+)\.\w+", lambda i: f"{i:05d}.png"))
                 record_prompt(samples, written[-1].name, prompt)    # samples/prompts.jsonl, for CLIP-T

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from diffusion.checkpoints import single_file
-from diffusion.checkpoints.load import (check_text_width, folder_prediction_type, not_a_pipeline,
-                                        single_file_prediction_type)
+from diffusion.checkpoints.load import (check_text_width, folder_prediction_type, folder_text_widths, not_a_pipeline,
+                                        single_file_prediction_type, single_file_text_widths)
 from diffusion.models.unet import UNetConfig
 from diffusion.models.vae import VAEConfig
 
@@ -25,7 +25,6 @@ def read_configs(ckpt: str | Path, config_dir: str | Path | None, *,
     ckpt_flag, config_flag = flags
     folder = Path(ckpt) if Path(ckpt).is_dir() else (Path(config_dir) if config_dir is not None else None)
     if folder is not None:
-        from clip.text_model import CLIPTextConfig
         flag = ckpt_flag if folder == Path(ckpt) else config_flag
         for part in ("unet", "vae"):
             if not (folder / part / "config.json").is_file():
@@ -33,9 +32,9 @@ def read_configs(ckpt: str | Path, config_dir: str | Path | None, *,
         try:
             configs = UNetConfig.from_json(folder / "unet" / "config.json"), VAEConfig.from_json(folder / "vae" / "config.json")
             folder_prediction_type(folder, prediction_type)
-            if (folder / "text_encoder" / "config.json").is_file():
-                text = CLIPTextConfig.from_json(folder / "text_encoder" / "config.json")
-                check_text_width(configs[0], text.hidden_size, source=str(folder))
+            widths = folder_text_widths(folder)
+            if widths is not None:
+                check_text_width(configs[0], widths[0], pooled_width=widths[1], source=str(folder))
         except ValueError as e:
             raise ValueError(f"{flag} {folder}: {e}") from None
         return configs
@@ -50,10 +49,9 @@ def read_configs(ckpt: str | Path, config_dir: str | Path | None, *,
     try:
         configs = configs_from_shapes(shapes, source=str(ckpt),
                                       prediction_type=single_file_prediction_type(shapes, prediction_type, None))
-        width = next((s[1] for k, s in shapes.items() if k.startswith(single_file.COND_PREFIX)
-                      and k.endswith("token_embedding.weight")), None)
-        if width is not None:
-            check_text_width(configs[0], width, source=str(ckpt))
+        widths = single_file_text_widths(shapes)
+        if widths is not None:
+            check_text_width(configs[0], widths[0], pooled_width=widths[1], source=str(ckpt))
         return configs
     except ValueError as e:
         raise ValueError(f"{ckpt_flag} {e}") from None
@@ -67,4 +65,4 @@ def configs_from_shapes(shapes: dict[str, tuple[int, ...]], *, source: str,
     unet = {k: v for k, v in meta.items() if k.startswith(single_file.UNET_PREFIX)}
     vae = {k: v for k, v in meta.items() if k.startswith(single_file.VAE_PREFIX)}
     return (single_file.infer_unet_config(unet, source=source, prediction_type=prediction_type),
-            single_file.infer_vae_config(vae, source=source))
+            single_file.infer_vae_config(vae, source=source, sdxl=single_file.family(shapes, source=source) == "sdxl"))
