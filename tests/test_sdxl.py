@@ -317,3 +317,48 @@ def test_sdxl_parts_beside_another_models_are_refused(tmp_path, capsys, no_sampl
     (folder / "model_index.json").write_text(json.dumps(index))
     message = _exit_message(["--ckpt", str(folder), "--outdir", str(tmp_path / "out")], capsys)
     assert "32 wide" in message and "96-wide" in message
+
+
+# ---- LoRA files on SDXL: kohya's SDXL names and diffusers', against load_lora_weights ---------------
+LORA = META["lora"]
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+@pytest.mark.parametrize("layout", ["folder", "single_file"])
+def test_an_sdxl_lora_gives_diffusers_outputs(fmt, layout):
+    from diffusion.checkpoints.lora_files import load_lora_files
+    models = load_stable_diffusion(FOLDER) if layout == "folder" else load_stable_diffusion(SINGLE, config_dir=FOLDER)
+    changed, skipped = load_lora_files(models, [(str(SDXL / f"{fmt}_lora.safetensors"), 1.0)], fuse=False)
+    assert changed == {"unet", "text_encoder", "text_encoder_2"} and not skipped
+    from diffusion import lora
+    assert {part: len(lora.lora_layers(getattr(models, part))) for part in changed} == LORA["modules"]
+    with torch.no_grad():
+        out = models.unet(REF["lora.unet.sample"], torch.tensor([500.0]), REF["lora.unet.context"],
+                          text_embeds=REF["lora.unet.text_embeds"], time_ids=REF["lora.unet.time_ids"])
+        states, pooled = encode_prompts_sdxl(models.text_encoders, (models.tokenizer, models.tokenizer_2), ["a dog"],
+                                             torch.device("cpu"))
+    assert (out - REF[f"lora.{fmt}.unet.out"]).abs().max() <= 1e-4
+    assert (states - REF[f"lora.{fmt}.text.states"]).abs().max() <= 1e-4
+    assert (pooled - REF[f"lora.{fmt}.text.pooled"]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_sample_py_with_an_sdxl_lora_equals_diffusers_fuse_lora(fmt, tmp_path, capsys):
+    run = LORA["run"]
+    written = sample.main(["--ckpt", str(FOLDER), "--outdir", str(tmp_path), "--prompt", run["prompt"], "--n_samples", "1",
+                           "--ddim_steps", str(run["num_inference_steps"]), "--scale", str(run["guidance_scale"]),
+                           "--H", str(run["height"]), "--W", str(run["width"]), "--seed", str(run["seed"]),
+                           "--sampler", run["sampler"], "--device", "cpu",
+                           "--lora", f"{SDXL / f'{fmt}_lora.safetensors'}:{run['scale']}"])
+    ours = np.asarray(Image.open(written[0])).astype(int)
+    assert np.abs(ours - REF[f"lora.{fmt}.image"].numpy().astype(int)).max() <= MAX_DIFF
+
+
+def test_a_kohya_sd_v1_lora_on_sdxl_is_refused_naming_the_file(tmp_path, capsys, no_sampling):
+    """kohya's SD v1 text-encoder names (lora_te_...) match nothing of SDXL's (lora_te1_/lora_te2_)."""
+    tensors = read_safetensors(SDXL / "kohya_lora.safetensors")
+    sd1_names = {k.replace("lora_te1_", "lora_te_"): v for k, v in tensors.items() if k.startswith("lora_te1_")}
+    path = tmp_path / "sd15_kohya.safetensors"
+    write_safetensors(path, sd1_names)
+    message = _exit_message(["--ckpt", str(FOLDER), "--outdir", str(tmp_path / "out"), "--lora", str(path)], capsys)
+    assert str(path) in message and "match no module of this model" in message and "lora_te_text_model" in message

@@ -25,6 +25,11 @@ wide (its 2/4 gives one-channel heads). Writes under tests/fixtures/sdxl/:
   open_clip's own penultimate states and projected pooled output of the single file's tower, diffusers' UNet
   output with the micro-conditioning; pipeline/: images of every sampler's diffusers scheduler, from the folder
   and (within 1/255) from the single file.
+- kohya_lora.safetensors and diffusers_lora.safetensors: LoRAs on every attention, projection and feed-forward
+  output Linear of the UNet and every attention and MLP Linear of both text encoders, in kohya's SDXL names
+  (sd-scripts: lora_unet_ + sgm's block names, lora_te1_, lora_te2_; alpha 2, rank 4) and in diffusers' (peft's,
+  with text_encoder_2.); diffusers' load_lora_weights adapts every module of each; its UNet output and prompt
+  embeddings with the LoRA, and its image after fuse_lora(lora_scale=0.8).
 and under tests/manifests/: sdxl_base_diffusers.json and sdxl_base_single_file.json, the names and shapes of
 the real stabilityai/stable-diffusion-xl-base-1.0 files from the reference classes on the meta device
 (diffusers' published configs; open_clip's ViT-bigG-14 for the single file's second tower).
@@ -270,6 +275,73 @@ def pipeline_images(folder, single) -> list[dict]:
     return runs
 
 
+# ---------------------------------------------------------------- LoRA files for SDXL
+LORA_RUN = dict(prompt="a photo of a cat", num_inference_steps=3, guidance_scale=5.0, height=32, width=32, seed=7,
+                scale=0.8, sampler="euler")
+
+
+def lora_files(cross: list[bool]) -> tuple[dict, dict]:
+    """kohya's SDXL names (sd-scripts: lora_unet_ + sgm's module names, lora_te1_/lora_te2_ + transformers'), one
+    alpha != rank; and diffusers' (peft's lora_A/lora_B under unet./text_encoder./text_encoder_2.), alpha = rank.
+    diffusers' load_lora_weights reads each: its UNet output and prompt embeddings unfused, its image fused."""
+    from diffusers import StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(FOLDER), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    unet_names = [n for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Linear)
+                  and n.endswith(("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"))]
+    sgm = {k.removeprefix("model.diffusion_model.").removesuffix(".weight"): v for k, v in
+           sd1.unet_to_ldm({f"{n}.weight": n for n in unet_names}, 2, 2, cross).items()}
+    sgm = {v: k for k, v in sgm.items()}                                    # diffusers name -> sgm name
+    text_names = {part: [n for n, m in getattr(pipe, part).named_modules() if isinstance(m, torch.nn.Linear)
+                         and n.endswith(("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"))]
+                  for part in ("text_encoder", "text_encoder_2")}
+    gen = torch.Generator().manual_seed(32)
+    files, ref, meta = {"kohya": {}, "diffusers": {}}, {}, {}
+    parts = (("unet", pipe.unet, unet_names), ("text_encoder", pipe.text_encoder, text_names["text_encoder"]),
+             ("text_encoder_2", pipe.text_encoder_2, text_names["text_encoder_2"]))
+    kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    for part, model, names in parts:
+        for n in names:
+            w = model.get_submodule(n).weight
+            public = n if part == "unet" or n.startswith("text_model.") else "text_model." + n
+            for fmt in ("kohya", "diffusers"):
+                down = 0.3 * torch.randn(4, w.shape[1], generator=gen)
+                up = 0.3 * torch.randn(w.shape[0], 4, generator=gen)
+                if fmt == "kohya":
+                    flat = kohya_prefix[part] + (sgm[n] if part == "unet" else public).replace(".", "_")
+                    files[fmt] |= {f"{flat}.lora_down.weight": down, f"{flat}.lora_up.weight": up,
+                                   f"{flat}.alpha": torch.tensor(2.0)}
+                else:
+                    files[fmt] |= {f"{part}.{public}.lora_A.weight": down, f"{part}.{public}.lora_B.weight": up}
+    meta["modules"] = {part: len(names) for part, _, names in parts}
+    meta["run"] = LORA_RUN
+    g = torch.Generator().manual_seed(33)
+    sample = torch.randn(1, 4, 8, 8, generator=g)
+    context = torch.randn(1, 77, 96, generator=g)
+    added = {"text_embeds": torch.randn(1, 48, generator=g), "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 32.0, 32.0]])}
+    ref |= {"lora.unet.sample": sample, "lora.unet.context": context, "lora.unet.text_embeds": added["text_embeds"],
+            "lora.unet.time_ids": added["time_ids"]}
+    for fmt, tensors in files.items():
+        name = f"{fmt}_lora.safetensors"
+        save_file(tensors, str(OUT / name), metadata={"format": "pt"})
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(FOLDER), add_watermarker=False)   # fresh weights for each
+        pipe.load_lora_weights(str(OUT), weight_name=name, adapter_name=fmt)
+        adapted = {part: sum(1 for n, _ in getattr(pipe, part).named_modules() if n.endswith(".lora_A"))
+                   for part in ("unet", "text_encoder", "text_encoder_2")}
+        assert adapted == meta["modules"], (fmt, adapted, meta["modules"])   # every module read, none left out
+        with torch.no_grad():
+            ref[f"lora.{fmt}.unet.out"] = pipe.unet(sample, torch.tensor([500.0]), context, added_cond_kwargs=added).sample
+            states, _, pooled, _ = pipe.encode_prompt(["a dog"], device="cpu", num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+            ref[f"lora.{fmt}.text.states"], ref[f"lora.{fmt}.text.pooled"] = states, pooled
+        pipe.fuse_lora(lora_scale=LORA_RUN["scale"])
+        image = run_pipeline(pipe, (fmt, LORA_RUN["sampler"], LORA_RUN["prompt"], None, 1, LORA_RUN["num_inference_steps"],
+                                    LORA_RUN["guidance_scale"], LORA_RUN["height"], LORA_RUN["width"], LORA_RUN["seed"], {}))[0]
+        ref[f"lora.{fmt}.image"] = torch.from_numpy(np.asarray(image).copy())
+        print(f"{name}: {adapted} modules adapted by diffusers' load_lora_weights")
+    return ref, meta
+
+
 # ---------------------------------------------------------------- manifests of the real SDXL base
 def manifests() -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -327,6 +399,8 @@ def main() -> None:
     prove(pipe, folder, single)
     tensors, meta = reference(folder, tower)
     meta["pipeline"] = pipeline_images(folder, single)
+    lora_tensors, meta["lora"] = lora_files([t.startswith("CrossAttn") for t in TINY_UNET["down_block_types"]])
+    tensors |= lora_tensors
     save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(OUT / "reference.safetensors"),
               metadata={"made_by": "tools/make_reference_sdxl.py"})
     meta["sha256"] = {str(p.relative_to(OUT)): hashlib.sha256(p.read_bytes()).hexdigest()
