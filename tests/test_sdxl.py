@@ -362,3 +362,32 @@ def test_a_kohya_sd_v1_lora_on_sdxl_is_refused_naming_the_file(tmp_path, capsys,
     write_safetensors(path, sd1_names)
     message = _exit_message(["--ckpt", str(FOLDER), "--outdir", str(tmp_path / "out"), "--lora", str(path)], capsys)
     assert str(path) in message and "match no module of this model" in message and "lora_te_text_model" in message
+
+
+# ---- the porter's kit: traces under the checkpoint's names -------------------------------------------
+def test_the_sdxl_components_trace_under_the_checkpoints_names():
+    """The single file's UNet under sgm's names (label_emb, the 2-deep transformers) and its towers under
+    conditioner.embedders.N names hold the folder's numbers under diffusers'/transformers' names."""
+    from porting.components import load_component
+    from porting.trace import trace
+    g = torch.Generator().manual_seed(0)
+    unet_in = {"sample": torch.randn(1, 4, 8, 8, generator=g), "timestep": torch.tensor([411.0]),
+               "encoder_hidden_states": torch.randn(1, 7, 96, generator=g), "text_embeds": torch.randn(1, 48, generator=g),
+               "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    single, folder = load_component(SINGLE, "unet", config_dir=FOLDER), load_component(FOLDER, "unet")
+    assert (single.layout, folder.layout) == ("sdxl-ldm-unet", "sdxl-diffusers-unet")
+    sgm, ours = trace(single, unet_in), trace(folder, unet_in)
+    p = "model.diffusion_model."
+    for theirs, mine in {"label_emb.0.2": "add_embedding.linear_2", "input_blocks.4.1.transformer_blocks.1":
+                         "down_blocks.1.attentions.0.transformer_blocks.1", "middle_block.2": "mid_block.resnets.1",
+                         "output_blocks.2.2.conv": "up_blocks.0.upsamplers.0.conv", "out.2": "conv_out"}.items():
+        torch.testing.assert_close(sgm[p + theirs], ours[mine], rtol=0, atol=1e-6, msg=theirs)
+    ids = {"input_ids": torch.tensor([[1, 5, 9, 300, 2], [1, 7, 7, 2, 2]])}
+    for name, prefix, block in (("text_encoder", "conditioner.embedders.0.transformer.text_model.", "encoder.layers.4"),
+                                ("text_encoder_2", "conditioner.embedders.1.model.", "transformer.resblocks.4")):
+        single, folder = load_component(SINGLE, name, config_dir=FOLDER), load_component(FOLDER, name)
+        from_file, from_folder = trace(single, ids), trace(folder, ids)
+        theirs = prefix + block
+        mine = "text_model.encoder.layers.4" if any(k.startswith("text_model.") for k in from_folder) else "encoder.layers.4"
+        assert theirs in from_file and mine in from_folder, (sorted(from_file)[:3], sorted(from_folder)[:3])
+        torch.testing.assert_close(from_file[theirs], from_folder[mine], rtol=0, atol=1e-6)
