@@ -107,6 +107,9 @@ def check_model_size(args) -> None:
     except ValueError as e:
         raise DataError(str(e)) from None
     if configs is not None:   # None: a .ckpt, whose shapes are checked once it is loaded
+        if configs[0].addition_embed_type is not None:   # issue 35 item 3, not built yet
+            raise DataError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: an SDXL model; "
+                            "train_dreambooth.py trains SD v1 and 2.x only (SDXL samples with sample.py)")
         check_size(args.resolution, args.resolution, *configs, names=("--resolution", "--resolution"))
 
 

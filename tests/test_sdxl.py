@@ -391,3 +391,19 @@ def test_the_sdxl_components_trace_under_the_checkpoints_names():
         mine = "text_model.encoder.layers.4" if any(k.startswith("text_model.") for k in from_folder) else "encoder.layers.4"
         assert theirs in from_file and mine in from_folder, (sorted(from_file)[:3], sorted(from_folder)[:3])
         torch.testing.assert_close(from_file[theirs], from_folder[mine], rtol=0, atol=1e-6)
+
+
+def test_train_dreambooth_refuses_sdxl_by_name(tmp_path, capsys):
+    import train_dreambooth
+    data = tmp_path / "instance"
+    data.mkdir()
+    Image.new("RGB", (40, 40), (200, 40, 40)).save(data / "0.png")
+    argv = ["--pretrained_model_name_or_path", str(FOLDER), "--instance_data_dir", str(data), "--instance_prompt",
+            "a photo of sks dog", "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--max_train_steps", "1"]
+    try:
+        code = train_dreambooth.main(argv)
+    except SystemExit as e:
+        code = e.code
+    text = capsys.readouterr().err
+    assert code == 2 and "an SDXL model" in text and len(text.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "unet").exists()
