@@ -139,14 +139,16 @@ def load_text_component(path: Path, config_dir: Path | None = None, name: str = 
         layout = "openclip-text" if prefix == OPENCLIP_PREFIX else "sdxl-openclip-text"
         shapes = {**shapes, **{k: v.shape for k, v in split_in_proj(
             {k: torch.empty(s, device="meta") for k, s in shapes.items() if IN_PROJ.fullmatch(k)}).items()}}
-        shapes |= {k: v.shape for k, v in transpose_projection(
-            {k: torch.empty(s, device="meta") for k, s in shapes.items() if k.endswith(".text_projection")}).items()}
+        if prefix == SDXL_OPENCLIP_PREFIX:   # SDXL reads the projection, transposed
+            shapes |= {k: v.shape for k, v in transpose_projection(
+                {k: torch.empty(s, device="meta") for k, s in shapes.items() if k.endswith(".text_projection")}).items()}
     elif prefix == SDXL_CLIP_PREFIX:
         layout = "sdxl-ldm-clip"
     else:
         layout = ("ldm-clip" if prefix.startswith(SD_PREFIX) else
                   "sdxl-transformers-clip-projection" if projection else "transformers-clip")
-    names = {k: k for k in transpose_projection(split_in_proj(dict.fromkeys(shapes)))}
+    names = split_in_proj(dict.fromkeys(shapes))
+    names = {k: k for k in (transpose_projection(names) if prefix == SDXL_OPENCLIP_PREFIX else names)}
     pairing = _pair(text_encoder_state_dict(names, source=str(weights), num_layers=model.config.num_hidden_layers,
                                             with_projection=projection))
     c = model.config
