@@ -1,4 +1,4 @@
-"""Text to image with Stable Diffusion v1 and 2.x, with the flags of CompVis's txt2img script
+"""Text to image with Stable Diffusion v1, 2.x and SDXL, with the flags of CompVis's txt2img script
 (`scripts/stable_txt2img.py` of the DreamBooth seed repository), so its users' habits carry over.
 
     python sample.py --ckpt path/to/stable-diffusion-v1-5 --prompt "a photo of an astronaut" \\
@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder's scheduler, else epsilon for SD v1 and v_prediction, 768x768, for SD 2.x as diffusers "
                         "guesses; SD 2.x-base files need epsilon, which also makes their default size 512); a folder "
                         "says its own, and a different value is refused")
+    p.add_argument("--original_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL: the micro-conditioning's original image size (default: the output size, as "
+                        "StableDiffusionXLPipeline)")
+    p.add_argument("--crops_coords_top_left", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None,
+                   help="SDXL: the micro-conditioning's crop corner (default 0 0)")
+    p.add_argument("--target_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="SDXL: the micro-conditioning's target size (default: the output size)")
     p.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="apply a LoRA file (diffusers or kohya format, .safetensors) at SCALE (default 1.0), "
                         "fused into the weights; repeat the flag to stack LoRAs")
@@ -178,6 +185,22 @@ def check_memory_of_run(args: argparse.Namespace, configs, *, device, dtype_byte
                  "images", advice=advice)
 
 
+MICRO_FLAGS = ("original_size", "crops_coords_top_left", "target_size")
+
+
+def check_micro_conditioning(args: argparse.Namespace, unet_config) -> None:
+    """SDXL's micro-conditioning flags need a UNet that reads them (addition_embed_type text_time)."""
+    given = [f"--{name}" for name in MICRO_FLAGS if getattr(args, name) is not None]
+    if given and unet_config.addition_embed_type is None:
+        raise UsageError(f"{', '.join(given)}: SDXL's micro-conditioning; --ckpt {args.ckpt} is an SD v1 or 2.x "
+                         "model, whose UNet has none")
+    for name in MICRO_FLAGS:
+        value = getattr(args, name)
+        if value is not None and (min(value) < 0 or (name != "crops_coords_top_left" and min(value) < 1)):
+            raise UsageError(f"--{name} {' '.join(map(str, value))}: must be "
+                             f"{'>= 0' if name == 'crops_coords_top_left' else 'positive'}")
+
+
 def image_size(args: argparse.Namespace, configs) -> None:
     """--H/--W against the UNet and VAE configs: multiples of f * 2^(UNet levels - 1). Unset, they
     become the model's own size, unet sample_size x VAE factor (as diffusers' pipeline does)."""
@@ -246,6 +269,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         check_sampling_steps(args.ddim_steps, read_scheduler_config(args.ckpt), flag="--ddim_steps")
         if configs is not None:
             image_size(args, configs)
+            check_micro_conditioning(args, configs[0])
         device = check_device(args.device)           # cpu or cuda[:N] that exists here
     except ValueError as e:   # UsageError, and read_configs' errors, which name the flag
         exit_usage(PROG, e)
@@ -279,6 +303,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             configs = (models.unet.config, models.vae.config)
             image_size(args, configs)
             check_memory_of_run(args, configs, device=device, dtype_bytes=weights_dtype.itemsize)
+            check_micro_conditioning(args, models.unet.config)
         except UsageError as e:
             exit_usage(PROG, e)
     if args.lora:   # every file read and checked against the model first, then applied (and fused)
@@ -296,7 +321,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             add_embeddings(models.text_encoder, models.tokenizer, embeddings)
         except ValueError as e:
             exit_usage(PROG, f"--embedding {e}")
-    for module in (models.unet, models.vae, models.text_encoder):
+    for module in (models.unet, models.vae, *models.text_encoders):
         module.to(device).eval()
     compute = autocast if autocast != "fp32" else args.precision   # the dtype the convolutions run in
     layouts = arrange_for_speed(models, device=device, precision=compute)         # diffusion/speed.py
@@ -316,7 +341,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
                                  num_images_per_prompt=args.n_samples, steps=args.ddim_steps,
                                  eta=args.ddim_eta, guidance_scale=args.scale, height=args.H, width=args.W,
                                  seed=args.seed + k, sampler=args.sampler, autocast=autocast,
-                                 progress=True, output="pil")
+                                 progress=True, output="pil",
+                                 **{name: getattr(args, name) for name in MICRO_FLAGS})
                 for image in batch:
                     written.append(save_new(image, samples, r"(\d+)\.\w+", lambda i: f"{i:05d}.png"))
                     record_prompt(samples, written[-1].name, prompt)    # samples/prompts.jsonl, for CLIP-T

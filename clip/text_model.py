@@ -16,6 +16,13 @@ is `model.final_layer_norm(out.hidden_states[-k])` with output_hidden_states=Tru
 then the final LayerNorm, so its text encoder is this model with 23 layers (`CLIPTextConfig.open_clip_vit_h14`,
 the config diffusers writes), and exact GELU where OpenAI's CLIP has its sigmoid approximation.
 
+SDXL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image Synthesis",
+sec. 2.1) runs two towers and concatenates their penultimate hidden states, `hidden_states[-2]` WITHOUT the
+final LayerNorm, to (B, 77, 768 + 1280): OpenAI's ViT-L/14 (this model) and OpenCLIP's ViT-bigG/14, all 32
+blocks of it (`CLIPTextConfig.open_clip_vit_bigg14`), whose pooled output, through the tower's
+`text_projection` (a Linear without bias, transformers' `CLIPTextModelWithProjection`), also conditions the
+UNet (`text_embeds`, (B, 1280)).
+
 Module names follow transformers' `CLIPTextModel` keys with the `embeddings.`/`encoder.` levels
 removed, so `clip/weights.py` maps a checkpoint with a handful of prefix rules.
 """
@@ -48,6 +55,7 @@ class CLIPTextConfig:
     pad_token_id: int = 1                 # the ids openai/clip-vit-large-patch14's config.json gives; the
     bos_token_id: int = 0                 # tokenizer's real ids are 49407/49406/49407, and eos 2 selects
     eos_token_id: int = 2                 # the legacy pooling rule (CLIPTextModel.pool)
+    projection_dim: int = 512             # CLIPTextModelWithProjection's text_projection output width
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
@@ -63,8 +71,9 @@ class CLIPTextConfig:
     # ---- named presets -------------------------------------------------------------------------
     @classmethod
     def vit_l14(cls, **overrides) -> "CLIPTextConfig":
-        """openai/clip-vit-large-patch14's text tower: SD v1's text encoder (123M parameters)."""
-        return cls(**overrides)
+        """openai/clip-vit-large-patch14's text tower: SD v1's text encoder (123M parameters), and SDXL's first
+        (its config names CLIP's 768-wide joint space, which a text encoder without projection does not use)."""
+        return cls(**{"projection_dim": 768, **overrides})
 
     @classmethod
     def open_clip_vit_h14(cls, **overrides) -> "CLIPTextConfig":
@@ -72,6 +81,13 @@ class CLIPTextConfig:
         block's output, then the final LayerNorm), width 1024, 16 heads, exact GELU (340M parameters).
         stabilityai/stable-diffusion-2-1's `text_encoder/config.json` (its token ids are SD v1's legacy ones)."""
         return cls(**{**OPEN_CLIP_VIT_H14, **overrides})
+
+    @classmethod
+    def open_clip_vit_bigg14(cls, **overrides) -> "CLIPTextConfig":
+        """OpenCLIP ViT-bigG/14's text tower, SDXL's second text encoder (`CLIPTextModelWithProjection`): width
+        1280, 20 heads, all 32 blocks, exact GELU, a 1280 x 1280 text_projection (695M parameters).
+        stabilityai/stable-diffusion-xl-base-1.0's `text_encoder_2/config.json`."""
+        return cls(**{**OPEN_CLIP_VIT_BIGG14, **overrides})
 
     # ---- the public config.json ----------------------------------------------------------------
     @classmethod
@@ -98,17 +114,21 @@ class CLIPTextConfig:
 OPEN_CLIP_VIT_H14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
                          hidden_act="gelu")
 
-# Keys of a transformers CLIP text config that change nothing here: `projection_dim` sizes the text
-# projection of CLIPModel / CLIPTextModelWithProjection, not part of the text encoder; the initializer
+# What SDXL's text_encoder_2/config.json says (open_clip's model_configs/ViT-bigG-14.json: width 1280, 20 heads,
+# 32 layers, mlp_ratio 4, embed_dim 1280).
+OPEN_CLIP_VIT_BIGG14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                            hidden_act="gelu", projection_dim=1280)
+
+# Keys of a transformers CLIP text config that change nothing here: the initializer
 # scales only matter to a freshly built model; dropout is not modelled (0.0 in the public configs, and
 # off at inference anyway); `id2label`/`label2id` name classification labels a text encoder has none of.
-IGNORED_FIELDS = ("projection_dim", "initializer_factor", "initializer_range", "dropout", "attention_dropout",
+IGNORED_FIELDS = ("initializer_factor", "initializer_range", "dropout", "attention_dropout",
                   "id2label", "label2id")
 
 # transformers' CLIPTextConfig defaults (they fill keys an old config.json leaves out).
 TRANSFORMERS_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                              num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
-                             layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=49406, eos_token_id=49407)
+                             layer_norm_eps=1e-5, projection_dim=512, pad_token_id=1, bos_token_id=49406, eos_token_id=49407)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +147,7 @@ class CLIPTextOutput:
     last_hidden_state: torch.Tensor                  # (B, T, D), after the final LayerNorm
     pooled_output: torch.Tensor                      # (B, D), last_hidden_state at the end token
     hidden_states: tuple[torch.Tensor, ...] | None   # L + 1 tensors (B, T, D): embeddings, then each block
+    text_embeds: torch.Tensor | None = None          # (B, projection_dim): CLIPTextModelWithProjection only
 
 
 class CLIPAttention(nn.Module):
@@ -223,3 +244,18 @@ class CLIPTextModel(nn.Module):
         else:
             end = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)  # first match (0 if none)
         return last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), end]
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """The text tower with its projection into CLIP's joint image-text space (the paper's W_t, Fig. 3's
+    `np.dot(T_f, W_t)`): text_embeds = pooled_output @ W_t, a Linear without bias. SDXL's second text encoder;
+    its `text_embeds` are the pooled text conditioning of the UNet's `text_time` embedding."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, *, output_hidden_states: bool = False) -> CLIPTextOutput:
+        out = super().forward(input_ids, output_hidden_states=output_hidden_states)
+        out.text_embeds = self.text_projection(out.pooled_output)          # (B, projection_dim)
+        return out

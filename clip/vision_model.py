@@ -99,8 +99,8 @@ class CLIPVisionConfig:
 
 # The text tower's ignorable keys (clip/text_model.py IGNORED_FIELDS), and the token ids that transformers
 # 4.x wrote into every sub-config (openai/clip-vit-large-patch14's vision_config has them): an image tower
-# reads no tokens.
-IGNORED_VISION_FIELDS = IGNORED_FIELDS + ("bos_token_id", "eos_token_id", "pad_token_id")
+# reads no tokens; projection_dim sizes CLIPVisionModelWithProjection's projection, read by clip/model_weights.py.
+IGNORED_VISION_FIELDS = IGNORED_FIELDS + ("bos_token_id", "eos_token_id", "pad_token_id", "projection_dim")
 
 
 @dataclass

@@ -29,6 +29,17 @@ Its attention is torch's nn.MultiheadAttention, whose q, k and v projections are
 joins them back when saving. SD 2 reads the penultimate block ("penultimate": FrozenOpenCLIPEmbedder's
 default layer), so our model has one layer less than the file has blocks; `openclip_layers` says how
 many a file's blocks give, and a file lacking one of them is refused naming the blocks.
+
+SDXL's single files (sgm's GeneralConditioner) hold two towers, each under its embedder's prefix:
+
+    conditioner.embedders.0.transformer.text_model.*   OpenAI's ViT-L/14 in transformers' names (SDXL_CLIP_PREFIX)
+    conditioner.embedders.1.model.*                    OpenCLIP ViT-bigG/14 in its own names (SDXL_OPENCLIP_PREFIX),
+                                                       every block run, and its text_projection used
+
+SDXL's second encoder is transformers' CLIPTextModelWithProjection (`with_projection`): its
+`text_projection.weight` (projection_dim, D) beside `text_model.*` in a folder; OpenCLIP keeps the same map
+as a parameter (D, projection_dim) applied as `x @ text_projection`, its transpose: `transpose_projection`
+names that transpose `text_projection#T` (a view), which the table reads like any other key.
 """
 from __future__ import annotations
 
@@ -38,7 +49,7 @@ from typing import Iterable
 
 import torch
 
-from clip.text_model import OPEN_CLIP_VIT_H14, CLIPTextConfig, CLIPTextModel
+from clip.text_model import OPEN_CLIP_VIT_H14, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from common.state_dict import (CheckpointError, KeyTable, empty_model, find_weights, listing, load_strict,
                                read_safetensors, rename, safetensors_header)
 from diffusion.checkpoints.ckpt import read_weights
@@ -46,8 +57,12 @@ from diffusion.checkpoints.ckpt import read_weights
 HEAD_WIDTH = 64                  # every OpenAI CLIP text tower uses 64-wide heads (ViT-L/14: 768 = 12 x 64)
 SD_PREFIX = "cond_stage_model."  # everything of SD's text encoder in an original single file lives here
 # The prefixes above, and the two that SD v1 writes: its folder's text_encoder/ and its single file's.
-PREFIXES = ("", "text_model.", "cond_stage_model.transformer.", "cond_stage_model.transformer.text_model.")
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."   # SDXL's first tower in its single file
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."                # SDXL's second (OpenCLIP bigG), all blocks
+PREFIXES = ("", "text_model.", "cond_stage_model.transformer.", "cond_stage_model.transformer.text_model.",
+            SDXL_CLIP_PREFIX)
 FOLDER_PREFIX, SINGLE_FILE_PREFIX = "text_model.", "cond_stage_model.transformer.text_model."
+PROJECTION = "text_projection.weight"   # CLIPTextModelWithProjection's, beside any of the prefixes' keys
 TOKEN_EMBEDDING = "embeddings.token_embedding.weight"
 
 # (our name, transformers' CLIPTextModel name below the file's prefix).
@@ -66,9 +81,11 @@ TEXT_KEYS = [
 ]
 
 
-def text_table(prefix: str) -> KeyTable:
-    """TEXT_KEYS below one key prefix, e.g. FOLDER_PREFIX for a diffusers folder's text_encoder/."""
-    return KeyTable([(ours, prefix + theirs) for ours, theirs in TEXT_KEYS],
+def text_table(prefix: str, *, with_projection: bool = False) -> KeyTable:
+    """TEXT_KEYS below one key prefix, e.g. FOLDER_PREFIX for a diffusers folder's text_encoder/; with
+    `with_projection`, CLIPTextModelWithProjection's text_projection too (not below the prefix)."""
+    return KeyTable([(ours, prefix + theirs) for ours, theirs in TEXT_KEYS]
+                    + ([(PROJECTION, PROJECTION)] if with_projection else []),
                     drop=[prefix + "embeddings.position_ids"])
 
 
@@ -76,8 +93,9 @@ def text_prefix(keys: Iterable[str]) -> str | None:
     """The one of PREFIXES that the file's keys use, read off its token embedding; None if none does
     (OPENCLIP_PREFIX for SD 2.x's OpenCLIP layout)."""
     keys = list(keys)
-    if any(k.startswith(OPENCLIP_PREFIX) for k in keys):
-        return OPENCLIP_PREFIX
+    for prefix in (OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX):
+        if any(k.startswith(prefix) for k in keys):
+            return prefix
     found = [k.removesuffix(TOKEN_EMBEDDING) for k in keys if k.endswith(TOKEN_EMBEDDING)]
     return found[0] if len(found) == 1 and found[0] in PREFIXES else None
 
@@ -105,14 +123,35 @@ OPENCLIP_KEYS = [
 OPENCLIP_UNUSED = ("text_projection", "logit_scale", "attn_mask")
 IN_PROJ = re.compile(r".+\.attn\.in_proj_(?:weight|bias)")
 BLOCK = re.compile(re.escape(OPENCLIP_PREFIX) + r"transformer\.resblocks\.(\d+)\.")
+SDXL_BLOCK = re.compile(re.escape(SDXL_OPENCLIP_PREFIX) + r"transformer\.resblocks\.(\d+)\.")
+# SDXL runs the whole tower and projects its pooled output: OpenCLIP's (D, P) parameter, transposed (`#T`).
+OPENCLIP_PROJECTION_KEYS = [(PROJECTION, "text_projection#T")]
 
 
 def openclip_table(num_layers: int, prefix: str = OPENCLIP_PREFIX) -> KeyTable:
-    """OPENCLIP_KEYS below `prefix`, for a text encoder of `num_layers` layers: the file's block
-    `num_layers` (its last, which SD 2 does not run) and OPENCLIP_UNUSED are dropped."""
+    """OPENCLIP_KEYS below `prefix`. SD 2.x (OPENCLIP_PREFIX), for a text encoder of `num_layers` layers: the
+    file's block `num_layers` (its last, which SD 2 does not run) and OPENCLIP_UNUSED are dropped. SDXL
+    (SDXL_OPENCLIP_PREFIX): every block and the projection (`transpose_projection`) are read, the
+    temperature and any saved mask dropped."""
+    if prefix == SDXL_OPENCLIP_PREFIX:
+        return KeyTable([(ours, prefix + theirs) for ours, theirs in OPENCLIP_KEYS + OPENCLIP_PROJECTION_KEYS],
+                        drop=[prefix + name for name in OPENCLIP_UNUSED if name != "text_projection"])
     return KeyTable([(ours, prefix + theirs) for ours, theirs in OPENCLIP_KEYS],
                     drop=[prefix + name for name in OPENCLIP_UNUSED]
                     + [f"{prefix}transformer.resblocks.{num_layers}.{{rest}}"])
+
+
+def transpose_projection(state_dict: dict) -> dict:
+    """OpenCLIP's `...text_projection` (D, P), applied as x @ P, as `...text_projection#T` (P, D): the weight
+    of the same map as a Linear (a view, no copy). Values that are not tensors are kept."""
+    return {(f"{k}#T" if k.endswith(".text_projection") else k):
+            (v.t() if k.endswith(".text_projection") and isinstance(v, torch.Tensor) else v)
+            for k, v in state_dict.items()}
+
+
+def untranspose_projection(state_dict: dict) -> dict:
+    """The inverse of `transpose_projection`, for saving."""
+    return {k.removesuffix("#T"): (v.t() if k.endswith("#T") else v) for k, v in state_dict.items()}
 
 
 def split_in_proj(state_dict: dict) -> dict:
@@ -179,31 +218,55 @@ CLIP_MODEL_OTHERS = ("vision_model.", "visual_projection.weight", "text_projecti
 
 
 def text_encoder_state_dict(state_dict: dict[str, torch.Tensor], *, source: str,
-                            num_layers: int | None = None) -> dict[str, torch.Tensor]:
+                            num_layers: int | None = None, with_projection: bool = False) -> dict[str, torch.Tensor]:
     """A CLIP text tower in any of the layouts above -> tensors under our names.
 
     For an SD single file pass the whole file: only its `cond_stage_model.` keys are the text
     encoder's (the UNet and VAE keys belong to diffusion/checkpoints/load.py). Any other key that the
     table does not recognise stops the load with a CheckpointError naming it; `source` names the file
     in messages. `num_layers` (an OpenCLIP tower only): the layers of the model to load, from its
-    config; else what the file's blocks give (`openclip_layers`).
+    config; else what the file's blocks give (`openclip_layers`). `with_projection`: the tower of a
+    CLIPTextModelWithProjection, its text_projection read (SDXL's second encoder; always so for SDXL's
+    OpenCLIP tower, `conditioner.embedders.1.model.*`).
     """
     if any(k.startswith(SD_PREFIX) for k in state_dict):
         state_dict = {k: v for k, v in state_dict.items() if k.startswith(SD_PREFIX)}
     if any(k.startswith(OPENCLIP_PREFIX) for k in state_dict):
         return _openclip_state_dict(state_dict, source=source, num_layers=num_layers)
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(CLIP_MODEL_OTHERS)}
+    if any(k.startswith(SDXL_OPENCLIP_PREFIX) for k in state_dict):
+        return _sdxl_openclip_state_dict(state_dict, source=source)
+    others = tuple(o for o in CLIP_MODEL_OTHERS if not (with_projection and o == PROJECTION))
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(others)}
     prefix = text_prefix(state_dict)
     if prefix is None:
         raise CheckpointError(f"{source}: no CLIP text encoder found: no tensor named {TOKEN_EMBEDDING} after one of "
                               f"the prefixes {', '.join(map(repr, PREFIXES))}, nor {OPENCLIP_PREFIX}* (the file holds: "
                               f"{listing(sorted(state_dict), 10) or 'nothing'})")
-    table = text_table(prefix)
+    table = text_table(prefix, with_projection=with_projection)
     unknown = sorted(k for k in state_dict if table.name(k) is None and not table.drops(k))
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} tensors are not part of a CLIP text encoder: "
                               f"{listing(unknown, 10)}")
     return rename(state_dict, table)
+
+
+def _sdxl_openclip_state_dict(state_dict: dict, *, source: str) -> dict:
+    """SDXL's OpenCLIP ViT-bigG/14 tower (`conditioner.embedders.1.model.*`) -> our names: every block (SDXL
+    reads the penultimate one's states, and the pooled output after the last), in_proj split, projection
+    transposed. Blocks must be 0, 1, ... without a gap."""
+    blocks = sorted({int(m.group(1)) for k in state_dict if (m := SDXL_BLOCK.match(k))})
+    gaps = sorted(set(range(max(blocks, default=-1) + 1)) - set(blocks))
+    if not blocks or gaps:
+        raise CheckpointError(f"{source}: SDXL's OpenCLIP ViT-bigG/14 text tower ({SDXL_OPENCLIP_PREFIX}*) "
+                              + (f"lacks transformer block(s) {', '.join(map(str, gaps))} of 0..{blocks[-1]}" if blocks
+                                 else "has no transformer block") + f" ({SDXL_OPENCLIP_PREFIX}transformer.resblocks.N.*)")
+    tensors = transpose_projection(split_in_proj(state_dict))
+    table = openclip_table(len(blocks), SDXL_OPENCLIP_PREFIX)
+    unknown = sorted(k for k in tensors if table.name(k) is None and not table.drops(k))
+    if unknown:
+        raise CheckpointError(f"{source}: {len(unknown)} tensors are not part of SDXL's OpenCLIP text tower: "
+                              f"{listing(unknown, 10)}")
+    return rename(tensors, table)
 
 
 def _openclip_state_dict(state_dict: dict, *, source: str, num_layers: int | None) -> dict:
@@ -237,7 +300,9 @@ def source_table(keys: Iterable[str], *, num_layers: int) -> KeyTable:
     """The key table of the layout a text encoder's file uses (its names as `split_in_proj` gives them for
     OpenCLIP), for a model of `num_layers` layers: what loading read, for saving back under the same names."""
     prefix = text_prefix(keys)
-    return openclip_table(num_layers) if prefix == OPENCLIP_PREFIX else text_table(prefix)
+    if prefix in (OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX):
+        return openclip_table(num_layers, prefix)
+    return text_table(prefix, with_projection=PROJECTION in set(keys))
 
 
 def single_file_text_table(config: CLIPTextConfig) -> KeyTable:
@@ -254,7 +319,8 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], *, openclip: boo
     """The architecture read off tensor shapes (in our key names); heads are HEAD_WIDTH wide.
 
     What shapes cannot tell (activation, eps, token ids) comes from the preset of the file's family:
-    ViT-L/14 (SD v1), or with `openclip` (an SD 2.x file's OpenCLIP layout) ViT-H/14: exact GELU.
+    ViT-L/14 (SD v1), or with `openclip` (an SD 2.x file's OpenCLIP layout) ViT-H/14: exact GELU; an
+    OpenCLIP tower with its text_projection is SDXL's ViT-bigG/14 (exact GELU, projection_dim from the shape).
     """
     if "token_embedding.weight" not in state_dict or "layers.0.mlp.fc1.weight" not in state_dict:
         raise CheckpointError("cannot infer a CLIP text config: token_embedding.weight or "
@@ -268,7 +334,10 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], *, openclip: boo
                   max_position_embeddings=state_dict["position_embedding.weight"].shape[0],
                   intermediate_size=state_dict["layers.0.mlp.fc1.weight"].shape[0],
                   num_hidden_layers=layers, num_attention_heads=width // HEAD_WIDTH)
-    preset = CLIPTextConfig.open_clip_vit_h14 if openclip else CLIPTextConfig.vit_l14
+    if PROJECTION in state_dict:
+        shapes["projection_dim"] = state_dict[PROJECTION].shape[0]
+    preset = (CLIPTextConfig.vit_l14 if not openclip else CLIPTextConfig.open_clip_vit_bigg14
+              if PROJECTION in state_dict else CLIPTextConfig.open_clip_vit_h14)
     return preset(**{**shapes, **overrides})
 
 
@@ -281,12 +350,14 @@ def _read_text_tensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor
 
 
 def load_text_encoder(path: str | Path, *, config: CLIPTextConfig | None = None,
-                      dtype: torch.dtype = torch.float32, variant: str | None = None) -> CLIPTextModel:
+                      dtype: torch.dtype = torch.float32, variant: str | None = None,
+                      with_projection: bool = False) -> CLIPTextModel:
     """A CLIPTextModel from a folder (config.json + model.safetensors, or its `variant`, sharded or pickled:
     common/state_dict.py `find_weights`) or a .safetensors file, in eval mode, its weights in `dtype` (on
     the file's pages when already so, see common/state_dict.py).
 
     Without a config.json or a `config`, the architecture is inferred from the tensor shapes.
+    `with_projection`: a CLIPTextModelWithProjection (SDXL's text_encoder_2/), its text_projection read.
     """
     path = Path(path)
     if path.is_dir():
@@ -297,16 +368,16 @@ def load_text_encoder(path: str | Path, *, config: CLIPTextConfig | None = None,
         weights = path
     # a folder's weights as transformers reads them (sharded, or a pickle); a file named by the user: safetensors
     tensors = read_weights(weights, dtype=dtype) if path.is_dir() else _read_text_tensors(weights, dtype)
-    state_dict = text_encoder_state_dict(tensors, source=str(weights),
+    state_dict = text_encoder_state_dict(tensors, source=str(weights), with_projection=with_projection,
                                          num_layers=config.num_hidden_layers if config is not None else None)
     if config is None:
-        config = config_from_state_dict(state_dict, openclip=text_prefix(tensors) == OPENCLIP_PREFIX)
+        config = config_from_state_dict(state_dict, openclip=text_prefix(tensors) in (OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX))
     width = state_dict["token_embedding.weight"].shape[1] if "token_embedding.weight" in state_dict else None
     if width is not None and width != config.hidden_size:
         raise CheckpointError(f"{weights}: the text encoder in this file is {width} wide, but the config says "
                               f"hidden_size={config.hidden_size} (SD v1's CLIP ViT-L/14 is 768 wide; SD 2.x's "
                               "OpenCLIP ViT-H/14 is 1024)")
     with empty_model():
-        model = CLIPTextModel(config)
+        model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
     load_strict(model, state_dict, source=str(weights), dtype=dtype)
     return model.eval()

@@ -25,6 +25,12 @@ generation can reuse them):
 No NaN reaches an image: the UNet's first prediction and the decoded pixels are checked, and a model that
 computes NaN or infinity (weights that overflow in their dtype, an absurd LoRA) raises `NonFiniteError`
 instead of giving black images (uint8 conversion would turn NaN into 0).
+
+SDXL (`models.is_sdxl`), as diffusers' `StableDiffusionXLPipeline`: `encode_prompts_sdxl` concatenates both text
+encoders' penultimate states and takes the second's projected pooled output; `micro_conditioning` gives each
+image's six size and crop numbers (by default original = target = the output size, crop (0, 0)); with no
+negative prompt the unconditional half is zeros (`force_zeros_for_empty_prompt`, the pipeline's default); an
+fp16 VAE decodes in fp32 (`force_upcast`).
 """
 from __future__ import annotations
 
@@ -96,6 +102,31 @@ def encode_prompts(text_encoder: torch.nn.Module, tokenizer: Any, prompts: Seque
     return text_encoder(ids).last_hidden_state                           # (B, 77, D)
 
 
+def encode_prompts_sdxl(text_encoders: Sequence[torch.nn.Module], tokenizers: Sequence[Any], prompts: Sequence[str],
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's conditioning (Podell et al. 2023, sec. 2.1): (B,) prompts -> the two encoders' penultimate hidden
+    states (before the final LayerNorm) concatenated, (B, 77, D1 + D2), and the pooled embedding, the second
+    encoder's projected end-token state (B, P), as StableDiffusionXLPipeline.encode_prompt gives them."""
+    states, pooled = [], None
+    for text_encoder, tokenizer in zip(text_encoders, tokenizers):
+        ids = tokenizer(list(prompts), padding=True, max_length=tokenizer.model_max_length).to(device)  # (B, 77)
+        out = text_encoder(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])                              # (B, 77, D_i), penultimate block
+        pooled = out.text_embeds                                          # the last encoder's: (B, P)
+    return torch.cat(states, dim=-1).to(states[-1].dtype), pooled
+
+
+def micro_conditioning(height: int, width: int, *, original_size: tuple[int, int] | None = None,
+                       crops_coords_top_left: tuple[int, int] = (0, 0),
+                       target_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """SDXL's size and crop conditioning (Podell et al. 2023, sec. 2.2) of one image, (6,): the original image's
+    (height, width), the crop's (top, left), the target (height, width); StableDiffusionXLPipeline's defaults:
+    original and target = the output size, crop (0, 0)."""
+    original_size = (height, width) if original_size is None else tuple(original_size)
+    target_size = (height, width) if target_size is None else tuple(target_size)
+    return torch.tensor([*original_size, *crops_coords_top_left, *target_size], dtype=torch.float32)
+
+
 def initial_latents(n: int, *, channels: int, height: int, width: int, factor: int,
                     generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """x_T: torch.randn((n, C, H/f, W/f), generator=generator), drawn on the generator's device
@@ -105,7 +136,8 @@ def initial_latents(n: int, *, channels: int, height: int, width: int, factor: i
 
 def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
             sampler: Sampler, steps: int, guidance_scale: float, generator: torch.Generator | None = None,
-            progress: bool = True) -> torch.Tensor:
+            progress: bool = True, cond_added: dict[str, torch.Tensor] | None = None,
+            uncond_added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Run the sampler from x_T (`latents`, (n, C, h, w), N(0, I)) to x_0 with classifier-free guidance.
 
     cond: (n, 77, D) text states per image; uncond: the same for the empty (or negative) prompt, or
@@ -115,9 +147,15 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
     fp32 weights under autocast keep fp32 latents, their UNet output taken back to fp32. A stochastic
     sampler (DDIM with eta > 0, Euler a) draws its noise from `generator`. A first prediction holding NaN or
     infinity raises NonFiniteError.
+
+    cond_added / uncond_added: SDXL's added conditioning of each half, {"text_embeds": (n, P), "time_ids":
+    (n, 6)} (diffusers' `added_cond_kwargs`), passed to the UNet beside the states; None for SD v1/2.
     """
     dtype = next(unet.parameters()).dtype
     states = (cond if uncond is None else torch.cat([uncond, cond])).to(dtype)  # (2n, 77, D), unconditional first
+    added = {} if cond_added is None else {
+        name: (value if uncond is None else torch.cat([uncond_added[name], value])).to(dtype)
+        for name, value in cond_added.items()}                            # (2n, P), (2n, 6): as the states
     timesteps = sampler.set_timesteps(steps)
     x = latents.to(dtype) * sampler.init_noise_sigma                  # (n, C, h, w)
     if progress:
@@ -127,7 +165,7 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
         x_in = x if uncond is None else torch.cat([x, x])            # (2n, C, h, w)
         x_in = sampler.scale_model_input(x_in, t)
         t_batch = t.to(x.device).expand(x_in.shape[0])               # (2n,), the sampler's dtype (int or float)
-        model_output = unet(x_in, t_batch, states).to(x.dtype)      # (2n, C, h, w): eps, v or x_0; fp32 under autocast
+        model_output = unet(x_in, t_batch, states, **added).to(x.dtype)   # (2n, C, h, w): eps, v or x_0
         if i == 0:                                                   # a broken model stops here, not after all steps
             _refuse_nonfinite(model_output, "the UNet's prediction at the first step")
         if uncond is not None:
@@ -138,14 +176,21 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
     return x
 
 
-def decode_to_uint8(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+def decode_to_uint8(vae: torch.nn.Module, latents: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:
     """(n, C, h, w) diffusion latents -> (n, h*f, w*f, 3) uint8 images on the CPU.
 
     The diffusion model works on latents multiplied by `scaling_factor` (0.18215 for SD v1: it gives
-    the latents unit variance); the decoder wants them unscaled. A new tensor, never an in-place divide.
+    the latents unit variance; SDXL's VAE 0.13025); the decoder wants them unscaled. A new tensor, never an
+    in-place divide. `upcast` (StableDiffusionXLPipeline's rule): an fp16 VAE whose config says force_upcast
+    decodes in fp32 (SDXL's VAE overflows fp16), and is put back in fp16 afterwards (a lossless round trip).
     Decoded pixels holding NaN or infinity raise NonFiniteError (never a black image).
     """
     dtype = next(vae.parameters()).dtype
+    if upcast and dtype == torch.float16 and vae.config.force_upcast:
+        try:
+            return decode_to_uint8(vae.float(), latents)
+        finally:
+            vae.half()
     image = vae.decode((latents / vae.config.scaling_factor).to(dtype))   # (n, 3, H, W), about [-1, 1]
     _refuse_nonfinite(image, "the decoded image")                       # NaN would become a black 0
     image = (image * 0.5 + 0.5).clamp(0, 1)                             # [0, 1], in the VAE's dtype as diffusers
@@ -182,7 +227,9 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
              num_images_per_prompt: int = 1, steps: int = 50, eta: float | None = None, guidance_scale: float = 7.5,
              height: int | None = None, width: int | None = None, seed: int | None = None,
              generator: torch.Generator | None = None, sampler: str = "ddim", autocast: str = "fp32",
-             progress: bool = True, output: str = "uint8") -> torch.Tensor | list:
+             progress: bool = True, output: str = "uint8", original_size: tuple[int, int] | None = None,
+             crops_coords_top_left: tuple[int, int] | None = None,
+             target_size: tuple[int, int] | None = None) -> torch.Tensor | list:
     """Images for `prompts`, as diffusers' StableDiffusionPipeline gives them for
     `pipe(prompts, negative_prompt=..., num_images_per_prompt=..., num_inference_steps=steps, eta=eta,
     guidance_scale=..., height=..., width=..., generator=torch.Generator().manual_seed(seed))`
@@ -207,6 +254,11 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
     autocast: "fp32" (none) or "bf16"/"fp16": run fp32-weight models under torch.autocast in that
         dtype (sample.py --precision autocast; DreamBooth's validation images during mixed-precision training).
     output: "uint8" -> (B, H, W, 3) uint8 CPU tensor; "pil" -> list of PIL images.
+    original_size / crops_coords_top_left / target_size: SDXL's micro-conditioning (`micro_conditioning`;
+        the same numbers for the unconditional half, as the pipeline's negative_* defaults); an error for
+        SD v1/2, whose UNet has none.
+    SDXL: with no negative prompt, the unconditional states and pooled embedding are zeros when the model
+        says force_zeros_for_empty_prompt (StableDiffusionXLPipeline's default).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -224,6 +276,12 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
     height = unet_config.sample_size * f if height is None else height
     width = unet_config.sample_size * f if width is None else width
     check_size(height, width, unet_config, vae_config)
+    sdxl = getattr(models, "is_sdxl", False)
+    micro = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size)
+    if not sdxl and any(v is not None for v in micro.values()):
+        given = ", ".join(k for k, v in micro.items() if v is not None)
+        raise ValueError(f"{given}: SDXL's micro-conditioning; this model's UNet has none (it is SD v1 or 2.x)")
+    micro["crops_coords_top_left"] = crops_coords_top_left or (0, 0)
     the_sampler = make_sampler(models.scheduler_config, sampler, eta=eta)
     device = _module_device(models.unet)
     use_guidance = guidance_scale > 1
@@ -241,14 +299,30 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
     # diffusers' maybe_convert_prompt (clip/textual_inversion.py); no change without added words.
     prompts, negatives = expand_prompts(prompts, models.tokenizer), expand_prompts(negatives, models.tokenizer)
     n = num_images_per_prompt
+    cond_added = uncond_added = None
     with autocast_context(autocast, device):
-        states = encode_prompts(models.text_encoder, models.tokenizer,
-                                (negatives + prompts) if use_guidance else prompts, device)
-        states = states.repeat_interleave(n, dim=0)                   # (k*B*n, 77, D), prompt by prompt
-        uncond, cond = states.chunk(2) if use_guidance else (None, states)
+        if not sdxl:
+            states = encode_prompts(models.text_encoder, models.tokenizer,
+                                    (negatives + prompts) if use_guidance else prompts, device)
+            states = states.repeat_interleave(n, dim=0)                   # (k*B*n, 77, D), prompt by prompt
+            uncond, cond = states.chunk(2) if use_guidance else (None, states)
+        else:
+            zeros = use_guidance and negative_prompt is None and models.force_zeros_for_empty_prompt
+            texts = prompts if zeros or not use_guidance else negatives + prompts
+            states, pooled = encode_prompts_sdxl(models.text_encoders, (models.tokenizer, models.tokenizer_2),
+                                                 texts, device)
+            states, pooled = states.repeat_interleave(n, dim=0), pooled.repeat_interleave(n, dim=0)
+            if zeros:     # no negative prompt: zeros for the unconditional half, as the pipeline's default
+                states, pooled = torch.cat([torch.zeros_like(states), states]), torch.cat([torch.zeros_like(pooled), pooled])
+            (uncond, cond), (uncond_pooled, cond_pooled) = ((states.chunk(2), pooled.chunk(2)) if use_guidance
+                                                            else ((None, states), (None, pooled)))
+            time_ids = micro_conditioning(height, width, **micro).to(states.dtype).expand(cond.shape[0], -1)  # (B*n, 6)
+            cond_added = {"text_embeds": cond_pooled, "time_ids": time_ids}
+            uncond_added = {"text_embeds": uncond_pooled, "time_ids": time_ids} if use_guidance else None
         latents = initial_latents(len(prompts) * n, channels=unet_config.in_channels, height=height,
                                   width=width, factor=f, generator=generator, device=device)
         latents = denoise(models.unet, latents, cond, uncond, sampler=the_sampler, steps=steps,
-                          guidance_scale=guidance_scale, generator=generator, progress=progress)
-        images = decode_to_uint8(models.vae, latents)
+                          guidance_scale=guidance_scale, generator=generator, progress=progress,
+                          cond_added=cond_added, uncond_added=uncond_added)
+        images = decode_to_uint8(models.vae, latents, upcast=sdxl)
     return to_pil(images) if output == "pil" else images

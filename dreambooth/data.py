@@ -129,6 +129,9 @@ def check_model_size(args, instance_files: list[Path] = ()) -> None:
         raise DataError(str(e)) from None
     if configs is None:   # a .ckpt, whose shapes are checked once it is loaded
         return
+    if configs[0].addition_embed_type is not None:   # issue 35 item 3, not built yet
+        raise DataError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: an SDXL model; "
+                        "train_dreambooth.py trains SD v1 and 2.x only (SDXL samples with sample.py)")
     check_size(args.resolution, args.resolution, *configs, names=("--resolution", "--resolution"))
     if getattr(args, "rank", None) is not None:   # train_textual_inversion.py has no --rank
         with empty_model():                       # the UNet's layer widths, no memory

@@ -17,9 +17,9 @@ import torch
 from safetensors import safe_open
 
 from common.hub_cache import resolve_model
-from common.state_dict import CheckpointError, find_weights, rename
+from common.state_dict import CheckpointError, find_weights, read_safetensors, rename
 
-COMPONENTS = ("vit", "text_encoder", "clip_vision", "unet", "vae_encoder", "vae_decoder")
+COMPONENTS = ("vit", "text_encoder", "text_encoder_2", "clip_vision", "unet", "vae_encoder", "vae_decoder")
 
 
 class TraceError(ValueError):
@@ -107,33 +107,54 @@ def load_vit_component(path: Path) -> Component:
 
 
 # ------------------------------------------------------------------------------------- text encoder
-def load_text_component(path: Path, config_dir: Path | None = None) -> Component:
+def load_text_component(path: Path, config_dir: Path | None = None, name: str = "text_encoder") -> Component:
+    """The text encoder, or SDXL's second (`name` "text_encoder_2": CLIPTextModelWithProjection, its output the
+    projected pooled embedding too), from a folder or a single file (SDXL's: the embedder's own tensors)."""
     from clip.text_model import CLIPTextConfig
-    from clip.weights import (IN_PROJ, OPENCLIP_PREFIX, SD_PREFIX, load_text_encoder, split_in_proj,
-                              text_encoder_state_dict, text_prefix)
+    from clip.weights import (IN_PROJ, OPENCLIP_PREFIX, SD_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX,
+                              load_text_encoder, split_in_proj, text_encoder_state_dict, text_prefix, transpose_projection)
+    from diffusion.checkpoints.load import load_text_encoder_single_file
 
+    projection = name == "text_encoder_2"
     if _is_sd_folder(path):
-        path = path / "text_encoder"
+        path = path / name
     config = None
     if config_dir is not None:
-        config = CLIPTextConfig.from_json(_config_file(config_dir, "text_encoder"))
-    model = load_text_encoder(path, config=config)
+        config = CLIPTextConfig.from_json(_config_file(config_dir, name))
     weights = find_weights(path, "transformers") if path.is_dir() else path
     shapes = _keys_and_shapes(weights)
+    sdxl_prefix = SDXL_OPENCLIP_PREFIX if projection else SDXL_CLIP_PREFIX
+    if any(k.startswith(sdxl_prefix) for k in shapes):    # an SDXL single file: this embedder's tensors
+        shapes = {k: v for k, v in shapes.items() if k.startswith(sdxl_prefix)}
+        tensors = read_safetensors(weights, keys=lambda k: k.startswith(sdxl_prefix))
+        model = load_text_encoder_single_file(tensors, config, source=str(weights), with_projection=projection).eval()
+    elif projection and not path.is_dir():
+        raise CheckpointError(f"{weights}: no SDXL second text encoder ({SDXL_OPENCLIP_PREFIX}*) in this file")
+    else:
+        model = load_text_encoder(path, config=config, with_projection=projection)
     if any(k.startswith(SD_PREFIX) for k in shapes):
         shapes = {k: v for k, v in shapes.items() if k.startswith(SD_PREFIX)}
     prefix = text_prefix(shapes)
-    if prefix == OPENCLIP_PREFIX:   # SD 2.x: our q/k/v pair with row blocks of the file's fused in_proj
-        layout = "openclip-text"
+    if prefix in (OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX):   # our q/k/v pair with row blocks of the fused in_proj
+        layout = "openclip-text" if prefix == OPENCLIP_PREFIX else "sdxl-openclip-text"
         shapes = {**shapes, **{k: v.shape for k, v in split_in_proj(
             {k: torch.empty(s, device="meta") for k, s in shapes.items() if IN_PROJ.fullmatch(k)}).items()}}
+        if prefix == SDXL_OPENCLIP_PREFIX:   # SDXL reads the projection, transposed
+            shapes |= {k: v.shape for k, v in transpose_projection(
+                {k: torch.empty(s, device="meta") for k, s in shapes.items() if k.endswith(".text_projection")}).items()}
+    elif prefix == SDXL_CLIP_PREFIX:
+        layout = "sdxl-ldm-clip"
     else:
-        layout = "ldm-clip" if prefix.startswith(SD_PREFIX) else "transformers-clip"
-    names = {k: k for k in split_in_proj(dict.fromkeys(shapes))}
-    pairing = _pair(text_encoder_state_dict(names, source=str(weights), num_layers=model.config.num_hidden_layers))
+        layout = ("ldm-clip" if prefix.startswith(SD_PREFIX) else
+                  "sdxl-transformers-clip-projection" if projection else "transformers-clip")
+    names = split_in_proj(dict.fromkeys(shapes))
+    names = {k: k for k in (transpose_projection(names) if prefix == SDXL_OPENCLIP_PREFIX else names)}
+    pairing = _pair(text_encoder_state_dict(names, source=str(weights), num_layers=model.config.num_hidden_layers,
+                                            with_projection=projection))
     c = model.config
+    run = (lambda x: model(x["input_ids"]).text_embeds) if projection else (lambda x: model(x["input_ids"]))
     return Component(
-        name="text_encoder", layout=layout, model=model, run=lambda x: model(x["input_ids"]),
+        name=name, layout=layout, model=model, run=run,
         inputs={"input_ids": Input("int", ("B", None), maximum={1: c.max_position_embeddings})},
         scope=("",), strip=(), pairing=pairing, shapes=shapes, ckpt_prefix=prefix)
 
@@ -196,15 +217,20 @@ def _load_unet_or_vae(path: Path, part: str, config_dir: Path | None):
 
 
 def load_unet_component(path: Path, config_dir: Path | None = None) -> Component:
+    """The UNet; SDXL's also takes its micro-conditioning inputs, text_embeds (B, P) and time_ids (B, 6)."""
     model, shapes, pairing, layout = _load_unet_or_vae(path, "unet", config_dir)
     c = model.config
     factor = 2 ** (len(c.block_out_channels) - 1)
+    added = {} if c.pooled_text_dim is None else {"text_embeds": Input("float", ("B", c.pooled_text_dim)),
+                                                   "time_ids": Input("float", ("B", 6))}
+    if added and layout.endswith("-unet"):
+        layout = "sdxl-" + layout
     return Component(
         name="unet", layout=layout, model=model,
-        run=lambda x: model(x["sample"], x["timestep"], x["encoder_hidden_states"]),
+        run=lambda x: model(x["sample"], x["timestep"], x["encoder_hidden_states"], **{k: x[k] for k in added}),
         inputs={"sample": Input("float", ("B", c.in_channels, None, None), multiple={2: factor, 3: factor}),
                 "timestep": Input("number", ("B",), optional_dims=True),
-                "encoder_hidden_states": Input("float", ("B", None, c.cross_attention_dim))},
+                "encoder_hidden_states": Input("float", ("B", None, c.cross_attention_dim)), **added},
         scope=("",), strip=(), pairing=pairing, shapes=shapes)
 
 
@@ -241,8 +267,8 @@ def load_component(path: str | Path, name: str, *, config_dir: str | Path | None
     try:
         if name == "vit":
             return load_vit_component(path)
-        if name == "text_encoder":
-            return load_text_component(path, config_dir)
+        if name in ("text_encoder", "text_encoder_2"):
+            return load_text_component(path, config_dir, name)
         if name == "clip_vision":
             return load_clip_vision_component(path)
         if name == "unet":

@@ -15,7 +15,16 @@ MANIFESTS = Path(__file__).parent / "manifests"
 def manifest(layout: str) -> dict[str, tuple]:
     def load(name):
         return json.loads((MANIFESTS / name).read_text())
-    if layout in ("diffusers-unet", "diffusers-vae"):
+    if layout.startswith("sdxl-"):   # SDXL base's folder and single file
+        if layout == "sdxl-diffusers-unet":
+            d = load("sdxl_base_diffusers.json")["files"]["unet/diffusion_pytorch_model.safetensors"]
+        elif layout == "sdxl-transformers-clip-projection":
+            d = load("sdxl_base_diffusers.json")["files"]["text_encoder_2/model.safetensors"]
+        else:
+            prefix = {"sdxl-ldm-unet": "model.diffusion_model.", "sdxl-ldm-clip": "conditioner.embedders.0.",
+                      "sdxl-openclip-text": "conditioner.embedders.1."}[layout]
+            d = {k: v for k, v in load("sdxl_base_single_file.json")["model_tensors"].items() if k.startswith(prefix)}
+    elif layout in ("diffusers-unet", "diffusers-vae"):
         part = "unet" if layout.endswith("unet") else "vae"
         d = load("sd_v1_diffusers.json")["files"][f"{part}/diffusion_pytorch_model.safetensors"]
     elif layout in ("ldm-unet", "ldm-vae"):
@@ -55,9 +64,10 @@ def _our_names(model, layout: str) -> list[str]:
 def test_table_reads_the_manifest_onto_our_model(layout):
     """Loading's direction: every key of the file is named by a row or dropped, no two onto one name, and
     the names are exactly our model's."""
-    from clip.weights import split_in_proj
+    from clip.weights import split_in_proj, transpose_projection
     model, keys = model_and_keys(layout)
-    names = split_in_proj(dict.fromkeys(manifest(layout))) if layout == "openclip-text" else manifest(layout)
+    names = (transpose_projection(split_in_proj(dict.fromkeys(manifest(layout)))) if layout == "sdxl-openclip-text"
+             else split_in_proj(dict.fromkeys(manifest(layout))) if layout == "openclip-text" else manifest(layout))
     named = {k: keys.name(k) for k in names if not keys.drops(k)}
     assert not [k for k, ours in named.items() if ours is None], "keys of the file no row names"
     assert len(set(named.values())) == len(named), "two keys of the file onto one of ours"
@@ -74,6 +84,9 @@ def test_table_reads_back_what_it_writes(layout):
 def test_tsv_and_cli(capsys):
     assert ("cond_stage_model.model.transformer.resblocks.3.attn.in_proj_weight\tlayers.3.self_attn.k_proj.weight\t"
             "3072x1024\tsplit_in_proj") in table_tsv("openclip-text")
+    assert ("conditioner.embedders.1.model.text_projection\ttext_projection.weight\t1280x1280\ttranspose"
+            in table_tsv("sdxl-openclip-text"))
+    assert "model.diffusion_model.label_emb.0.0.weight\tadd_embedding.linear_1.weight\t1280x2816\t" in table_tsv("sdxl-ldm-unet")
     text = table_tsv("ldm-vae")
     assert "first_stage_model.decoder.mid.attn_1.q.weight\tdecoder.mid_block.attentions.0.to_q.weight\t512x512x1x1\tsqueeze_1x1" in text
     assert "vit.encoder.layer.0.attention.attention.key.bias\tblocks.0.attn.qkv.bias\t768\tfuse_qkv" in table_tsv("transformers-vit")

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from diffusion.checkpoints import single_file
-from diffusion.checkpoints.load import (check_text_width, folder_prediction_type, not_a_pipeline,
-                                        single_file_prediction_type)
+from diffusion.checkpoints.load import (check_text_width, folder_prediction_type, folder_text_widths, not_a_pipeline,
+                                        single_file_prediction_type, single_file_text_widths)
 from diffusion.models.unet import UNetConfig
 from diffusion.models.vae import VAEConfig
 
@@ -26,7 +26,6 @@ def read_configs(ckpt: str | Path, config_dir: str | Path | None, *,
     ckpt_flag, config_flag = flags
     folder = Path(ckpt) if Path(ckpt).is_dir() else (Path(config_dir) if config_dir is not None else None)
     if folder is not None:
-        from clip.text_model import CLIPTextConfig
         flag = ckpt_flag if folder == Path(ckpt) else config_flag
         for part in ("unet", "vae"):
             if not (folder / part / "config.json").is_file():
@@ -34,9 +33,9 @@ def read_configs(ckpt: str | Path, config_dir: str | Path | None, *,
         try:
             configs = UNetConfig.from_json(folder / "unet" / "config.json"), VAEConfig.from_json(folder / "vae" / "config.json")
             folder_prediction_type(folder, prediction_type)
-            if (folder / "text_encoder" / "config.json").is_file():
-                text = CLIPTextConfig.from_json(folder / "text_encoder" / "config.json")
-                check_text_width(configs[0], text.hidden_size, source=str(folder))
+            widths = folder_text_widths(folder)
+            if widths is not None:
+                check_text_width(configs[0], widths[0], pooled_width=widths[1], source=str(folder))
         except ValueError as e:
             raise ValueError(f"{flag} {folder}: {e}") from None
         return configs
@@ -51,10 +50,9 @@ def read_configs(ckpt: str | Path, config_dir: str | Path | None, *,
     try:
         configs = configs_from_shapes(shapes, source=str(ckpt),
                                       prediction_type=single_file_prediction_type(shapes, prediction_type, None))
-        width = next((s[1] for k, s in shapes.items() if k.startswith(single_file.COND_PREFIX)
-                      and k.endswith("token_embedding.weight")), None)
-        if width is not None:
-            check_text_width(configs[0], width, source=str(ckpt))
+        widths = single_file_text_widths(shapes)
+        if widths is not None:
+            check_text_width(configs[0], widths[0], pooled_width=widths[1], source=str(ckpt))
         return configs
     except ValueError as e:
         raise ValueError(f"{ckpt_flag} {e}") from None
@@ -68,7 +66,8 @@ def configs_from_shapes(shapes: dict[str, tuple[int, ...]], *, source: str,
     unet = {k: v for k, v in meta.items() if k.startswith(single_file.UNET_PREFIX)}
     vae = {k: v for k, v in meta.items() if k.startswith(single_file.VAE_PREFIX)}
     return (single_file.infer_unet_config(unet, source=source, prediction_type=prediction_type),
-            single_file.infer_vae_config(vae, source=source))
+            single_file.infer_vae_config(vae, source=source, sdxl=single_file.family(shapes, source=source) == "sdxl"))
+
 
 
 def read_scheduler_config(ckpt: str | Path, *, flag: str = "--ckpt") -> dict:
@@ -100,8 +99,8 @@ def check_sampling_steps(steps: int, scheduler_config: dict, *, flag: str) -> No
 def parameter_counts(ckpt: str | Path, configs) -> dict[str, int]:
     """How many weights the checkpoint's UNet, VAE and text encoder hold, without reading a tensor: the UNet
     and VAE built from `configs` on the meta device; the text encoder from the folder's
-    text_encoder/config.json, a single .safetensors file's header, or else SD v1's (CLIP ViT-L/14's text
-    tower). Any layout of the weights (sharded, a variant, a pickle) counts alike."""
+    text_encoder/config.json (and SDXL's text_encoder_2/, its projection not counted), a single .safetensors
+    file's header, or else SD v1's (CLIP ViT-L/14's text tower). Any layout of the weights (sharded, a variant, a pickle) counts alike."""
     from clip.text_model import CLIPTextConfig, CLIPTextModel
     from common.state_dict import empty_model, safetensors_header
     from diffusion.models.unet import UNet2DConditionModel
@@ -114,10 +113,11 @@ def parameter_counts(ckpt: str | Path, configs) -> dict[str, int]:
         if ckpt.suffix == ".safetensors" and ckpt.is_file():
             header, _, _ = safetensors_header(ckpt)
             counts["text_encoder"] = sum(math.prod(e["shape"]) for k, e in header.items()
-                                         if k.startswith(single_file.COND_PREFIX))   # SD v1's or SD 2's tower
-        else:
-            config = CLIPTextConfig.from_json(text_config) if text_config.is_file() else CLIPTextConfig()
-            counts["text_encoder"] = count(CLIPTextModel(config))
+                                         if k.startswith((single_file.COND_PREFIX, single_file.CONDITIONER_PREFIX)))
+        else:   # SD v1's and 2's one tower, SDXL's two
+            configs_text = [CLIPTextConfig.from_json(f) for f in (text_config, ckpt / "text_encoder_2" / "config.json")
+                            if f.is_file()] or [CLIPTextConfig()]
+            counts["text_encoder"] = sum(count(CLIPTextModel(config)) for config in configs_text)
     return counts
 
 

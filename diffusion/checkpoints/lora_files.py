@@ -11,6 +11,12 @@
                lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight
                (kohya's SD v1 names are diffusers' module names with "." written "_"; conv keys, e.g.
                ..._resnets_0_conv1, carry 4-d tensors)
+    SDXL       diffusers: also text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight
+               kohya (sd-scripts' SDXL): lora_te1_text_model_..., lora_te2_text_model_... for the two text
+               encoders, and the UNet under sgm's (LDM's) module names, diffusion/checkpoints/single_file.py
+               `unet_table`: lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q,
+               lora_unet_middle_block_0_in_layers_2, lora_unet_output_blocks_2_2_conv, ... (diffusers' names
+               are accepted too, as diffusers' converter accepts them)
 
 Every key must map onto a Linear or Conv2d of our UNet or text encoder, with shapes that fit, before
 anything is applied: an unknown key is an error naming it (or, asked for, a skipped key that is
@@ -37,7 +43,9 @@ from common.state_dict import (CheckpointError, check_finite, listing, read_safe
 from diffusion import lora
 
 PARTS = ("unet", "text_encoder")
+SDXL_PARTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+SDXL_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 # Our text encoder drops transformers' `text_model.encoder.` levels (clip/weights.py): one rule each way.
 TEXT_THEIRS = "text_model.encoder."
 
@@ -81,26 +89,32 @@ def adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def model_parts(models) -> tuple[str, ...]:
+    """The parts a LoRA may adapt: the UNet and the text encoder(s), SDXL's two."""
+    return SDXL_PARTS if getattr(models, "is_sdxl", False) else PARTS
+
+
 def theirs(part: str, ours: str) -> str:
     """The module's name in diffusers/transformers: the text encoder's under `text_model.encoder.`."""
-    return TEXT_THEIRS + ours if part == "text_encoder" and ours.startswith("layers.") else ours
+    return TEXT_THEIRS + ours if part.startswith("text_encoder") and ours.startswith("layers.") else ours
 
 
 def ours(part: str, theirs_name: str) -> str:
-    if part == "text_encoder":
+    if part.startswith("text_encoder"):
         return re.sub(r"^(?:text_model\.)?encoder\.(layers\..+)", r"\1", theirs_name)
     return theirs_name
 
 
-def _split(key: str, kohya_names: dict[str, dict[str, str]]) -> tuple[str, str, str] | None:
-    """key -> (part, our module name, role), or None when the key is not one we know."""
-    for part, prefix in KOHYA_PREFIXES.items():
+def _split(key: str, kohya_names: dict[str, dict[str, str]], prefixes: dict[str, str]) -> tuple[str, str, str] | None:
+    """key -> (part, our module name, role), or None when the key is not one we know. `prefixes`: kohya's
+    prefix of each part (KOHYA_PREFIXES, or SDXL's)."""
+    for part, prefix in prefixes.items():
         m = re.fullmatch(re.escape(prefix) + r"([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)", key)
         if m:
             role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m.group(2)]
             module = kohya_names[part].get(m.group(1))
             return (part, module, role) if module else None
-    if key.startswith(("unet.", "text_encoder.")):
+    if key.startswith(("unet.", "text_encoder.", "text_encoder_2.")):
         part, _, rest = key.partition(".")
     else:   # no prefix: old UNet-only files, or a text-encoder file
         part, rest = ("text_encoder" if key.startswith("text_model.") else "unet"), key
@@ -203,15 +217,23 @@ def read_lora(path: str | Path, models, *, skip_unknown: bool = False) -> tuple[
     source = str(path)
     check_finite(tensors, source=source)     # NaN weights or an infinite kohya alpha: refused by name
     metadata = _adapter_metadata(path)
-    modules = {part: adaptable_modules(getattr(models, part)) for part in PARTS}
+    parts = model_parts(models)
+    modules = {part: adaptable_modules(getattr(models, part)) for part in parts}
     # kohya's flat names: ours written the public way, "." as "_" (text: with or without `text_model_`)
-    kohya_names = {part: {theirs(part, n).replace(".", "_"): n for n in modules[part]} for part in PARTS}
-    kohya_names["text_encoder"] |= {k.removeprefix("text_model_"): n for k, n in kohya_names["text_encoder"].items()}
+    kohya_names = {part: {theirs(part, n).replace(".", "_"): n for n in modules[part]} for part in parts}
+    for part in parts[1:]:
+        kohya_names[part] |= {k.removeprefix("text_model_"): n for k, n in kohya_names[part].items()}
+    if parts == SDXL_PARTS:   # sd-scripts' SDXL UNet: sgm's module names (single_file.unet_table, read backwards)
+        from diffusion.checkpoints.single_file import UNET_PREFIX, unet_table
+        table = unet_table(models.unet.config)
+        kohya_names["unet"] |= {table.name(f"{n}.weight", reverse=True).removeprefix(UNET_PREFIX)
+                                .removesuffix(".weight").replace(".", "_"): n for n in modules["unet"]}
+    prefixes = SDXL_KOHYA_PREFIXES if parts == SDXL_PARTS else KOHYA_PREFIXES
 
     found: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
     unknown = []
     for key in sorted(tensors):
-        split = _split(key, kohya_names)
+        split = _split(key, kohya_names, prefixes)
         if split is None or split[1] not in modules[split[0]]:
             unknown.append(key)
             continue
@@ -262,14 +284,14 @@ def apply_lora(models, updates: list[LoRAUpdate], *, scale: float = 1.0) -> None
 def load_lora_files(models, files: list[tuple[str, float]], *, fuse: bool = True,
                     skip_unknown: bool = False) -> tuple[set[str], list[str]]:
     """Read and check every (file, scale) first, then apply them all (fused into the weights unless
-    `fuse` is False). Returns (the parts changed, "unet" and/or "text_encoder"; the skipped keys, as
-    "file: key")."""
+    `fuse` is False). Returns (the parts changed, "unet" and/or "text_encoder" (and SDXL's "text_encoder_2");
+    the skipped keys, as "file: key")."""
     read = [(read_lora(path, models, skip_unknown=skip_unknown), scale, path) for path, scale in files]
     for (updates, _), scale, _ in read:
         apply_lora(models, updates, scale=scale)
     changed = {u.part for (updates, _), _, _ in read for u in updates}
     if fuse:
-        for part in PARTS:
+        for part in model_parts(models):
             lora.fuse(getattr(models, part))
         # finite files at a bounded scale can still overflow once fused (values near the dtype's limit)
         fused = {f"{u.part}.{u.module}.weight": getattr(models, u.part).get_submodule(u.module).weight

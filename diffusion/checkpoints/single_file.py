@@ -11,8 +11,17 @@ One file holds three models under three prefixes, plus LDM's DDPM schedule buffe
     model_ema.*                    (full checkpoints) EMA copies of the UNet, dots removed from names
     betas, alphas_cumprod, ...     the training schedule: recognised and ignored (sampling recomputes it)
 
-The text tower says the family (`family`): SD 2.x's files are the ones with OpenCLIP's, and what the
-shapes cannot tell of them comes from SD 2.1's configs, as diffusers' from_single_file takes them.
+SDXL's files (sgm, the generative-models repository) keep the UNet and VAE prefixes and hold two text towers
+under `conditioner.embedders.0.transformer.*` (OpenAI's ViT-L/14, transformers' names) and
+`conditioner.embedders.1.model.*` (OpenCLIP ViT-bigG/14, its own names; clip/weights.py maps both). Their UNet
+adds `label_emb.0.{0,2}` (diffusers' `add_embedding.linear_{1,2}`, the micro-conditioning) and nests
+`transformer_depth` blocks in each spatial transformer (`transformer_blocks.{d}`, the same inner names).
+SDXL's refiner holds one tower, OpenCLIP's at `conditioner.embedders.0.model.*`, and an aesthetic-score
+conditioning: not modelled, refused by name (`family`).
+
+The text tower says the family (`family`): SD 2.x's files are the ones with OpenCLIP's, SDXL's the ones with
+the conditioner's two, and what the shapes cannot tell of them comes from SD 2.1's or SDXL base's configs,
+as diffusers' from_single_file takes them.
 
 LDM numbers the UNet's blocks in one flat list per direction; diffusers (and we) nest them by
 resolution level. For SD v1 (4 levels, 2 ResNets per level going down, 3 going up):
@@ -38,7 +47,8 @@ import re
 import torch
 
 from common.state_dict import CheckpointError, KeyTable, listing
-from diffusion.models.unet import CROSS_DOWN, CROSS_UP, SD_V2 as UNET_SD_V2, SD_V2_BASE as UNET_SD_V2_BASE, UNetConfig
+from diffusion.models.unet import (CROSS_DOWN, CROSS_UP, SD_V2 as UNET_SD_V2, SD_V2_BASE as UNET_SD_V2_BASE, TEXT_TIME,
+                                   TIME_IDS, UNetConfig)
 from diffusion.models.vae import VAEConfig
 
 UNET_PREFIX = "model.diffusion_model."
@@ -46,6 +56,11 @@ VAE_PREFIX = "first_stage_model."
 COND_PREFIX = "cond_stage_model."             # the text tower: SD v1's or SD 2.x's, below
 TEXT_PREFIX = "cond_stage_model.transformer." # SD v1's CLIP, in transformers' names
 OPENCLIP_PREFIX = "cond_stage_model.model."   # SD 2.x's OpenCLIP (clip/weights.py OPENCLIP_PREFIX)
+CONDITIONER_PREFIX = "conditioner.embedders." # SDXL's text towers, below
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."    # SDXL's ViT-L/14 (text_model.* below it)
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."      # SDXL's ViT-bigG/14 (clip/weights.py)
+REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."   # SDXL refiner's only tower
+SDXL_TIME_EMBED_DIM = 256  # SDXL's addition_time_embed_dim (sgm's ConcatTimestepEmbedderND outdim): not in any shape
 EMA_PREFIX = "model_ema."
 SD_V2_HEAD_WIDTH = 64    # SD 2.x's LDM config: num_head_channels 64 (SD v1's: num_heads 8)
 # LDM's DDPM registers these 12 schedule buffers; SD v1's sampling recomputes the schedule from
@@ -68,6 +83,8 @@ def unet_blocks(config: UNetConfig) -> list[tuple[str, str, bool]]:
              ("conv_in", "input_blocks.0.0", False), ("conv_norm_out", "out.0", False), ("conv_out", "out.2", False),
              ("mid_block.resnets.0", "middle_block.0", True), ("mid_block.attentions.0", "middle_block.1", False),
              ("mid_block.resnets.1", "middle_block.2", True)]
+    if config.addition_embed_type == TEXT_TIME:   # sgm's label_emb: Sequential(Sequential(Linear, SiLU, Linear))
+        table += [("add_embedding.linear_1", "label_emb.0.0", False), ("add_embedding.linear_2", "label_emb.0.2", False)]
     k = 1  # input_blocks.0 is conv_in
     for level in range(n):
         for j in range(layers):
@@ -164,16 +181,18 @@ def split_single_file(tensors: dict[str, torch.Tensor], *, use_ema: bool, source
     tensor is replaced by its EMA copy (all must be present). Unrecognised keys are errors."""
     unet = {k: v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
     vae = {k: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
-    text = {k: v for k, v in tensors.items() if k.startswith(COND_PREFIX)}
+    text = {k: v for k, v in tensors.items() if k.startswith((COND_PREFIX, CONDITIONER_PREFIX))}
     ema = {k for k in tensors if k.startswith(EMA_PREFIX) and k not in IGNORED}
+    family(tensors, source=source)    # an SDXL refiner is refused here, by name
     unknown = sorted(set(tensors) - set(unet) - set(vae) - set(text) - ema - IGNORED)
     if unknown:
         raise CheckpointError(f"{source}: unexpected {len(unknown)} tensors outside the UNet/VAE/text "
                               f"encoder prefixes: {listing(unknown)}")
     for name, part in (("UNet (model.diffusion_model.*)", unet), ("VAE (first_stage_model.*)", vae),
-                       ("text encoder (cond_stage_model.transformer.* or cond_stage_model.model.*)", text)):
+                       ("text encoder (cond_stage_model.transformer.*, cond_stage_model.model.* or "
+                        "conditioner.embedders.*)", text)):
         if not part:
-            raise CheckpointError(f"{source}: no {name} tensors; is this an SD v1 or 2.x single-file checkpoint?")
+            raise CheckpointError(f"{source}: no {name} tensors; is this an SD v1, 2.x or SDXL single-file checkpoint?")
     if use_ema:
         if not ema:
             raise CheckpointError(f"{source}: --use_ema given but the file has no EMA weights (model_ema.*)")
@@ -185,8 +204,16 @@ def split_single_file(tensors: dict[str, torch.Tensor], *, use_ema: bool, source
     return unet, vae, text
 
 
-def family(keys) -> str:
-    """"sd2" for a single file whose text tower is OpenCLIP's (SD 2.x), else "sd1"."""
+def family(keys, *, source: str = "checkpoint") -> str:
+    """"sdxl" for a single file with SDXL's two towers, "sd2" for one whose text tower is OpenCLIP's (SD 2.x),
+    else "sd1". SDXL's refiner (its one tower OpenCLIP's, under conditioner.embedders.0.model.) is refused."""
+    keys = list(keys)
+    if any(k.startswith(REFINER_OPENCLIP_PREFIX) for k in keys):
+        raise CheckpointError(f"{source}: this is SDXL's refiner (one text encoder, OpenCLIP ViT-bigG/14 at "
+                              f"{REFINER_OPENCLIP_PREFIX}*, and an aesthetic-score conditioning), which is not "
+                              "supported: give SDXL's base model (two text encoders)")
+    if any(k.startswith(SDXL_OPENCLIP_PREFIX) for k in keys):
+        return "sdxl"
     return "sd2" if any(k.startswith(OPENCLIP_PREFIX) for k in keys) else "sd1"
 
 
@@ -223,6 +250,12 @@ def infer_unet_config(unet: dict[str, torch.Tensor], *, source: str, prediction_
         up_cross = [f"{UNET_PREFIX}output_blocks.{i * (layers + 1)}.1.proj_in.weight" in unet for i in range(n_levels)]
         context = unet[UNET_PREFIX + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
         linear = unet[UNET_PREFIX + "middle_block.1.proj_in.weight"].ndim == 2
+        label_emb = unet.get(UNET_PREFIX + "label_emb.0.0.weight")
+        depths = []   # transformer blocks per level (sgm's transformer_depth); 1 where a level has no attention
+        for level in range(n_levels):
+            k = 1 + level * (layers + 1)
+            found = _count(unet, rf"{p}input_blocks\.{k}\.1\.transformer_blocks\.(\d+)\..+")
+            depths.append(max(found) + 1 if found else 1)
     except KeyError as e:
         raise CheckpointError(f"{source}: cannot infer the UNet architecture, no tensor {e.args[0]}") from None
     _check_groups(channels, UNetConfig.norm_num_groups, source=source, model="UNet")
@@ -235,6 +268,14 @@ def infer_unet_config(unet: dict[str, torch.Tensor], *, source: str, prediction_
         sd2 = dict(UNET_SD_V2, attention_head_dim=tuple(c // SD_V2_HEAD_WIDTH for c in channels),
                    **(UNET_SD_V2_BASE if prediction_type == "epsilon" else {}))
         sd2.pop("cross_attention_dim")
+    if label_emb is not None:   # SDXL: micro-conditioning, per-level depth, SDXL base's 128 x 128 latents
+        sd2 = dict(sd2, addition_embed_type=TEXT_TIME, addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+                   projection_class_embeddings_input_dim=label_emb.shape[1], upcast_attention=None, sample_size=128,
+                   transformer_layers_per_block=depths[0] if len(set(depths)) == 1 else tuple(depths))
+        if label_emb.shape[1] <= TIME_IDS * SDXL_TIME_EMBED_DIM:
+            raise CheckpointError(f"{source}: {UNET_PREFIX}label_emb.0.0.weight reads {label_emb.shape[1]} features, "
+                                  f"no more than SDXL's {TIME_IDS} x {SDXL_TIME_EMBED_DIM} size and crop features: pass "
+                                  "--config DIR with this model's unet/config.json")
     return UNetConfig(**{**dict(in_channels=conv_in.shape[1], out_channels=conv_out.shape[0],
                                 block_out_channels=tuple(channels), layers_per_block=layers,
                                 cross_attention_dim=context,
@@ -242,8 +283,9 @@ def infer_unet_config(unet: dict[str, torch.Tensor], *, source: str, prediction_
                                 up_block_types=tuple(CROSS_UP if c else "UpBlock2D" for c in up_cross)), **sd2})
 
 
-def infer_vae_config(vae: dict[str, torch.Tensor], *, source: str) -> VAEConfig:
-    """A VAEConfig from the tensor shapes of an LDM VAE (GroupNorm groups: SD v1's 32)."""
+def infer_vae_config(vae: dict[str, torch.Tensor], *, source: str, sdxl: bool = False) -> VAEConfig:
+    """A VAEConfig from the tensor shapes of an LDM VAE (GroupNorm groups: SD v1's 32). `sdxl`: SDXL's VAE,
+    SD v1's architecture retrained, with its own latent scale (VAEConfig.sdxl), which no shape tells."""
     p = re.escape(VAE_PREFIX)
     try:
         n_levels = len(_count(vae, rf"{p}encoder\.down\.(\d+)\..+"))
@@ -255,6 +297,8 @@ def infer_vae_config(vae: dict[str, torch.Tensor], *, source: str) -> VAEConfig:
                          block_out_channels=channels, layers_per_block=layers,
                          latent_channels=vae[VAE_PREFIX + "post_quant_conv.weight"].shape[0],
                          down_block_types=("DownEncoderBlock2D",) * n_levels,
-                         up_block_types=("UpDecoderBlock2D",) * n_levels)
+                         up_block_types=("UpDecoderBlock2D",) * n_levels,
+                         **({"scaling_factor": VAEConfig.sdxl().scaling_factor,
+                             "sample_size": VAEConfig.sdxl().sample_size} if sdxl else {}))
     except KeyError as e:
         raise CheckpointError(f"{source}: cannot infer the VAE architecture, no tensor {e.args[0]}") from None

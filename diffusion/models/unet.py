@@ -18,6 +18,15 @@ spatial transformers project in and out with Linear layers (`use_linear_projecti
 (`cross_attention_dim`, OpenCLIP ViT-H/14), and SD 2.1's 768x768 model computes attention in fp32
 when run in half precision (`upcast_attention`).
 
+SDXL (Podell et al. 2023, sec. 2.1 and 2.2; `UNetConfig.sdxl`) has three levels, 320, 640, 1280, no
+attention at the first, 1, 2 and 10 transformer blocks in each spatial transformer of the others
+(`transformer_layers_per_block`; the mid block takes the last level's), 2048-wide text states (two text
+encoders concatenated), and "micro-conditioning" (`addition_embed_type: text_time`): the original image
+size, the crop's top-left corner and the target size, six numbers per image (`time_ids`), each as sinusoidal
+features like a timestep's, concatenated after the pooled text embedding of the second text encoder
+(`text_embeds`) and lifted by `add_embedding` (linear, SiLU, linear) onto the timestep embedding, which every
+ResNet reads.
+
 Module attributes carry diffusers' key names, so a diffusers `unet/` folder loads by identity.
 """
 from __future__ import annotations
@@ -41,15 +50,13 @@ CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 # instead of silently building a different network (common/configs.py: the policy every config is read by).
 SD_V1_ONLY_FIELDS = {
     "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
-    "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu", "transformer_layers_per_block": 1,
+    "downsample_padding": 1, "mid_block_scale_factor": 1, "act_fn": "silu",
     "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
     "num_attention_heads": None, "dual_cross_attention": False,
-    "class_embed_type": None, "addition_embed_type": None, "addition_time_embed_dim": None,
-    "num_class_embeds": None, "resnet_time_scale_shift": "default",
+    "class_embed_type": None, "num_class_embeds": None, "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
-    "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default",
+    "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
     "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
     "addition_embed_type_num_heads": 64,
 }
@@ -60,6 +67,14 @@ SD_V1_ONLY_FIELDS = {
 SD_V2 = dict(attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
              upcast_attention=True, sample_size=96)
 SD_V2_BASE = dict(sample_size=64, upcast_attention=False)
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (2.6B parameters): 2816 = 1280 (the pooled text
+# embedding of OpenCLIP ViT-bigG/14) + 6 x 256 (the six size and crop numbers).
+SDXL = dict(block_out_channels=(320, 640, 1280), down_block_types=(PLAIN_DOWN, CROSS_DOWN, CROSS_DOWN),
+            up_block_types=(CROSS_UP, CROSS_UP, PLAIN_UP), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+            use_linear_projection=True, transformer_layers_per_block=(1, 2, 10), addition_embed_type="text_time",
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, sample_size=128)
+TEXT_TIME = "text_time"
+TIME_IDS = 6              # original (h, w), crop top-left (top, left), target (h, w)   # the one addition_embed_type modelled: SDXL's (None: no added embedding)
 
 
 @dataclass
@@ -76,7 +91,11 @@ class UNetConfig:
     attention_head_dim: int | tuple[int, ...] = 8
     cross_attention_dim: int = 768             # width of the text states (CLIP ViT-L/14: 768; SD 2.x: 1024)
     use_linear_projection: bool = False        # SD 2.x: Linear proj_in/proj_out on tokens, not 1x1 convs
-    upcast_attention: bool = False             # SD 2.1 (768): attention in fp32 under half precision
+    upcast_attention: bool | None = False      # SD 2.1 (768): attention in fp32 under half precision (SDXL: null)
+    transformer_layers_per_block: int | tuple[int, ...] = 1   # transformer blocks per spatial transformer, per level
+    addition_embed_type: str | None = None     # SDXL: "text_time", the micro-conditioning (module docstring)
+    addition_time_embed_dim: int | None = None               # sinusoidal features per size/crop number (SDXL: 256)
+    projection_class_embeddings_input_dim: int | None = None  # add_embedding's input: pooled text + 6 x the above
     norm_num_groups: int = 32                  # GroupNorm groups in every ResNet / transformer
     norm_eps: float = 1e-5                     # GroupNorm eps of the ResNets and the output norm
     flip_sin_to_cos: bool = True               # timestep embedding as [cos, sin]
@@ -91,8 +110,17 @@ class UNetConfig:
             allowed = (CROSS_DOWN, PLAIN_DOWN) if name == "down_block_types" else (CROSS_UP, PLAIN_UP)
             if len(types) != n or any(t not in allowed for t in types):
                 raise ValueError(f"{name}={types!r}: need {n} entries out of {allowed}")
-        if not isinstance(self.attention_head_dim, int) and len(self.attention_head_dim) != n:
-            raise ValueError(f"attention_head_dim={self.attention_head_dim!r}: need one int or {n}")
+        for name in ("attention_head_dim", "transformer_layers_per_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) and len(value) != n:
+                raise ValueError(f"{name}={value!r}: need one int or {n}")
+        if self.addition_embed_type not in (None, TEXT_TIME):
+            raise ValueError(f"addition_embed_type={self.addition_embed_type!r} is not supported (this implementation "
+                             f"has None and {TEXT_TIME!r}, SDXL's)")
+        if self.addition_embed_type == TEXT_TIME and not (self.addition_time_embed_dim and
+                                                          self.projection_class_embeddings_input_dim):
+            raise ValueError("addition_embed_type='text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim")
 
     @classmethod
     def sd_v1(cls) -> "UNetConfig":
@@ -105,9 +133,26 @@ class UNetConfig:
         `sd_v2(**SD_V2_BASE)` is stable-diffusion-2-1-base (512x512, epsilon)."""
         return cls(**{**SD_V2, **overrides})
 
+    @classmethod
+    def sdxl(cls, **overrides) -> "UNetConfig":
+        """stabilityai/stable-diffusion-xl-base-1.0 (`unet/config.json`)."""
+        return cls(**{**SDXL, "upcast_attention": None, **overrides})
+
     def heads(self, level: int) -> int:
         h = self.attention_head_dim
         return h if isinstance(h, int) else h[level]
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks in each spatial transformer of down level `level` (and of its up mirror)."""
+        d = self.transformer_layers_per_block
+        return d if isinstance(d, int) else d[level]
+
+    @property
+    def pooled_text_dim(self) -> int | None:
+        """The width of `text_embeds` a text_time UNet reads (SDXL: 1280), else None."""
+        if self.addition_embed_type != TEXT_TIME:
+            return None
+        return self.projection_class_embeddings_input_dim - TIME_IDS * self.addition_time_embed_dim
 
     @classmethod
     def from_dict(cls, config: dict, *, source: str = "unet config") -> "UNetConfig":
@@ -129,11 +174,14 @@ class UNet2DConditionModel(nn.Module):
         temb_dim = 4 * ch[0]
         common = dict(temb_channels=temb_dim, context_dim=config.cross_attention_dim,
                       groups=config.norm_num_groups, eps=config.norm_eps, dropout=config.dropout,
-                      linear_projection=config.use_linear_projection, upcast_attention=config.upcast_attention)
+                      linear_projection=config.use_linear_projection, upcast_attention=bool(config.upcast_attention))
         n = len(ch)
 
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], kernel_size=3, padding=1)
         self.time_embedding = TimestepEmbedding(in_dim=ch[0], dim=temb_dim)
+        # SDXL's micro-conditioning: [text_embeds, sinusoids of the 6 time ids] -> temb width (diffusers' names)
+        self.add_embedding = (TimestepEmbedding(in_dim=config.projection_class_embeddings_input_dim, dim=temb_dim)
+                              if config.addition_embed_type == TEXT_TIME else None)
 
         skip_channels = [ch[0]]  # widths of the skip connections in the order the down path makes them
         self.down_blocks = nn.ModuleList()
@@ -142,10 +190,10 @@ class UNet2DConditionModel(nn.Module):
             self.down_blocks.append(DownBlock(
                 in_channels=ch[max(level - 1, 0)], out_channels=ch[level], layers=config.layers_per_block,
                 cross_attention=config.down_block_types[level] == CROSS_DOWN, heads=config.heads(level),
-                downsample=not last, **common))
+                depth=config.depth(level), downsample=not last, **common))
             skip_channels += [ch[level]] * (config.layers_per_block + (0 if last else 1))
 
-        self.mid_block = MidBlock(channels=ch[-1], heads=config.heads(n - 1), **common)
+        self.mid_block = MidBlock(channels=ch[-1], heads=config.heads(n - 1), depth=config.depth(n - 1), **common)
 
         self.up_blocks = nn.ModuleList()
         prev = ch[-1]
@@ -155,7 +203,7 @@ class UNet2DConditionModel(nn.Module):
             self.up_blocks.append(UpBlock(
                 in_channels=prev, out_channels=ch[level], skip_channels=skips,
                 cross_attention=config.up_block_types[i] == CROSS_UP, heads=config.heads(level),
-                upsample=level > 0, **common))
+                depth=config.depth(level), upsample=level > 0, **common))
             prev = ch[level]
 
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
@@ -179,11 +227,13 @@ class UNet2DConditionModel(nn.Module):
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
 
-    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor, *,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
         """sample (B, C, H, W) noisy latents, timesteps (B,) float or int, encoder_hidden_states
         (B, T, D) text states -> predicted noise (B, C, H, W). H and W must be multiples of
-        2 ** (levels - 1)."""
+        2 ** (levels - 1). A text_time UNet (SDXL) also takes text_embeds (B, P), the pooled text
+        embedding, and time_ids (B, 6): original height, width, crop top, left, target height, width
+        (diffusers' `added_cond_kwargs`); any other UNet takes neither."""
         B = sample.shape[0]
         timesteps = torch.as_tensor(timesteps, device=sample.device)
         if timesteps.ndim == 0 or timesteps.shape == (1,):
@@ -195,6 +245,15 @@ class UNet2DConditionModel(nn.Module):
                                    flip_sin_to_cos=self.config.flip_sin_to_cos,
                                    freq_shift=self.config.freq_shift).to(sample.dtype)  # (B, 320)
         temb = self.time_embedding(t_emb)                                                # (B, 1280)
+        if (self.add_embedding is None) != (text_embeds is None and time_ids is None):
+            raise ValueError("text_embeds and time_ids are SDXL's micro-conditioning: given exactly when the UNet's "
+                             f"addition_embed_type is {TEXT_TIME!r} (here {self.config.addition_embed_type!r})")
+        if self.add_embedding is not None:
+            time_embeds = timestep_embedding(time_ids.flatten(), self.config.addition_time_embed_dim,
+                                             flip_sin_to_cos=self.config.flip_sin_to_cos,
+                                             freq_shift=self.config.freq_shift).reshape(B, -1)  # (B, 6 * 256)
+            added = torch.cat([text_embeds, time_embeds], dim=-1).to(temb.dtype)        # (B, 1280 + 1536)
+            temb = temb + self.add_embedding(added)                                      # SDXL sec. 2.2
         context = encoder_hidden_states
 
         x = self.conv_in(sample)                                                         # (B, 320, H, W)

@@ -116,7 +116,7 @@ class DownBlock(nn.Module):
     def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int, layers: int,
                  cross_attention: bool, heads: int, context_dim: int, groups: int, eps: float,
                  downsample: bool, dropout: float = 0.0, linear_projection: bool = False,
-                 upcast_attention: bool = False):
+                 upcast_attention: bool = False, depth: int = 1):
         super().__init__()
         self.resnets = nn.ModuleList([
             ResnetBlock2D(in_channels=in_channels if i == 0 else out_channels, out_channels=out_channels,
@@ -125,7 +125,7 @@ class DownBlock(nn.Module):
         self.attentions = nn.ModuleList([
             SpatialTransformer(channels=out_channels, heads=heads, context_dim=context_dim, norm_groups=groups,
                                dropout=dropout, linear_projection=linear_projection,
-                               upcast_attention=upcast_attention)
+                               upcast_attention=upcast_attention, depth=depth)
             for _ in range(layers)]) if cross_attention else None
         self.downsamplers = nn.ModuleList([Downsample2D(channels=out_channels)]) if downsample else None
         self.gradient_checkpointing = False
@@ -149,7 +149,7 @@ class MidBlock(nn.Module):
 
     def __init__(self, *, channels: int, temb_channels: int, heads: int, context_dim: int, groups: int,
                  eps: float, dropout: float = 0.0, linear_projection: bool = False,
-                 upcast_attention: bool = False):
+                 upcast_attention: bool = False, depth: int = 1):
         super().__init__()
         kw = dict(in_channels=channels, out_channels=channels, temb_channels=temb_channels, groups=groups,
                   eps=eps, dropout=dropout)
@@ -157,7 +157,7 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([
             SpatialTransformer(channels=channels, heads=heads, context_dim=context_dim, norm_groups=groups,
                                dropout=dropout, linear_projection=linear_projection,
-                               upcast_attention=upcast_attention)])
+                               upcast_attention=upcast_attention, depth=depth)])
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -177,7 +177,7 @@ class UpBlock(nn.Module):
     def __init__(self, *, in_channels: int, out_channels: int, skip_channels: list[int], temb_channels: int,
                  cross_attention: bool, heads: int, context_dim: int, groups: int, eps: float,
                  upsample: bool, dropout: float = 0.0, linear_projection: bool = False,
-                 upcast_attention: bool = False):
+                 upcast_attention: bool = False, depth: int = 1):
         super().__init__()
         self.resnets = nn.ModuleList([
             ResnetBlock2D(in_channels=(in_channels if i == 0 else out_channels) + skip,
@@ -187,7 +187,7 @@ class UpBlock(nn.Module):
         self.attentions = nn.ModuleList([
             SpatialTransformer(channels=out_channels, heads=heads, context_dim=context_dim, norm_groups=groups,
                                dropout=dropout, linear_projection=linear_projection,
-                               upcast_attention=upcast_attention)
+                               upcast_attention=upcast_attention, depth=depth)
             for _ in skip_channels]) if cross_attention else None
         self.upsamplers = nn.ModuleList([Upsample2D(channels=out_channels)]) if upsample else None
         self.gradient_checkpointing = False

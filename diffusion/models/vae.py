@@ -30,7 +30,7 @@ DOWN, UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
 RESNET_EPS = 1e-6  # every GroupNorm of LDM's autoencoder uses eps 1e-6 (diffusers follows)
 
 SD_V1_ONLY_FIELDS = {  # diffusers `vae/config.json` fields accepted only at SD v1's value (common/configs.py)
-    "act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None, "force_upcast": True,
+    "act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
     "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
 }
 
@@ -46,7 +46,8 @@ class VAEConfig:
     latent_channels: int = 4
     norm_num_groups: int = 32
     sample_size: int = 512                      # image size it was trained at; informative
-    scaling_factor: float = 0.18215             # latent scale, applied by the caller (see module doc)
+    scaling_factor: float = 0.18215             # latent scale, applied by the caller (see module doc); SDXL 0.13025
+    force_upcast: bool = True                   # SDXL's pipeline decodes an fp16 VAE in fp32 (its fp16 overflows)
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -58,6 +59,12 @@ class VAEConfig:
     def sd_v1(cls) -> "VAEConfig":
         """runwayml/stable-diffusion-v1-5's `vae/config.json`."""
         return cls()
+
+    @classmethod
+    def sdxl(cls) -> "VAEConfig":
+        """stabilityai/stable-diffusion-xl-base-1.0's `vae/config.json`: SD v1's architecture, retrained, with its
+        own latent scale; its activations overflow fp16, hence force_upcast."""
+        return cls(scaling_factor=0.13025, sample_size=1024)
 
     @property
     def spatial_factor(self) -> int:
