@@ -22,12 +22,21 @@ generation can reuse them):
 4. `decode_to_uint8`: z / scaling_factor -> VAE decoder -> [-1, 1] -> uint8, as diffusers'
    `VaeImageProcessor.postprocess` does.
 
+Image to image and inpainting (`generate(..., init_image=, mask_image=, strength=)`, equal to diffusers'
+StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline) are inputs of the same loop, an
+`ImageStart` (`image_start` builds it): the run skips the first `start_step(steps, strength)` steps of the
+schedule and starts from the init image's latents z_0 noised to its first timestep (SDEdit, Meng et al.
+2022); an inpainting UNet (9 input channels) also sees the mask and the masked image's latents at every
+step, and with an ordinary 4-channel UNet the kept region is set back to z_0, noised to each next step's
+level, after every step.
+
 No NaN reaches an image: the UNet's first prediction and the decoded pixels are checked, and a model that
 computes NaN or infinity (weights that overflow in their dtype, an absurd LoRA) raises `NonFiniteError`
 instead of giving black images (uint8 conversion would turn NaN into 0).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -103,9 +112,48 @@ def initial_latents(n: int, *, channels: int, height: int, width: int, factor: i
     return randn((n, channels, height // factor, width // factor), generator=generator, device=device)
 
 
+def start_step(steps: int, strength: float) -> int:
+    """The steps of a `steps` schedule that image to image skips: diffusers' `get_timesteps`, which keeps the
+    last int(steps * strength) (strength 1: all of them, from pure noise's level; 0.5: the second half)."""
+    kept = min(int(steps * strength), steps)
+    return max(steps - kept, 0)
+
+
+@dataclass(frozen=True)
+class ImageStart:
+    """What image to image and inpainting give the denoising loop. Latents are the diffusion latents
+    (the VAE's times scaling_factor), (n, C, h, w), on the loop's device."""
+    start: int                                   # steps of the schedule skipped (`start_step`)
+    image_latents: torch.Tensor | None           # z_0 of the init image (None: only a 9-channel UNet at strength 1)
+    from_image: bool = True                      # start from z_0 noised to the run's first timestep (SDEdit);
+                                                 # False: from pure noise (inpainting at strength 1, as diffusers)
+    repaint_mask: torch.Tensor | None = None     # (n, 1, h, w), 1 repaints: with a 4-channel UNet the rest is set
+                                                 # back to z_0 noised to the next step's level after every step
+    unet_extra: torch.Tensor | None = None       # (n, 1 + C, h, w): the mask and the masked image's latents, the
+                                                 # extra input channels of an inpainting UNet (9 = 4 + 1 + 4)
+
+
+def starting_latents(sampler: Sampler, noise: torch.Tensor, image: ImageStart | None) -> torch.Tensor:
+    """x at the run's first timestep: pure noise scaled to the sampler's first level (x_T * init_noise_sigma),
+    or, from an image, z_0 noised to that timestep by the sampler's own forward process (`add_noise`)."""
+    if image is None or not image.from_image:
+        return noise * sampler.init_noise_sigma
+    return sampler.add_noise(image.image_latents.to(noise.dtype), noise, 0)
+
+
+def keep_unmasked(sampler: Sampler, x: torch.Tensor, noise: torch.Tensor, image: ImageStart, *, step: int,
+                  last: bool) -> torch.Tensor:
+    """Inpainting with an ordinary 4-channel UNet (StableDiffusionInpaintPipeline's way): after step `step`,
+    outside the mask the latents become z_0 noised to the next step's level (z_0 itself after the last step),
+    so only the masked region is generated."""
+    kept = image.image_latents if last else sampler.add_noise(image.image_latents, noise, step + 1)
+    mask = image.repaint_mask
+    return (1 - mask) * kept + mask * x
+
+
 def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
             sampler: Sampler, steps: int, guidance_scale: float, generator: torch.Generator | None = None,
-            progress: bool = True) -> torch.Tensor:
+            progress: bool = True, image: ImageStart | None = None) -> torch.Tensor:
     """Run the sampler from x_T (`latents`, (n, C, h, w), N(0, I)) to x_0 with classifier-free guidance.
 
     cond: (n, 77, D) text states per image; uncond: the same for the empty (or negative) prompt, or
@@ -115,17 +163,25 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
     fp32 weights under autocast keep fp32 latents, their UNet output taken back to fp32. A stochastic
     sampler (DDIM with eta > 0, Euler a) draws its noise from `generator`. A first prediction holding NaN or
     infinity raises NonFiniteError.
+    image: image to image or inpainting (`ImageStart`): the run is the schedule's last steps, from the init
+    image's latents noised with `latents` as the noise; None: text to image, all steps from x_T.
     """
     dtype = next(unet.parameters()).dtype
     states = (cond if uncond is None else torch.cat([uncond, cond])).to(dtype)  # (2n, 77, D), unconditional first
-    timesteps = sampler.set_timesteps(steps)
-    x = latents.to(dtype) * sampler.init_noise_sigma                  # (n, C, h, w)
+    timesteps = sampler.set_timesteps(steps, start=0 if image is None else image.start)
+    noise = latents.to(dtype)
+    x = starting_latents(sampler, noise, image)                        # (n, C, h, w)
+    extra = None if image is None or image.unet_extra is None else image.unet_extra.to(dtype)
+    if extra is not None and uncond is not None:
+        extra = torch.cat([extra, extra])                              # (2n, 1 + C, h, w)
     if progress:
         from tqdm import tqdm
         timesteps = tqdm(timesteps, desc=f"{type(sampler).__name__} steps", unit="step")
     for i, t in enumerate(timesteps):
         x_in = x if uncond is None else torch.cat([x, x])            # (2n, C, h, w)
         x_in = sampler.scale_model_input(x_in, t)
+        if extra is not None:    # an inpainting UNet's input: noisy latents, mask, masked image's latents
+            x_in = torch.cat([x_in, extra], dim=1)                   # (2n, C + 1 + C, h, w)
         t_batch = t.to(x.device).expand(x_in.shape[0])               # (2n,), the sampler's dtype (int or float)
         model_output = unet(x_in, t_batch, states).to(x.dtype)      # (2n, C, h, w): eps, v or x_0; fp32 under autocast
         if i == 0:                                                   # a broken model stops here, not after all steps
@@ -135,7 +191,52 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
             # Ho & Salimans eq. 6, w = scale - 1
             model_output = uncond_output + guidance_scale * (cond_output - uncond_output)
         x = sampler.step(model_output, t, x, generator=generator)
+        if image is not None and image.repaint_mask is not None:     # a 4-channel UNet inpainting
+            x = keep_unmasked(sampler, x, noise, image, step=i, last=i == len(timesteps) - 1)
     return x
+
+
+def encode_image(vae: torch.nn.Module, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(1, 3, H, W) pixels in [-1, 1] -> (1, C, H/f, W/f) diffusion latents: a sample of the VAE posterior,
+    its noise drawn from `generator` (one randn, as diffusers' `retrieve_latents`), times scaling_factor."""
+    dtype = next(vae.parameters()).dtype
+    return vae.encode(pixels.to(_module_device(vae), dtype)).sample(generator) * vae.config.scaling_factor
+
+
+def image_start(vae: torch.nn.Module, pixels: torch.Tensor, mask: torch.Tensor | None, *, batch: int, start: int,
+                strength: float, unet_channels: int, generator: torch.Generator) -> tuple[torch.Tensor, ImageStart]:
+    """The starting noise (batch, C, h, w) and the `ImageStart` of image to image (`mask` None) or inpainting,
+    with the generator's draws in diffusers' order, so that a seed gives its images:
+    - image to image (StableDiffusionImg2ImgPipeline): the image's posterior sample, then the noise;
+    - inpainting (StableDiffusionInpaintPipeline): the image's posterior sample (not drawn by a 9-channel UNet
+      at strength 1, which starts from pure noise and never uses z_0), the noise, then the masked image's.
+    pixels: (1, 3, H, W) in [-1, 1]; mask: (1, 1, H, W), 1 repaints (`diffusion/init_image.py`)."""
+    from diffusion.init_image import mask_to_latent_size
+    f = vae.config.spatial_factor
+    device = _module_device(vae)
+    latent_shape = (batch, vae.config.latent_channels, pixels.shape[-2] // f, pixels.shape[-1] // f)
+    if mask is None:
+        image_latents = encode_image(vae, pixels, generator).repeat(batch, 1, 1, 1)
+        noise = randn(latent_shape, generator=generator, device=device)
+        return noise, ImageStart(start=start, image_latents=image_latents)
+    inpainting_unet = unet_channels == 2 * vae.config.latent_channels + 1
+    from_noise = strength == 1.0                     # diffusers' is_strength_max
+    image_latents = None
+    if not (inpainting_unet and from_noise):
+        image_latents = encode_image(vae, pixels, generator).repeat(batch, 1, 1, 1)
+    noise = randn(latent_shape, generator=generator, device=device)
+    masked_pixels = pixels * (mask < 0.5)            # the repainted region grey (0 in [-1, 1])
+    mask_latent = mask_to_latent_size(mask, factor=f).to(device).repeat(batch, 1, 1, 1)   # (batch, 1, h, w)
+    if inpainting_unet:
+        masked_latents = encode_image(vae, masked_pixels, generator).repeat(batch, 1, 1, 1)
+        extra = torch.cat([mask_latent, masked_latents.to(mask_latent.dtype)], dim=1)   # (batch, 1 + C, h, w)
+        return noise, ImageStart(start=start, image_latents=image_latents, from_image=not from_noise,
+                                 unet_extra=extra)
+    # diffusers encodes the masked image for a 4-channel UNet too, which never uses it; its posterior draw is
+    # made here (without the encoder pass) so that the draws after it (DDIM's eta, Euler a) stay diffusers'.
+    randn((1, *latent_shape[1:]), generator=generator, device=device, dtype=next(vae.parameters()).dtype)
+    return noise, ImageStart(start=start, image_latents=image_latents, from_image=not from_noise,
+                             repaint_mask=mask_latent)
 
 
 def decode_to_uint8(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
@@ -173,6 +274,33 @@ def make_grid(images: Sequence, *, columns: int | None = None, padding: int = 2)
     return grid
 
 
+def check_image_inputs(init_image: Any, mask_image: Any, strength: float | None, *, steps: int, unet_config: Any,
+                       vae_config: Any) -> tuple[int, float | None]:
+    """ValueError for what image to image and inpainting cannot run; returns the steps skipped (`start_step`)
+    and the strength (its default: 0.8 for image to image, 1.0 for inpainting, as each diffusers pipeline)."""
+    latent = vae_config.latent_channels
+    if unet_config.in_channels not in (latent, 2 * latent + 1):
+        raise ValueError(f"the UNet takes {unet_config.in_channels} input channels: {latent} (latents) or "
+                         f"{2 * latent + 1} (an inpainting UNet: latents, mask, masked image's latents) are sampled")
+    if mask_image is not None and init_image is None:
+        raise ValueError("mask_image needs init_image: the mask says which part of that image is repainted")
+    if unet_config.in_channels != latent and mask_image is None:
+        raise ValueError(f"an inpainting UNet ({unet_config.in_channels} input channels) needs init_image and "
+                         "mask_image: it samples a masked image's missing region")
+    if init_image is None:
+        if strength is not None:
+            raise ValueError("strength applies to image to image and inpainting: give init_image")
+        return 0, None
+    strength = strength if strength is not None else (0.8 if mask_image is None else 1.0)
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength={strength}: must be in (0, 1] (1: from pure noise; small: near the image)")
+    start = start_step(steps, strength)
+    if start >= steps:
+        raise ValueError(f"strength={strength} with {steps} steps: int({steps} * {strength}) = 0 steps to run; "
+                         "raise the strength or the steps")
+    return start, strength
+
+
 def _module_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -182,7 +310,8 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
              num_images_per_prompt: int = 1, steps: int = 50, eta: float | None = None, guidance_scale: float = 7.5,
              height: int | None = None, width: int | None = None, seed: int | None = None,
              generator: torch.Generator | None = None, sampler: str = "ddim", autocast: str = "fp32",
-             progress: bool = True, output: str = "uint8") -> torch.Tensor | list:
+             progress: bool = True, output: str = "uint8", init_image: Any = None, mask_image: Any = None,
+             strength: float | None = None) -> torch.Tensor | list:
     """Images for `prompts`, as diffusers' StableDiffusionPipeline gives them for
     `pipe(prompts, negative_prompt=..., num_images_per_prompt=..., num_inference_steps=steps, eta=eta,
     guidance_scale=..., height=..., width=..., generator=torch.Generator().manual_seed(seed))`
@@ -207,6 +336,16 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
     autocast: "fp32" (none) or "bf16"/"fp16": run fp32-weight models under torch.autocast in that
         dtype (sample.py --precision autocast; DreamBooth's validation images during mixed-precision training).
     output: "uint8" -> (B, H, W, 3) uint8 CPU tensor; "pil" -> list of PIL images.
+    init_image: an RGB PIL image (common/images.py `load_image`): image to image, as diffusers'
+        StableDiffusionImg2ImgPipeline(prompt, image=init_image, strength=...) gives it. Its size is
+        height x width when given, else its own rounded down to a multiple of the VAE factor (resized with
+        Lanczos, as VaeImageProcessor; diffusion/init_image.py).
+    mask_image: with init_image: inpainting, as StableDiffusionInpaintPipeline(prompt, image=, mask_image=,
+        height=, width=, strength=): white (>= 0.5 in grayscale) repaints, black keeps. A UNet of 9 input
+        channels (an inpainting checkpoint) sees the mask and the masked image; an ordinary 4-channel UNet
+        has its kept region set back after every step. A 9-channel UNet needs a mask.
+    strength: in (0, 1]: the last int(steps * strength) steps are run (default 0.8 for image to image, 1.0
+        for inpainting, as each diffusers pipeline).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -221,6 +360,11 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
         generator = torch.Generator("cpu").manual_seed(seed)
     unet_config, vae_config = models.unet.config, models.vae.config
     f = vae_config.spatial_factor
+    start, strength = check_image_inputs(init_image, mask_image, strength, steps=steps, unet_config=unet_config,
+                               vae_config=vae_config)
+    if init_image is not None:
+        from diffusion.init_image import default_size
+        height, width = default_size(init_image, height, width, factor=f)
     height = unet_config.sample_size * f if height is None else height
     width = unet_config.sample_size * f if width is None else width
     check_size(height, width, unet_config, vae_config)
@@ -246,9 +390,16 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
                                 (negatives + prompts) if use_guidance else prompts, device)
         states = states.repeat_interleave(n, dim=0)                   # (k*B*n, 77, D), prompt by prompt
         uncond, cond = states.chunk(2) if use_guidance else (None, states)
-        latents = initial_latents(len(prompts) * n, channels=unet_config.in_channels, height=height,
-                                  width=width, factor=f, generator=generator, device=device)
+        if init_image is None:
+            latents, image = initial_latents(len(prompts) * n, channels=unet_config.in_channels, height=height,
+                                             width=width, factor=f, generator=generator, device=device), None
+        else:
+            from diffusion.init_image import image_to_pixels, mask_to_pixels
+            mask = None if mask_image is None else mask_to_pixels(mask_image, height, width)
+            latents, image = image_start(models.vae, image_to_pixels(init_image, height, width), mask,
+                                         batch=len(prompts) * n, start=start, strength=strength,
+                                         unet_channels=unet_config.in_channels, generator=generator)
         latents = denoise(models.unet, latents, cond, uncond, sampler=the_sampler, steps=steps,
-                          guidance_scale=guidance_scale, generator=generator, progress=progress)
+                          guidance_scale=guidance_scale, generator=generator, progress=progress, image=image)
         images = decode_to_uint8(models.vae, latents)
     return to_pil(images) if output == "pil" else images
