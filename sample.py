@@ -177,8 +177,9 @@ def check_image_flags(args: argparse.Namespace) -> None:
     args.init_picture = args.mask_picture = None
     if args.init_img is None:
         return
-    if args.strength is None:
-        args.strength = 1.0 if args.mask is not None else 0.8    # each diffusers pipeline's default
+    if args.strength is None:     # recorded in run_config.toml
+        from diffusion.init_image import default_strength
+        args.strength = default_strength(inpainting=args.mask is not None)
     if int(args.ddim_steps * args.strength) < 1:
         raise UsageError(f"--strength {args.strength} with --ddim_steps {args.ddim_steps}: int({args.ddim_steps} * "
                          f"{args.strength}) = 0 steps to run; raise --strength or --ddim_steps")

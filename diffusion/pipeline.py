@@ -36,13 +36,14 @@ instead of giving black images (uint8 conversion would turn NaN into 0).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from clip.textual_inversion import expand_prompts
 from common.precision import autocast as autocast_context
+from diffusion.init_image import (ImageStart, check_image_inputs, default_size, image_start, image_to_pixels,
+                                  mask_to_pixels)
 from diffusion.samplers import Sampler, make_sampler
 from diffusion.schedule import randn
 
@@ -112,27 +113,6 @@ def initial_latents(n: int, *, channels: int, height: int, width: int, factor: i
     return randn((n, channels, height // factor, width // factor), generator=generator, device=device)
 
 
-def start_step(steps: int, strength: float) -> int:
-    """The steps of a `steps` schedule that image to image skips: diffusers' `get_timesteps`, which keeps the
-    last int(steps * strength) (strength 1: all of them, from pure noise's level; 0.5: the second half)."""
-    kept = min(int(steps * strength), steps)
-    return max(steps - kept, 0)
-
-
-@dataclass(frozen=True)
-class ImageStart:
-    """What image to image and inpainting give the denoising loop. Latents are the diffusion latents
-    (the VAE's times scaling_factor), (n, C, h, w), on the loop's device."""
-    start: int                                   # steps of the schedule skipped (`start_step`)
-    image_latents: torch.Tensor | None           # z_0 of the init image (None: only a 9-channel UNet at strength 1)
-    from_image: bool = True                      # start from z_0 noised to the run's first timestep (SDEdit);
-                                                 # False: from pure noise (inpainting at strength 1, as diffusers)
-    repaint_mask: torch.Tensor | None = None     # (n, 1, h, w), 1 repaints: with a 4-channel UNet the rest is set
-                                                 # back to z_0 noised to the next step's level after every step
-    unet_extra: torch.Tensor | None = None       # (n, 1 + C, h, w): the mask and the masked image's latents, the
-                                                 # extra input channels of an inpainting UNet (9 = 4 + 1 + 4)
-
-
 def starting_latents(sampler: Sampler, noise: torch.Tensor, image: ImageStart | None) -> torch.Tensor:
     """x at the run's first timestep: pure noise scaled to the sampler's first level (x_T * init_noise_sigma),
     or, from an image, z_0 noised to that timestep by the sampler's own forward process (`add_noise`)."""
@@ -196,49 +176,6 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
     return x
 
 
-def encode_image(vae: torch.nn.Module, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(1, 3, H, W) pixels in [-1, 1] -> (1, C, H/f, W/f) diffusion latents: a sample of the VAE posterior,
-    its noise drawn from `generator` (one randn, as diffusers' `retrieve_latents`), times scaling_factor."""
-    dtype = next(vae.parameters()).dtype
-    return vae.encode(pixels.to(_module_device(vae), dtype)).sample(generator) * vae.config.scaling_factor
-
-
-def image_start(vae: torch.nn.Module, pixels: torch.Tensor, mask: torch.Tensor | None, *, batch: int, start: int,
-                strength: float, unet_channels: int, generator: torch.Generator) -> tuple[torch.Tensor, ImageStart]:
-    """The starting noise (batch, C, h, w) and the `ImageStart` of image to image (`mask` None) or inpainting,
-    with the generator's draws in diffusers' order, so that a seed gives its images:
-    - image to image (StableDiffusionImg2ImgPipeline): the image's posterior sample, then the noise;
-    - inpainting (StableDiffusionInpaintPipeline): the image's posterior sample (not drawn by a 9-channel UNet
-      at strength 1, which starts from pure noise and never uses z_0), the noise, then the masked image's.
-    pixels: (1, 3, H, W) in [-1, 1]; mask: (1, 1, H, W), 1 repaints (`diffusion/init_image.py`)."""
-    from diffusion.init_image import mask_to_latent_size
-    f = vae.config.spatial_factor
-    device = _module_device(vae)
-    latent_shape = (batch, vae.config.latent_channels, pixels.shape[-2] // f, pixels.shape[-1] // f)
-    if mask is None:
-        image_latents = encode_image(vae, pixels, generator).repeat(batch, 1, 1, 1)
-        noise = randn(latent_shape, generator=generator, device=device)
-        return noise, ImageStart(start=start, image_latents=image_latents)
-    inpainting_unet = unet_channels == 2 * vae.config.latent_channels + 1
-    from_noise = strength == 1.0                     # diffusers' is_strength_max
-    image_latents = None
-    if not (inpainting_unet and from_noise):
-        image_latents = encode_image(vae, pixels, generator).repeat(batch, 1, 1, 1)
-    noise = randn(latent_shape, generator=generator, device=device)
-    masked_pixels = pixels * (mask < 0.5)            # the repainted region grey (0 in [-1, 1])
-    mask_latent = mask_to_latent_size(mask, factor=f).to(device).repeat(batch, 1, 1, 1)   # (batch, 1, h, w)
-    if inpainting_unet:
-        masked_latents = encode_image(vae, masked_pixels, generator).repeat(batch, 1, 1, 1)
-        extra = torch.cat([mask_latent, masked_latents.to(mask_latent.dtype)], dim=1)   # (batch, 1 + C, h, w)
-        return noise, ImageStart(start=start, image_latents=image_latents, from_image=not from_noise,
-                                 unet_extra=extra)
-    # diffusers encodes the masked image for a 4-channel UNet too, which never uses it; its posterior draw is
-    # made here (without the encoder pass) so that the draws after it (DDIM's eta, Euler a) stay diffusers'.
-    randn((1, *latent_shape[1:]), generator=generator, device=device, dtype=next(vae.parameters()).dtype)
-    return noise, ImageStart(start=start, image_latents=image_latents, from_image=not from_noise,
-                             repaint_mask=mask_latent)
-
-
 def decode_to_uint8(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """(n, C, h, w) diffusion latents -> (n, h*f, w*f, 3) uint8 images on the CPU.
 
@@ -272,33 +209,6 @@ def make_grid(images: Sequence, *, columns: int | None = None, padding: int = 2)
         row, column = divmod(i, columns)
         grid.paste(image, (padding + column * (w + padding), padding + row * (h + padding)))
     return grid
-
-
-def check_image_inputs(init_image: Any, mask_image: Any, strength: float | None, *, steps: int, unet_config: Any,
-                       vae_config: Any) -> tuple[int, float | None]:
-    """ValueError for what image to image and inpainting cannot run; returns the steps skipped (`start_step`)
-    and the strength (its default: 0.8 for image to image, 1.0 for inpainting, as each diffusers pipeline)."""
-    latent = vae_config.latent_channels
-    if unet_config.in_channels not in (latent, 2 * latent + 1):
-        raise ValueError(f"the UNet takes {unet_config.in_channels} input channels: {latent} (latents) or "
-                         f"{2 * latent + 1} (an inpainting UNet: latents, mask, masked image's latents) are sampled")
-    if mask_image is not None and init_image is None:
-        raise ValueError("mask_image needs init_image: the mask says which part of that image is repainted")
-    if unet_config.in_channels != latent and mask_image is None:
-        raise ValueError(f"an inpainting UNet ({unet_config.in_channels} input channels) needs init_image and "
-                         "mask_image: it samples a masked image's missing region")
-    if init_image is None:
-        if strength is not None:
-            raise ValueError("strength applies to image to image and inpainting: give init_image")
-        return 0, None
-    strength = strength if strength is not None else (0.8 if mask_image is None else 1.0)
-    if not 0 < strength <= 1:
-        raise ValueError(f"strength={strength}: must be in (0, 1] (1: from pure noise; small: near the image)")
-    start = start_step(steps, strength)
-    if start >= steps:
-        raise ValueError(f"strength={strength} with {steps} steps: int({steps} * {strength}) = 0 steps to run; "
-                         "raise the strength or the steps")
-    return start, strength
 
 
 def _module_device(module: torch.nn.Module) -> torch.device:
@@ -363,7 +273,6 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
     start, strength = check_image_inputs(init_image, mask_image, strength, steps=steps, unet_config=unet_config,
                                vae_config=vae_config)
     if init_image is not None:
-        from diffusion.init_image import default_size
         height, width = default_size(init_image, height, width, factor=f)
     height = unet_config.sample_size * f if height is None else height
     width = unet_config.sample_size * f if width is None else width
@@ -394,7 +303,6 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
             latents, image = initial_latents(len(prompts) * n, channels=unet_config.in_channels, height=height,
                                              width=width, factor=f, generator=generator, device=device), None
         else:
-            from diffusion.init_image import image_to_pixels, mask_to_pixels
             mask = None if mask_image is None else mask_to_pixels(mask_image, height, width)
             latents, image = image_start(models.vae, image_to_pixels(init_image, height, width), mask,
                                          batch=len(prompts) * n, start=start, strength=strength,

@@ -22,8 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import sample
 from common.images import load_image
-from diffusion.init_image import default_size, image_to_pixels, mask_to_pixels
-from diffusion.pipeline import start_step
+from diffusion.init_image import default_size, image_to_pixels, mask_to_pixels, start_step
 from diffusion.samplers import make_sampler
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -127,6 +126,10 @@ def _runs():
             if p.name != "weights_sha256.json"]
 
 
+def _run(name: str) -> dict:
+    return next(r for r in _runs() if r["name"] == name)
+
+
 def _argv(run, ckpt: Path, config: Path | None, outdir: Path) -> list[str]:
     argv = ["--ckpt", str(ckpt), "--outdir", str(outdir), "--prompt", run["prompt"],
             "--negative_prompt", run["negative_prompt"], "--n_samples", str(run["num_images_per_prompt"]),
@@ -139,6 +142,9 @@ def _argv(run, ckpt: Path, config: Path | None, outdir: Path) -> list[str]:
         argv += ["--mask", str(IMG / run["mask_image"])]
     if run["sampler"] == "ddim":
         argv += ["--ddim_eta", str(run["eta"])]
+    if run["lora"] is not None:
+        file, scale = run["lora"]
+        argv += ["--lora", f"{FIXTURES / 'lora' / file}:{scale}"]
     if config is not None:
         argv += ["--config", str(config)]
     return argv
@@ -164,3 +170,169 @@ def test_sample_py_equals_diffusers(layout, run, tmp_path, inpaint_checkpoints, 
         assert diff <= MAX_DIFF, f"{run['name']} ({layout}) image {i}: max |diff| {diff}/255 > {MAX_DIFF}/255"
     if run["mask_image"] == "mask_96x64.png":
         assert "--mask" in capsys.readouterr().err, "a mask of another size than the picture is said on stderr"
+
+
+def test_sample_py_runs_cover_every_sampler_for_each_kind():
+    runs = _runs()
+    from diffusion.samplers import SAMPLERS
+    for kind in ("img2img", "inpaint9", "inpaint4"):
+        assert {r["sampler"] for r in runs if r["name"].startswith(kind + "_")} == set(SAMPLERS), kind
+    for kind in ("inpaint9", "inpaint4"):
+        assert {r["strength"] == 1.0 for r in runs if r["name"].startswith(kind + "_")} == {True, False}, kind
+
+
+# ------------------------------------------------------------------ with everything else
+def test_run_record_names_the_pictures_and_repeats_the_run(tmp_path):
+    """run_config.toml holds --init-img, --mask and the strength used; run_info.json their paths and sha256;
+    `--config run_config.toml` repeats the run image for image."""
+    from common.files import file_sha256
+    run = _run("inpaint4_ddim4_s1")
+    argv = _argv(run, SD_FOLDER, None, tmp_path / "a")
+    argv[argv.index("--strength"):argv.index("--strength") + 2] = []          # the default, recorded
+    first = sample.main(argv)
+    record = (tmp_path / "a" / "run_config.toml").read_text()
+    assert f'init-img = "{IMG / "init_48x32.png"}"' in record and f'mask = "{IMG / "mask_48x32.png"}"' in record
+    assert "strength = 1.0" in record                   # inpainting's default, as diffusers'
+    info = json.loads((tmp_path / "a" / "run_info.json").read_text())
+    assert info["init_image"] == {"path": str((IMG / "init_48x32.png").resolve()),
+                                  "sha256": file_sha256(IMG / "init_48x32.png")}
+    assert info["mask"]["sha256"] == file_sha256(IMG / "mask_48x32.png")
+    again = sample.main(["--config", str(tmp_path / "a" / "run_config.toml"), "--outdir", str(tmp_path / "b")])
+    assert [p.name for p in again] == [p.name for p in first]
+    assert [Image.open(p).tobytes() for p in again[:2]] == [Image.open(p).tobytes() for p in first[:2]]
+
+
+def test_n_iter_batches_are_the_next_seeds_and_the_grid_starts_with_the_picture(tmp_path):
+    run = _run("img2img_euler_a5_s0.8")
+    both = sample.main(_argv(run, SD_FOLDER, None, tmp_path / "both") + ["--n_iter", "2"])
+    seed = run["seed"]
+    alone = [sample.main([a if a != str(seed) else str(s) for a in _argv(run, SD_FOLDER, None, tmp_path / str(s))])
+             for s in (seed, seed + 1)]
+    assert [Image.open(p).tobytes() for p in both[:4]] == [Image.open(p).tobytes() for r in alone for p in r[:2]]
+    grid = Image.open(both[4])
+    assert grid.size == (3 * (48 + 2) + 2, 2 * (32 + 2) + 2)          # the picture, then 2 samples; 2 rows
+    picture = load_image(IMG / "init_48x32.png")
+    for row in range(2):
+        cell = grid.crop((2, 2 + row * 34, 50, 34 + row * 34))
+        assert cell.tobytes() == picture.tobytes(), "the first column is the init picture"
+        cell = grid.crop((52, 2 + row * 34, 100, 34 + row * 34))
+        assert cell.tobytes() == Image.open(both[2 * row]).tobytes()
+
+
+def test_inpainting_grid_shows_the_repainted_region_grey(tmp_path):
+    written = sample.main(_argv(_run("inpaint4_ddim4_s1"), SD_FOLDER, None, tmp_path))
+    first = np.asarray(Image.open(written[-1]).crop((2, 2, 50, 34)))
+    mask = mask_to_pixels(load_image(IMG / "mask_48x32.png"), 32, 48)[0, 0].numpy() >= 0.5
+    assert (first[mask] == 128).all() and (first[~mask] == np.asarray(load_image(IMG / "init_48x32.png"))[~mask]).all()
+
+
+def test_porting_trace_of_the_inpainting_unet(inpaint_checkpoints, tmp_path):
+    """python -m porting trace of a 9-channel UNet: every module equal to diffusers' (1e-4 of its largest value),
+    from the folder under diffusers' names and from the single file under LDM's (input_blocks.0 is conv_in, of
+    9 input channels)."""
+    from common.state_dict import read_safetensors
+    from porting.__main__ import main as porting
+    from porting.compare import compare, read_trace
+    inputs = IMG / "inpaint_unet_trace_inputs.safetensors"
+    reference = IMG / "inpaint_unet_trace_reference.safetensors"
+    out = tmp_path / "folder.safetensors"
+    assert porting(["trace", "--model", str(inpaint_checkpoints["folder"]), "--component", "unet",
+                    "--inputs", str(inputs), "--out", str(out)]) == 0
+    theirs, _ = read_trace(reference)
+    ours, _ = read_trace(out)
+    assert set(theirs) == set(ours)
+    result = compare(reference, out, rtol=1e-4)
+    assert not result.beyond, result.beyond[:5]
+    single = tmp_path / "single.safetensors"
+    assert porting(["trace", "--model", str(inpaint_checkpoints["single_file"]), "--component", "unet",
+                    "--inputs", str(inputs), "--out", str(single), "--config",
+                    str(inpaint_checkpoints["folder"])]) == 0
+    ldm, _ = read_trace(single)
+    assert read_safetensors(inputs)["sample"].shape[1] == 9
+    torch.testing.assert_close(ldm["model.diffusion_model.input_blocks.0"], ours["conv_in"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(ldm["model.diffusion_model.out"], ours["conv_out"], rtol=0, atol=1e-5)
+
+
+def test_a_single_file_with_9_input_channels_is_an_inpainting_unet_from_its_shapes():
+    """SD v1.5-inpainting's single file is SD v1.5's but for input_blocks.0.0.weight (320, 9, 3, 3): the
+    config inferred from the shapes alone has 9 input channels and 4 output ones."""
+    from diffusion.checkpoints.configs import configs_from_shapes
+    manifest = json.loads((Path(__file__).parent / "manifests" / "sd_v1_single_file.json").read_text())
+    shapes = {k: tuple(v) for k, v in manifest["model_tensors"].items()}
+    shapes["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)
+    unet, vae = configs_from_shapes(shapes, source="sd-v1-5-inpainting.ckpt")
+    assert (unet.in_channels, unet.out_channels, vae.latent_channels) == (9, 4, 4)
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.fixture
+def no_model_work(monkeypatch):
+    import diffusion.checkpoints.load
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+    monkeypatch.setattr(diffusion.checkpoints.load, "load_stable_diffusion", refuse)
+
+
+def _refused(argv, capsys, *words) -> str:
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--mask", str(IMG / "mask_48x32.png")], ["--mask", "needs --init-img"]),
+    (["--strength", "0.5"], ["--strength 0.5", "give --init-img"]),
+    (["--init-img", str(IMG / "init_48x32.png"), "--strength", "0"], ["--strength 0.0", "(0, 1]"]),
+    (["--init-img", str(IMG / "init_48x32.png"), "--strength", "1.5"], ["--strength 1.5", "(0, 1]"]),
+    (["--init-img", str(IMG / "init_48x32.png"), "--strength", "-0.2"], ["--strength -0.2", "(0, 1]"]),
+    (["--init-img", str(IMG / "init_48x32.png"), "--strength", "nan"], ["--strength", "nan"]),
+    (["--init-img", str(IMG / "init_48x32.png"), "--strength", "0.3"], ["--strength 0.3 with --ddim_steps 2",
+                                                                         "0 steps"]),
+    (["--init-img", str(IMG / "missing.png")], ["--init-img", "missing.png"]),
+    (["--init-img", str(IMG / "schedulers.json")], ["--init-img", "schedulers.json", "not a readable image"]),
+    (["--init-img", str(IMG / "init_48x32.png"), "--mask", str(IMG / "runs")], ["--mask", "runs"]),
+])
+def test_bad_input_is_one_line_before_any_model_loads(extra, words, tmp_path, capsys, no_model_work):
+    argv = ["--ckpt", str(SD_FOLDER), "--outdir", str(tmp_path / "out"), "--ddim_steps", "2", "--device", "cpu"]
+    _refused(argv + extra, capsys, *words)
+    assert not (tmp_path / "out").exists(), "nothing is written"
+
+
+def test_an_oversized_picture_is_refused_from_its_header(tmp_path, capsys, monkeypatch, no_model_work):
+    monkeypatch.setattr("common.images.MAX_IMAGE_PIXELS", 48 * 32 - 1)
+    _refused(["--ckpt", str(SD_FOLDER), "--outdir", str(tmp_path), "--init-img", str(IMG / "init_48x32.png")],
+             capsys, "--init-img", "too large", "48x32")
+
+
+def test_an_inpainting_unet_needs_a_mask(inpaint_checkpoints, tmp_path, capsys, no_model_work):
+    _refused(["--ckpt", str(inpaint_checkpoints["folder"]), "--outdir", str(tmp_path)], capsys,
+             "--ckpt", "an inpainting UNet (9 input channels", "--mask")
+    _refused(["--ckpt", str(inpaint_checkpoints["single_file"]), "--config", str(inpaint_checkpoints["folder"]),
+              "--outdir", str(tmp_path), "--init-img", str(IMG / "init_48x32.png")], capsys, "--mask")
+
+
+def test_a_picture_size_the_unet_cannot_take_names_init_img(tmp_path, capsys, no_model_work):
+    """45x30 rounds down to 44x28 (the VAE factor 4), not a multiple of 8 (the tiny UNet's)."""
+    picture = tmp_path / "odd.png"
+    load_image(IMG / "init_50x35.png").resize((45, 30)).save(picture)
+    _refused(["--ckpt", str(SD_FOLDER), "--outdir", str(tmp_path / "out"), "--init-img", str(picture)], capsys,
+             "--init-img", "45x30", "44x28", "--H and --W")
+
+
+def test_generate_refuses_what_it_cannot_run():
+    from diffusion.checkpoints.load import load_stable_diffusion
+    from diffusion.pipeline import generate
+    models = load_stable_diffusion(SD_FOLDER)
+    picture = load_image(IMG / "init_48x32.png")
+    with pytest.raises(ValueError, match="mask_image needs init_image"):
+        generate(models, "a cat", mask_image=picture, seed=0, steps=2)
+    with pytest.raises(ValueError, match=r"strength=1.5: must be in \(0, 1\]"):
+        generate(models, "a cat", init_image=picture, strength=1.5, seed=0, steps=2)
+    with pytest.raises(ValueError, match="strength applies to image to image"):
+        generate(models, "a cat", strength=0.5, seed=0, steps=2)

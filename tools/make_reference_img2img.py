@@ -13,13 +13,16 @@ Writes under tests/fixtures/img2img/:
   proven inverse mapping. The tests build the inpainting pipeline from them: tests/fixtures/sd/tiny_diffusers
   with unet/ replaced, and tiny_single.safetensors with its UNet replaced. Both layouts are loaded here with
   diffusers (`from_pretrained`, `from_single_file`) and checked bit-identical.
+- inpaint_unet_trace_inputs.safetensors, inpaint_unet_trace_reference.safetensors: diffusers' 9-channel UNet
+  traced module by module (tools/make_reference_traces.py's hooks), for `python -m porting trace`.
 - schedulers.safetensors + schedulers.json: every sampler's diffusers scheduler in image to image: the
   timesteps of `get_timesteps` (with `set_begin_index`), `add_noise` at the first kept step, then each step
   on fixed model outputs and `add_noise` at each next step (as the inpainting pipeline's 4-channel blend).
 - processor.safetensors: VaeImageProcessor.preprocess of an odd-sized picture (its own size rounded down,
   and a given size) and the inpainting pipeline's mask_processor of a grey-edged mask.
 - runs/<run>.json + PNGs: StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline (9- and
-  4-channel UNets) runs, two images per prompt and a negative prompt, every sampler, strengths 1.0 and below.
+  4-channel UNets) runs, two images per prompt and a negative prompt, every sampler, strengths 1.0 and below;
+  two of them with a LoRA of tests/fixtures/lora fused (tools/make_reference_lora.py writes those first).
 """
 from __future__ import annotations
 
@@ -107,7 +110,15 @@ RUNS = [
      "a chair", "table"),
     ("inpaint4_euler_a5_s0.7", "init_48x32.png", "mask_48x32.png", "sd", "euler_a", 5, 0.7, None, 32, 48, 57,
      "a chair", "table"),
+    # with a LoRA of tests/fixtures/lora fused (load_lora_weights + fuse_lora(lora_scale=...))
+    ("img2img_lora_kohya0.7_ddim4_s0.75", "init_48x32.png", None, "sd", "ddim", 4, 0.75, 0.0, None, None, 58,
+     "a red house", "fog"),
+    ("inpaint4_lora_diffusers1_euler4_s0.8", "init_48x32.png", "mask_48x32.png", "sd", "euler", 4, 0.8, None, 32,
+     48, 59, "a green door", "night"),
 ]
+LORAS = {"img2img_lora_kohya0.7_ddim4_s0.75": ("kohya.safetensors", 0.7),
+         "inpaint4_lora_diffusers1_euler4_s0.8": ("diffusers.safetensors", 1.0)}
+LORA_FOLDER = ROOT / "tests" / "fixtures" / "lora"
 
 # (name, sampler, scheduler config, steps, strength, eta, noise seed or None): per-step references
 SCHEDULER_CASES = (
@@ -205,6 +216,24 @@ def prove_inpaint_layouts(folder: Path, single: Path) -> None:
     print("inpainting UNet: folder and single file bit-identical in diffusers")
 
 
+def write_inpaint_trace() -> None:
+    """Every module's output of diffusers' 9-channel UNet on fixed inputs (make_reference_traces.py's hooks),
+    for the porter's trace of an inpainting UNet (python -m porting trace --component unet)."""
+    from diffusers import UNet2DConditionModel
+    from make_reference_traces import trace
+    sys.path.insert(0, str(ROOT))
+    from porting.trace import write_trace
+    unet = UNet2DConditionModel.from_pretrained(str(OUT / "inpaint_unet")).eval()
+    g = torch.Generator().manual_seed(4)
+    x = {"sample": torch.randn(1, 9, 4, 4, generator=g), "timestep": torch.tensor([411.0]),
+         "encoder_hidden_states": torch.randn(1, 7, 32, generator=g)}
+    outputs = trace(unet, lambda: unet(x["sample"], x["timestep"], x["encoder_hidden_states"]), {"": ""})
+    save_file({k: v.contiguous() for k, v in x.items()}, str(OUT / "inpaint_unet_trace_inputs.safetensors"))
+    write_trace(OUT / "inpaint_unet_trace_reference.safetensors", outputs,
+                {"made_by": "tools/make_reference_img2img.py", "model": "tests/fixtures/img2img/inpaint_unet"})
+    print(f"inpainting UNet trace: {len(outputs)} modules")
+
+
 # ---------------------------------------------------------------- image processors
 def write_processor_fixtures() -> None:
     from diffusers.image_processor import VaeImageProcessor
@@ -295,6 +324,14 @@ def run_pipeline(pipes: dict, run: tuple) -> list:
     else:
         pipe = pipes[f"inpaint_{unet}"]
         kwargs |= dict(mask_image=read_picture(mask), height=height, width=width)
+    if name in LORAS:     # a fresh pipeline of the same class, the LoRA fused into its weights
+        from make_reference_lora import load
+        file, scale = LORAS[name]
+        pipe = type(pipe).from_pretrained(str(SD_FOLDER), safety_checker=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        load(pipe, LORA_FOLDER / file)
+        pipe.fuse_lora(lora_scale=scale)
+        pipe.unload_lora_weights()
     set_scheduler(pipe, sampler)
     return pipe(image=image, **kwargs).images
 
@@ -326,14 +363,15 @@ def write_runs(folder: Path) -> None:
             image.save(out / files[-1])
         params = dict(init_image=init, mask_image=mask, unet=unet, sampler=sampler, steps=steps, strength=strength,
                       eta=eta, height=height, width=width, seed=seed, prompt=prompt, negative_prompt=negative,
-                      num_images_per_prompt=2, guidance_scale=7.5, images=files,
+                      num_images_per_prompt=2, guidance_scale=7.5, images=files, lora=LORAS.get(name),
                       pipeline=type(pipes["img2img" if mask is None else f"inpaint_{unet}"]).__name__,
                       scheduler=type(pipes["img2img" if mask is None else f"inpaint_{unet}"].scheduler).__name__,
                       diffusers_version=diffusers.__version__)
         (out / f"{name}.json").write_text(json.dumps(params, indent=1, sort_keys=True) + "\n")
         print(f"{name}: {len(images)} images {images[0].size}")
     weights = sorted(p for p in SD_FOLDER.rglob("*") if p.is_file()) + [SD_SINGLE] + sorted(
-        p for p in (OUT / "inpaint_unet").rglob("*") if p.is_file()) + [OUT / "inpaint_unet_ldm.safetensors"]
+        p for p in (OUT / "inpaint_unet").rglob("*") if p.is_file()) + [OUT / "inpaint_unet_ldm.safetensors"] + [
+        LORA_FOLDER / file for file, _ in sorted(set(LORAS.values()))]
     (out / "weights_sha256.json").write_text(json.dumps(file_hashes(weights), indent=1, sort_keys=True) + "\n")
 
 
@@ -343,6 +381,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     write_pictures()
     write_inpaint_unet()
+    write_inpaint_trace()
     write_processor_fixtures()
     write_scheduler_fixtures()
     with tempfile.TemporaryDirectory() as tmp:
