@@ -127,8 +127,8 @@ def keep_unmasked(sampler: Sampler, x: torch.Tensor, noise: torch.Tensor, image:
     outside the mask the latents become z_0 noised to the next step's level (z_0 itself after the last step),
     so only the masked region is generated."""
     kept = image.image_latents if last else sampler.add_noise(image.image_latents, noise, step + 1)
-    mask = image.repaint_mask
-    return (1 - mask) * kept + mask * x
+    mask = image.repaint_mask.to(x.dtype)
+    return (1 - mask) * kept.to(x.dtype) + mask * x
 
 
 def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
