@@ -16,6 +16,15 @@ the same seed gives the images diffusers' StableDiffusionPipeline gives with gen
 gives the same picture in about half the steps (docs/sampling.md); --plms is --sampler plms. Writes outdir/samples/NNNNN.png (numbering continues after the files already there;
 nothing is ever overwritten) and one grid per prompt in outdir, and prints every path written; each sample's
 prompt goes into outdir/samples/prompts.jsonl, which `python -m dreambooth.evaluate --prompts` reads.
+
+Image to image (SDEdit, as CompVis's scripts/img2img.py and diffusers' StableDiffusionImg2ImgPipeline) and
+inpainting (StableDiffusionInpaintPipeline; an inpainting checkpoint's 9-channel UNet or any 4-channel one):
+
+    python sample.py --ckpt sd-v1-5 --init-img photo.png --strength 0.6 --prompt "an oil painting"
+    python sample.py --ckpt sd-v1-5-inpainting --init-img photo.png --mask mask.png --prompt "a red bench"
+
+The picture is --H x --W when given, else its own size rounded down to the VAE factor; the grids show it
+as their first column.
 """
 from __future__ import annotations
 
@@ -67,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=finite_float, default=7.5,
                    help="classifier-free guidance scale: eps = eps(x, uncond) + scale * (eps(x, cond) - "
                         "eps(x, uncond)); <= 1 samples without guidance")
+    p.add_argument("--init-img", "--init_img", dest="init_img", default=None, metavar="FILE",
+                   help="image to image (SDEdit): start from this picture, noised to --strength, instead of pure noise")
+    p.add_argument("--strength", type=finite_float, default=None,
+                   help="with --init-img: how much of the schedule is run, in (0, 1]: the last int(steps * strength) "
+                        "steps (default 0.8, as diffusers; CompVis's img2img uses 0.75; 1.0 with --mask); 1.0 keeps "
+                        "only the picture's layout, small values keep it nearly as it is")
+    p.add_argument("--mask", default=None, metavar="FILE",
+                   help="with --init-img: inpainting; white repaints, black keeps (grayscale, binarised at 0.5, as "
+                        "diffusers); resized to the picture's size")
     p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's, "
                                                         "unet sample_size x VAE factor: 512 for SD v1)")
     p.add_argument("--W", type=int, default=None, help="image width in pixels (default: as --H)")
@@ -154,6 +172,43 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--variant {args.variant}: applies to a diffusers folder; --ckpt {args.ckpt} is a single file")
     parse_lora_flags(args.lora or [])     # raises ValueError naming --lora
     check_writable(args.outdir, "--outdir")   # a file, under a file, read-only: named now (nothing is created)
+    check_image_flags(args)
+
+
+def check_image_flags(args: argparse.Namespace) -> None:
+    """--init-img, --strength and --mask, and the pictures read (header first: the pixel limit), before any
+    model loads; the pictures are kept on args for the run."""
+    from common.images import MAX_IMAGE_PIXELS, ImageError, load_image
+    if args.mask is not None and args.init_img is None:
+        raise UsageError(f"--mask {args.mask} needs --init-img: the mask says which part of that picture is repainted")
+    if args.strength is not None and args.init_img is None:
+        raise UsageError(f"--strength {args.strength} applies to image to image and inpainting: give --init-img")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise UsageError(f"--strength {args.strength}: must be in (0, 1] (1 starts from pure noise, small values "
+                         "stay near the picture)")
+    args.init_picture = args.mask_picture = None
+    if args.init_img is None:
+        return
+    if args.strength is None:     # recorded in run_config.toml
+        from diffusion.init_image import default_strength
+        args.strength = default_strength(inpainting=args.mask is not None)
+    if int(args.ddim_steps * args.strength) < 1:
+        raise UsageError(f"--strength {args.strength} with --ddim_steps {args.ddim_steps}: int({args.ddim_steps} * "
+                         f"{args.strength}) = 0 steps to run; raise --strength or --ddim_steps")
+    for flag, path, attr in (("--init-img", args.init_img, "init_picture"), ("--mask", args.mask, "mask_picture")):
+        if path is not None:
+            try:
+                setattr(args, attr, load_image(path, max_pixels=MAX_IMAGE_PIXELS))
+            except ImageError as e:
+                raise UsageError(f"{flag} {e}") from None
+
+
+def inpainting_unet(args: argparse.Namespace, unet_config, vae_config) -> None:
+    """A 9-channel (inpainting) UNet samples only with --mask; said before any model loads when the configs
+    are known from the files."""
+    if unet_config.in_channels != vae_config.latent_channels and args.mask is None:
+        raise UsageError(f"--ckpt {args.ckpt}: an inpainting UNet ({unet_config.in_channels} input channels: latents, "
+                         "mask, masked picture) needs --init-img and --mask")
 
 
 def check_memory_of_run(args: argparse.Namespace, configs, *, device, dtype_bytes: int) -> None:
@@ -189,11 +244,15 @@ MICRO_FLAGS = ("original_size", "crops_coords_top_left", "target_size")
 
 
 def check_micro_conditioning(args: argparse.Namespace, unet_config) -> None:
-    """SDXL's micro-conditioning flags need a UNet that reads them (addition_embed_type text_time)."""
+    """SDXL's micro-conditioning flags need a UNet that reads them (addition_embed_type text_time); SDXL has no
+    image to image or inpainting here yet."""
     given = [f"--{name}" for name in MICRO_FLAGS if getattr(args, name) is not None]
     if given and unet_config.addition_embed_type is None:
         raise UsageError(f"{', '.join(given)}: SDXL's micro-conditioning; --ckpt {args.ckpt} is an SD v1 or 2.x "
                          "model, whose UNet has none")
+    if unet_config.addition_embed_type is not None and args.init_img is not None:
+        raise UsageError(f"--init-img {args.init_img}: image to image and inpainting are built for SD v1 and 2.x; "
+                         f"--ckpt {args.ckpt} is SDXL")
     for name in MICRO_FLAGS:
         value = getattr(args, name)
         if value is not None and (min(value) < 0 or (name != "crops_coords_top_left" and min(value) < 1)):
@@ -203,15 +262,29 @@ def check_micro_conditioning(args: argparse.Namespace, unet_config) -> None:
 
 def image_size(args: argparse.Namespace, configs) -> None:
     """--H/--W against the UNet and VAE configs: multiples of f * 2^(UNet levels - 1). Unset, they
-    become the model's own size, unet sample_size x VAE factor (as diffusers' pipeline does)."""
+    become the model's own size, unet sample_size x VAE factor (as diffusers' pipeline does), or with
+    --init-img the picture's own, rounded down to the VAE factor (as diffusers' VaeImageProcessor)."""
+    from diffusion.init_image import default_size
     from diffusion.pipeline import check_size
     unet_config, vae_config = configs
+    inpainting_unet(args, unet_config, vae_config)
+    given = (args.H, args.W)
+    if getattr(args, "init_picture", None) is not None:
+        args.H, args.W = default_size(args.init_picture, args.H, args.W, factor=vae_config.spatial_factor)
     args.H = unet_config.sample_size * vae_config.spatial_factor if args.H is None else args.H
     args.W = unet_config.sample_size * vae_config.spatial_factor if args.W is None else args.W
     try:
         check_size(args.H, args.W, *configs, names=("--H", "--W"))
     except ValueError as e:
+        if given != (args.H, args.W):     # a size taken from the picture
+            picture = args.init_picture
+            raise UsageError(f"--init-img {args.init_img}: its size {picture.width}x{picture.height} gives "
+                             f"{args.W}x{args.H}, which the model cannot take ({e}); give --H and --W") from None
         raise UsageError(str(e)) from None
+    mask = getattr(args, "mask_picture", None)
+    if mask is not None and mask.size != args.init_picture.size:
+        print(f"--mask {args.mask}: {mask.width}x{mask.height}, the picture {args.init_picture.width}x"
+              f"{args.init_picture.height}: both are resized to {args.W}x{args.H} (as diffusers)", file=sys.stderr)
 
 
 def next_index(folder: Path, pattern: str) -> int:
@@ -231,6 +304,28 @@ def save_new(image, folder: Path, pattern: str, name_of) -> Path:
             return path
         except FileExistsError:  # another run took this number meanwhile
             index += 1
+
+
+def input_files(args: argparse.Namespace) -> dict:
+    """The pictures a run started from, for run_info.json: path and sha256 (run_config.toml has the paths)."""
+    from common.files import file_sha256
+    return {name: {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
+            for name, path in (("init_image", args.init_img), ("mask", args.mask)) if path is not None}
+
+
+def grid_row(batch: list, args: argparse.Namespace) -> list:
+    """A batch's row of the grid: with --init-img the picture first (at the samples' size, with the mask's
+    repainted region shown grey when inpainting, as the UNet saw it), then the samples."""
+    if args.init_picture is None:
+        return batch
+    from PIL import Image
+    picture = args.init_picture.resize(batch[0].size, resample=Image.Resampling.LANCZOS)
+    if args.mask_picture is not None:
+        from diffusion.init_image import mask_to_pixels
+        mask = mask_to_pixels(args.mask_picture, picture.height, picture.width)[0, 0].numpy() >= 0.5
+        grey = Image.new("RGB", picture.size, (128, 128, 128))
+        picture = Image.composite(grey, picture, Image.fromarray(mask.astype("uint8") * 255))
+    return [picture, *batch]
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -331,7 +426,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     samples.mkdir(parents=True, exist_ok=True)
     # run_config.toml (every flag, defaults included) and run_info.json: `--config run_config.toml` repeats it
     info = start_run_record(outdir, args, parser, device=str(device), dtype=args.precision, world_size=1, argv=argv,
-                            memory_format=layouts)
+                            memory_format=layouts, **input_files(args))
     written: list[Path] = []
     try:
         for prompt in prompts:
@@ -341,15 +436,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
                                  num_images_per_prompt=args.n_samples, steps=args.ddim_steps,
                                  eta=args.ddim_eta, guidance_scale=args.scale, height=args.H, width=args.W,
                                  seed=args.seed + k, sampler=args.sampler, autocast=autocast,
-                                 progress=True, output="pil",
+                                 progress=True, output="pil", init_image=args.init_picture,
+                                 mask_image=args.mask_picture, strength=args.strength,
                                  **{name: getattr(args, name) for name in MICRO_FLAGS})
                 for image in batch:
                     written.append(save_new(image, samples, r"(\d+)\.\w+", lambda i: f"{i:05d}.png"))
                     record_prompt(samples, written[-1].name, prompt)    # samples/prompts.jsonl, for CLIP-T
                     print(written[-1], flush=True)
-                images += batch
+                images += grid_row(batch, args)
             slug = re.sub(r"[^A-Za-z0-9]+", "-", prompt).strip("-")[:30] or "prompt"
-            written.append(save_new(make_grid(images, columns=args.n_samples), outdir, r".*-grid-(\d+)\.png",
+            columns = args.n_samples + (args.init_picture is not None)
+            written.append(save_new(make_grid(images, columns=columns), outdir, r".*-grid-(\d+)\.png",
                                     lambda i: f"{slug}-grid-{i:04d}.png"))   # a row per batch, as CompVis
             print(written[-1], flush=True)
     except BaseException as e:   # the record says how the run ended (Ctrl-C, an error), with what it wrote

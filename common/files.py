@@ -130,3 +130,13 @@ def read_json(path: str | Path, *, error: type[Exception] = ValueError,
         raise missing(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise error(f"{path}: not a readable JSON file ({e})") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes (read in 1 MiB pieces): what a run record names an input file by."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

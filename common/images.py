@@ -1,7 +1,7 @@
 """Images from files and bytes, read the one way every entry point reads them: a known format decoded
 by Pillow's own code, a pixel count checked from the header before decoding, a truncated file caught
 at load, and a message that names the input. The emotion classifier, the server and DreamBooth's
-instance and class images all come through `load_image`."""
+instance and class images and sample.py's --init-img and --mask all come through `load_image`."""
 from __future__ import annotations
 
 import io
@@ -15,6 +15,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 # Pillow hands to Ghostscript, an external program, to rasterise. MPO is a camera JPEG with extra frames.
 FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 EXTERNAL_PROGRAMS = {"EPS": "Ghostscript"}   # formats Pillow reads only by running another program
+# The pixel limit of the files the scripts read (DreamBooth's photos, sample.py's --init-img and --mask):
+# Pillow's own decompression-bomb limit, refused here from the header with a message naming the file.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 class ImageError(ValueError):

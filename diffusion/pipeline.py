@@ -22,6 +22,14 @@ generation can reuse them):
 4. `decode_to_uint8`: z / scaling_factor -> VAE decoder -> [-1, 1] -> uint8, as diffusers'
    `VaeImageProcessor.postprocess` does.
 
+Image to image and inpainting (`generate(..., init_image=, mask_image=, strength=)`, equal to diffusers'
+StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline) are inputs of the same loop, an
+`ImageStart` (`image_start` builds it): the run skips the first `start_step(steps, strength)` steps of the
+schedule and starts from the init image's latents z_0 noised to its first timestep (SDEdit, Meng et al.
+2022); an inpainting UNet (9 input channels) also sees the mask and the masked image's latents at every
+step, and with an ordinary 4-channel UNet the kept region is set back to z_0, noised to each next step's
+level, after every step.
+
 No NaN reaches an image: the UNet's first prediction and the decoded pixels are checked, and a model that
 computes NaN or infinity (weights that overflow in their dtype, an absurd LoRA) raises `NonFiniteError`
 instead of giving black images (uint8 conversion would turn NaN into 0).
@@ -40,6 +48,8 @@ import torch
 
 from clip.textual_inversion import expand_prompts
 from common.precision import autocast as autocast_context
+from diffusion.init_image import (ImageStart, check_image_inputs, default_size, image_start, image_to_pixels,
+                                  mask_to_pixels)
 from diffusion.samplers import Sampler, make_sampler
 from diffusion.schedule import randn
 
@@ -134,9 +144,27 @@ def initial_latents(n: int, *, channels: int, height: int, width: int, factor: i
     return randn((n, channels, height // factor, width // factor), generator=generator, device=device)
 
 
+def starting_latents(sampler: Sampler, noise: torch.Tensor, image: ImageStart | None) -> torch.Tensor:
+    """x at the run's first timestep: pure noise scaled to the sampler's first level (x_T * init_noise_sigma),
+    or, from an image, z_0 noised to that timestep by the sampler's own forward process (`add_noise`)."""
+    if image is None or not image.from_image:
+        return noise * sampler.init_noise_sigma
+    return sampler.add_noise(image.image_latents.to(noise.dtype), noise, 0)
+
+
+def keep_unmasked(sampler: Sampler, x: torch.Tensor, noise: torch.Tensor, image: ImageStart, *, step: int,
+                  last: bool) -> torch.Tensor:
+    """Inpainting with an ordinary 4-channel UNet (StableDiffusionInpaintPipeline's way): after step `step`,
+    outside the mask the latents become z_0 noised to the next step's level (z_0 itself after the last step),
+    so only the masked region is generated."""
+    kept = image.image_latents if last else sampler.add_noise(image.image_latents, noise, step + 1)
+    mask = image.repaint_mask.to(x.dtype)
+    return (1 - mask) * kept.to(x.dtype) + mask * x
+
+
 def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
             sampler: Sampler, steps: int, guidance_scale: float, generator: torch.Generator | None = None,
-            progress: bool = True, cond_added: dict[str, torch.Tensor] | None = None,
+            progress: bool = True, image: ImageStart | None = None, cond_added: dict[str, torch.Tensor] | None = None,
             uncond_added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Run the sampler from x_T (`latents`, (n, C, h, w), N(0, I)) to x_0 with classifier-free guidance.
 
@@ -147,6 +175,8 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
     fp32 weights under autocast keep fp32 latents, their UNet output taken back to fp32. A stochastic
     sampler (DDIM with eta > 0, Euler a) draws its noise from `generator`. A first prediction holding NaN or
     infinity raises NonFiniteError.
+    image: image to image or inpainting (`ImageStart`): the run is the schedule's last steps, from the init
+    image's latents noised with `latents` as the noise; None: text to image, all steps from x_T.
 
     cond_added / uncond_added: SDXL's added conditioning of each half, {"text_embeds": (n, P), "time_ids":
     (n, 6)} (diffusers' `added_cond_kwargs`), passed to the UNet beside the states; None for SD v1/2.
@@ -156,14 +186,20 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
     added = {} if cond_added is None else {
         name: (value if uncond is None else torch.cat([uncond_added[name], value])).to(dtype)
         for name, value in cond_added.items()}                            # (2n, P), (2n, 6): as the states
-    timesteps = sampler.set_timesteps(steps)
-    x = latents.to(dtype) * sampler.init_noise_sigma                  # (n, C, h, w)
+    timesteps = sampler.set_timesteps(steps, start=0 if image is None else image.start)
+    noise = latents.to(dtype)
+    x = starting_latents(sampler, noise, image)                        # (n, C, h, w)
+    extra = None if image is None or image.unet_extra is None else image.unet_extra.to(dtype)
+    if extra is not None and uncond is not None:
+        extra = torch.cat([extra, extra])                              # (2n, 1 + C, h, w)
     if progress:
         from tqdm import tqdm
         timesteps = tqdm(timesteps, desc=f"{type(sampler).__name__} steps", unit="step")
     for i, t in enumerate(timesteps):
         x_in = x if uncond is None else torch.cat([x, x])            # (2n, C, h, w)
         x_in = sampler.scale_model_input(x_in, t)
+        if extra is not None:    # an inpainting UNet's input: noisy latents, mask, masked image's latents
+            x_in = torch.cat([x_in, extra], dim=1)                   # (2n, C + 1 + C, h, w)
         t_batch = t.to(x.device).expand(x_in.shape[0])               # (2n,), the sampler's dtype (int or float)
         model_output = unet(x_in, t_batch, states, **added).to(x.dtype)   # (2n, C, h, w): eps, v or x_0
         if i == 0:                                                   # a broken model stops here, not after all steps
@@ -173,6 +209,8 @@ def denoise(unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor, un
             # Ho & Salimans eq. 6, w = scale - 1
             model_output = uncond_output + guidance_scale * (cond_output - uncond_output)
         x = sampler.step(model_output, t, x, generator=generator)
+        if image is not None and image.repaint_mask is not None:     # a 4-channel UNet inpainting
+            x = keep_unmasked(sampler, x, noise, image, step=i, last=i == len(timesteps) - 1)
     return x
 
 
@@ -227,7 +265,8 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
              num_images_per_prompt: int = 1, steps: int = 50, eta: float | None = None, guidance_scale: float = 7.5,
              height: int | None = None, width: int | None = None, seed: int | None = None,
              generator: torch.Generator | None = None, sampler: str = "ddim", autocast: str = "fp32",
-             progress: bool = True, output: str = "uint8", original_size: tuple[int, int] | None = None,
+             progress: bool = True, output: str = "uint8", init_image: Any = None, mask_image: Any = None,
+             strength: float | None = None, original_size: tuple[int, int] | None = None,
              crops_coords_top_left: tuple[int, int] | None = None,
              target_size: tuple[int, int] | None = None) -> torch.Tensor | list:
     """Images for `prompts`, as diffusers' StableDiffusionPipeline gives them for
@@ -259,6 +298,16 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
         SD v1/2, whose UNet has none.
     SDXL: with no negative prompt, the unconditional states and pooled embedding are zeros when the model
         says force_zeros_for_empty_prompt (StableDiffusionXLPipeline's default).
+    init_image: an RGB PIL image (common/images.py `load_image`): image to image, as diffusers'
+        StableDiffusionImg2ImgPipeline(prompt, image=init_image, strength=...) gives it. Its size is
+        height x width when given, else its own rounded down to a multiple of the VAE factor (resized with
+        Lanczos, as VaeImageProcessor; diffusion/init_image.py).
+    mask_image: with init_image: inpainting, as StableDiffusionInpaintPipeline(prompt, image=, mask_image=,
+        height=, width=, strength=): white (>= 0.5 in grayscale) repaints, black keeps. A UNet of 9 input
+        channels (an inpainting checkpoint) sees the mask and the masked image; an ordinary 4-channel UNet
+        has its kept region set back after every step. A 9-channel UNet needs a mask.
+    strength: in (0, 1]: the last int(steps * strength) steps are run (default 0.8 for image to image, 1.0
+        for inpainting, as each diffusers pipeline).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -273,10 +322,16 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
         generator = torch.Generator("cpu").manual_seed(seed)
     unet_config, vae_config = models.unet.config, models.vae.config
     f = vae_config.spatial_factor
+    start, strength = check_image_inputs(init_image, mask_image, strength, steps=steps, unet_config=unet_config,
+                                         vae_config=vae_config)
+    sdxl = getattr(models, "is_sdxl", False)
+    if sdxl and init_image is not None:   # StableDiffusionXLImg2ImgPipeline/InpaintPipeline: not proven here yet
+        raise ValueError("init_image: image to image and inpainting are built for SD v1 and 2.x; not for SDXL")
+    if init_image is not None:
+        height, width = default_size(init_image, height, width, factor=f)
     height = unet_config.sample_size * f if height is None else height
     width = unet_config.sample_size * f if width is None else width
     check_size(height, width, unet_config, vae_config)
-    sdxl = getattr(models, "is_sdxl", False)
     micro = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size)
     if not sdxl and any(v is not None for v in micro.values()):
         given = ", ".join(k for k, v in micro.items() if v is not None)
@@ -319,10 +374,16 @@ def generate(models: Any, prompts: str | Sequence[str], *, negative_prompt: str 
             time_ids = micro_conditioning(height, width, **micro).to(states.dtype).expand(cond.shape[0], -1)  # (B*n, 6)
             cond_added = {"text_embeds": cond_pooled, "time_ids": time_ids}
             uncond_added = {"text_embeds": uncond_pooled, "time_ids": time_ids} if use_guidance else None
-        latents = initial_latents(len(prompts) * n, channels=unet_config.in_channels, height=height,
-                                  width=width, factor=f, generator=generator, device=device)
+        if init_image is None:
+            latents, image = initial_latents(len(prompts) * n, channels=unet_config.in_channels, height=height,
+                                             width=width, factor=f, generator=generator, device=device), None
+        else:
+            mask = None if mask_image is None else mask_to_pixels(mask_image, height, width)
+            latents, image = image_start(models.vae, image_to_pixels(init_image, height, width), mask,
+                                         batch=len(prompts) * n, start=start, strength=strength,
+                                         unet_channels=unet_config.in_channels, generator=generator)
         latents = denoise(models.unet, latents, cond, uncond, sampler=the_sampler, steps=steps,
-                          guidance_scale=guidance_scale, generator=generator, progress=progress,
+                          guidance_scale=guidance_scale, generator=generator, progress=progress, image=image,
                           cond_added=cond_added, uncond_added=uncond_added)
         images = decode_to_uint8(models.vae, latents, upcast=sdxl)
     return to_pil(images) if output == "pil" else images

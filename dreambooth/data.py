@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from common.files import atomic_write
-from common.images import ImageError, load_image as read_image
+from common.images import MAX_IMAGE_PIXELS, ImageError, load_image as read_image
 from dreambooth.prompts import PROMPTS_FILE
 
-MAX_IMAGE_PIXELS = 89_478_485   # Pillow's own decompression-bomb limit, refused here with a message naming the file
 CLASS_IMAGE_NAME = re.compile(r"class-(\d+)\.png")   # generated class image of index N: class-0000N.png
 
 

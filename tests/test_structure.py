@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file() and p.name not in ("tests",))
 SCRIPTS = sorted(p.stem for p in ROOT.glob("*.py"))
 RUNTIME = {"torch", "numpy", "safetensors", "tokenizers", "PIL", "tqdm"}
-ENTRY_POINTS = [*SCRIPTS, "clip.__main__", "faces.__main__", "world.__main__", "world.pretrain", "world.score",
+ENTRY_POINTS = [*SCRIPTS, "clip.__main__", "faces.__main__", "world.__main__", "world.pretrain", "world.score", "world.sdedit",
                 "dreambooth.evaluate", "porting.__main__",
                 "diffusion.checkpoints.convert"]
 OPTIONAL = {"tensorboard": "common.training"}   # imported only behind --report_to tensorboard, by this module

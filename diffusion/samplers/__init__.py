@@ -10,6 +10,12 @@ knows none of them by type:
         model_output = unet(sampler.scale_model_input(x, t), t)    # Euler feeds x / sqrt(sigma_ve^2 + 1)
         x = sampler.step(model_output, t, x, generator=generator)  # stochastic samplers draw from `generator`
 
+Image to image (SDEdit) runs the last steps of the same schedule from an image's latents z_0 noised to
+the first of them: `set_timesteps(steps, start=k)` returns the timesteps from step k on (diffusers'
+`get_timesteps` with `set_begin_index`), and `add_noise(z_0, noise, i)` noises z_0 to the level of the
+run's i-th model call (as the diffusers scheduler's `add_noise`; inpainting with a 4-channel UNet also
+noises the kept region to each next step's level).
+
 `model_output` is what the UNet predicts, eps, v or x_0 as the scheduler config's `prediction_type`
 says; every sampler turns it into x_0 and eps by the one `predicted_x0_and_eps` (diffusion/schedule.py).
 
@@ -46,7 +52,9 @@ class Sampler(Protocol):
     @property
     def init_noise_sigma(self) -> float | torch.Tensor: ...   # x_T = N(0, I) * init_noise_sigma
 
-    def set_timesteps(self, num_steps: int) -> torch.Tensor: ...
+    def set_timesteps(self, num_steps: int, *, start: int = 0) -> torch.Tensor: ...
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, step: int) -> torch.Tensor: ...
 
     def scale_model_input(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor: ...
 

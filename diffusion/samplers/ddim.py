@@ -44,7 +44,8 @@ class DDIMSampler:
         # diffusers' DDIMScheduler default for set_alpha_to_one is True; SD v1 sets it false.
         self.set_alpha_to_one = True if cfg.set_alpha_to_one is None else cfg.set_alpha_to_one
         self.num_steps: int | None = None
-        self.timesteps: torch.Tensor | None = None
+        self.timesteps: torch.Tensor | None = None   # (num_steps,) the whole schedule, from x_T
+        self.start = 0                               # the run's first step in it (image to image)
 
     @classmethod
     def from_config(cls, scheduler_config: Mapping[str, Any] | ScheduleConfig, *, eta: float = 0.0) -> "DDIMSampler":
@@ -53,11 +54,18 @@ class DDIMSampler:
             else ScheduleConfig.from_dict(scheduler_config)
         return cls(schedule=NoiseSchedule(config=cfg), eta=eta)
 
-    def set_timesteps(self, num_steps: int) -> torch.Tensor:
-        """Choose the `num_steps` timesteps of a run; returns them, descending, as a (num_steps,) int64 tensor."""
+    def set_timesteps(self, num_steps: int, *, start: int = 0) -> torch.Tensor:
+        """Choose the `num_steps` timesteps of a schedule; returns those of the run, descending, as an int64
+        tensor: all of them, or from step `start` on (image to image: diffusers' `get_timesteps`)."""
         self.num_steps = num_steps
         self.timesteps = torch.from_numpy(self.schedule.inference_timesteps(num_steps).copy())
-        return self.timesteps
+        self.start = start
+        return self.timesteps[start:]
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, step: int) -> torch.Tensor:
+        """x0 noised to the timestep of the run's `step`-th model call (DDPM eq. 4), as DDIMScheduler.add_noise."""
+        t = self.timesteps[self.start + step]
+        return self.schedule.add_noise(x0, noise, t.expand(x0.shape[0]))
 
     def scale_model_input(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """DDIM feeds the UNet x_t as it is."""

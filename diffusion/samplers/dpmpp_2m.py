@@ -46,6 +46,7 @@ class DPMSolverPP2MSampler:
         self.schedule = schedule
         self.sigmas_ve: torch.Tensor | None = None   # (steps + 1,) float32 VE noise levels, last 0
         self.timesteps: torch.Tensor | None = None   # (steps,) int64
+        self.start = 0                               # the run's first step (image to image)
         self.step_index = 0
         self.x0_history: list[torch.Tensor] = []     # x_theta of the previous step (at most one kept)
 
@@ -72,16 +73,25 @@ class DPMSolverPP2MSampler:
         ts = self.spaced_timesteps(num_steps)
         return interpolate_sigmas(ts, sigma_ve_table(self.schedule)), ts
 
-    def set_timesteps(self, num_steps: int) -> torch.Tensor:
-        """The timesteps of a `num_steps` run: (num_steps,) int64, descending."""
+    def set_timesteps(self, num_steps: int, *, start: int = 0) -> torch.Tensor:
+        """The timesteps of a `num_steps` schedule, (num_steps,) int64 descending; returns those of the run:
+        from step `start` on (image to image: diffusers' `get_timesteps` and `set_begin_index(start)`; the
+        run's first step is then first order, having no history)."""
         T = self.schedule.num_train_timesteps
         if not 1 <= num_steps <= T:
             raise ValueError(f"number of sampling steps must be in 1..{T} (num_train_timesteps), got {num_steps}")
         sigmas_ve, ts = self.sigmas_and_timesteps(num_steps)
         self.sigmas_ve = torch.from_numpy(np.concatenate([sigmas_ve, [0.0]]).astype(np.float32))   # end on sigma 0
         self.timesteps = torch.from_numpy(ts).to(torch.int64)
-        self.step_index, self.x0_history = 0, []
-        return self.timesteps
+        self.start = self.step_index = start
+        self.x0_history = []
+        return self.timesteps[start:]
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, step: int) -> torch.Tensor:
+        """x0 noised to the noise level of the run's `step`-th model call, alpha_t x0 + sigma_t eps (VP form),
+        as DPMSolverMultistepScheduler.add_noise."""
+        alpha_t, sigma_t = self.vp_alpha_sigma(self.sigmas_ve.to(x0.device, x0.dtype)[self.start + step])
+        return alpha_t * x0 + sigma_t * noise
 
     def scale_model_input(self, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """DPM-Solver feeds the UNet x_t as it is (VP form)."""

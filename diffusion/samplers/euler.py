@@ -50,6 +50,7 @@ class EulerSampler:
         self.schedule = schedule
         self.sigmas_ve: torch.Tensor | None = None   # (steps + 1,) float32, descending, last 0
         self.timesteps: torch.Tensor | None = None   # (steps,) float32
+        self.start = 0                               # the run's first step (image to image)
         self.step_index = 0
 
     @classmethod
@@ -58,8 +59,10 @@ class EulerSampler:
         (SD v1's) gets "linspace", the Euler schedulers' own default, as diffusers gives it."""
         return cls(schedule=NoiseSchedule(config=config_with_own_spacing(scheduler_config, default_spacing="linspace")))
 
-    def set_timesteps(self, num_steps: int) -> torch.Tensor:
-        """The `num_steps` timesteps of a run, (num_steps,) float32 descending, and their sigmas."""
+    def set_timesteps(self, num_steps: int, *, start: int = 0) -> torch.Tensor:
+        """The `num_steps` timesteps of a schedule, (num_steps,) float32 descending, and their sigmas; returns
+        those of the run: from step `start` on (image to image: diffusers' `get_timesteps` and
+        `set_begin_index(start)`)."""
         cfg, T = self.schedule.config, self.schedule.num_train_timesteps
         if not 1 <= num_steps <= T:
             raise ValueError(f"number of sampling steps must be in 1..{T} (num_train_timesteps), got {num_steps}")
@@ -75,8 +78,14 @@ class EulerSampler:
         sigmas_ve = interpolate_sigmas(ts, sigma_ve_table(self.schedule))        # (steps,)
         self.sigmas_ve = torch.from_numpy(np.concatenate([sigmas_ve, [0.0]]).astype(np.float32))   # end on sigma 0
         self.timesteps = torch.from_numpy(ts)
-        self.step_index = 0
-        return self.timesteps
+        self.start = self.step_index = start
+        return self.timesteps[start:]
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, step: int) -> torch.Tensor:
+        """x0 noised to the sigma of the run's `step`-th model call, on this sampler's VE scale: x0 + sigma eps
+        (as EulerDiscreteScheduler.add_noise)."""
+        sigma = self.sigmas_ve.to(x0.device, x0.dtype)[self.start + step]
+        return x0 + noise * sigma
 
     @property
     def init_noise_sigma(self) -> torch.Tensor:

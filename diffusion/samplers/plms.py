@@ -55,7 +55,8 @@ class PLMSSampler:
         # diffusers' PNDMScheduler default for set_alpha_to_one is False (SD v1 also sets it false).
         self.set_alpha_to_one = False if cfg.set_alpha_to_one is None else cfg.set_alpha_to_one
         self.num_steps: int | None = None
-        self.timesteps: torch.Tensor | None = None
+        self.timesteps: torch.Tensor | None = None   # the model-call timesteps of the whole schedule
+        self.start = 0                               # the run's first call among them (image to image)
         self.output_history: list[torch.Tensor] = []   # the last (up to 4) model outputs (eps, or v), oldest first
         self.x_first: torch.Tensor | None = None     # x_T, kept for the improved-Euler redo of step 1
         self.counter = 0                             # model calls so far in this run
@@ -67,15 +68,23 @@ class PLMSSampler:
             else ScheduleConfig.from_dict(scheduler_config)
         return cls(schedule=NoiseSchedule(config=cfg))
 
-    def set_timesteps(self, num_steps: int) -> torch.Tensor:
+    def set_timesteps(self, num_steps: int, *, start: int = 0) -> torch.Tensor:
         """The model-call timesteps of a `num_steps` run: (num_steps + 1,) int64 for num_steps >= 2,
-        descending, with the second one repeated (e.g. 981, 961, 961, 941, ..., 1 for SD v1 and 50)."""
+        descending, with the second one repeated (e.g. 981, 961, 961, 941, ..., 1 for SD v1 and 50).
+        `start`: the run begins at that call (image to image, diffusers' `get_timesteps`: PNDM's order is 1,
+        so the call list itself is cut); the warm-up then starts there, as PNDMScheduler's counter does."""
         ts = self.schedule.inference_timesteps(num_steps)[::-1]       # ascending
         calls = np.concatenate([ts[:-1], ts[-2:-1], ts[-1:]])[::-1]    # repeat the second-largest
         self.num_steps = num_steps
         self.timesteps = torch.from_numpy(calls.astype(np.int64).copy())
+        self.start = start
         self.output_history, self.x_first, self.counter = [], None, 0
-        return self.timesteps
+        return self.timesteps[start:]
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, step: int) -> torch.Tensor:
+        """x0 noised to the timestep of the run's `step`-th model call (DDPM eq. 4), as PNDMScheduler.add_noise."""
+        t = self.timesteps[self.start + step]
+        return self.schedule.add_noise(x0, noise, t.expand(x0.shape[0]))
 
     def transfer(self, x_t: torch.Tensor, t: int, prev_t: int, model_output: torch.Tensor) -> torch.Tensor:
         """phi(x_t, e, t, t_prev), PNDM eq. 9. `model_output` is the (combined) estimate; a v-prediction
