@@ -264,10 +264,11 @@ def no_sampling(monkeypatch):
 
 
 def _exit_message(argv, capsys) -> str:
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
-    message = str(e.value.code)
-    assert message.startswith("sample.py: error: ") and "\n" not in message
+    message = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message.startswith("sample.py: error: ") and "\n" not in message, message
     return message
 
 
@@ -300,6 +301,16 @@ def test_micro_conditioning_flags_on_sd_v1_are_refused(flag, tmp_path, capsys, n
     sd1 = FIXTURES / "sd" / "tiny_diffusers"
     message = _exit_message(["--ckpt", str(sd1), "--outdir", str(tmp_path), *flag], capsys)
     assert flag[0] in message and "SD v1 or 2.x" in message
+
+
+def test_image_to_image_on_sdxl_is_refused_by_name(tmp_path, capsys, no_sampling):
+    """StableDiffusionXLImg2ImgPipeline and its inpainting twin are not proven here: refused before loading."""
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(picture)
+    message = _exit_message(["--ckpt", str(FOLDER), "--outdir", str(tmp_path / "out"), "--init-img", str(picture)],
+                            capsys)
+    assert f"--init-img {picture}" in message and "is SDXL" in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_negative_crop_is_refused(tmp_path, capsys, no_sampling):
