@@ -264,10 +264,12 @@ def no_sampling(monkeypatch):
 
 
 def _exit_message(argv, capsys) -> str:
+    """main's convention after the hardening round (as test_sd2's `_refused`): one line on stderr, exit status 2."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
-    message = str(e.value.code)
-    assert message.startswith("sample.py: error: ") and "\n" not in message
+    message = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message.startswith("sample.py: error: ") and "\n" not in message, message
     return message
 
 
