@@ -239,6 +239,7 @@ class Inputs:
     missing: list                         # indices of the class images still to generate
     generation_precision: str             # "fp32", "bf16" or "fp16": the dtype they are generated in
     embeddings: list = field(default_factory=list)   # --embedding files, read (clip/textual_inversion.py)
+    sdxl: bool = False                    # the configs say SDXL (a .ckpt's family is known once it is read)
 
 
 def check_inputs(args: argparse.Namespace) -> Inputs:
@@ -251,7 +252,8 @@ def check_inputs(args: argparse.Namespace) -> Inputs:
     if not instance_files:
         raise DataError(f"--instance_data_dir {args.instance_data_dir}: no images in this folder")
     configs = check_model_size(args, instance_files)      # --resolution, --rank and the memory the sizes need
-    family_defaults(args, sdxl=configs is not None and configs[0].addition_embed_type is not None)
+    sdxl = configs is not None and configs[0].addition_embed_type is not None
+    family_defaults(args, sdxl=sdxl)
     check_output_dir(output_dir, resuming=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir)
     check_writable(output_dir, "--output_dir")
     missing = missing_class_indices(class_dir, args.num_class_images) if args.with_prior_preservation else []
@@ -272,7 +274,7 @@ def check_inputs(args: argparse.Namespace) -> Inputs:
         check_device_runs(DTYPES[generation_precision], dist.device, flag=flag)
         if dist.is_main and (warning := slow_precision_warning(DTYPES[generation_precision], dist.device, flag=flag)):
             print(warning, file=sys.stderr)
-    return Inputs(dist, instance_images, instance_sizes, missing, generation_precision, embeddings)
+    return Inputs(dist, instance_images, instance_sizes, missing, generation_precision, embeddings, sdxl)
 
 
 def prepare_models(args: argparse.Namespace, inputs: Inputs):
@@ -287,8 +289,9 @@ def prepare_models(args: argparse.Namespace, inputs: Inputs):
     # With --rank the frozen base is kept in the training precision (diffusers' weight_dtype): it is read
     # in that dtype straight from the file, with no fp32 copy on the way, unless it is needed in fp32
     # first (--lora files are fused in fp32; fp32 class images still to make use the same copy), in
-    # which case trainable_parameters casts it after.
-    needs_fp32 = bool(args.lora) or (bool(missing) and generation_dtype == torch.float32)
+    # which case trainable_parameters casts it after. SDXL is read in fp32 and cast after, as
+    # train_dreambooth_lora_sdxl.py does: its VAE trains from the file's fp32 weights.
+    needs_fp32 = bool(args.lora) or (bool(missing) and generation_dtype == torch.float32) or inputs.sdxl
     weights_dtype = DTYPES[precision] if args.rank is not None and not needs_fp32 else torch.float32
     load = dict(config_dir=args.pretrained_config_dir, resolution=args.resolution, device=dist.device,
                 variant=args.variant, prediction_type=args.prediction_type)
@@ -395,9 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return fail(str(e), dist)
 
-    # DDP averages the gradients over processes in backward.
+    # DDP averages the gradients over processes in backward. SDXL reads its first text encoder's penultimate
+    # states: the last layer's LoRA gets no gradient, which DDP must be told of (as the script's find_unused_parameters).
     unet_ddp = DDP(models.unet) if dist.enabled else models.unet
-    text_encoders_ddp = [DDP(m) if dist.enabled and args.train_text_encoder else m for m in models.text_encoders]
+    text_encoders_ddp = [DDP(m, static_graph=models.is_sdxl) if dist.enabled and args.train_text_encoder
+                         else m for m in models.text_encoders]
     log = MetricsLog(output_dir, enabled=dist.is_main, report_to=args.report_to, start_step=step)
     info = (start_run_record(output_dir, args, parser, device=str(dist.device), world_size=dist.world_size,
                              dtype=precision, argv=argv, memory_format=layouts) if dist.is_main else None)

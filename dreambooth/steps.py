@@ -76,8 +76,11 @@ def trainable_parameters(models, *, train_text_encoder: bool, gradient_checkpoin
     for text_encoder in text_encoders:
         text_encoder.requires_grad_(train_text_encoder and rank is None)
     if rank is not None:
-        for frozen in (unet, *([] if vae.config.force_upcast and models.is_sdxl else [vae]), *text_encoders):
+        fp32_vae = models.is_sdxl and vae.config.force_upcast
+        for frozen in (unet, *([] if fp32_vae else [vae]), *text_encoders):
             frozen.to(DTYPES[precision])              # keeps each weight's memory layout (diffusion/speed.py)
+        if fp32_vae:
+            vae.to(torch.float32)                     # SDXL's (a no-op but for a .ckpt read in `precision`)
         lora.inject(unet, lora.UNET_TARGETS, rank=rank, alpha=rank)
         for text_encoder in text_encoders if train_text_encoder else ():
             lora.inject(text_encoder, lora.TEXT_ENCODER_TARGETS, rank=rank, alpha=rank)
