@@ -1,6 +1,6 @@
-"""DreamBooth (Ruiz et al. 2022) for Stable Diffusion v1 and 2.x, with class-prior preservation. The loop is in
-`main`, top to bottom, as named steps (dreambooth/steps.py); the flags are those of diffusers'
-examples/dreambooth/train_dreambooth.py.
+"""DreamBooth (Ruiz et al. 2022) for Stable Diffusion v1, 2.x and SDXL, with class-prior preservation. The loop
+is in `main`, top to bottom, as named steps (dreambooth/steps.py); the flags are those of diffusers'
+examples/dreambooth/train_dreambooth.py (SDXL: train_dreambooth_lora_sdxl.py).
 
     python train_dreambooth.py --pretrained_model_name_or_path stable-diffusion-v1-5/ \\
         --instance_data_dir dog/ --instance_prompt "a photo of sks dog" \\
@@ -23,6 +23,12 @@ load it; parts neither trained nor changed by --lora are copied as they came), p
 `run_info.json`. With --rank R the run trains a LoRA instead (diffusers' train_dreambooth_lora.py) and
 writes pytorch_lora_weights.safetensors. With --lora FILE[:SCALE] (as sample.py's) the base is the model
 with those LoRA files fused in.
+
+SDXL trains a LoRA only (--rank; full fine-tuning is refused with the memory it would take), as diffusers'
+train_dreambooth_lora_sdxl.py with its defaults (--resolution 1024, --learning_rate 1e-4, --text_encoder_lr
+5e-6, AdamW weight decay 1e-4 and 1e-3 for the text encoders): both text encoders condition the UNet
+(--train_text_encoder adapts both), and each crop's size and crop micro-conditioning comes from its image
+(docs/sdxl.md, "DreamBooth-LoRA").
 """
 from __future__ import annotations
 
@@ -51,13 +57,14 @@ from common.training import (LR_SCHEDULERS, Checkpoints, Distributed, MetricsLog
                              report_stale_temporaries, resume, rng_state, save_training_state, seed_everything,
                              setup_distributed, stop_requested, stopped_run, teardown_distributed)
 from diffusion.checkpoints.lora_files import load_lora_files, parse_lora_flags, save_lora_files
-from diffusion.pipeline import NonFiniteError, encode_prompts
+from diffusion.pipeline import NonFiniteError
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import NoiseSchedule, ScheduleConfig
 from dreambooth.data import (DataError, add_model_flags, check_model_size, generate_class_images, image_files,
-                             load_image, missing_class_indices, resolve_base)
-from dreambooth.steps import (OFFSET_NOISE_SCALE, LatentCache, denoising_loss, denoising_prediction, load_models,
-                              make_batch, restore_training_state, trainable_parameters, training_state)
+                             image_size, load_image, missing_class_indices, resolve_base)
+from dreambooth.steps import (OFFSET_NOISE_SCALE, LatentCache, added_conditioning, denoising_loss,
+                              denoising_prediction, encode, load_models, make_batch, parameter_groups,
+                              restore_training_state, text_parts, trainable_parameters, training_state)
 
 # The settings that shape a run: resuming with any of them changed needs --allow_config_change.
 RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instance_data_dir", "instance_prompt",
@@ -66,10 +73,14 @@ RUN_SHAPING = ("pretrained_model_name_or_path", "pretrained_config_dir", "instan
                "world_size", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "max_train_steps",
                "num_train_epochs", "max_grad_norm", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
                "mixed_precision", "seed", "offset_noise", "snr_gamma", "snr_weight_prior", "snr_v_paper", "rank",
-               "lora", "cache_latents", "variant", "embedding", "prediction_type")
+               "lora", "cache_latents", "variant", "embedding", "prediction_type", "text_encoder_lr",
+               "adam_weight_decay_text_encoder")
 CLASS_SAMPLING = dict(steps=50, guidance_scale=7.5)        # StableDiffusionPipeline's defaults, as diffusers uses
 VALIDATION_SAMPLING = dict(steps=25, guidance_scale=7.5)   # diffusers' DreamBooth validation settings
 LEARNING_RATE = {"full": 5e-6, "lora": 5e-4}   # train_dreambooth.py's and train_dreambooth_lora.py's defaults
+# train_dreambooth_lora_sdxl.py's defaults where they differ from the SD scripts' (None: as the SD scripts).
+SDXL_DEFAULTS = dict(learning_rate=1e-4, text_encoder_lr=5e-6, adam_weight_decay=1e-4, adam_weight_decay_text_encoder=1e-3)
+SD_DEFAULTS = dict(adam_weight_decay=1e-2)
 LOSS_NAMES = ("loss", "instance_loss", "prior_loss")   # metrics.jsonl: the loss and its parts (prior: eq. 2's)
 
 
@@ -94,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(as sample.py; default ddim)")
     a("--plms", action="store_true", help="the same as --sampler plms (as sample.py)")
     a("--train_text_encoder", action="store_true", help="fine-tune the text encoder too")
-    a("--resolution", type=int, default=512, help="training images are resized and cropped to this square")
+    a("--resolution", type=int, help="training images are resized and cropped to this square (default 512; SDXL "
+                                      "1024)")
     a("--center_crop", action="store_true", help="crop at the centre (default: at a random offset)")
     a("--train_batch_size", type=int, default=4, help="instance images per process per micro-batch")
     a("--num_train_epochs", type=int, default=1, help="epochs, unless --max_train_steps is set")
@@ -111,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_grad_norm", type=finite_float, default=1.0, help="clip the global gradient norm to this (0: no clipping)")
     a("--adam_beta1", type=finite_float, default=0.9)
     a("--adam_beta2", type=finite_float, default=0.999)
-    a("--adam_weight_decay", type=finite_float, default=1e-2, help="AdamW decoupled weight decay")
+    a("--adam_weight_decay", type=finite_float, help="AdamW decoupled weight decay (default 1e-2; SDXL 1e-4)")
+    a("--text_encoder_lr", type=finite_float, help="with --train_text_encoder: the text encoders' peak learning rate "
+                                                   "(default: --learning_rate's; SDXL 5e-6, as train_dreambooth_lora_sdxl.py)")
+    a("--adam_weight_decay_text_encoder", type=finite_float,
+      help="with --train_text_encoder: the text encoders' weight decay (default: --adam_weight_decay's; SDXL 1e-3)")
     a("--adam_epsilon", type=finite_float, default=1e-8)
     a("--mixed_precision", default="no", choices=list(MIXED_PRECISION), help="autocast dtype of the forward pass")
     add_run_flags(a)     # --report_to, checkpoints, --resume_from_checkpoint and what a run may overwrite
@@ -158,7 +174,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error("--with_prior_preservation needs --class_data_dir (where the class images are kept)")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "resolution",
                  "sample_batch_size", "num_validation_images", "validation_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)}: must be at least 1")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         parser.error(f"--max_train_steps {args.max_train_steps}: must be at least 1")
@@ -176,10 +192,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(str(e))
     if args.lora_skip_unknown and not args.lora:
         parser.error("--lora_skip_unknown: needs --lora (a LoRA file to fuse into the base)")
-    if args.learning_rate is None:
-        args.learning_rate = LEARNING_RATE["full" if args.rank is None else "lora"]
-    for name in ("max_grad_norm", "prior_loss_weight"):
-        if getattr(args, name) < 0:
+    for name in ("max_grad_norm", "prior_loss_weight", "adam_weight_decay_text_encoder"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} {getattr(args, name)}: must be >= 0")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         parser.error(f"--snr_gamma {args.snr_gamma}: must be > 0")
@@ -195,6 +209,25 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--plms cannot be used with --sampler {args.sampler}: --plms means --sampler plms")
     if args.plms:
         args.sampler = "plms"   # recorded so in the run config
+    if args.text_encoder_lr is not None and args.text_encoder_lr <= 0:
+        parser.error(f"--text_encoder_lr {args.text_encoder_lr}: must be > 0")
+
+
+def family_defaults(args: argparse.Namespace, *, sdxl: bool) -> None:
+    """The flags left unset that the model family decides: the learning rate (train_dreambooth.py's, or
+    train_dreambooth_lora.py's with --rank; SDXL: train_dreambooth_lora_sdxl.py's), the weight decays and the
+    text encoders' learning rate (SDXL_DEFAULTS); and what SDXL does not take. A ValueError names the flag."""
+    defaults = {**SD_DEFAULTS, **(SDXL_DEFAULTS if sdxl else {})}
+    defaults.setdefault("learning_rate", LEARNING_RATE["full" if args.rank is None else "lora"])
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if sdxl and args.lora_format == "kohya":
+        raise ValueError("--lora_format kohya: not written for SDXL yet (its kohya names are sgm's blocks); "
+                         "the diffusers file loads in diffusers, ComfyUI and A1111 alike")
+    if sdxl and args.embedding:
+        raise ValueError(f"--embedding {args.embedding[0]}: textual-inversion embeddings on SDXL (one per text "
+                         "encoder) are not supported by train_dreambooth.py")
 
 
 @dataclass
@@ -202,9 +235,11 @@ class Inputs:
     """What `check_inputs` found and read, before any model is loaded."""
     dist: Distributed
     instance_images: list                 # (3, H, W) uint8 each
+    instance_sizes: list                  # (height, width) of each file, before resizing: SDXL's original size
     missing: list                         # indices of the class images still to generate
     generation_precision: str             # "fp32", "bf16" or "fp16": the dtype they are generated in
     embeddings: list = field(default_factory=list)   # --embedding files, read (clip/textual_inversion.py)
+    sdxl: bool = False                    # the configs say SDXL (a .ckpt's family is known once it is read)
 
 
 def check_inputs(args: argparse.Namespace) -> Inputs:
@@ -216,13 +251,16 @@ def check_inputs(args: argparse.Namespace) -> Inputs:
     instance_files = image_files(args.instance_data_dir, flag="--instance_data_dir")
     if not instance_files:
         raise DataError(f"--instance_data_dir {args.instance_data_dir}: no images in this folder")
-    check_model_size(args, instance_files)      # --resolution, --rank and the memory the sizes need
+    configs = check_model_size(args, instance_files)      # --resolution, --rank and the memory the sizes need
+    sdxl = configs is not None and configs[0].addition_embed_type is not None
+    family_defaults(args, sdxl=sdxl)
     check_output_dir(output_dir, resuming=bool(args.resume_from_checkpoint), overwrite=args.overwrite_output_dir)
     check_writable(output_dir, "--output_dir")
     missing = missing_class_indices(class_dir, args.num_class_images) if args.with_prior_preservation else []
     if missing:
         check_writable(class_dir, "--class_data_dir")
     instance_images = [load_image(f, args.resolution, flag="--instance_data_dir") for f in instance_files]
+    instance_sizes = [image_size(f, flag="--instance_data_dir") for f in instance_files]
     try:
         embeddings = read_embeddings(parse_embedding_flags(args.embedding or []))
     except ValueError as e:
@@ -236,22 +274,24 @@ def check_inputs(args: argparse.Namespace) -> Inputs:
         check_device_runs(DTYPES[generation_precision], dist.device, flag=flag)
         if dist.is_main and (warning := slow_precision_warning(DTYPES[generation_precision], dist.device, flag=flag)):
             print(warning, file=sys.stderr)
-    return Inputs(dist, instance_images, missing, generation_precision, embeddings)
+    return Inputs(dist, instance_images, instance_sizes, missing, generation_precision, embeddings, sdxl)
 
 
 def prepare_models(args: argparse.Namespace, inputs: Inputs):
     """The base model on the device, with the --lora files fused in (read and checked first, as sample.py
     does), for everything that follows: class images, training, and a resumed run alike; then the class
     images it generates where --class_data_dir lacks them (one fixed seed per index), read back.
-    Returns (models, the memory layouts chosen, the parts the --lora files changed, the class images).
+    Returns (models, the memory layouts chosen, the parts the --lora files changed, the class images, and
+    their sizes before resizing).
     A DataError names the flag of what does not load."""
     dist, missing, precision = inputs.dist, inputs.missing, MIXED_PRECISION[args.mixed_precision]
     generation_dtype = DTYPES[inputs.generation_precision]
     # With --rank the frozen base is kept in the training precision (diffusers' weight_dtype): it is read
     # in that dtype straight from the file, with no fp32 copy on the way, unless it is needed in fp32
     # first (--lora files are fused in fp32; fp32 class images still to make use the same copy), in
-    # which case trainable_parameters casts it after.
-    needs_fp32 = bool(args.lora) or (bool(missing) and generation_dtype == torch.float32)
+    # which case trainable_parameters casts it after. SDXL is read in fp32 and cast after, as
+    # train_dreambooth_lora_sdxl.py does: its VAE trains from the file's fp32 weights.
+    needs_fp32 = bool(args.lora) or (bool(missing) and generation_dtype == torch.float32) or inputs.sdxl
     weights_dtype = DTYPES[precision] if args.rank is not None and not needs_fp32 else torch.float32
     load = dict(config_dir=args.pretrained_config_dir, resolution=args.resolution, device=dist.device,
                 variant=args.variant, prediction_type=args.prediction_type)
@@ -289,10 +329,10 @@ def prepare_models(args: argparse.Namespace, inputs: Inputs):
                             f"{e}") from None
         del generation_models
     barrier(dist)
-    class_images = ([load_image(f, args.resolution, flag="--class_data_dir") for f in
-                     image_files(class_dir, flag="--class_data_dir")[:args.num_class_images]]
-                    if args.with_prior_preservation else [])
-    return models, layouts, lora_changed, class_images
+    class_files = image_files(class_dir, flag="--class_data_dir")[:args.num_class_images] if args.with_prior_preservation else []
+    class_images = [load_image(f, args.resolution, flag="--class_data_dir") for f in class_files]
+    class_sizes = [image_size(f, flag="--class_data_dir") for f in class_files]
+    return models, layouts, lora_changed, class_images, class_sizes
 
 
 def add_words(models, embeddings: list) -> None:
@@ -323,9 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     report_stale_temporaries(dist, output_dir, Path(args.class_data_dir or "."))
     seed_everything(args.seed)
     try:
-        models, layouts, lora_changed, class_images = prepare_models(args, inputs)
+        models, layouts, lora_changed, class_images, class_sizes = prepare_models(args, inputs)
     except DataError as e:
         return fail(str(e), dist)
+    # SDXL: each crop's micro-conditioning comes from its image's size before resizing (make_batch)
+    original_sizes = {"instance": inputs.instance_sizes, "class": class_sizes} if models.is_sdxl else None
     schedule = NoiseSchedule(config=ScheduleConfig.from_dict(models.scheduler_config))
 
     # ---- what is trained, the optimizer, the schedule of steps, resume ----------------------------------
@@ -337,8 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     # As diffusers: an epoch pairs instance i % n_inst with class image i % n_class, for max(n_inst, n_class) i.
     epoch_length = max(len(inputs.instance_images), len(class_images))
     peak_lr = args.learning_rate * (global_batch if args.scale_lr else 1)   # --scale_lr: x the global batch
-    optimizer = adamw(params, lr=peak_lr, betas=(args.adam_beta1, args.adam_beta2),
-                      weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    groups = parameter_groups(models, params, lr=peak_lr, weight_decay=args.adam_weight_decay,   # SDXL: the text
+                              text_encoder_lr=args.text_encoder_lr,                            # encoders' own
+                              text_encoder_weight_decay=args.adam_weight_decay_text_encoder)
+    optimizer = adamw(groups, lr=peak_lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     scaler = grad_scaler(dist.device, precision)
     run_settings = {**vars(args), "world_size": dist.world_size}
     checkpoints = Checkpoints(output_dir, total_limit=args.checkpoints_total_limit)
@@ -354,14 +398,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         return fail(str(e), dist)
 
-    # DDP averages the gradients over processes in backward.
+    # DDP averages the gradients over processes in backward. SDXL reads its first text encoder's penultimate
+    # states: the last layer's LoRA gets no gradient, which DDP must be told of (as the script's find_unused_parameters).
     unet_ddp = DDP(models.unet) if dist.enabled else models.unet
-    text_encoder_ddp = DDP(models.text_encoder) if dist.enabled and args.train_text_encoder else models.text_encoder
+    text_encoders_ddp = [DDP(m, static_graph=models.is_sdxl) if dist.enabled and args.train_text_encoder
+                         else m for m in models.text_encoders]
     log = MetricsLog(output_dir, enabled=dist.is_main, report_to=args.report_to, start_step=step)
     info = (start_run_record(output_dir, args, parser, device=str(dist.device), world_size=dist.world_size,
                              dtype=precision, argv=argv, memory_format=layouts) if dist.is_main else None)
     ending = dict(dist=dist, log=log, output_dir=output_dir, info=info)     # what fail_run and stopped_run record
-    latent_cache = LatentCache(models.vae, precision) if args.cache_latents else None
+    vae_precision = "fp32" if models.is_sdxl and models.vae.config.force_upcast else precision   # SDXL: fp32 VAE
+    latent_cache = LatentCache(models.vae, vae_precision) if args.cache_latents else None
     prompts = expand_prompts([args.instance_prompt] * B + ([args.class_prompt] * B if prior else []),
                              models.tokenizer)   # an --embedding's multi-vector word spelled out, as sample.py does
     weighting = dict(schedule=schedule, snr_gamma=args.snr_gamma, snr_v_paper=args.snr_v_paper)   # --snr_gamma
@@ -381,15 +428,17 @@ def main(argv: list[str] | None = None) -> int:
                 first = s * global_batch + (micro * dist.world_size + dist.rank) * B
                 batch = make_batch(range(first, first + B), order=order, epoch=epoch, seed=args.seed,
                                    instance_images=inputs.instance_images, class_images=class_images,
-                                   resolution=args.resolution, center_crop=args.center_crop)
+                                   resolution=args.resolution, center_crop=args.center_crop,
+                                   original_sizes=original_sizes)
                 batch.pixels = batch.pixels.to(dist.device)               # (N, 3, r, r), N = B or 2B
                 # Gradients are all-reduced over processes on the last micro-batch only.
-                with gradient_sync([unet_ddp, text_encoder_ddp], sync=micro == accumulation - 1):
+                with gradient_sync([unet_ddp, *text_encoders_ddp], sync=micro == accumulation - 1):
                     with torch.set_grad_enabled(args.train_text_encoder), autocast(precision, dist.device):
-                        states = encode_prompts(text_encoder_ddp, models.tokenizer, prompts, dist.device)
+                        states, pooled = encode(text_encoders_ddp, models, prompts, dist.device)   # SDXL: 2 towers
                     pred, target, t = denoising_prediction(unet_ddp, models.vae, schedule, batch, states,
                                                            precision=precision, offset_noise=args.offset_noise,
-                                                           latent_cache=latent_cache)
+                                                           latent_cache=latent_cache, vae_precision=vae_precision,
+                                                           added=added_conditioning(pooled, batch))   # SDXL's
                     instance_loss = denoising_loss(pred[:B], target[:B], t[:B], **weighting)
                     prior_loss = denoising_loss(pred[B:], target[B:], t[B:], **prior_weighting) if prior else 0.0
                     # DreamBooth eq. 2: the instance loss plus lambda times the loss on the class images.
@@ -438,7 +487,8 @@ def validate(dist, models, args, output_dir: Path, step: int) -> None:
     if dist.is_main and args.validation_prompt:
         from diffusion.pipeline import generate, make_grid
         models.unet.eval()
-        models.text_encoder.eval()
+        for text_encoder in models.text_encoders:
+            text_encoder.eval()
         try:
             images = generate(models, [args.validation_prompt], num_images_per_prompt=args.num_validation_images,
                               height=args.resolution, width=args.resolution, seed=args.seed, progress=False,
@@ -448,7 +498,8 @@ def validate(dist, models, args, output_dir: Path, step: int) -> None:
             print(f"warning: validation at step {step}: {e}", file=sys.stderr)
             images = None
         models.unet.train()
-        models.text_encoder.train(args.train_text_encoder)
+        for text_encoder in models.text_encoders:
+            text_encoder.train(args.train_text_encoder)
         if images is not None:
             (output_dir / "validation").mkdir(exist_ok=True)
             make_grid(images).save(output_dir / "validation" / f"step-{step:06d}.png")
@@ -469,7 +520,7 @@ def export(models, args, output_dir: Path, *, changed: set[str], embeddings: lis
         else:
             words = "".join(f" --embedding {value}" for value in args.embedding)
     if args.rank is not None:
-        parts = ("unet", "text_encoder") if args.train_text_encoder else ("unet",)
+        parts = ("unet", *text_parts(models)) if args.train_text_encoder else ("unet",)
         written = save_lora_files(models, output_dir, parts=parts, kohya=args.lora_format == "kohya")
         base_loras = "".join(f" --lora {value}" for value in args.lora or [])   # the base it was trained on
         print("LoRA written to " + ", ".join(map(str, written)) + f" (use: python sample.py --ckpt "

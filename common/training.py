@@ -72,8 +72,8 @@ def check_run_flags(args, parser) -> None:
     for name in ("adam_beta1", "adam_beta2"):   # torch's AdamW: [0, 1)
         if not 0.0 <= getattr(args, name) < 1.0:
             parser.error(f"--{name} {getattr(args, name)}: must be in [0, 1) (Adam's decay rate)")
-    for name in ("adam_epsilon", "adam_weight_decay"):
-        if getattr(args, name) < 0:
+    for name in ("adam_epsilon", "adam_weight_decay"):   # None: the model family's default (train_dreambooth.py)
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} {getattr(args, name)}: must be >= 0")
 
 
@@ -124,10 +124,10 @@ def adamw(params, **hyperparameters) -> torch.optim.AdamW:
 
 # ---- the optimizer step ----------------------------------------------------------------------------
 def optimizer_step(optimizer, scaler, params: list, *, lr: float, max_grad_norm: float) -> torch.Tensor:
-    """Set the learning rate, clip the global gradient norm (0: no clipping), step, zero the gradients.
-    Returns the gradient norm before clipping."""
+    """Set the learning rate (times a group's `lr_scale`, where it has its own peak rate), clip the global
+    gradient norm (0: no clipping), step, zero the gradients. Returns the gradient norm before clipping."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     scaler.unscale_(optimizer)                      # so clipping sees the true gradient
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
     scaler.step(optimizer)                          # skipped if fp16 gradients overflowed

@@ -49,6 +49,13 @@ def decode_image(file: Path, *, flag: str | None):
         raise DataError(f"{where} is not a readable image ({e})") from None
 
 
+def image_size(file: Path, *, flag: str | None = None) -> tuple[int, int]:
+    """(height, width) of the image as decoded (EXIF orientation applied), before any resizing: SDXL's
+    "original size" conditioning of its crops, as train_dreambooth_lora_sdxl.py's dataset records it."""
+    with decode_image(file, flag=flag) as im:
+        return im.height, im.width
+
+
 def load_image(file: Path, resolution: int, *, flag: str | None = None) -> torch.Tensor:
     """(3, H, W) uint8 with the shorter side equal to `resolution` (EXIF orientation applied)."""
     from PIL import Image
@@ -110,10 +117,12 @@ def resolve_base(args) -> tuple[str, str | None]:
     return str(model), config and str(config)
 
 
-def check_model_size(args, instance_files: list[Path] = ()) -> None:
+def check_model_size(args, instance_files: list[Path] = ()):
     """--resolution, --rank and the memory that the run's sizes need (dreambooth/memory.py), against the
     model's configs read without loading weights (as sample.py does). A .ckpt's configs are known only once
-    it is read: its --resolution and --rank are checked then (steps.load_models)."""
+    it is read: its --resolution and --rank are checked then (steps.load_models). An unset --resolution
+    (None) becomes the family's default: SDXL's 1024 (train_dreambooth_lora_sdxl.py's), else 512.
+    Returns the configs (None for a .ckpt)."""
     from common.state_dict import empty_model
     from diffusion import lora
     from diffusion.checkpoints.configs import read_configs
@@ -126,17 +135,25 @@ def check_model_size(args, instance_files: list[Path] = ()) -> None:
                                prediction_type=args.prediction_type)
     except ValueError as e:
         raise DataError(str(e)) from None
+    sdxl = configs is not None and configs[0].addition_embed_type is not None
+    if getattr(args, "resolution", 0) is None:
+        args.resolution = 1024 if sdxl else 512
     if configs is None:   # a .ckpt, whose shapes are checked once it is loaded
-        return
-    if configs[0].addition_embed_type is not None:   # issue 35 item 3, not built yet
+        return None
+    if sdxl and not hasattr(args, "rank"):   # train_textual_inversion.py
         raise DataError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: an SDXL model; "
-                        "train_dreambooth.py trains SD v1 and 2.x only (SDXL samples with sample.py)")
+                        "train_textual_inversion.py trains SD v1 and 2.x only (SDXL samples with sample.py)")
+    if sdxl and args.rank is None:
+        from dreambooth.memory import sdxl_full_fine_tuning_refusal
+        raise DataError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: "
+                        + sdxl_full_fine_tuning_refusal(configs[0]))
     check_size(args.resolution, args.resolution, *configs, names=("--resolution", "--resolution"))
     if getattr(args, "rank", None) is not None:   # train_textual_inversion.py has no --rank
         with empty_model():                       # the UNet's layer widths, no memory
             unet = UNet2DConditionModel(config=configs[0])
         lora.check_rank(unet, lora.UNET_TARGETS, args.rank, flag="--rank")
     check_run_memory(args, configs, list(instance_files))
+    return configs
 
 
 # ---- class images -----------------------------------------------------------------------------------------
@@ -171,10 +188,12 @@ def generate_class_images(models, folder: Path, indices: list[int], *, prompt: s
     Images are made in fixed groups of `batch_size` consecutive indices (index i belongs to group
     i // batch_size, always computed whole), so a rerun that fills a gap computes every image in the
     same batch as the first run did, and writes only the missing files. `share` = (rank, world size):
-    with several processes, each makes every world-size-th group."""
+    with several processes, each makes every world-size-th group. SDXL: each missing image alone, by
+    `diffusion.pipeline.generate` (its added conditioning, and zeros for the empty negative prompt, as
+    StableDiffusionXLPipeline makes them), from its own seed for its latents and a stochastic sampler alike."""
     from tqdm import tqdm
 
-    from diffusion.pipeline import decode_to_uint8, denoise, encode_prompts, initial_latents, to_pil
+    from diffusion.pipeline import decode_to_uint8, denoise, encode_prompts, generate, initial_latents, to_pil
     from diffusion.samplers import make_sampler
     folder.mkdir(parents=True, exist_ok=True)
     device = next(models.unet.parameters()).device
@@ -187,6 +206,14 @@ def generate_class_images(models, folder: Path, indices: list[int], *, prompt: s
                disable=not progress)
     for g in groups:
         group = list(range(g * batch_size, (g + 1) * batch_size))
+        if models.is_sdxl:   # one image per seed, as StableDiffusionXLPipeline(prompt, generator=seed) draws it
+            for i in (i for i in group if i in wanted):
+                image = generate(models, prompt, seed=class_image_seed(seed, i), steps=steps, height=resolution,
+                                 width=resolution, guidance_scale=guidance_scale, sampler=sampler, progress=False,
+                                 output="pil")[0]
+                written.append(_save_class_image(folder, i, image))
+                bar.update(1)
+            continue
         uncond, cond = encode_prompts(models.text_encoder, models.tokenizer, ["", prompt],
                                       device).chunk(2)   # (1, 77, D) each
         latents = torch.cat([initial_latents(1, channels=unet_config.in_channels, height=resolution,
@@ -202,9 +229,13 @@ def generate_class_images(models, folder: Path, indices: list[int], *, prompt: s
         images = to_pil(decode_to_uint8(models.vae, latents))
         for i, image in zip(group, images):
             if i in wanted:
-                path = folder / f"class-{i:05d}.png"
-                atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))   # never a torn PNG
-                written.append(path)
+                written.append(_save_class_image(folder, i, image))
                 bar.update(1)
     bar.close()
     return written
+
+
+def _save_class_image(folder: Path, index: int, image) -> Path:
+    path = folder / f"class-{index:05d}.png"
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))   # never a torn PNG
+    return path

@@ -114,3 +114,17 @@ def check_run_memory(args: argparse.Namespace, configs, instance_files: list[Pat
                      advice=f"about {gb(one)} an image" + (f"; {fit} fit: lower --num_validation_images to {fit} or "
                                                             "less" if fit else ""))
 
+
+def sdxl_full_fine_tuning_refusal(unet_config) -> str:
+    """Why train_dreambooth.py trains SDXL as a LoRA only (as diffusers' DreamBooth examples do: SDXL ships as
+    train_dreambooth_lora_sdxl.py), with the memory full fine-tuning of this UNet would take, computed from
+    its parameter count: an fp32 weight, its gradient and AdamW's two moments, 16 bytes a parameter, before
+    any activation (SDXL base's 2.57 billion: 41 GB)."""
+    from common.state_dict import empty_model
+    from diffusion.models.unet import UNet2DConditionModel
+    with empty_model():
+        n = sum(p.numel() for p in UNet2DConditionModel(config=unet_config).parameters())
+    return (f"an SDXL model: train_dreambooth.py trains SDXL as a LoRA (add --rank 4, as diffusers' "
+            f"train_dreambooth_lora_sdxl.py); full fine-tuning of its UNet ({n / 1e9:.3g} billion parameters) "
+            f"would hold {TRAINED_PARAMETER_BYTES * n / 1e9:.3g} GB of fp32 weights, gradients and AdamW moments "
+            f"before any activation, and is not built")

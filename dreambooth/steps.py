@@ -2,8 +2,11 @@
 
     models = load_models(...)                      the base model, checked and on the device
     params = trainable_parameters(models, ...)     what the optimizer moves (LoRA plugs in here)
-    batch  = make_batch(...)                        instance (+ class) crops and their generators
-    states = encode_prompts(...)                    the prompts' CLIP states (diffusion/pipeline.py)
+    batch  = make_batch(...)                        instance (+ class) crops and their generators (SDXL: and
+                                                   each crop's size and crop conditioning, `Batch.time_ids`)
+    text   = encode(...)                            the prompts' text states (SDXL: both towers, and the pooled
+                                                   embedding; diffusion/pipeline.py)
+    added  = added_conditioning(text, batch)       SDXL's added conditioning of the UNet (None for SD v1/2)
     pred, target, t = denoising_prediction(...)    VAE latents (LatentCache: once per crop), forward process,
                                                    one UNet call; its random numbers (`Draws`) drawn, or given
     loss = denoising_loss(pred, target, ...)       the MSE (with min-SNR weighting if asked)
@@ -41,11 +44,14 @@ def load_models(path: str, *, config_dir: str | None, resolution: int, device: t
     models = load_stable_diffusion(path, config_dir=config_dir, dtype=dtype, variant=variant,
                                    prediction_type=prediction_type)
     check_size(resolution, resolution, models.unet.config, models.vae.config, names=("--resolution", "--resolution"))
+    if rank is None and models.is_sdxl:     # a .ckpt's family is known only here (check_model_size: the others)
+        from dreambooth.memory import sdxl_full_fine_tuning_refusal
+        raise ValueError(sdxl_full_fine_tuning_refusal(models.unet.config))
     if rank is not None:
         lora.check_rank(models.unet, lora.UNET_TARGETS, rank, flag="--rank")
-        if train_text_encoder:
-            lora.check_rank(models.text_encoder, lora.TEXT_ENCODER_TARGETS, rank, flag="--rank")
-    for m in (models.unet, models.vae, models.text_encoder):
+        for text_encoder in models.text_encoders if train_text_encoder else ():
+            lora.check_rank(text_encoder, lora.TEXT_ENCODER_TARGETS, rank, flag="--rank")
+    for m in (models.unet, models.vae, *models.text_encoders):
         m.to(device)
     return models, arrange_for_speed(models, device=device, precision=precision)
 
@@ -58,27 +64,53 @@ def trainable_parameters(models, *, train_text_encoder: bool, gradient_checkpoin
     With `rank` (--rank), LoRA instead, as diffusers' train_dreambooth_lora.py: every weight is frozen
     and stored in `precision` (its weight_dtype: bf16/fp16 halve the frozen model's memory, and frozen
     weights need no fp32 master copy), the four projections of every UNet attention (and, with
-    --train_text_encoder, of every text-encoder attention) get a rank-r update with alpha = r, kept in
-    fp32 (diffusion/lora.py), and only those updates train."""
+    --train_text_encoder, of every text-encoder attention: SDXL's two) get a rank-r update with alpha = r,
+    kept in fp32 (diffusion/lora.py), and only those updates train. SDXL's VAE stays in fp32, as
+    train_dreambooth_lora_sdxl.py keeps it ("to avoid NaN losses": its activations overflow fp16).
+
+    Returns the UNet's parameters, then the text encoders' (`parameter_groups` splits them there)."""
     from diffusion import lora
-    unet, vae, text_encoder = models.unet, models.vae, models.text_encoder
+    unet, vae, text_encoders = models.unet, models.vae, models.text_encoders
     vae.requires_grad_(False)
     unet.requires_grad_(rank is None)
-    text_encoder.requires_grad_(train_text_encoder and rank is None)
+    for text_encoder in text_encoders:
+        text_encoder.requires_grad_(train_text_encoder and rank is None)
     if rank is not None:
-        for frozen in (unet, vae, text_encoder):
+        fp32_vae = models.is_sdxl and vae.config.force_upcast
+        for frozen in (unet, *([] if fp32_vae else [vae]), *text_encoders):
             frozen.to(DTYPES[precision])              # keeps each weight's memory layout (diffusion/speed.py)
+        if fp32_vae:
+            vae.to(torch.float32)                     # SDXL's (a no-op but for a .ckpt read in `precision`)
         lora.inject(unet, lora.UNET_TARGETS, rank=rank, alpha=rank)
-        if train_text_encoder:
+        for text_encoder in text_encoders if train_text_encoder else ():
             lora.inject(text_encoder, lora.TEXT_ENCODER_TARGETS, rank=rank, alpha=rank)
     unet.train()
-    text_encoder.train(train_text_encoder)
+    for text_encoder in text_encoders:
+        text_encoder.train(train_text_encoder)
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if train_text_encoder:
+        for text_encoder in text_encoders if train_text_encoder else ():
             text_encoder.enable_gradient_checkpointing()
-    return [p for m in (unet, *([text_encoder] if train_text_encoder else [])) for p in m.parameters()
+    return [p for m in (unet, *(text_encoders if train_text_encoder else ())) for p in m.parameters()
             if p.requires_grad]
+
+
+def parameter_groups(models, params: list, *, lr: float, weight_decay: float, text_encoder_lr: float | None = None,
+                     text_encoder_weight_decay: float | None = None) -> list[dict]:
+    """AdamW's parameter groups: one, or with a text encoder's own learning rate or weight decay (SDXL's
+    --text_encoder_lr and --adam_weight_decay_text_encoder, as train_dreambooth_lora_sdxl.py's groups) the
+    UNet's and the text encoders'. `lr_scale` is a group's share of the scheduled learning rate
+    (common.training.optimizer_step): diffusers' schedule multiplies every group's own rate by one factor."""
+    if text_encoder_lr is None and text_encoder_weight_decay is None:
+        return [{"params": params, "weight_decay": weight_decay}]
+    unet_ids = {id(p) for p in models.unet.parameters()}
+    text = [p for p in params if id(p) not in unet_ids]
+    groups = [{"params": [p for p in params if id(p) in unet_ids], "weight_decay": weight_decay}]
+    if text:
+        own_lr = lr if text_encoder_lr is None else text_encoder_lr
+        groups.append({"params": text, "lr_scale": own_lr / lr,
+                       "weight_decay": weight_decay if text_encoder_weight_decay is None else text_encoder_weight_decay})
+    return groups
 
 
 @dataclass
@@ -86,23 +118,53 @@ class Batch:
     pixels: torch.Tensor              # (N, 3, r, r) in [-1, 1]: the instance crops, then the class crops
     generators: list                  # N generators: example i's for its instance and its class image
     crops: list                       # N (source, image index, top, left): which crop each row is
+    time_ids: torch.Tensor | None = None   # SDXL: (N, 6) each crop's micro-conditioning (`micro_conditioning`)
 
 
 def make_batch(positions: range, *, order: torch.Tensor, epoch: int, seed: int, instance_images: list,
-               class_images: list, resolution: int, center_crop: bool) -> Batch:
+               class_images: list, resolution: int, center_crop: bool, original_sizes: dict | None = None) -> Batch:
     """The examples at `positions` of the epoch's `order`: example k pairs instance image k % n_inst
     with class image k % n_class (as diffusers' DreamBooth dataset does); the class crops (prior
-    preservation) come after the instance crops, so one UNet call denoises both."""
+    preservation) come after the instance crops, so one UNet call denoises both.
+
+    original_sizes (SDXL): {"instance": [(h, w) of each instance image file], "class": [...]}: each crop's
+    micro-conditioning (Podell et al. 2023, sec. 2.2) is its image's size before resizing, the crop's
+    top-left in the resized image, and the target size `resolution` square, as train_dreambooth_lora_sdxl.py's
+    dataset computes them for its instance images (its class rows repeat their instance's: see docs/sdxl.md)."""
+    from diffusion.pipeline import micro_conditioning
     generators = [example_generator(seed, epoch, k) for k in positions]
     ids = [int(order[k]) for k in positions]
     sources = [("instance", instance_images)] + ([("class", class_images)] if class_images else [])
-    pixels, crops = [], []
+    pixels, crops, time_ids = [], [], []
     for source, images in sources:
         for i, g in zip(ids, generators):
             square, (top, left) = crop(images[i % len(images)], resolution, center=center_crop, generator=g)
             pixels.append(square)
             crops.append((source, i % len(images), top, left))
-    return Batch(pixels=torch.stack(pixels), generators=generators * len(sources), crops=crops)
+            if original_sizes is not None:
+                time_ids.append(micro_conditioning(resolution, resolution, crops_coords_top_left=(top, left),
+                                                   original_size=original_sizes[source][i % len(images)]))
+    return Batch(pixels=torch.stack(pixels), generators=generators * len(sources), crops=crops,
+                 time_ids=torch.stack(time_ids) if time_ids else None)                  # time_ids: (N, 6)
+
+
+def encode(text_encoders, models, prompts: list[str], device: torch.device) -> tuple:
+    """The prompts' text conditioning, (states (N, 77, D), pooled (N, P) or None): SD v1/2's one CLIP tower
+    (`encode_prompts`), or SDXL's two (`encode_prompts_sdxl`: the penultimate states of both concatenated, and
+    the second tower's projected pooled embedding), as the training scripts' encode_prompt computes them.
+    `text_encoders` are the models' own, or their DDP wrappers."""
+    from diffusion.pipeline import encode_prompts, encode_prompts_sdxl
+    if models.is_sdxl:
+        return encode_prompts_sdxl(text_encoders, (models.tokenizer, models.tokenizer_2), prompts, device)
+    return encode_prompts(text_encoders[0], models.tokenizer, prompts, device), None
+
+
+def added_conditioning(pooled: torch.Tensor | None, batch: Batch) -> dict | None:
+    """SDXL's added conditioning of the UNet (its `addition_embed_type: text_time`), diffusers'
+    `added_cond_kwargs`: the pooled text embedding and each crop's size and crop ids; None for SD v1/2."""
+    if pooled is None:
+        return None
+    return {"text_embeds": pooled, "time_ids": batch.time_ids.to(pooled.device)}
 
 
 class LatentCache:
@@ -154,13 +216,16 @@ def draw(generators: list, posterior, *, num_train_timesteps: int, offset_noise:
 
 
 def denoising_prediction(unet, vae, schedule, batch: Batch, states: torch.Tensor, *, precision: str,
-                         offset_noise: bool, latent_cache: LatentCache | None = None, draws: Draws | None = None
+                         offset_noise: bool, latent_cache: LatentCache | None = None, draws: Draws | None = None,
+                         added: dict | None = None, vae_precision: str | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prediction, target, t) for one batch: the images' latents, noised to a random timestep t each
     ((N,)), and what the UNet should predict there (the noise, or v for v-prediction models), (N, C, h, w).
-    The random numbers are `draws` when given, else drawn from the batch's generators (`draw`)."""
+    The random numbers are `draws` when given, else drawn from the batch's generators (`draw`).
+    added: SDXL's added conditioning (`added_conditioning`). vae_precision: the VAE's, if not `precision`
+    (SDXL's runs in fp32)."""
     device = batch.pixels.device
-    with torch.no_grad(), autocast(precision, device):
+    with torch.no_grad(), autocast(vae_precision or precision, device):
         posterior = latent_cache.posterior(batch) if latent_cache is not None else vae.encode(batch.pixels)
     if draws is None:
         draws = draw(batch.generators, posterior, num_train_timesteps=schedule.num_train_timesteps,
@@ -175,7 +240,7 @@ def denoising_prediction(unet, vae, schedule, batch: Batch, states: torch.Tensor
     noise, t = noise.to(device, torch.float32), draws.timesteps.to(device)
     noisy = schedule.add_noise(latents, noise, t)                              # DDPM eq. 4, t: (N,)
     with autocast(precision, device):
-        pred = unet(noisy, t, states)                                          # (N, C, h, w), one UNet call
+        pred = unet(noisy, t, states, **(added or {}))                        # (N, C, h, w), one UNet call
     if schedule.config.prediction_type == "v_prediction":
         return pred, schedule.get_velocity(latents, noise, t), t
     return pred, noise, t
@@ -212,15 +277,20 @@ def training_state(models, optimizer, scaler, *, step: int, rng: dict, run_setti
     state = {"unet": weights(models.unet), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "step": step, "rng": rng, "run_settings": run_settings}
     if train_text_encoder:
-        state["text_encoder"] = weights(models.text_encoder)
+        state |= {part: weights(getattr(models, part)) for part in text_parts(models)}
     return state
+
+
+def text_parts(models) -> tuple[str, ...]:
+    """The text encoders' names: ("text_encoder",), or SDXL's ("text_encoder", "text_encoder_2")."""
+    return ("text_encoder", "text_encoder_2") if models.is_sdxl else ("text_encoder",)
 
 
 def restore_training_state(state: dict, models, optimizer, scaler, *, train_text_encoder: bool,
                            lora_only: bool = False) -> int:
     """Load `training_state`'s dict back; returns the step it was saved at."""
     from diffusion.lora import load_lora_state_dict
-    parts = ["unet"] + (["text_encoder"] if train_text_encoder else [])
+    parts = ["unet"] + (list(text_parts(models)) if train_text_encoder else [])
     for part in parts:
         if lora_only:
             load_lora_state_dict(getattr(models, part), state[part], source=f"checkpoint ({part} LoRA)")

@@ -264,6 +264,7 @@ def no_sampling(monkeypatch):
 
 
 def _exit_message(argv, capsys) -> str:
+    """main's convention after the hardening round (as test_sd2's `_refused`): one line on stderr, exit status 2."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
@@ -404,7 +405,8 @@ def test_the_sdxl_components_trace_under_the_checkpoints_names():
         torch.testing.assert_close(from_file[theirs], from_folder[mine], rtol=0, atol=1e-6)
 
 
-def test_train_dreambooth_refuses_sdxl_by_name(tmp_path, capsys):
+def test_train_dreambooth_refuses_sdxl_full_fine_tuning_by_name(tmp_path, capsys):
+    """Without --rank: SDXL trains as a LoRA only; the one line says so and what full fine-tuning would hold."""
     import train_dreambooth
     data = tmp_path / "instance"
     data.mkdir()
@@ -417,4 +419,5 @@ def test_train_dreambooth_refuses_sdxl_by_name(tmp_path, capsys):
         code = e.code
     text = capsys.readouterr().err
     assert code == 2 and "an SDXL model" in text and len(text.strip().splitlines()) == 1
+    assert "--rank 4" in text and "GB of fp32 weights, gradients and AdamW moments" in text
     assert not (tmp_path / "out" / "unet").exists()

@@ -65,7 +65,7 @@ def gradient_errors(ours: dict, reference: dict, *, relative: float, floor: floa
 
     def group(key: str) -> str:   # "grad.<step>.<unet|text_encoder>", or for the ViT "grad.<step>"
         parts = key.split(".")
-        return ".".join(parts[:3] if parts[2] in ("unet", "text_encoder") else parts[:2])
+        return ".".join(parts[:3] if parts[2] in ("unet", "text_encoder", "text_encoder_2") else parts[:2])
     scale = {}
     for k, v in reference.items():
         scale[group(k)] = max(scale.get(group(k), 0.0), v.abs().max().item())
@@ -142,7 +142,9 @@ def parse_flags(flags: dict):
     argv += ["--with_prior_preservation"] * flags["with_prior_preservation"]
     argv += ["--snr_gamma", str(flags["snr_gamma"])] if flags["snr_gamma"] is not None else []
     argv += ["--rank", str(flags["rank"])] if flags["rank"] is not None else []
-    return train_dreambooth.build_parser().parse_args(argv)
+    args = train_dreambooth.build_parser().parse_args(argv)
+    train_dreambooth.family_defaults(args, sdxl=False)
+    return args
 
 
 def run_dreambooth(flags: dict, inputs: dict, initial: dict) -> dict:

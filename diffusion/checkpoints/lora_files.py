@@ -310,7 +310,7 @@ def diffusers_lora_tensors(models, parts=PARTS) -> dict[str, torch.Tensor]:
             if layer.alpha != layer.rank:
                 raise ValueError(f"{part} {name}: alpha {layer.alpha} != rank {layer.rank} has no place in "
                                  "diffusers' file keys (write the kohya format)")
-            down, up = leaf[part]
+            down, up = leaf["unet" if part == "unet" else "text_encoder"]   # SDXL's text_encoder_2: as the first
             out[f"{part}.{theirs(part, name)}.{down}.weight"] = layer.lora_A.weight.detach().contiguous()
             out[f"{part}.{theirs(part, name)}.{up}.weight"] = layer.lora_B.weight.detach().contiguous()
     return out
