@@ -56,14 +56,19 @@ def image_size(file: Path, *, flag: str | None = None) -> tuple[int, int]:
         return im.height, im.width
 
 
+def resized_size(w: int, h: int, resolution: int) -> tuple[int, int]:
+    """(W, H) of a w x h image resized so its shorter side is `resolution`, as torchvision's
+    `Resize(resolution)` in diffusers' scripts computes it: the longer side int(resolution * long / short),
+    truncated (17 x 23 at 16 -> 16 x 21, where rounding would give 22)."""
+    longer = int(resolution * max(w, h) / min(w, h))
+    return (resolution, longer) if w <= h else (longer, resolution)
+
+
 def load_image(file: Path, resolution: int, *, flag: str | None = None) -> torch.Tensor:
     """(3, H, W) uint8 with the shorter side equal to `resolution` (EXIF orientation applied)."""
     from PIL import Image
     with decode_image(file, flag=flag) as im:
-        w, h = im.size
-        scale = resolution / min(w, h)
-        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-        im = im.resize(size, Image.BILINEAR)
+        im = im.resize(resized_size(*im.size, resolution), Image.BILINEAR)
         return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)       # (3, H, W)
 
 

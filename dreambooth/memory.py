@@ -16,6 +16,7 @@ refuses is named with both numbers and the flag to lower (docs/reliability.md).
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from common.memory import available_memory, check_memory, gb, how_many_fit, training_device
@@ -31,11 +32,13 @@ def held_image_bytes(args: argparse.Namespace, instance_files: list[Path]) -> in
     """The uint8 images kept in RAM: each instance image at its resized size (from the file's header: its
     shorter side becomes --resolution, as dreambooth.data.load_image does), the class images as squares."""
     from PIL import Image
+
+    from dreambooth.data import resized_size
     r, total = args.resolution, 0
     for file in instance_files:
         with Image.open(file) as im:
             w, h = im.size
-        total += 3 * max(r, round(w * r / min(w, h))) * max(r, round(h * r / min(w, h)))
+        total += 3 * math.prod(resized_size(w, h, r))
     if getattr(args, "with_prior_preservation", False):   # train_textual_inversion.py has no class images
         total += 3 * r * r * args.num_class_images
     return total

@@ -433,3 +433,12 @@ def test_truncated_huge_and_eps_instance_images_are_refused_before_any_model_loa
         assert train_dreambooth.main(argv) == 2
         err = capsys.readouterr().err
         assert "--instance_data_dir" in err and name in err and why in err, err
+
+
+@pytest.mark.parametrize("w, h, size", [(17, 23, (16, 21)), (23, 17, (21, 16)), (16, 16, (16, 16)), (40, 20, (32, 16))])
+def test_images_resize_as_torchvision_resize(w, h, size, tmp_path):
+    """diffusers' DreamBooth scripts resize with torchvision's Resize(resolution): the longer side
+    int(resolution * long / short), truncated. Rounding gave 17 x 23 -> 16 x 22, and a centre crop a pixel off."""
+    from dreambooth.data import load_image
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / "x.png")
+    assert tuple(load_image(tmp_path / "x.png", 16).shape) == (3, size[1], size[0])
