@@ -64,6 +64,14 @@ def load_image(source: str | Path | bytes | Image.Image, *, name: str | None = N
         raise ImageError(f"{label}: not a readable image ({e})") from e
 
 
+def resized_size(w: int, h: int, resolution: int) -> tuple[int, int]:
+    """(W, H) of a w x h image resized so its shorter side is `resolution`, as torchvision's
+    `Resize(resolution)` in diffusers' scripts computes it: the longer side int(resolution * long / short),
+    truncated (17 x 23 at 16 -> 16 x 21, where rounding would give 22)."""
+    longer = int(resolution * max(w, h) / min(w, h))
+    return (resolution, longer) if w <= h else (longer, resolution)
+
+
 def header_pixels(path: str | Path) -> int:
     """width x height from a file's header, without decoding it (0 for a file that does not open as an
     image: `load_image` names its problem when it is read)."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from common.files import atomic_write
-from common.images import MAX_IMAGE_PIXELS, ImageError, load_image as read_image
+from common.images import MAX_IMAGE_PIXELS, ImageError, load_image as read_image, resized_size
 from dreambooth.prompts import PROMPTS_FILE
 
 CLASS_IMAGE_NAME = re.compile(r"class-(\d+)\.png")   # generated class image of index N: class-0000N.png
@@ -56,14 +56,6 @@ def image_size(file: Path, *, flag: str | None = None) -> tuple[int, int]:
         return im.height, im.width
 
 
-def resized_size(w: int, h: int, resolution: int) -> tuple[int, int]:
-    """(W, H) of a w x h image resized so its shorter side is `resolution`, as torchvision's
-    `Resize(resolution)` in diffusers' scripts computes it: the longer side int(resolution * long / short),
-    truncated (17 x 23 at 16 -> 16 x 21, where rounding would give 22)."""
-    longer = int(resolution * max(w, h) / min(w, h))
-    return (resolution, longer) if w <= h else (longer, resolution)
-
-
 def load_image(file: Path, resolution: int, *, flag: str | None = None) -> torch.Tensor:
     """(3, H, W) uint8 with the shorter side equal to `resolution` (EXIF orientation applied)."""
     from PIL import Image
@@ -99,8 +91,8 @@ def add_model_flags(add_argument) -> None:
     """The base model's flags of both trainers (train_dreambooth.py, train_textual_inversion.py), which
     `resolve_base` and `check_model_size` read."""
     a = add_argument
-    a("--pretrained_model_name_or_path", help="SD v1 or 2.x diffusers folder or single .safetensors/.ckpt file, or a "
-                                              "repo id of the Hugging Face cache: org/name[@revision][/file] (required)")
+    a("--pretrained_model_name_or_path", help="SD v1, 2.x or SDXL diffusers folder or single .safetensors/.ckpt "
+      "file, or a repo id of the Hugging Face cache: org/name[@revision][/file] (required)")
     a("--revision", help="with a repo id: the branch, tag or commit of the cached model (default main)")
     a("--variant", help="read the model's <name>.VARIANT.safetensors files, e.g. fp16, as diffusers' from_pretrained")
     a("--pretrained_config_dir", help="for a single file: folder with unet/, vae/, text_encoder/ config.json (and "

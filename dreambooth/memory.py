@@ -33,7 +33,7 @@ def held_image_bytes(args: argparse.Namespace, instance_files: list[Path]) -> in
     shorter side becomes --resolution, as dreambooth.data.load_image does), the class images as squares."""
     from PIL import Image
 
-    from dreambooth.data import resized_size
+    from common.images import resized_size
     r, total = args.resolution, 0
     for file in instance_files:
         with Image.open(file) as im:
