@@ -10,6 +10,7 @@ real SDXL base files' key manifests.
   micro-conditioning flags, a negative prompt, an empty one, no guidance and the config's default size;
 - the real SDXL base names and shapes: every key mapped both ways, the configs inferred from a single file's
   shapes equal the published ones;
+- bf16 weights loaded in bf16 stay views of the file's pages (no copies), from both layouts;
 - bad input: one line, exit 2, before sampling.
 """
 from __future__ import annotations
@@ -253,6 +254,54 @@ def test_an_fp16_vae_decodes_in_fp32_as_force_upcast_says(folder_models):
         vae.float()
     assert torch.equal(got, decode_to_uint8(vae.half().float(), latents))   # fp32 numbers of the fp16 weights
     assert (got.int() - want.int()).abs().max() <= MAX_DIFF
+
+
+# ---- bf16 weights stay on the file's pages (issue 35 item 4) ----------------------------------------
+def _in_bf16(tmp_path: Path) -> tuple[Path, Path]:
+    """The tiny folder and single file with every floating tensor cast to bf16, as a bf16 SDXL is saved."""
+    def cast(path: Path, to: Path) -> None:
+        write_safetensors(to, {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                               for k, v in read_safetensors(path).items()})
+    folder = tmp_path / "bf16_diffusers"
+    shutil.copytree(FOLDER, folder)
+    for path in folder.rglob("*.safetensors"):
+        cast(path, path)
+    cast(SINGLE, tmp_path / "bf16_single.safetensors")
+    return folder, tmp_path / "bf16_single.safetensors"
+
+
+PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _tensors(models, part: str) -> dict[str, torch.Tensor]:
+    module = getattr(models, part)
+    return {name: t for name, t in [*module.named_parameters(), *module.named_buffers()] if t.numel()}
+
+
+def _off_the_files_pages(models, under: Path) -> dict[str, list[str]]:
+    """Each part's parameters and buffers that lie in no mapping of a .safetensors file under `under`
+    (/proc/self/maps)."""
+    maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()]
+    spans = [tuple(int(x, 16) for x in m[0].split("-")) for m in maps
+             if m[-1].endswith(".safetensors") and m[-1].startswith(str(under.resolve()))]
+    return {part: [name for name, t in _tensors(models, part).items()
+                   if not any(lo <= t.data_ptr() < hi for lo, hi in spans)] for part in PARTS}
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("layout", ["folder", "single_file"])
+def test_bf16_weights_load_as_views_of_the_file(layout, tmp_path):
+    """A bf16 SDXL loaded in bf16 holds no copy of its weights: every parameter and buffer of the four models
+    (the single file's split in_proj and transposed text_projection included) lies on the file's own pages,
+    as read_safetensors maps them (tests/test_state_dict.py), so the full-size model's 6.9 GB cost RAM
+    once (bench/sample.py --model sdxl; docs/sdxl.md "Speed and memory"). Loaded in fp32, every one is a copy."""
+    folder, single = _in_bf16(tmp_path)
+    path, config_dir = (folder, None) if layout == "folder" else (single, folder)
+    models = load_stable_diffusion(path, config_dir=config_dir, dtype=torch.bfloat16)
+    assert next(models.unet.parameters()).dtype == torch.bfloat16
+    assert _off_the_files_pages(models, tmp_path) == {part: [] for part in PARTS}
+    converted = load_stable_diffusion(path, config_dir=config_dir, dtype=torch.float32)
+    assert _off_the_files_pages(converted, tmp_path) == {part: list(_tensors(converted, part)) for part in PARTS}
 
 
 # ---- bad input: one line, exit 2, before sampling ---------------------------------------------------

@@ -290,7 +290,7 @@ def diffusers_dreambooth(argv: list[str] | None = None) -> None:
     accelerator.end_training()
 
 
-# ---- SD v1.5 and 2.1 text to image, as diffusers' docs drive it (bench/sample.py) ------------------
+# ---- SD v1.5, 2.1 and SDXL text to image, as diffusers' docs drive it (bench/sample.py) ------------------
 def write_random_sd15(folder: Path) -> Path:
     """A full-size SD v1.5 diffusers folder with random weights, made and saved by diffusers itself."""
     from diffusers import PNDMScheduler
@@ -322,23 +322,13 @@ def _write_random_sd(folder: Path, *, text: dict, unet: dict, scheduler, pad_tok
     if (folder / "model_index.json").exists():
         return folder
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from clip.tokenizer import CLIPTokenizer as OurTokenizer
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(0)
-    vocab = OurTokenizer.from_pretrained(None)                          # the real CLIP BPE vocabulary
-    scratch = folder.parent / (folder.name + ".tokenizer")
-    scratch.mkdir(parents=True, exist_ok=True)
-    (scratch / "vocab.json").write_text(json.dumps(vocab.vocab))
-    (scratch / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in vocab.merges) + "\n")
-    tokenizer = CLIPTokenizer(str(scratch / "vocab.json"), str(scratch / "merges.txt"), pad_token=pad_token,
-                              model_max_length=77)
+    tokenizer = _clip_tokenizer(folder.parent / (folder.name + ".tokenizer"), pad_token)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **text))
     unet_model = UNet2DConditionModel(**unet)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        sample_size=vae_sample_size)
+    vae = _sd_vae(sample_size=vae_sample_size)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet_model,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -346,14 +336,86 @@ def _write_random_sd(folder: Path, *, text: dict, unet: dict, scheduler, pad_tok
     return folder
 
 
-def sample_with_pipeline(folder: str, out: str, size: str, steps: str, dtype: str, n: str, prompt: str) -> None:
-    """What diffusers' docs show: `from_pretrained(folder, torch_dtype=...)`, DDIM from its config (sample.py's
-    default sampler), guidance 7.5, a seeded generator, each image saved as PNG."""
+def write_random_sdxl(folder: Path) -> Path:
+    """A full-size stabilityai/stable-diffusion-xl-base-1.0 diffusers folder with random weights, made and saved
+    by diffusers itself, every component in bf16 (6.94 GB: the UNet's 2.57B parameters, CLIP ViT-L/14's and
+    OpenCLIP ViT-bigG/14's text towers, the VAE). The public repo ships fp32 files and an fp16 variant; bf16
+    is the half precision a CPU computes in hardware, and 14 GB of fp32 weights (with safetensors' copy of a
+    file's bytes while saving it) would crowd a 24 GB machine. The configs are the published ones (three
+    UNet levels with 1/2/10 transformer blocks and text_time micro-conditioning, the VAE's 0.13025 and
+    force_upcast, both tokenizers over the real CLIP vocabulary, the second padding with "!",
+    EulerDiscreteScheduler "leading"). Each part is cast to bf16 as soon as it is built, so the writer never
+    holds the whole fp32 model (peak RSS 10.8 GB, the fp32 UNet; 2 min 11 s here)."""
+    if (folder / "model_index.json").exists():
+        return folder
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype],
-                                                   safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(0)
+    scratch = folder.parent / (folder.name + ".tokenizer")
+    text = dict(vocab_size=49408, max_position_embeddings=77)
+    parts = dict(
+        unet=lambda: UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+        text_encoder=lambda: CLIPTextModel(CLIPTextConfig(**text, hidden_size=768, intermediate_size=3072,
+                                                          num_hidden_layers=12, num_attention_heads=12,
+                                                          hidden_act="quick_gelu", projection_dim=768)),
+        text_encoder_2=lambda: CLIPTextModelWithProjection(CLIPTextConfig(
+            **text, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+            hidden_act="gelu", projection_dim=1280)),
+        vae=lambda: _sd_vae(sample_size=1024, scaling_factor=0.13025, force_upcast=True))
+    models = {name: build().to(torch.bfloat16) for name, build in parts.items()}
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+                                       interpolation_type="linear", use_karras_sigmas=False)
+    pipe = StableDiffusionXLPipeline(**models, tokenizer=_clip_tokenizer(scratch, "<|endoftext|>"),
+                                     tokenizer_2=_clip_tokenizer(scratch, "!"), scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    scratch_folder = folder.with_name(folder.name + ".partial")     # renamed into place when complete
+    pipe.save_pretrained(str(scratch_folder), safe_serialization=True)
+    scratch_folder.rename(folder)
+    return folder
+
+
+def _clip_tokenizer(scratch: Path, pad_token: str):
+    """transformers' CLIPTokenizer over the real CLIP BPE vocabulary (ours, written into `scratch`), padding
+    with `pad_token`: "<|endoftext|>" as OpenAI's CLIP, "!" as OpenCLIP's (SD 2.x, SDXL's second)."""
+    from transformers import CLIPTokenizer
+
+    from clip.tokenizer import CLIPTokenizer as OurTokenizer
+    vocab = OurTokenizer.from_pretrained(None)
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / "vocab.json").write_text(json.dumps(vocab.vocab))
+    (scratch / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in vocab.merges) + "\n")
+    return CLIPTokenizer(str(scratch / "vocab.json"), str(scratch / "merges.txt"), pad_token=pad_token,
+                         model_max_length=77)
+
+
+def _sd_vae(**config):
+    """diffusers' AutoencoderKL with SD v1's architecture (which SD 2.x and SDXL keep), random init."""
+    return autoencoder_kl(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         **config)
+
+
+def sample_with_pipeline(folder: str, out: str, size: str, steps: str, dtype: str, n: str, prompt: str) -> None:
+    """What diffusers' docs show: `from_pretrained(folder, torch_dtype=...)`, guidance 7.5, a seeded generator,
+    each image saved as PNG. SD v1/2: StableDiffusionPipeline with DDIM from its config (sample.py's default
+    sampler); SDXL (model_index.json names StableDiffusionXLPipeline): that pipeline with its own scheduler
+    (SDXL base's EulerDiscreteScheduler, which bench/sample.py gives ours as --sampler euler)."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    if json.loads((Path(folder) / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline":
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     images = pipe(prompt, height=int(size), width=int(size), num_inference_steps=int(steps),
                   num_images_per_prompt=int(n), guidance_scale=7.5, generator=torch.Generator().manual_seed(42)).images
     for i, image in enumerate(images):
