@@ -289,27 +289,11 @@ def test_sample_py_equals_diffusers_with_v_prediction(run, layout, tmp_path, cap
 
 
 # ---- bad input: one line, exit 2, before sampling ---------------------------------------------------
-@pytest.fixture
-def no_sampling(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("sampling started")
-    monkeypatch.setattr("diffusion.pipeline.generate", refuse)
-
-
-def _refused(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        sample.main(argv)
-    message = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and message.startswith("sample.py: error: ") and "\n" not in message, message
-    return message
-
-
-def test_a_prediction_type_the_folder_contradicts_is_refused_naming_both(tmp_path, capsys, no_sampling):
-    message = _refused(["--ckpt", str(FOLDER), "--prediction_type", "epsilon", "--outdir", str(tmp_path)], capsys)
+def test_a_prediction_type_the_folder_contradicts_is_refused_naming_both(tmp_path, sample_refusal, no_sampling):
+    message = sample_refusal(["--ckpt", str(FOLDER), "--prediction_type", "epsilon", "--outdir", str(tmp_path)])
     assert "--prediction_type epsilon" in message and "scheduler_config.json says prediction_type 'v_prediction'" in message
-    message = _refused(["--ckpt", str(SINGLE), "--config", str(FOLDER), "--prediction_type", "epsilon",
-                        "--outdir", str(tmp_path)], capsys)
+    message = sample_refusal(["--ckpt", str(SINGLE), "--config", str(FOLDER), "--prediction_type", "epsilon",
+                              "--outdir", str(tmp_path)])
     assert "--prediction_type epsilon" in message and "'v_prediction'" in message
     assert not (tmp_path / "samples").exists()
     with pytest.raises(ValueError, match="--prediction_type epsilon: .* says prediction_type 'v_prediction'"):
@@ -325,14 +309,14 @@ def _without_block(tmp_path: Path, block: int) -> Path:
 
 
 @pytest.mark.parametrize("block", [0, 1])
-def test_a_text_tower_missing_blocks_is_refused_naming_them(block, tmp_path, capsys, no_sampling):
+def test_a_text_tower_missing_blocks_is_refused_naming_them(block, tmp_path, sample_refusal, no_sampling):
     broken = _without_block(tmp_path, block)
-    message = _refused(["--ckpt", str(broken), "--config", str(FOLDER), "--outdir", str(tmp_path / "out")], capsys)
+    message = sample_refusal(["--ckpt", str(broken), "--config", str(FOLDER), "--outdir", str(tmp_path / "out")])
     assert "OpenCLIP ViT-H/14 text tower of SD 2.x in this file lacks transformer block(s) " + str(block) in message
     assert not (tmp_path / "out" / "samples").exists()
 
 
-def test_an_sd2_text_encoder_beside_an_sd_v1_unet_is_refused_naming_the_widths(tmp_path, capsys, no_sampling):
+def test_an_sd2_text_encoder_beside_an_sd_v1_unet_is_refused_naming_the_widths(tmp_path, sample_refusal, no_sampling):
     """A folder whose UNet is SD v1.5's (cross-attention 768) and whose text encoder is SD 2.1's (1024):
     refused from the configs alone, before any weight is read."""
     folder = tmp_path / "mixed"
@@ -340,13 +324,13 @@ def test_an_sd2_text_encoder_beside_an_sd_v1_unet_is_refused_naming_the_widths(t
     shutil.copy(FIXTURES / "public_configs" / "runwayml--stable-diffusion-v1-5" / "unet" / "config.json",
                 folder / "unet" / "config.json")
     shutil.copy(FOLDER / "model_index.json", folder / "model_index.json")
-    message = _refused(["--ckpt", str(folder), "--outdir", str(tmp_path / "out")], capsys)
+    message = sample_refusal(["--ckpt", str(folder), "--outdir", str(tmp_path / "out")])
     assert "the text encoder's states are 1024 wide but the UNet's cross-attention reads 768-wide ones" in message
     with pytest.raises(ValueError, match="1024 wide but the UNet's cross-attention reads 768"):
         read_configs(folder, None)
 
 
-def test_a_single_files_text_tower_of_another_width_is_refused(tmp_path, capsys, no_sampling):
+def test_a_single_files_text_tower_of_another_width_is_refused(tmp_path, sample_refusal, no_sampling):
     """The single file's OpenCLIP tower 16 wide beside a UNet reading 32-wide states."""
     torch.manual_seed(0)
     narrow = CLIPTextModel(CLIPTextConfig.open_clip_vit_h14(vocab_size=1014, hidden_size=16, intermediate_size=64,
@@ -355,8 +339,8 @@ def test_a_single_files_text_tower_of_another_width_is_refused(tmp_path, capsys,
     tower = fuse_in_proj(rename_keys(narrow.state_dict(), openclip_table(2), reverse=True))
     tensors = {k: v for k, v in read_safetensors(SINGLE).items() if not k.startswith("cond_stage_model.")} | tower
     write_safetensors(tmp_path / "mixed.safetensors", tensors)
-    message = _refused(["--ckpt", str(tmp_path / "mixed.safetensors"), "--config", str(FOLDER), "--outdir",
-                        str(tmp_path / "out")], capsys)
+    message = sample_refusal(["--ckpt", str(tmp_path / "mixed.safetensors"), "--config", str(FOLDER), "--outdir",
+                              str(tmp_path / "out")])
     assert "the text encoder's states are 16 wide but the UNet's cross-attention reads 32-wide ones" in message
 
 

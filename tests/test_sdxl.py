@@ -305,31 +305,14 @@ def test_bf16_weights_load_as_views_of_the_file(layout, tmp_path):
 
 
 # ---- bad input: one line, exit 2, before sampling ---------------------------------------------------
-@pytest.fixture
-def no_sampling(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError("sampling started")
-    monkeypatch.setattr("diffusion.pipeline.generate", fail)
-
-
-def _exit_message(argv, capsys) -> str:
-    """main's convention after the hardening round (as test_sd2's `_refused`): one line on stderr, exit status 2."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        sample.main(argv)
-    message = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and message.startswith("sample.py: error: ") and "\n" not in message, message
-    return message
-
-
-def test_an_sdxl_refiner_single_file_is_refused_by_name(tmp_path, capsys, no_sampling):
+def test_an_sdxl_refiner_single_file_is_refused_by_name(tmp_path, sample_refusal, no_sampling):
     """The refiner's one tower is OpenCLIP's at conditioner.embedders.0.model.*."""
     tensors = read_safetensors(SINGLE)
     refiner = {k.replace(SDXL_OPENCLIP_PREFIX, "conditioner.embedders.0.model."): v for k, v in tensors.items()
                if not k.startswith(single_file.SDXL_CLIP_PREFIX)}
     path = tmp_path / "sd_xl_refiner_1.0.safetensors"
     write_safetensors(path, refiner)
-    message = _exit_message(["--ckpt", str(path), "--config", str(FOLDER), "--outdir", str(tmp_path / "out")], capsys)
+    message = sample_refusal(["--ckpt", str(path), "--config", str(FOLDER), "--outdir", str(tmp_path / "out")])
     assert "SDXL's refiner" in message and str(path) in message
     with pytest.raises(CheckpointError, match="SDXL's refiner"):
         load_stable_diffusion(path, config_dir=FOLDER)
@@ -347,28 +330,27 @@ def test_an_sdxl_refiner_folder_is_refused_by_name(tmp_path, no_sampling):
 
 @pytest.mark.parametrize("flag", [["--original_size", "512", "512"], ["--crops_coords_top_left", "0", "8"],
                                   ["--target_size", "64", "64"]])
-def test_micro_conditioning_flags_on_sd_v1_are_refused(flag, tmp_path, capsys, no_sampling):
+def test_micro_conditioning_flags_on_sd_v1_are_refused(flag, tmp_path, sample_refusal, no_sampling):
     sd1 = FIXTURES / "sd" / "tiny_diffusers"
-    message = _exit_message(["--ckpt", str(sd1), "--outdir", str(tmp_path), *flag], capsys)
+    message = sample_refusal(["--ckpt", str(sd1), "--outdir", str(tmp_path), *flag])
     assert flag[0] in message and "SD v1 or 2.x" in message
 
 
-def test_image_to_image_on_sdxl_is_refused_by_name(tmp_path, capsys, no_sampling):
+def test_image_to_image_on_sdxl_is_refused_by_name(tmp_path, sample_refusal, no_sampling):
     """StableDiffusionXLImg2ImgPipeline and its inpainting twin are not proven here: refused before loading."""
     picture = tmp_path / "in.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(picture)
-    message = _exit_message(["--ckpt", str(FOLDER), "--outdir", str(tmp_path / "out"), "--init-img", str(picture)],
-                            capsys)
+    message = sample_refusal(["--ckpt", str(FOLDER), "--outdir", str(tmp_path / "out"), "--init-img", str(picture)])
     assert f"--init-img {picture}" in message and "is SDXL" in message
     assert not (tmp_path / "out").exists()
 
 
-def test_a_negative_crop_is_refused(tmp_path, capsys, no_sampling):
-    message = _exit_message(["--ckpt", str(FOLDER), "--outdir", str(tmp_path), "--crops_coords_top_left", "-1", "0"], capsys)
+def test_a_negative_crop_is_refused(tmp_path, sample_refusal, no_sampling):
+    message = sample_refusal(["--ckpt", str(FOLDER), "--outdir", str(tmp_path), "--crops_coords_top_left", "-1", "0"])
     assert "--crops_coords_top_left -1 0" in message
 
 
-def test_sdxl_parts_beside_another_models_are_refused(tmp_path, capsys, no_sampling):
+def test_sdxl_parts_beside_another_models_are_refused(tmp_path, sample_refusal, no_sampling):
     """SD v1's text encoder in an SDXL folder: the widths do not add up to the UNet's cross-attention."""
     folder = tmp_path / "mixed"
     shutil.copytree(FOLDER, folder)
@@ -376,7 +358,7 @@ def test_sdxl_parts_beside_another_models_are_refused(tmp_path, capsys, no_sampl
     index = json.loads((folder / "model_index.json").read_text())
     del index["text_encoder_2"], index["tokenizer_2"]
     (folder / "model_index.json").write_text(json.dumps(index))
-    message = _exit_message(["--ckpt", str(folder), "--outdir", str(tmp_path / "out")], capsys)
+    message = sample_refusal(["--ckpt", str(folder), "--outdir", str(tmp_path / "out")])
     assert "32 wide" in message and "96-wide" in message
 
 
@@ -415,13 +397,13 @@ def test_sample_py_with_an_sdxl_lora_equals_diffusers_fuse_lora(fmt, tmp_path, c
     assert np.abs(ours - REF[f"lora.{fmt}.image"].numpy().astype(int)).max() <= MAX_DIFF
 
 
-def test_a_kohya_sd_v1_lora_on_sdxl_is_refused_naming_the_file(tmp_path, capsys, no_sampling):
+def test_a_kohya_sd_v1_lora_on_sdxl_is_refused_naming_the_file(tmp_path, sample_refusal, no_sampling):
     """kohya's SD v1 text-encoder names (lora_te_...) match nothing of SDXL's (lora_te1_/lora_te2_)."""
     tensors = read_safetensors(SDXL / "kohya_lora.safetensors")
     sd1_names = {k.replace("lora_te1_", "lora_te_"): v for k, v in tensors.items() if k.startswith("lora_te1_")}
     path = tmp_path / "sd15_kohya.safetensors"
     write_safetensors(path, sd1_names)
-    message = _exit_message(["--ckpt", str(FOLDER), "--outdir", str(tmp_path / "out"), "--lora", str(path)], capsys)
+    message = sample_refusal(["--ckpt", str(FOLDER), "--outdir", str(tmp_path / "out"), "--lora", str(path)])
     assert str(path) in message and "match no module of this model" in message and "lora_te_text_model" in message
 
 
